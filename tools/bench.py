@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Benchmark trop.py against a floor measured in the same run.
+
+Run from anywhere (standard library only, Python 3.8+):
+
+    python3 tools/bench.py            # full run (P4 dominates: 1-3 minutes)
+    python3 tools/bench.py --quick    # fewer repetitions (P4 once: ~30 s on 2 CPUs)
+    python3 tools/bench.py --json     # also emit machine-readable results:
+                                      # JSON on stdout, the text report on stderr
+
+Every CLI figure runs ``<this interpreter> -m trop ...`` with the repository
+root as working directory, a temporary ``--data-dir`` and a temporary HOME.
+The *floor* is the same interpreter running ``-c "import sqlite3"``: the
+cheapest process that could possibly do trop's job.  Figures are medians and
+are reported as ratios against the floor, so they compare across machines:
+
+    P1  reserve refresh of an existing key, 1,000 rows        <= 1.3x floor
+    P2  reserve of a new key, 10,000 rows, range 1024-65535   <= 1.5x floor
+    P3  list --format json, 10,000 rows                       <= 2.5x floor
+    P4  16 processes x 50 sequential reserves (wall time)     <= 1.25x the same
+                                                                 run of floors
+    P5  Python API trop.reserve() per call                    <= 4x a raw sqlite3
+                                                                 BEGIN IMMEDIATE /
+                                                                 INSERT / COMMIT
+    P6  scan --min 5000 --max 7000                            <= 0.5 s absolute
+
+Large databases are seeded by letting trop create its schema once
+(``trop --data-dir D list``) and then inserting rows directly with sqlite3.
+
+Exit status: 0 even when a target is missed (the line says MISS); 1 when a
+measured command fails (its command line and stderr are printed).
+
+Environment: TROP_BENCH_MODULE names the module to run instead of ``trop``
+(e.g. a stub on PYTHONPATH, to check this script itself).  Other TROP_*
+variables are removed from the children's environment.  Bytecode is cached in
+a temporary PYTHONPYCACHEPREFIX, so nothing is written into the repository.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE = os.environ.get("TROP_BENCH_MODULE", "trop")
+PY = sys.executable
+
+WIDE = ["--min", "1024", "--max", "65535"]
+
+
+class CommandFailed(Exception):
+    def __init__(self, cmd, proc):
+        super().__init__(cmd)
+        self.cmd = cmd
+        self.proc = proc
+
+
+class Bench:
+    """Holds the temporary world the children run in, and the timers."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.home = os.path.join(tmp, "home")
+        os.mkdir(self.home)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+        env.pop("USERPROFILE", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["HOME"] = self.home
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+        self.env = env
+        self._dirs = 0
+
+    # -- processes --------------------------------------------------------
+
+    def run(self, argv, check=True):
+        """Run argv in the repo root; return (seconds, CompletedProcess)."""
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - t0
+        if check and proc.returncode != 0:
+            raise CommandFailed(argv, proc)
+        return elapsed, proc
+
+    def trop(self, data_dir, *args):
+        return [PY, "-m", MODULE, "--data-dir", data_dir] + list(args)
+
+    def floor_cmd(self):
+        return [PY, "-c", "import sqlite3"]
+
+    def median_time(self, make_argv, reps, warmup=2):
+        """Median wall time of make_argv(i) over reps runs (after warm-up)."""
+        for i in range(warmup):
+            self.run(make_argv(-1 - i))
+        return statistics.median(self.run(make_argv(i))[0] for i in range(reps))
+
+    def parallel_wall(self, make_argv, workers, per_worker):
+        """Wall time of `workers` threads each running per_worker commands in turn."""
+        failures = []
+
+        def work(w):
+            for j in range(per_worker):
+                argv = make_argv(w, j)
+                try:
+                    self.run(argv)
+                except CommandFailed as exc:
+                    failures.append(exc)
+                    return
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        if failures:
+            raise failures[0]
+        return elapsed
+
+    # -- databases --------------------------------------------------------
+
+    def new_data_dir(self, rows=0, first_port=5000):
+        """A data dir whose trop.db has trop's schema plus `rows` seeded rows."""
+        self._dirs += 1
+        data_dir = os.path.join(self.tmp, "data%02d" % self._dirs)
+        os.mkdir(data_dir)
+        db = os.path.join(data_dir, "trop.db")
+        self.run(self.trop(data_dir, "list"))  # trop creates its own schema
+        if not os.path.exists(db):             # fall back to an explicit init
+            self.run(self.trop(data_dir, "init"))
+        if not os.path.exists(db):
+            raise SystemExit("bench: neither `%s list` nor `%s init` created %s"
+                             % (MODULE, MODULE, db))
+        if rows:
+            now = int(time.time())
+            con = sqlite3.connect(db, isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.executemany(
+                    "INSERT INTO reservations (path, tag, port, project, task,"
+                    " created_at, last_used_at) VALUES (?, '', ?, NULL, NULL, ?, ?)",
+                    (("/bench/p%05d" % i, first_port + i, now, now) for i in range(rows)))
+                con.execute("COMMIT")
+            finally:
+                con.close()
+        return data_dir
+
+
+# Runs in a child process (cwd = repo root) so the module is found exactly as
+# `-m trop` finds it.  Prints one JSON object.
+P5_CHILD = r'''
+import importlib, json, os, sqlite3, statistics, sys, time
+cfg = json.loads(sys.argv[1])
+mod = importlib.import_module(cfg["module"])
+if not callable(getattr(mod, "reserve", None)):
+    print(json.dumps({"skipped": "no Python API"}))
+    sys.exit(0)
+data_dir, batches, per_batch = cfg["data_dir"], cfg["batches"], cfg["per_batch"]
+lo, hi = cfg["min"], cfg["max"]
+
+def api(i):
+    mod.reserve(path="/bench/api/p%06d" % i, data_dir=data_dir,
+                allow_unrelated_path=True, skip_occupancy_check=True, min=lo, max=hi)
+
+for i in range(3):                      # warm-up; also creates trop.db
+    api(1000000 - 1 - i)
+
+# Raw floor: the same schema, read back from trop's own database.
+db = os.path.join(data_dir, "trop.db")
+ddl = []
+if os.path.exists(db):
+    src = sqlite3.connect(db)
+    ddl = [r[0] for r in src.execute(
+        "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'"
+        " ORDER BY rowid")]
+    src.close()
+if not any("reservations" in s for s in ddl):
+    strict = " STRICT" if sqlite3.sqlite_version_info >= (3, 37, 0) else ""
+    ddl = ["CREATE TABLE reservations (path TEXT NOT NULL, tag TEXT NOT NULL,"
+           " port INTEGER NOT NULL UNIQUE, project TEXT, task TEXT,"
+           " created_at INTEGER NOT NULL, last_used_at INTEGER NOT NULL,"
+           " PRIMARY KEY (path, tag))" + strict]
+raw = sqlite3.connect(cfg["raw_db"], isolation_level=None)
+raw.execute("PRAGMA journal_mode = WAL")
+raw.execute("PRAGMA synchronous = NORMAL")
+raw.execute("PRAGMA busy_timeout = 5000")
+for stmt in ddl:
+    raw.execute(stmt)
+
+def raw_insert(i):
+    now = int(time.time())
+    raw.execute("BEGIN IMMEDIATE")
+    raw.execute("INSERT INTO reservations (path, tag, port, project, task, created_at,"
+                " last_used_at) VALUES (?, '', ?, NULL, NULL, ?, ?)",
+                ("/bench/raw/p%06d" % i, lo + i, now, now))
+    raw.execute("COMMIT")
+
+api_ms, raw_ms, k = [], [], 0
+for b in range(batches):                # interleaved so drift hits both alike
+    t0 = time.perf_counter()
+    for j in range(per_batch):
+        api(k + j)
+    api_ms.append((time.perf_counter() - t0) * 1000 / per_batch)
+    t0 = time.perf_counter()
+    for j in range(per_batch):
+        raw_insert(k + j)
+    raw_ms.append((time.perf_counter() - t0) * 1000 / per_batch)
+    k += per_batch
+raw.close()
+print(json.dumps({"api_ms": statistics.median(api_ms), "raw_ms": statistics.median(raw_ms),
+                  "ops": batches * per_batch}))
+'''
+
+
+def verdict(ok):
+    return "OK" if ok else "MISS"
+
+
+def fmt_target(x):
+    return ("%g" % x)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Benchmark trop.py (figures P1-P6).")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--json", action="store_true",
+                    help="print JSON results on stdout (text report goes to stderr)")
+    opts = ap.parse_args(argv)
+
+    out = sys.stderr if opts.json else sys.stdout
+
+    def say(line):
+        print(line, file=out, flush=True)
+
+    if opts.quick:
+        floor_reps, reps, par_reps, p5_batches, p5_per, scan_reps = 10, 7, 1, 3, 10, 2
+    else:
+        floor_reps, reps, par_reps, p5_batches, p5_per, scan_reps = 30, 25, 3, 5, 40, 7
+
+    results = {
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "executable": PY,
+        "sqlite": sqlite3.sqlite_version,
+        "module": MODULE,
+        "quick": opts.quick,
+        "cpus": os.cpu_count(),
+        "figures": [],
+    }
+
+    def figure(fid, label, value, unit, ratio, target, floor_value=None, extra=""):
+        if ratio is None:          # absolute figure
+            ok = value <= target
+            say("%s %s: %s %s (target <= %s %s) %s"
+                % (fid, label, fmt_value(value, unit), unit, fmt_target(target), unit,
+                   verdict(ok)))
+        else:
+            ok = ratio <= target
+            say("%s %s: %s %s = %.2fx floor (target <= %sx) %s%s"
+                % (fid, label, fmt_value(value, unit), unit, ratio, fmt_target(target),
+                   verdict(ok), ("  [" + extra + "]") if extra else ""))
+        results["figures"].append({
+            "id": fid, "label": label, "value": round(value, 6), "unit": unit,
+            "ratio": None if ratio is None else round(ratio, 4),
+            "floor": None if floor_value is None else round(floor_value, 6),
+            "target": target, "ok": ok})
+
+    with tempfile.TemporaryDirectory(prefix="trop-bench-") as tmp:
+        b = Bench(tmp)
+        try:
+            say("trop bench: python %s, sqlite %s, module %s, %s CPUs%s"
+                % (results["python"], results["sqlite"], MODULE, results["cpus"],
+                   ", quick" if opts.quick else ""))
+
+            # Floor.
+            floor = b.median_time(lambda i: b.floor_cmd(), floor_reps, warmup=3)
+            results["floor_ms"] = round(floor * 1000, 3)
+            say('Floor: python -c "import sqlite3": %.1f ms (median of %d)'
+                % (floor * 1000, floor_reps))
+
+            # P1: refresh of an existing key, 1k rows.
+            d1k = b.new_data_dir(rows=1000, first_port=5000)
+            p1_cmd = b.trop(d1k, "reserve", "--path", "/bench/p00000",
+                            "--allow-unrelated-path", "--skip-occupancy-check")
+            _, proc = b.run(p1_cmd)
+            if proc.stdout.strip() != b"5000":
+                say("note: P1 refresh printed %r, expected the seeded port 5000"
+                    % proc.stdout.strip().decode(errors="replace"))
+            t = b.median_time(lambda i: p1_cmd, reps)
+            figure("P1", "reserve refresh (1k rows)", t * 1000, "ms", t / floor, 1.3,
+                   floor * 1000)
+
+            # P2: a new key each run, 10k rows (seeded at the bottom of the range).
+            d10k = b.new_data_dir(rows=10000, first_port=1024)
+            t = b.median_time(
+                lambda i: b.trop(d10k, "reserve", "--path", "/bench/new/n%05d" % (i + 100),
+                                 "--allow-unrelated-path", "--skip-occupancy-check", *WIDE),
+                reps)
+            figure("P2", "reserve new (10k rows)", t * 1000, "ms", t / floor, 1.5,
+                   floor * 1000)
+
+            # P3: list --format json, 10k rows.
+            t = b.median_time(lambda i: b.trop(d10k, "list", "--format", "json"), reps)
+            figure("P3", "list --format json (10k rows)", t * 1000, "ms", t / floor, 2.5,
+                   floor * 1000)
+
+            # P4: 16 parallel processes x 50 sequential reserves vs the same of floors.
+            workers, per = 16, 50
+            walls, floors = [], []
+            for r in range(par_reps):
+                dpar = b.new_data_dir()
+                floors.append(b.parallel_wall(lambda w, j: b.floor_cmd(), workers, per))
+                walls.append(b.parallel_wall(
+                    lambda w, j: b.trop(dpar, "reserve", "--path",
+                                        "/bench/par/w%02d/r%03d" % (w, j),
+                                        "--allow-unrelated-path", "--skip-occupancy-check",
+                                        *WIDE),
+                    workers, per))
+                rows = _count_rows(os.path.join(dpar, "trop.db"))
+                if rows is not None and rows != workers * per:
+                    say("note: P4 run %d left %d rows, expected %d" % (r, rows, workers * per))
+            wall, pfloor = statistics.median(walls), statistics.median(floors)
+            figure("P4", "%d parallel x %d reserves" % (workers, per), wall, "s",
+                   wall / pfloor, 1.25, pfloor,
+                   extra="floor: %d x %d 'import sqlite3' = %.2f s" % (workers, per, pfloor))
+
+            # P5: Python API cost per reservation vs raw sqlite3 transactions.
+            dapi = os.path.join(tmp, "api")
+            os.mkdir(dapi)
+            cfg = {"module": MODULE, "data_dir": dapi, "raw_db": os.path.join(tmp, "raw.db"),
+                   "batches": p5_batches, "per_batch": p5_per, "min": 1024, "max": 65535}
+            _, proc = b.run([PY, "-c", P5_CHILD, json.dumps(cfg)])
+            p5 = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+            if "skipped" in p5:
+                say("P5 skipped: no Python API")
+                results["figures"].append({"id": "P5", "skipped": p5["skipped"]})
+            else:
+                figure("P5", "API reserve per call", p5["api_ms"], "ms",
+                       p5["api_ms"] / p5["raw_ms"], 4, p5["raw_ms"],
+                       extra="floor: raw sqlite3 BEGIN IMMEDIATE/INSERT/COMMIT = %.3f ms"
+                             % p5["raw_ms"])
+
+            # P6: scan wall time, absolute.
+            t = b.median_time(lambda i: b.trop(d1k, "scan", "--min", "5000", "--max", "7000"),
+                              scan_reps, warmup=1)
+            figure("P6", "scan --min 5000 --max 7000", t, "s", None, 0.5)
+
+        except CommandFailed as exc:
+            say("bench: command failed (exit %d): %s"
+                % (exc.proc.returncode, shlex.join(exc.cmd)))
+            sys.stderr.write(exc.proc.stderr.decode(errors="replace"))
+            sys.stderr.flush()
+            return 1
+
+    if opts.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def fmt_value(value, unit):
+    if unit == "s":
+        return "%.2f" % value if value >= 0.1 else "%.3f" % value
+    return "%.1f" % value if value >= 1 else "%.3f" % value
+
+
+def _count_rows(db):
+    try:
+        con = sqlite3.connect(db)
+        try:
+            return con.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2753 @@
+"""trop: stable, collision-free port reservations for directories.
+
+``PORT=$(python3 -m trop reserve)`` returns the same port for the same
+directory every time and a different port for every other directory, safely
+under many concurrent processes.  The reservations live in one SQLite file
+(``~/.trop/trop.db``) shared with the Rust ``trop`` 0.2.0.
+
+The module is a library first (``import trop``; see ``__all__``) with a thin
+command line in :func:`main`.  It depends on the standard library only, so it
+can be copied into a repository as a single file.
+
+Every command that may write reads, plans and writes inside one
+``BEGIN IMMEDIATE`` transaction on one connection: a plan is never built from
+data read outside the transaction that executes it.
+"""
+
+import os
+import sys
+import time
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "TropError", "SemanticFailure", "LockTimeout", "NoDataDirectory",
+    "InvalidArguments", "IoFailure", "LibraryError", "ConfigError",
+    "Reservation", "ReservationKey", "PortRange", "ExclusionList",
+    "reserve", "release", "list_reservations", "list_projects",
+    "port_info", "data_dir", "main", "__version__",
+]
+
+
+# --- Errors and exit codes --------------------------------------------------
+
+EXIT_OK = 0
+EXIT_SEMANTIC = 1
+EXIT_LOCK_TIMEOUT = 2
+EXIT_USAGE = 2
+EXIT_NO_DATA_DIR = 3
+EXIT_INVALID_ARGS = 4
+EXIT_IO = 5
+EXIT_LIBRARY = 6
+EXIT_CONFIG = 7
+
+
+class TropError(Exception):
+    """Base of every error trop reports; ``exit_code`` is the CLI's status."""
+
+    exit_code = EXIT_LIBRARY
+    prefix = ""
+
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+    def __str__(self):
+        return self.prefix + self.message
+
+
+class SemanticFailure(TropError):
+    """An assertion that did not hold, a sticky field or an unrelated path."""
+    exit_code = EXIT_SEMANTIC
+
+
+class LockTimeout(TropError):
+    """Another writer held the database longer than the busy timeout."""
+    exit_code = EXIT_LOCK_TIMEOUT
+
+    def __init__(self, operation, seconds):
+        TropError.__init__(self, "database lock timeout while %s after %ss"
+                           % (operation, _fmt_seconds(seconds)))
+
+
+class NoDataDirectory(TropError):
+    exit_code = EXIT_NO_DATA_DIR
+
+
+class InvalidArguments(TropError):
+    exit_code = EXIT_INVALID_ARGS
+
+
+class IoFailure(TropError):
+    exit_code = EXIT_IO
+    prefix = "I/O error: "
+
+
+class LibraryError(TropError):
+    """Database, allocation, conflict and path errors (exit 6)."""
+    exit_code = EXIT_LIBRARY
+
+
+class ConfigError(TropError):
+    exit_code = EXIT_CONFIG
+    prefix = "Configuration error: "
+
+
+class CorruptionError(LibraryError):
+    prefix = "database corruption detected: "
+
+    def __init__(self, details):
+        LibraryError.__init__(self, details + ". Make a copy of the database before attempting any repair; "
+                              "trop did not modify or repair the stored data")
+
+
+class InternalError(TropError):
+    exit_code = EXIT_LIBRARY
+    prefix = "internal error: "
+
+
+def _fmt_seconds(seconds):
+    return ("%g" % seconds) if seconds else "0"
+
+
+def _invalid_port(text):
+    """Parse a CLI port; the messages are the reference's."""
+    text = str(text).strip()
+    if not text.isdigit():
+        raise InvalidArguments("Invalid port number: '%s' is not a valid number" % text)
+    value = int(text)
+    if value == 0:
+        raise InvalidArguments("Invalid port number: port 0 is reserved and cannot be used")
+    if value > 65535:
+        raise InvalidArguments("Invalid port number: %d is greater than maximum port 65535" % value)
+    return value
+
+
+def _check_identifier(field, value, source=None, limit=255):
+    """Trim a project/task/tag and enforce the reference's identifier rules."""
+    where = "%s (%s)" % (field, source) if source else field
+    text = value.strip()
+    if not text:
+        raise ConfigError("validation error for '%s': %s must be non-empty after trimming whitespace"
+                          % (where, field))
+    if "\0" in text:
+        raise ConfigError("validation error for '%s': %s must not contain NUL bytes" % (where, field))
+    if limit and len(text.encode("utf-8", "surrogateescape")) > limit:
+        raise ConfigError("validation error for '%s': %s must be at most %d bytes" % (where, field, limit))
+    return text
+
+
+# --- YAML reader -------------------------------------------------------------
+
+#@@YAML@@
+
+
+# --- Configuration -----------------------------------------------------------
+
+BUILTIN_SOURCE = "<built-in defaults>"
+CLI_SOURCE = "<command line>"
+MAX_LOCK_WAIT = 2147483
+MAX_CONFIG_BYTES = 1 << 20
+PROJECT_FILES = ("trop.yaml", "trop.local.yaml")
+OUTPUT_FORMATS = ("table", "json", "csv", "tsv")
+OCCUPANCY_KEYS = ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces")
+FLAG_KEYS = ("disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
+             "allow_change_project", "allow_change_task", "allow_change")
+TOP_KEYS = ("project", "ports", "excluded_ports", "cleanup", "occupancy_check", "reservations") \
+    + FLAG_KEYS + ("maximum_lock_wait_seconds", "output_format")
+DEFAULTS = {
+    "ports.min": 5000, "ports.max": 7000, "ports.max_offset": None,
+    "cleanup.expire_after_days": 30, "maximum_lock_wait_seconds": 5,
+    "output_format": "table", "project": None, "task": None,
+}
+for _key in OCCUPANCY_KEYS:
+    DEFAULTS["occupancy_check." + _key] = False
+for _key in FLAG_KEYS:
+    DEFAULTS[_key] = False
+del _key
+ENV_FLAGS = (
+    ("TROP_DISABLE_AUTOINIT", "disable_autoinit"), ("TROP_DISABLE_AUTOPRUNE", "disable_autoprune"),
+    ("TROP_DISABLE_AUTOEXPIRE", "disable_autoexpire"),
+    ("TROP_ALLOW_UNRELATED_PATH", "allow_unrelated_path"), ("TROP_ALLOW_CHANGE", "allow_change"),
+    ("TROP_ALLOW_PROJECT_CHANGE", "allow_change_project"), ("TROP_ALLOW_CHANGE_PROJECT", "allow_change_project"),
+    ("TROP_ALLOW_TASK_CHANGE", "allow_change_task"), ("TROP_ALLOW_CHANGE_TASK", "allow_change_task"),
+    ("TROP_SKIP_OCCUPANCY_CHECK", "occupancy_check.skip"), ("TROP_SKIP_IPV4", "occupancy_check.skip_ip4"),
+    ("TROP_SKIP_IPV6", "occupancy_check.skip_ip6"), ("TROP_SKIP_TCP", "occupancy_check.skip_tcp"),
+    ("TROP_SKIP_UDP", "occupancy_check.skip_udp"),
+    ("TROP_CHECK_ALL_INTERFACES", "occupancy_check.check_all_interfaces"),
+)
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class Layer:
+    """The settings one source sets: flat dotted keys, plus where each came from."""
+
+    __slots__ = ("source", "values", "lines", "exclusions", "kind")
+
+    def __init__(self, source, kind="file"):
+        self.source = source
+        self.kind = kind          # "builtin", "user", "project", "env", "cli"
+        self.values = {}
+        self.lines = {}
+        self.exclusions = []      # (start, end) ranges
+
+    def set(self, key, value, line=None):
+        self.values[key] = value
+        if line is not None:
+            self.lines[key] = line
+
+    def where(self, key):
+        line = self.lines.get(key)
+        if isinstance(line, str):       # environment layers record the variable name
+            return line
+        return "%s:%d" % (self.source, line) if line else self.source
+
+
+class Problems:
+    """Collects every problem in one document, so `validate` can list them all."""
+
+    def __init__(self, source):
+        self.source = source
+        self.items = []
+
+    def add(self, line, message):
+        self.items.append((line, message))
+
+    def lines(self):
+        return ["%s:%s: %s" % (self.source, line, msg) if line else "%s: %s" % (self.source, msg)
+                for line, msg in self.items]
+
+    def raise_first(self):
+        if self.items:
+            lines = self.lines()
+            more = len(lines) - 1
+            extra = " (and %d more problem%s; run `trop validate %s`)" % (
+                more, "s" if more > 1 else "", self.source) if more else ""
+            raise ConfigError(lines[0] + extra)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _port_value(value, problems, line, what):
+    if not _is_int(value):
+        problems.add(line, "%s must be an integer port, got %s" % (what, _describe(value)))
+        return None
+    if not 1 <= value <= 65535:
+        problems.add(line, "%s: invalid port %s (ports are 1..65535)" % (what, value))
+        return None
+    return value
+
+
+def _describe(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean %s" % ("true" if value else "false")
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a sequence"
+    return "%s %r" % (type(value).__name__.replace("str", "string"), value)
+
+
+def _line_of(mapping, key, default=None):
+    lines = getattr(mapping, "key_lines", None)
+    return lines.get(key, default) if lines else default
+
+
+def _mapping(value, problems, line, what, allowed):
+    """Check a mapping and its keys; unknown keys are reported, not fatal."""
+    if not isinstance(value, dict):
+        problems.add(line, "%s must be a mapping, got %s" % (what, _describe(value)))
+        return None
+    for key in value:
+        if key not in allowed:
+            problems.add(_line_of(value, key, line), "unknown field '%s%s' (expected one of: %s)"
+                         % (what + "." if what else "", key, ", ".join(allowed)))
+    return value
+
+
+def parse_exclusion(item, problems=None, line=None):
+    """An exclusion entry (int, "A..B", "N" or {start, end}) as a (start, end) range."""
+    probs = problems or Problems("exclusion")
+    start = end = None
+    if _is_int(item):
+        start = end = item
+    elif isinstance(item, str):
+        text = item.strip()
+        if ".." in text:
+            a, _, b = text.partition("..")
+            if a.strip().isdigit() and b.strip().isdigit():
+                start, end = int(a), int(b)
+        elif text.isdigit():
+            start = end = int(text)
+        if start is None:
+            probs.add(line, "invalid exclusion '%s' (expected N or A..B)" % item)
+            return None
+    elif isinstance(item, dict):
+        if _mapping(item, probs, line, "excluded_ports[]", ("start", "end")) is None:
+            return None
+        start, end = item.get("start"), item.get("end")
+        if start is None or end is None:
+            probs.add(line, "exclusion mapping needs both start and end")
+            return None
+        if not (_is_int(start) and _is_int(end)):
+            probs.add(line, "exclusion start/end must be integers")
+            return None
+    else:
+        probs.add(line, "invalid exclusion %s (expected N, \"A..B\" or {start, end})" % _describe(item))
+        return None
+    bad = [p for p in (start, end) if not 1 <= p <= 65535]
+    if bad:
+        probs.add(line, "invalid exclusion %s: port %d is outside 1..65535" % (_range_text(start, end), bad[0]))
+        return None
+    if end < start:
+        probs.add(line, "Invalid range: %d..%d (end < start)" % (start, end))
+        return None
+    if problems is None and probs.items:
+        raise InvalidArguments(probs.items[0][1])
+    return (start, end)
+
+
+def _range_text(start, end):
+    return str(start) if start == end else "%d..%d" % (start, end)
+
+
+def read_config_document(doc, source, kind, problems):
+    """Turn one parsed YAML document into a Layer, reporting every problem."""
+    layer = Layer(source, kind)
+    if doc is None:
+        return layer
+    if _mapping(doc, problems, getattr(doc, "line", 1), "", TOP_KEYS) is None:
+        return layer
+    for key, value in doc.items():
+        line = _line_of(doc, key)
+        if key == "project":
+            if kind == "user":
+                problems.add(line, "project is only valid in trop.yaml/trop.local.yaml, not user config.yaml")
+            elif not isinstance(value, str):
+                problems.add(line, "project must be a string, got %s" % _describe(value))
+            else:
+                try:
+                    layer.set("project", _check_identifier("project", value), line)
+                except ConfigError as exc:
+                    problems.add(line, exc.message.split(": ", 1)[-1])
+        elif key == "ports":
+            _read_ports(value, layer, problems, line)
+        elif key == "excluded_ports":
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                problems.add(line, "excluded_ports must be a sequence, got %s" % _describe(value))
+                continue
+            item_lines = getattr(value, "item_lines", None) or [line] * len(value)
+            for item, item_line in zip(value, item_lines):
+                rng = parse_exclusion(item, problems, item_line)
+                if rng:
+                    layer.exclusions.append(rng)
+        elif key == "cleanup":
+            if value is None or _mapping(value, problems, line, "cleanup", ("expire_after_days",)) is None:
+                continue
+            if "expire_after_days" in value:
+                days, dline = value["expire_after_days"], _line_of(value, "expire_after_days", line)
+                if not _is_int(days) or not 0 < days <= 0xFFFFFFFF:
+                    problems.add(dline, "cleanup.expire_after_days must be a positive integer, got %s"
+                                 % _describe(days))
+                else:
+                    layer.set("cleanup.expire_after_days", days, dline)
+        elif key == "occupancy_check":
+            if value is None or _mapping(value, problems, line, "occupancy_check", OCCUPANCY_KEYS) is None:
+                continue
+            for sub, flag in value.items():
+                if sub in OCCUPANCY_KEYS:
+                    _read_bool(layer, "occupancy_check." + sub, flag, problems, _line_of(value, sub, line))
+        elif key == "reservations":
+            if kind == "user":
+                if value is not None:
+                    problems.add(line, "reservations are only valid in trop.yaml/trop.local.yaml, "
+                                       "not user config.yaml")
+                continue
+            layer.set("reservations", None if value is None else GroupSpec.read(value, problems, line), line)
+        elif key in FLAG_KEYS:
+            _read_bool(layer, key, value, problems, line)
+        elif key == "maximum_lock_wait_seconds":
+            if not _is_int(value) or value < 0:
+                problems.add(line, "maximum_lock_wait_seconds must be a non-negative integer, got %s"
+                             % _describe(value))
+            elif value > MAX_LOCK_WAIT:
+                problems.add(line, "Timeout must not exceed %d seconds" % MAX_LOCK_WAIT)
+            else:
+                layer.set(key, value, line)
+        elif key == "output_format":
+            if value not in OUTPUT_FORMATS:
+                problems.add(line, "output_format must be one of table, json, csv, tsv, got %s"
+                             % _describe(value))
+            else:
+                layer.set(key, value, line)
+    return layer
+
+
+def _read_bool(layer, key, value, problems, line):
+    if isinstance(value, bool):
+        layer.set(key, value, line)
+    else:
+        problems.add(line, "%s must be true or false, got %s" % (key, _describe(value)))
+
+
+def _read_ports(value, layer, problems, line):
+    if _mapping(value, problems, line, "ports", ("min", "max", "max_offset")) is None:
+        return
+    if "min" not in value:
+        problems.add(line, "ports: missing field 'min'")
+    pmin = pmax = offset = None
+    if "min" in value:
+        pmin = _port_value(value["min"], problems, _line_of(value, "min", line), "ports.min")
+        if pmin is not None:
+            layer.set("ports.min", pmin, _line_of(value, "min", line))
+    if "max" in value and "max_offset" in value:
+        problems.add(_line_of(value, "max_offset", line), "Cannot specify both max and max_offset")
+        return
+    if "max" in value:
+        mline = _line_of(value, "max", line)
+        pmax = _port_value(value["max"], problems, mline, "ports.max")
+        if pmax is not None:
+            if pmin is not None and pmax < pmin:
+                problems.add(mline, "ports.max (%d) must be >= min (%d)" % (pmax, pmin))
+            layer.set("ports.max", pmax, mline)
+            layer.set("ports.max_offset", None, mline)
+    elif "max_offset" in value:
+        oline = _line_of(value, "max_offset", line)
+        offset = value["max_offset"]
+        if not _is_int(offset) or not 0 < offset <= 65535:
+            problems.add(oline, "ports.max_offset must be an integer 1..65535, got %s" % _describe(offset))
+        elif pmin is not None and pmin + offset > 65535:
+            problems.add(oline, "Offset %d would overflow port range from min %d" % (offset, pmin))
+        else:
+            layer.set("ports.max_offset", offset, oline)
+            layer.set("ports.max", None, oline)
+
+
+def read_config_file(path, kind, problems=None):
+    """Read and check one YAML file; problems are collected, or raised at once."""
+    collect = problems is not None
+    problems = problems if collect else Problems(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError("%s: is a directory, not a configuration file" % path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror or exc))
+    if len(data) > MAX_CONFIG_BYTES:
+        problems.add(None, "file is larger than %d bytes; not a trop configuration" % MAX_CONFIG_BYTES)
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            problems.add(line, "invalid UTF-8 (byte 0x%02x)" % data[exc.start])
+        else:
+            try:
+                doc = parse_yaml(text)
+            except YamlError as exc:
+                problems.add(exc.line, exc.message)
+            else:
+                layer = read_config_document(doc, path, kind, problems)
+                if not collect:
+                    problems.raise_first()
+                return layer
+    if not collect:
+        problems.raise_first()
+    return Layer(path, kind)
+
+
+def _env_bool(name, text):
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError("validation error for '%s': Invalid boolean value: '%s' "
+                      "(expected true/false/1/0/yes/no/on/off)" % (name, text))
+
+
+def _env_u16(name, text, what="Invalid port number"):
+    text = text.strip()
+    if not text.isdigit() or int(text) > 65535:
+        raise ConfigError("validation error for '%s': %s: '%s'" % (name, what, text))
+    return int(text)
+
+
+def env_layer(environ):
+    """Everything trop reads from the environment, as one layer."""
+    layer = Layer("environment", "env")
+    get = environ.get
+    for name, key in ENV_FLAGS:
+        if get(name) is not None and not (key in layer.values and name.endswith(("_CHANGE_PROJECT", "_CHANGE_TASK"))):
+            layer.set(key, _env_bool(name, get(name)), name)
+    if get("TROP_PROJECT") is not None:
+        layer.set("project", _check_identifier("project", get("TROP_PROJECT"), "TROP_PROJECT"), "TROP_PROJECT")
+    if get("TROP_TASK") is not None:
+        layer.set("task", _check_identifier("task", get("TROP_TASK"), "TROP_TASK"), "TROP_TASK")
+    if get("TROP_PORT_MIN") is not None:
+        layer.set("ports.min", _env_u16("TROP_PORT_MIN", get("TROP_PORT_MIN")), "TROP_PORT_MIN")
+    if get("TROP_PORT_MAX") is not None:
+        layer.set("ports.max", _env_u16("TROP_PORT_MAX", get("TROP_PORT_MAX")), "TROP_PORT_MAX")
+        layer.set("ports.max_offset", None, "TROP_PORT_MAX")
+    if get("TROP_PORT_MAX_OFFSET") is not None:
+        layer.set("ports.max_offset", _env_u16("TROP_PORT_MAX_OFFSET", get("TROP_PORT_MAX_OFFSET"),
+                                               "Invalid port offset"), "TROP_PORT_MAX_OFFSET")
+        layer.set("ports.max", None, "TROP_PORT_MAX_OFFSET")
+    if get("TROP_EXCLUDED_PORTS"):
+        for item in get("TROP_EXCLUDED_PORTS").split(","):
+            if item.strip():
+                try:
+                    layer.exclusions.append(parse_exclusion(item.strip()))
+                except InvalidArguments as exc:
+                    raise ConfigError("validation error for 'TROP_EXCLUDED_PORTS': %s" % exc.message)
+    days = get("TROP_EXPIRE_AFTER_DAYS")
+    if days is not None:
+        if not days.strip().isdigit() or int(days) > 0xFFFFFFFF:
+            raise ConfigError("validation error for 'TROP_EXPIRE_AFTER_DAYS': Must be a positive integer")
+        layer.set("cleanup.expire_after_days", int(days), "TROP_EXPIRE_AFTER_DAYS")
+    for name in ("TROP_MAXIMUM_LOCK_WAIT_SECONDS", "TROP_BUSY_TIMEOUT"):   # canonical name wins
+        wait = get(name)
+        if wait is not None:
+            if not wait.strip().isdigit():
+                raise ConfigError("validation error for '%s': Must be a non-negative integer" % name)
+            layer.set("maximum_lock_wait_seconds", int(wait), name)
+    fmt = get("TROP_OUTPUT_FORMAT")
+    if fmt is not None:
+        if fmt.strip().lower() not in OUTPUT_FORMATS:
+            raise ConfigError("validation error for 'TROP_OUTPUT_FORMAT': Invalid output format: '%s' "
+                              "(expected table/json/csv/tsv)" % fmt)
+        layer.set("output_format", fmt.strip().lower(), "TROP_OUTPUT_FORMAT")
+    mode = get("TROP_LOG_MODE")
+    if mode is not None and mode.strip().lower() not in ("quiet", "normal", "verbose"):
+        raise ConfigError("validation error for 'TROP_LOG_MODE': Invalid log mode: '%s' "
+                          "(expected quiet/normal/verbose)" % mode)
+    return layer
+
+
+class Config:
+    """The effective configuration: built-ins overlaid by each layer in order."""
+
+    def __init__(self, layers):
+        values = dict(DEFAULTS)
+        sources = dict.fromkeys(values, BUILTIN_SOURCE)
+        self.exclusion_sources = []
+        self.has_group = False
+        values["reservations"] = None
+        for layer in layers:
+            for key, value in layer.values.items():
+                values[key] = value
+                sources[key] = layer.where(key)
+                if key == "reservations":
+                    self.has_group = value is not None
+            for rng in layer.exclusions:
+                self.exclusion_sources.append((rng, layer.source))
+        self.values = values
+        self.sources = sources
+        self.layers = layers
+        self.project_dir = None
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def validate(self):
+        """Checks on the merged result, attributed to the winning source."""
+        pmin, pmax, offset = self["ports.min"], self["ports.max"], self["ports.max_offset"]
+        if pmin < 1:
+            raise ConfigError("validation error for 'ports.min (%s)': Invalid port number: port 0 is reserved"
+                              % self.sources["ports.min"])
+        if offset is not None:
+            if offset < 1 or pmin + offset > 65535:
+                raise ConfigError("validation error for 'ports.max_offset (%s)': Offset %d would overflow "
+                                  "port range from min %d" % (self.sources["ports.max_offset"], offset, pmin))
+        elif pmax is not None and pmax < pmin:
+            raise ConfigError("validation error for 'ports (%s)': ports max (%d) must be >= min (%d)"
+                              % (self.sources["ports.max"], pmax, pmin))
+        if not self["cleanup.expire_after_days"]:
+            raise ConfigError("validation error for 'cleanup.expire_after_days (%s)': must be greater than 0"
+                              % self.sources["cleanup.expire_after_days"])
+        if self["maximum_lock_wait_seconds"] > MAX_LOCK_WAIT:
+            raise ConfigError("validation error for 'maximum_lock_wait_seconds (%s)': Timeout must not "
+                              "exceed %d seconds" % (self.sources["maximum_lock_wait_seconds"], MAX_LOCK_WAIT))
+        return self
+
+    @property
+    def port_range(self):
+        pmin, pmax, offset = self["ports.min"], self["ports.max"], self["ports.max_offset"]
+        if offset is not None:
+            return PortRange(pmin, pmin + offset)
+        return PortRange(pmin, 7000 if pmax is None else pmax)
+
+    @property
+    def scan_range(self):
+        """`scan` ignores max_offset, as the reference does."""
+        pmax = self["ports.max"]
+        return PortRange(self["ports.min"], 7000 if pmax is None else pmax)
+
+    @property
+    def exclusions(self):
+        return ExclusionList(rng for rng, _ in self.exclusion_sources)
+
+    @property
+    def occupancy(self):
+        return OccupancyPolicy(**{k: self["occupancy_check." + k] for k in OCCUPANCY_KEYS})
+
+    def allow(self, what):
+        """Effective permission: allow_change covers both project and task."""
+        if what == "unrelated_path":
+            return self["allow_unrelated_path"]
+        return self["allow_change"] or self["allow_change_" + what]
+
+    @property
+    def group(self):
+        return self.values["reservations"]
+
+
+def find_project_dir(start):
+    """The nearest directory (from start upwards) holding trop.yaml or trop.local.yaml."""
+    current = start
+    while True:
+        for name in PROJECT_FILES:
+            if os.path.lexists(os.path.join(current, name)):
+                return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def project_layers(directory, only_file=None):
+    """The project layers of one directory: trop.yaml, then trop.local.yaml."""
+    if only_file is not None and os.path.basename(only_file) not in PROJECT_FILES:
+        return [read_config_file(only_file, "project")]
+    layers = []
+    for name in PROJECT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path):
+            layers.append(read_config_file(path, "project"))
+    return layers
+
+
+def user_layer(data_dir):
+    path = os.path.join(data_dir, "config.yaml")
+    if os.path.lexists(path):
+        return [read_config_file(path, "user")]
+    return []
+
+
+# --- Paths -------------------------------------------------------------------
+
+def home_dir():
+    """$HOME, else the password database (as the reference's home_dir())."""
+    home = os.environ.get("HOME")
+    if home:
+        return home
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_dir or None
+    except (ImportError, KeyError, AttributeError):
+        return None
+
+
+def current_dir():
+    try:
+        return os.getcwd()
+    except OSError as exc:
+        raise IoFailure("cannot read the current directory (%s); it may have been deleted"
+                        % (exc.strerror or exc))
+
+
+def normalize_path(path, cwd=None):
+    """Absolute, lexically normal form of an explicit path; symlinks are kept.
+
+    Unlike os.path.normpath, a leading '//' collapses and '..' past the root
+    is an error rather than silently dropped.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LibraryError("invalid path %s: path is not valid UTF-8"
+                           % path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    if path.startswith("~"):
+        head, sep, rest = path.partition("/")
+        if head != "~":
+            raise LibraryError("invalid path %s: ~user syntax is not supported; use ~ or ~/path" % path)
+        home = home_dir()
+        if not home:
+            raise LibraryError("invalid path %s: cannot expand ~ because HOME is not set" % path)
+        path = home + "/" + rest
+    elif not path.startswith("/"):
+        path = (cwd or current_dir()) + "/" + path
+    parts = []
+    for part in path.split("/"):
+        if part == "" or part == ".":
+            continue
+        if part == "..":
+            if not parts:
+                raise LibraryError("invalid path %s: Path contains too many '..' components (escapes root)"
+                                   % path)
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def canonical_path(path, warn=True):
+    """realpath of a path that must exist (inferred paths: cwd, config parents)."""
+    full = normalize_path(path)
+    if not os.path.exists(full):
+        if warn:
+            _warn("Cannot canonicalize inferred path because it does not exist: %s" % full)
+        raise LibraryError("path not found: %s" % full)
+    return os.path.realpath(full)
+
+
+def is_within(path, root):
+    """Component-wise containment: /w/a is within /w but /w/ab is not within /w/a."""
+    return path == root or root == "/" or path.startswith(root + "/")
+
+
+def _canonical_prefix(path):
+    """realpath of the longest existing prefix, with the missing suffix appended."""
+    suffix = []
+    current = path
+    while not os.path.exists(current) and current != "/":
+        current, tail = os.path.split(current)
+        suffix.append(tail)
+    real = os.path.realpath(current)
+    for tail in reversed(suffix):
+        real = os.path.join(real, tail)
+    return real
+
+
+def check_path_relationship(target, allowed):
+    """Refuse to touch a path unrelated to the working directory unless allowed."""
+    if allowed:
+        return
+    cwd = current_dir()
+    if is_within(target, cwd) or is_within(cwd, target):
+        return
+    real_target, real_cwd = _canonical_prefix(target), os.path.realpath(cwd)
+    if is_within(real_target, real_cwd) or is_within(real_cwd, real_target):
+        return
+    raise SemanticFailure("path relationship violation: %s and %s are unrelated paths "
+                          "(use --allow-unrelated-path or --force)" % (target, cwd))
+
+
+def shorten_home(path):
+    home = home_dir()
+    if home:
+        home = home.rstrip("/") or "/"
+        if path == home:
+            return "~/"
+        if is_within(path, home) and home != "/":
+            return "~/" + path[len(home) + 1:]
+    return path
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read(4096).strip()
+    except OSError:
+        return None
+
+
+def infer_git_metadata(path):
+    """(project, task) from the git repository containing path, reading .git directly.
+
+    project: the repository's name (worktrees resolve to the main repository);
+    task: the linked worktree's name, else the branch; detached HEAD: none.
+    """
+    current = path
+    while True:
+        dotgit = os.path.join(current, ".git")
+        workdir = current
+        if os.path.isdir(dotgit):
+            gitdir, linked = dotgit, False
+            break
+        if os.path.isfile(dotgit):
+            text = _read_text(dotgit) or ""
+            if not text.startswith("gitdir:"):
+                return None, None
+            gitdir = os.path.normpath(os.path.join(current, text[7:].strip()))
+            linked = True
+            break
+        if os.path.isfile(os.path.join(current, "HEAD")) and os.path.isdir(os.path.join(current, "objects")) \
+                and os.path.isdir(os.path.join(current, "refs")):
+            gitdir, linked, workdir = current, False, None      # a bare repository
+            break
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None, None
+        current = parent
+    common = gitdir
+    commondir = _read_text(os.path.join(gitdir, "commondir"))
+    if commondir:
+        common = os.path.normpath(os.path.join(gitdir, commondir))
+    name = os.path.basename(common)
+    if name == ".git":
+        project = os.path.basename(os.path.dirname(common))
+    else:
+        project = name[:-4] if name.endswith(".git") else name
+    task = None
+    if linked and workdir:
+        task = os.path.basename(workdir)
+    else:
+        head = _read_text(os.path.join(gitdir, "HEAD")) or ""
+        if head.startswith("ref:"):
+            ref = head[4:].strip()
+            task = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
+    return _clean_identifier(project), _clean_identifier(task)
+
+
+def _clean_identifier(value):
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or "\0" in value or len(value.encode("utf-8", "surrogateescape")) > 255:
+        return None
+    return value
+
+
+# --- Models ------------------------------------------------------------------
+
+class ReservationKey:
+    """(path, tag): what a reservation is for.  tag None means untagged ('' in the database)."""
+
+    __slots__ = ("path", "tag")
+
+    def __init__(self, path, tag=None):
+        self.path = path
+        self.tag = tag or None
+
+    def __eq__(self, other):
+        return isinstance(other, ReservationKey) and (self.path, self.tag) == (other.path, other.tag)
+
+    def __hash__(self):
+        return hash((self.path, self.tag))
+
+    def __repr__(self):
+        return "ReservationKey(%r, %r)" % (self.path, self.tag)
+
+    def __str__(self):
+        return self.path if self.tag is None else "%s:%s" % (self.path, self.tag)
+
+    @property
+    def db_tag(self):
+        return self.tag or ""
+
+
+class Reservation:
+    """One stored row.  Timestamps are Unix seconds."""
+
+    __slots__ = ("path", "tag", "port", "project", "task", "created_at", "last_used_at")
+    FIELDS = __slots__
+
+    def __init__(self, path, tag, port, project=None, task=None, created_at=0, last_used_at=0):
+        self.path = path
+        self.tag = tag or None
+        self.port = port
+        self.project = project
+        self.task = task
+        self.created_at = created_at
+        self.last_used_at = last_used_at
+
+    @property
+    def key(self):
+        return ReservationKey(self.path, self.tag)
+
+    def row(self):
+        return (self.path, self.tag or "", self.port, self.project, self.task,
+                self.created_at, self.last_used_at)
+
+    def replace(self, **changes):
+        values = {name: getattr(self, name) for name in self.FIELDS}
+        values.update(changes)
+        return Reservation(**values)
+
+    def __eq__(self, other):
+        return isinstance(other, Reservation) and self.row() == other.row()
+
+    def __repr__(self):
+        return "Reservation(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.FIELDS)
+
+    def as_dict(self):
+        return {
+            "created_at": format_timestamp(self.created_at),
+            "last_used_at": format_timestamp(self.last_used_at),
+            "path": self.path, "port": self.port, "project": self.project,
+            "tag": self.tag, "task": self.task,
+        }
+
+    @classmethod
+    def from_row(cls, row):
+        """Build from a database row, refusing anything the schema forbids."""
+        path, tag, port, project, task, created, used = row
+        key = 'path="%s", tag=%s' % (path, '"%s"' % tag if tag else "<untagged>")
+
+        def corrupt(field, reason):
+            raise CorruptionError("table=reservations, field=%s, key=%s: %s" % (field, key, reason))
+
+        if not isinstance(path, str) or not path.startswith("/") or not _is_normal(path):
+            corrupt("path", "path must be a non-empty absolute, lexically normal path")
+        if not isinstance(tag, str) or (tag and tag != tag.strip()):
+            corrupt("tag", "tag must be '' or trimmed non-empty text")
+        if not _is_int(port) or not 1 <= port <= 65535:
+            corrupt("port", "port %r is not an integer in 1..65535" % (port,))
+        for name, value in (("project", project), ("task", task)):
+            if value is not None and (not isinstance(value, str) or not value or value != value.strip()):
+                corrupt(name, "%s must be NULL or trimmed non-empty text" % name)
+        for name, value in (("created_at", created), ("last_used_at", used)):
+            if not _is_int(value) or not 0 <= value <= 253402300799:
+                corrupt(name, "%s %r is not a valid timestamp" % (name, value))
+        return cls(path, tag, port, project, task, created, used)
+
+
+def _is_normal(path):
+    return path == "/" or ("//" not in path and not path.endswith("/") and "/./" not in path + "/"
+                           and "/../" not in path + "/")
+
+
+def format_timestamp(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+class PortRange:
+    """An inclusive range of ports to allocate from."""
+
+    __slots__ = ("min", "max")
+
+    def __init__(self, low, high):
+        self.min = low
+        self.max = high
+
+    def __contains__(self, port):
+        return self.min <= port <= self.max
+
+    def __iter__(self):
+        return iter(range(self.min, self.max + 1))
+
+    def __len__(self):
+        return max(0, self.max - self.min + 1)
+
+    def __eq__(self, other):
+        return isinstance(other, PortRange) and (self.min, self.max) == (other.min, other.max)
+
+    def __repr__(self):
+        return "PortRange(%d, %d)" % (self.min, self.max)
+
+    def __str__(self):
+        return "%d-%d" % (self.min, self.max)
+
+
+class ExclusionList:
+    """Excluded ports as merged, sorted ranges; membership by binary search."""
+
+    def __init__(self, ranges=()):
+        merged = []
+        for start, end in sorted(ranges):
+            if merged and start <= merged[-1][1] + 1:
+                if end > merged[-1][1]:
+                    merged[-1][1] = end
+            else:
+                merged.append([start, end])
+        self.ranges = [tuple(r) for r in merged]
+        self._starts = [r[0] for r in self.ranges]
+
+    def __contains__(self, port):
+        import bisect
+        i = bisect.bisect_right(self._starts, port) - 1
+        return i >= 0 and self.ranges[i][1] >= port
+
+    def __len__(self):
+        return len(self.ranges)
+
+    def entries(self):
+        """The minimal entry list: singles as ints, runs as (start, end)."""
+        return [s if s == e else (s, e) for s, e in self.ranges]
+
+
+class OccupancyPolicy:
+    """Which bind() probes decide that a port is in use."""
+
+    __slots__ = OCCUPANCY_KEYS
+
+    def __init__(self, skip=False, skip_ip4=False, skip_ip6=False, skip_tcp=False, skip_udp=False,
+                 check_all_interfaces=False):
+        self.skip, self.skip_ip4, self.skip_ip6 = skip, skip_ip4, skip_ip6
+        self.skip_tcp, self.skip_udp, self.check_all_interfaces = skip_tcp, skip_udp, check_all_interfaces
+
+    def probes(self):
+        """The probe matrix in the reference's order: (protocol, family, scope, address)."""
+        if self.skip:
+            return []
+        out = []
+        families = []
+        if not self.skip_ip4:
+            families.append(("ipv4", "127.0.0.1", "0.0.0.0"))
+        if not self.skip_ip6:
+            families.append(("ipv6", "::1", "::"))
+        for family, local, wildcard in families:
+            scopes = [("localhost", local)] + ([("wildcard", wildcard)] if self.check_all_interfaces else [])
+            for scope, address in scopes:
+                for proto, skipped in (("tcp", self.skip_tcp), ("udp", self.skip_udp)):
+                    if not skipped:
+                        out.append((proto, family, scope, address))
+        return out
+
+
+class ServiceSpec:
+    """One service of a group: a tag with an offset, maybe a preferred port and env name."""
+
+    __slots__ = ("tag", "offset", "preferred", "env", "line")
+
+    def __init__(self, tag, offset=0, preferred=None, env=None, line=None):
+        self.tag, self.offset, self.preferred, self.env, self.line = tag, offset, preferred, env, line
+
+    @property
+    def env_name(self):
+        return self.env if self.env is not None else self.tag.upper().replace("-", "_")
+
+
+class GroupSpec:
+    """A `reservations:` group: services that share a base port plus offsets."""
+
+    def __init__(self, services, base=None, line=None):
+        self.services = sorted(services, key=lambda s: s.tag.encode("utf-8", "surrogateescape"))
+        self.base = base
+        self.line = line
+
+    @classmethod
+    def read(cls, value, problems, line):
+        if _mapping(value, problems, line, "reservations", ("base", "services")) is None:
+            return None
+        base = None
+        if "base" in value:
+            base = _port_value(value["base"], problems, _line_of(value, "base", line), "reservations.base")
+        if "services" not in value:
+            problems.add(line, "reservations: missing field 'services'")
+            return None
+        raw = value["services"]
+        sline = _line_of(value, "services", line)
+        if not isinstance(raw, dict):
+            problems.add(sline, "reservations.services must be a mapping of tag to service, got %s"
+                         % _describe(raw))
+            return None
+        services, seen = [], {}
+        for name, body in raw.items():
+            tline = _line_of(raw, name, sline)
+            tag = name.strip() if isinstance(name, str) else str(name)
+            if not tag or "\0" in tag or len(tag.encode("utf-8", "surrogateescape")) > 255:
+                problems.add(tline, "service tag %r must be non-empty, without NUL, at most 255 bytes" % name)
+                continue
+            if tag in seen:
+                problems.add(tline, "duplicate service tag '%s' (after trimming)" % tag)
+                continue
+            seen[tag] = True
+            spec = ServiceSpec(tag, line=tline)
+            if body is not None and _mapping(body, problems, tline, "reservations.services." + tag,
+                                             ("offset", "preferred", "env")) is not None:
+                if "offset" in body:
+                    off = body["offset"]
+                    if not _is_int(off) or not 0 <= off <= 65535:
+                        problems.add(_line_of(body, "offset", tline), "service '%s': offset must be an integer "
+                                     "0..65535, got %s" % (tag, _describe(off)))
+                    else:
+                        spec.offset = off
+                if "preferred" in body:
+                    spec.preferred = _port_value(body["preferred"], problems, _line_of(body, "preferred", tline),
+                                                 "service '%s' preferred" % tag)
+                if "env" in body:
+                    env = body["env"]
+                    if not isinstance(env, str):
+                        problems.add(_line_of(body, "env", tline), "service '%s': env must be a string" % tag)
+                    else:
+                        spec.env = env
+            elif body is not None and not isinstance(body, dict):
+                continue
+            services.append(spec)
+        spec = cls(services, base, line)
+        for message, sline2 in spec.problems():
+            problems.add(sline2 or line, message)
+        return spec
+
+    def problems(self):
+        """Cross-service rules: unique offsets, preferred ports and variable names."""
+        out = []
+        offsets, preferred, names = {}, {}, {}
+        for svc in self.services:
+            if svc.offset in offsets:
+                out.append(("services '%s' and '%s' share offset %d" % (offsets[svc.offset], svc.tag, svc.offset),
+                            svc.line))
+            offsets.setdefault(svc.offset, svc.tag)
+            if svc.preferred is not None:
+                if svc.preferred in preferred:
+                    out.append(("services '%s' and '%s' share preferred port %d"
+                                % (preferred[svc.preferred], svc.tag, svc.preferred), svc.line))
+                preferred.setdefault(svc.preferred, svc.tag)
+            name = svc.env_name
+            problem = env_name_problem(name)
+            if problem:
+                how = "env" if svc.env is not None else "derived variable name"
+                out.append(("service '%s': %s %r %s%s" % (svc.tag, how, name, problem,
+                            "" if svc.env is not None else "; set env: explicitly"), svc.line))
+                continue
+            folded = name.upper()
+            if folded in names:
+                out.append(("services '%s' and '%s' have variable names that collide ignoring case (%s)"
+                            % (names[folded], svc.tag, name), svc.line))
+            names.setdefault(folded, svc.tag)
+        return out
+
+
+def env_name_problem(name):
+    """Why a variable name is unsafe to print into shell or dotenv output (None if safe)."""
+    if not name:
+        return "is empty"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return "is longer than 255 bytes"
+    first = name[0]
+    if not (first == "_" or ("A" <= first <= "Z") or ("a" <= first <= "z")):
+        return "must start with a letter or underscore"
+    for ch in name:
+        if not (ch == "_" or "A" <= ch <= "Z" or "a" <= ch <= "z" or "0" <= ch <= "9"):
+            return "must match [A-Za-z_][A-Za-z0-9_]*"
+    return None
+
+
+class Plan:
+    """What a command will do, as plain data: executed, or shown and rolled back."""
+
+    def __init__(self):
+        self.inserts = []        # Reservation
+        self.deletes = []        # Reservation (deleted only if unchanged)
+        self.touches = []        # (ReservationKey, last_used_at)
+        self.updates = []        # Reservation (metadata change, same key and port)
+        self.warnings = []
+        self.result = None
+
+    def __bool__(self):
+        return bool(self.inserts or self.deletes or self.touches or self.updates)
+
+    def execute(self, store):
+        for res in self.deletes:
+            store.delete_exact(res)
+        for res in self.updates:
+            store.update(res)
+        for key, ts in self.touches:
+            store.touch(key, ts)
+        for res in self.inserts:
+            store.insert(res)
+
+
+# --- Store (SQLite) ----------------------------------------------------------
+
+SCHEMA_VERSION = 2
+DB_FILE = "trop.db"
+_COLUMNS = "path, tag, port, project, task, created_at, last_used_at"
+_SELECT = "SELECT " + _COLUMNS + " FROM reservations"
+_METADATA_SQL = "CREATE TABLE metadata (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)"
+_RESERVATIONS_SQL = (
+    "CREATE TABLE reservations (path TEXT NOT NULL, tag TEXT NOT NULL, "
+    "port INTEGER NOT NULL UNIQUE CONSTRAINT valid_port CHECK (port BETWEEN 1 AND 65535), "
+    "project TEXT, task TEXT, "
+    "created_at INTEGER NOT NULL CONSTRAINT valid_created_at CHECK (created_at >= 0), "
+    "last_used_at INTEGER NOT NULL CONSTRAINT valid_last_used_at CHECK (last_used_at >= 0), "
+    "PRIMARY KEY (path, tag))")
+_INDEXES = (("idx_reservations_port", "port"), ("idx_reservations_project", "project"),
+            ("idx_reservations_last_used", "last_used_at"))
+_V1_COLUMNS = [("path", "TEXT", 1, 1), ("tag", "TEXT", 0, 2), ("port", "INTEGER", 1, 0),
+               ("project", "TEXT", 0, 0), ("task", "TEXT", 0, 0), ("created_at", "INTEGER", 1, 0),
+               ("last_used_at", "INTEGER", 1, 0)]
+_V2_COLUMNS = [("path", "TEXT", 1, 1), ("tag", "TEXT", 1, 2), ("port", "INTEGER", 1, 0),
+               ("project", "TEXT", 0, 0), ("task", "TEXT", 0, 0), ("created_at", "INTEGER", 1, 0),
+               ("last_used_at", "INTEGER", 1, 0)]
+
+
+def _sqlite():
+    """sqlite3, imported only by commands that touch the database."""
+    import sqlite3
+    return sqlite3
+
+
+def _strict_supported():
+    return _sqlite().sqlite_version_info >= (3, 37, 0)
+
+
+def _table_sql(sql, name=None):
+    if name:
+        sql = sql.replace("CREATE TABLE %s " % name.split("_")[0], "CREATE TABLE %s " % name, 1)
+    return sql + (" STRICT" if _strict_supported() else "")
+
+
+def _is_lock_error(exc):
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class Store:
+    """One connection to trop.db; reads and writes of reservation rows."""
+
+    def __init__(self, conn, path, timeout):
+        self.conn = conn
+        self.path = path
+        self.timeout = timeout
+
+    # -- opening --
+
+    @classmethod
+    def open(cls, data_dir, timeout=5, autoinit=True):
+        """Open (creating or migrating when needed) the database of a data directory."""
+        path = os.path.join(data_dir, DB_FILE)
+        if not os.path.exists(path):
+            if not autoinit:
+                raise NoDataDirectory("Data directory not found: %s does not exist "
+                                      "(use --data-dir, run `trop init`, or enable auto-init)" % path)
+            try:
+                os.makedirs(data_dir, exist_ok=True)
+            except OSError as exc:
+                raise LibraryError("database error: cannot create data directory %s: %s"
+                                   % (data_dir, exc.strerror or exc))
+        sqlite3 = _sqlite()
+        try:
+            conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
+        store = cls(conn, path, timeout)
+        try:
+            store._configure()
+            store._check_schema()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @classmethod
+    def open_empty(cls):
+        """An in-memory database with the schema: what a dry run plans against when trop.db is absent."""
+        conn = _sqlite().connect(":memory:", isolation_level=None)
+        store = cls(conn, ":memory:", 0)
+        store._create_schema()
+        return store
+
+    def _configure(self):
+        conn = self.conn
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                    break
+                except _sqlite().OperationalError as exc:
+                    if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
+        conn.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- transactions --
+
+    def write(self, dry_run=False):
+        """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK for a dry run or an error)."""
+        return _Transaction(self, dry_run)
+
+    def savepoint(self, name):
+        return _Savepoint(self, name)
+
+    # -- schema --
+
+    def schema_version(self):
+        try:
+            row = self.conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()
+        except _sqlite().OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
+        return None if row is None else row[0]
+
+    def _check_schema(self):
+        version = self.schema_version()
+        if version is None:
+            with self.write():
+                if self.schema_version() is None:
+                    self._create_schema()
+            return
+        if version == str(SCHEMA_VERSION):
+            return
+        number = _parse_version(version)
+        if number is not None and number > SCHEMA_VERSION:
+            raise LibraryError("unsupported schema version: expected %d, found %s" % (SCHEMA_VERSION, version))
+        if number == 1:
+            self.migrate_v1()
+            return
+        raise LibraryError("database schema migration required from version %s to %d: no ordered migration "
+                           "is available for this older schema version" % (version, SCHEMA_VERSION))
+
+    def _create_schema(self):
+        conn = self.conn
+        conn.execute(_table_sql(_METADATA_SQL).replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+        conn.execute(_table_sql(_RESERVATIONS_SQL).replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+        for name, column in _INDEXES:
+            conn.execute("CREATE INDEX IF NOT EXISTS %s ON reservations(%s)" % (name, column))
+        conn.execute("INSERT OR REPLACE INTO metadata (key, value) VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+
+    def migrate_v1(self):
+        """Schema v1 -> v2 in one transaction, refusing data v2 cannot hold."""
+        conn = self.conn
+        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with self.write():
+                if self.schema_version() != "1":
+                    return                              # another process migrated first
+                problems = self._v1_preflight()
+                if problems:
+                    raise LibraryError("database migration from schema 1 to 2 blocked: %s The database "
+                                       "was not modified." % "".join("%s=%d; " % p for p in problems))
+                count = conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+                conn.execute(_table_sql(_METADATA_SQL, "metadata_v2"))
+                conn.execute("INSERT INTO metadata_v2 (key, value) SELECT key, value FROM metadata")
+                conn.execute(_table_sql(_RESERVATIONS_SQL, "reservations_v2"))
+                conn.execute("INSERT INTO reservations_v2 (%s) SELECT path, COALESCE(tag, ''), port, project, "
+                             "task, created_at, last_used_at FROM reservations" % _COLUMNS)
+                copied = conn.execute("SELECT COUNT(*) FROM reservations_v2").fetchone()[0]
+                if copied != count:
+                    raise LibraryError("database migration from schema 1 to 2 blocked: copied %d of %d rows"
+                                       % (copied, count))
+                conn.execute("DROP TABLE reservations")
+                conn.execute("DROP TABLE metadata")
+                conn.execute("ALTER TABLE metadata_v2 RENAME TO metadata")
+                conn.execute("ALTER TABLE reservations_v2 RENAME TO reservations")
+                for name, column in _INDEXES:
+                    conn.execute("CREATE INDEX %s ON reservations(%s)" % (name, column))
+                conn.execute("UPDATE metadata SET value = '2' WHERE key = 'schema_version'")
+                validate_schema(conn)
+        finally:
+            conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _v1_preflight(self):
+        conn = self.conn
+        for table, expected in (("reservations", _V1_COLUMNS),):
+            if _table_columns(conn, table) != expected:
+                return [("unexpected_v1_table_layout", 1)]
+        if [r[0] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
+            return [("unexpected_v1_table_layout", 1)]
+        staging = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name IN "
+                               "('metadata_v2', 'reservations_v2')").fetchone()[0]
+        checks = [
+            ("staging_objects", None, staging),
+            ("duplicate_keys", "SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY path, "
+                               "COALESCE(tag, '') HAVING COUNT(*) > 1)", None),
+            ("duplicate_ports", "SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY port "
+                                "HAVING COUNT(*) > 1)", None),
+            ("empty_tags", "SELECT COUNT(*) FROM reservations WHERE tag = ''", None),
+            ("invalid_ports", "SELECT COUNT(*) FROM reservations WHERE typeof(port) != 'integer' "
+                              "OR port < 1 OR port > 65535", None),
+            ("invalid_timestamps", "SELECT COUNT(*) FROM reservations WHERE typeof(created_at) != 'integer' "
+                                   "OR created_at < 0 OR typeof(last_used_at) != 'integer' "
+                                   "OR last_used_at < 0", None),
+            ("invalid_types", "SELECT COUNT(*) FROM reservations WHERE typeof(path) != 'text' OR typeof(tag) "
+                              "NOT IN ('null', 'text') OR typeof(project) NOT IN ('null', 'text') "
+                              "OR typeof(task) NOT IN ('null', 'text')", None),
+            ("non_text_metadata", "SELECT COUNT(*) FROM metadata WHERE typeof(key) != 'text' "
+                                  "OR typeof(value) != 'text'", None),
+        ]
+        problems = []
+        for label, sql, value in checks:
+            count = value if sql is None else conn.execute(sql).fetchone()[0]
+            if count:
+                problems.append((label, count))
+        return problems
+
+    # -- reads --
+
+    def get(self, key):
+        row = self.conn.execute(_SELECT + " WHERE path = ? AND tag = ?", (key.path, key.db_tag)).fetchone()
+        return Reservation.from_row(row) if row else None
+
+    def taken_ports(self):
+        return {row[0] for row in self.conn.execute("SELECT port FROM reservations")}
+
+    def all(self):
+        return [Reservation.from_row(r) for r in self.conn.execute(_SELECT + " ORDER BY path, tag")]
+
+    def at_path(self, path):
+        return [Reservation.from_row(r)
+                for r in self.conn.execute(_SELECT + " WHERE path = ? ORDER BY tag", (path,))]
+
+    def under(self, path):
+        """Rows at path or any component-wise descendant ('/w/a' never matches '/w/ab')."""
+        if path == "/":
+            return self.all()
+        rows = self.conn.execute(_SELECT + " WHERE path = ? OR (path >= ? AND path < ?) ORDER BY path, tag",
+                                 (path, path + "/", path + "0"))
+        return [Reservation.from_row(r) for r in rows]
+
+    def for_port(self, port):
+        row = self.conn.execute(_SELECT + " WHERE port = ?", (port,)).fetchone()
+        return Reservation.from_row(row) if row else None
+
+    def projects(self):
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT project FROM reservations WHERE project IS NOT NULL ORDER BY project")]
+
+    # -- writes (inside a transaction) --
+
+    def insert(self, res):
+        try:
+            self.conn.execute("INSERT INTO reservations (%s) VALUES (?, ?, ?, ?, ?, ?, ?)" % _COLUMNS, res.row())
+        except _sqlite().IntegrityError as exc:
+            raise LibraryError("reservation conflict: cannot store %s on port %d: %s" % (res.key, res.port, exc))
+
+    def delete_exact(self, res):
+        """Delete a row only if it is still exactly as planned."""
+        cur = self.conn.execute(
+            "DELETE FROM reservations WHERE path = ? AND tag = ? AND port = ? AND project IS ? AND task IS ? "
+            "AND created_at = ? AND last_used_at = ?", res.row())
+        return cur.rowcount
+
+    def update(self, res):
+        self.conn.execute("UPDATE reservations SET project = ?, task = ?, last_used_at = ? "
+                          "WHERE path = ? AND tag = ?",
+                          (res.project, res.task, res.last_used_at, res.path, res.tag or ""))
+
+    def touch(self, key, when):
+        self.conn.execute("UPDATE reservations SET last_used_at = ? WHERE path = ? AND tag = ?",
+                          (when, key.path, key.db_tag))
+
+
+def _parse_version(text):
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        return None
+
+
+def _table_columns(conn, table):
+    return [(r[1], r[2].upper(), r[3], r[5]) for r in conn.execute("PRAGMA table_info(%s)" % table)]
+
+
+class _Transaction:
+    def __init__(self, store, dry_run):
+        self.store = store
+        self.dry_run = dry_run
+
+    def __enter__(self):
+        sqlite3 = _sqlite()
+        try:
+            self.store.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_lock_error(exc):
+                raise LockTimeout("starting an immediate database transaction", self.store.timeout)
+            raise _database_error(exc, self.store.path, "starting a transaction", self.store.timeout)
+        return self.store
+
+    def __exit__(self, exc_type, exc, tb):
+        conn = self.store.conn
+        if exc_type is None and not self.dry_run:
+            try:
+                conn.execute("COMMIT")
+                return False
+            except _sqlite().Error as err:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _database_error(err, self.store.path, "committing the transaction", self.store.timeout)
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return False
+
+
+class _Savepoint:
+    def __init__(self, store, name):
+        self.conn = store.conn
+        self.name = name
+
+    def __enter__(self):
+        self.conn.execute("SAVEPOINT " + self.name)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK TO " + self.name)
+        self.conn.execute("RELEASE " + self.name)
+        return False
+
+
+def _database_error(exc, path, operation, timeout):
+    """Turn a sqlite3 exception into the TropError a user can act on."""
+    text = str(exc)
+    if _is_lock_error(exc):
+        return LockTimeout(operation, timeout)
+    if "not a database" in text or "malformed" in text:
+        return LibraryError("database error: %s is not a valid trop database (%s). Move it aside or point "
+                            "--data-dir elsewhere; trop did not modify it" % (path, text))
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return LibraryError("database error: %s: %s (check that the data directory and trop.db are "
+                            "writable)" % (path, text))
+    return LibraryError("database error: %s" % text)
+
+
+def _sql_tokens(sql):
+    """Tokens of a CREATE statement, case- and quoting-insensitive, for schema comparison."""
+    import re
+    tokens = re.findall(r'"[^"]*"|`[^`]*`|\[[^\]]*\]|\'[^\']*\'|[A-Za-z_][A-Za-z0-9_]*|\d+|>=|<=|!=|\S', sql)
+    out = []
+    for tok in tokens:
+        if tok[0] in "\"`[":
+            tok = tok[1:-1]
+        out.append(tok.upper())
+    if out[2:5] == ["IF", "NOT", "EXISTS"]:
+        del out[2:5]
+    return out
+
+
+def validate_schema(conn):
+    """The checks of `assert-data-dir --validate`, in order; raise on the first failure."""
+    def fail(message):
+        raise LibraryError("database validation failed: %s" % message)
+
+    if [r[1] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
+        fail("metadata table must have exactly the columns key, value")
+    rows = conn.execute("SELECT value, typeof(value) FROM metadata WHERE key = 'schema_version'").fetchall()
+    if len(rows) != 1:
+        fail("metadata must contain exactly one schema_version row (found %d)" % len(rows))
+    value, kind = rows[0]
+    number = _parse_version(value) if kind == "text" else None
+    if number is None:
+        fail("schema_version must be a text integer, found %r" % (value,))
+    if number < SCHEMA_VERSION:
+        raise LibraryError("database schema migration required from version %d to %d: run any trop command "
+                           "that writes to migrate it" % (number, SCHEMA_VERSION))
+    if number > SCHEMA_VERSION:
+        raise LibraryError("unsupported schema version: expected %d, found %d" % (SCHEMA_VERSION, number))
+    for table, sql, columns in (("metadata", _METADATA_SQL, [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0)]),
+                                ("reservations", _RESERVATIONS_SQL, _V2_COLUMNS)):
+        if _table_columns(conn, table) != columns:
+            fail("table %s has unexpected columns, types or NOT NULL constraints" % table)
+        stored = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (table,)).fetchone()[0]
+        tokens = _sql_tokens(stored)
+        if tokens[-1:] == ["STRICT"]:       # tables made by an SQLite older than 3.37 lack it
+            tokens = tokens[:-1]
+        if tokens != _sql_tokens(sql):
+            fail("table %s definition differs from the canonical schema" % table)
+    for row in conn.execute("SELECT key, value, typeof(key), typeof(value) FROM metadata"):
+        if row[2] != "text" or row[3] != "text":
+            fail("metadata row %r has non-text values" % (row[0],))
+    for row in conn.execute(_SELECT):
+        Reservation.from_row(row)
+    if conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY path, tag "
+                    "HAVING COUNT(*) > 1)").fetchone()[0]:
+        fail("duplicate (path, tag) keys")
+    if conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY port "
+                    "HAVING COUNT(*) > 1)").fetchone()[0]:
+        fail("duplicate ports")
+    indexes = {r[1]: r for r in conn.execute("PRAGMA index_list(reservations)")}
+    for name, column in _INDEXES:
+        info = indexes.get(name)
+        if info is None:
+            fail("index %s is missing" % name)
+        if info[2] or info[4]:
+            fail("index %s must be non-unique and non-partial" % name)
+        cols = conn.execute("PRAGMA index_xinfo(%s)" % name).fetchall()
+        keys = [c for c in cols if c[5]]
+        if len(keys) != 1 or keys[0][2] != column or keys[0][3] or (keys[0][4] or "BINARY").upper() != "BINARY":
+            fail("index %s must be a single ascending BINARY index on %s" % (name, column))
+    unique_sets = set()
+    for name, info in indexes.items():
+        if info[2]:
+            unique_sets.add(tuple(c[2] for c in conn.execute("PRAGMA index_info(%s)" % name)))
+    if ("path", "tag") not in unique_sets:
+        fail("the primary key index on (path, tag) is missing")
+    if ("port",) not in unique_sets:
+        fail("the unique index on port is missing")
+    if conn.execute("PRAGMA foreign_key_check").fetchall():
+        fail("foreign key check failed")
+    result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if result != "ok":
+        raise CorruptionError("integrity_check reported: %s" % result)
+
+
+def validate_data_dir(data_dir):
+    """Read-only validation of <data_dir>/trop.db; never creates or changes anything."""
+    sqlite3 = _sqlite()
+    path = os.path.join(data_dir, DB_FILE)
+    if not os.path.isfile(path):
+        raise LibraryError("database validation failed: %s does not exist" % path)
+    try:
+        import urllib.parse
+        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0)
+    except sqlite3.Error as exc:
+        raise _database_error(exc, path, "opening and validating the database", 0)
+    try:
+        validate_schema(conn)
+    except sqlite3.Error as exc:
+        raise _database_error(exc, path, "opening and validating the database", 0)
+    finally:
+        conn.close()
+
+
+# --- Occupancy ---------------------------------------------------------------
+
+#@@OWNERS@@
+
+
+class Occupancy:
+    """bind()-only probes of the policy's matrix, with per-port memory.
+
+    A probe that fails because the host lacks the address family or address
+    is not applicable; EACCES, EPERM and anything unexpected make the port
+    "possibly occupied": it is skipped, never handed out.
+    """
+
+    def __init__(self, policy):
+        self.probes = policy.probes()
+        self.failures = []          # (port, probe description, error text)
+        self._cache = {}
+
+    def occupied(self, port):
+        """True if any probe finds the port in use (or cannot tell)."""
+        if not self.probes:
+            return False
+        state = self._cache.get(port)
+        if state is None:
+            found, failed = probe_port(port, self.probes)
+            for probe, error in failed:
+                self.failures.append((port, probe, error))
+            state = self._cache[port] = bool(found or failed)
+        return state
+
+
+_NOT_APPLICABLE = None
+
+
+def _not_applicable(errno_value):
+    global _NOT_APPLICABLE
+    if _NOT_APPLICABLE is None:
+        import errno
+        _NOT_APPLICABLE = {getattr(errno, n) for n in ("EAFNOSUPPORT", "EADDRNOTAVAIL", "EPROTONOSUPPORT",
+                                                        "EPFNOSUPPORT", "ESOCKTNOSUPPORT") if hasattr(errno, n)}
+    return errno_value in _NOT_APPLICABLE
+
+
+def describe_probe(probe):
+    proto, family, scope, address = probe
+    return "%s %s %s at %s" % (proto.upper(), "IPv4" if family == "ipv4" else "IPv6", scope, address)
+
+
+def probe_port(port, probes):
+    """Run each probe: (occupied probes, [(failed probe, error text)])."""
+    import socket
+    import errno
+    occupied, failed = [], []
+    for probe in probes:
+        proto, family, _scope, address = probe
+        af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        try:
+            sock = socket.socket(af, kind)
+        except OSError as exc:
+            if not _not_applicable(exc.errno):
+                failed.append((probe, str(exc)))
+            continue
+        try:
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                occupied.append(probe)
+            elif not _not_applicable(exc.errno):
+                failed.append((probe, str(exc)))
+        finally:
+            sock.close()
+    return occupied, failed
+
+
+# --- Allocation --------------------------------------------------------------
+
+class Blockers:
+    """Why ports were unavailable, for exhaustion messages."""
+
+    def __init__(self):
+        self.reserved = self.excluded = self.occupied = 0
+
+    def __str__(self):
+        parts = ["%s (%d)" % (name, count) for name, count in
+                 (("reserved", self.reserved), ("excluded", self.excluded), ("occupied", self.occupied)) if count]
+        return ", ".join(parts) or "unavailable"
+
+
+def preferred_unavailable(port, taken, exclusions, occupancy, ignore_exclusions=False, ignore_occupied=False):
+    """Why a preferred port cannot be used ('reserved', 'excluded', 'occupied'), or None."""
+    if port in taken:
+        return "reserved"
+    if not ignore_exclusions and port in exclusions:
+        return "excluded"
+    if not ignore_occupied and occupancy.occupied(port):
+        return "occupied"
+    return None
+
+
+def find_free_port(port_range, taken, exclusions, occupancy, blockers=None):
+    """The lowest port of the range that is not reserved, excluded or occupied."""
+    blockers = blockers if blockers is not None else Blockers()
+    for port in port_range:
+        if port in taken:
+            blockers.reserved += 1
+        elif port in exclusions:
+            blockers.excluded += 1
+        elif occupancy.occupied(port):
+            blockers.occupied += 1
+        else:
+            return port
+    return None
+
+
+def allocate_single(req, taken, occupancy):
+    """Preferred port if usable, else the lowest free port: (port or None, Blockers)."""
+    if req.preferred is not None and req.preferred in req.port_range:
+        if preferred_unavailable(req.preferred, taken, req.exclusions, occupancy,
+                                 req.ignore_exclusions or req.force, req.ignore_occupied or req.force) is None:
+            return req.preferred, Blockers()
+    blockers = Blockers()
+    return find_free_port(req.port_range, taken, req.exclusions, occupancy, blockers), blockers
+
+
+# --- Operations: cleanup -----------------------------------------------------
+
+_STALE_ERRNOS = None
+
+
+def inspect_path(path):
+    """'live', 'stale' (certainly gone) or (kind, message) when it cannot be told."""
+    global _STALE_ERRNOS
+    import errno
+    if _STALE_ERRNOS is None:
+        _STALE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
+    try:
+        import stat
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno in _STALE_ERRNOS:
+            return "stale"
+        kinds = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.ELOOP: "symlink loop", errno.EIO: "transient I/O error", errno.EAGAIN: "transient I/O error",
+                 errno.ETIMEDOUT: "transient I/O error", errno.ENOSYS: "unsupported filesystem operation",
+                 errno.EOPNOTSUPP: "unsupported filesystem operation"}
+        return (kinds.get(exc.errno, "unknown filesystem error"), exc.strerror or str(exc))
+    except ValueError:
+        return "stale"                      # embedded NUL: cannot name a directory
+    return "live" if stat.S_ISDIR(st.st_mode) else "stale"
+
+
+_ADVICE = {
+    "permission denied": "Restore access to the path and its parents, then retry.",
+    "symlink loop": "Repair the symlink loop, then retry.",
+    "transient I/O error": "Retry when the filesystem or mount is available.",
+    "unsupported filesystem operation": "Verify filesystem support or release the reservation explicitly.",
+    "unknown filesystem error": "Inspect the filesystem state or release the reservation explicitly.",
+}
+
+
+class CleanupPlan:
+    """Rows that prune and expire would remove, and paths that could not be inspected."""
+
+    def __init__(self):
+        self.pruned = []
+        self.expired = []
+        self.warnings = []
+
+    @property
+    def rows(self):
+        return self.pruned + self.expired
+
+
+def plan_cleanup(store, prune, expire_days, now):
+    """Select stale rows inside the caller's transaction; each distinct path is inspected once."""
+    plan = CleanupPlan()
+    rows = store.all()
+    pruned_keys = set()
+    if prune:
+        verdicts = {}
+        for res in rows:
+            verdict = verdicts.get(res.path)
+            if verdict is None:
+                verdict = verdicts[res.path] = inspect_path(res.path)
+                if isinstance(verdict, tuple):
+                    plan.warnings.append("could not inspect reserved directory %s (%s: %s); reservation "
+                                         "preserved by prune. %s" % (res.path, verdict[0], verdict[1],
+                                                                     _ADVICE[verdict[0]]))
+            if verdict == "stale":
+                plan.pruned.append(res)
+                pruned_keys.add(res.key)
+    if expire_days:
+        limit = expire_days * 86400
+        expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys]
+        expired.sort(key=lambda r: (r.last_used_at, r.path, r.tag or ""))
+        plan.expired = expired
+    return plan
+
+
+# --- Operations: reserve and release ------------------------------------------
+
+class ReserveRequest:
+    """Everything a single reservation depends on, resolved before the transaction."""
+
+    def __init__(self, key, config, preferred=None, overwrite=False, force=False, ignore_occupied=False,
+                 ignore_exclusions=False, project=None, task=None, infer_git=True):
+        self.key = key
+        self.preferred = preferred
+        self.overwrite = overwrite
+        self.force = force
+        self.ignore_occupied = ignore_occupied
+        self.ignore_exclusions = ignore_exclusions
+        self.project = project          # ("set", value) / ("clear",) / None to preserve
+        self.task = task
+        self.infer_git = infer_git
+        self.port_range = config.port_range
+        self.exclusions = config.exclusions
+        self.policy = config.occupancy
+        self.allow_project = force or config.allow("project")
+        self.allow_task = force or config.allow("task")
+        self.autoprune = not config["disable_autoprune"]
+        self.autoexpire = not config["disable_autoexpire"]
+        self.expire_days = config["cleanup.expire_after_days"]
+
+
+def _resolve_intent(intent, stored):
+    if intent is None:
+        return stored
+    return intent[1] if intent[0] == "set" else None
+
+
+def _quote(value):
+    return "none" if value is None else '"%s"' % value
+
+
+def plan_reserve(store, req, now=None, occupancy=None):
+    """Read the key and the taken ports, decide, and return the Plan (inside the transaction)."""
+    now = int(time.time()) if now is None else now
+    occupancy = occupancy or Occupancy(req.policy)
+    plan = Plan()
+    existing = store.get(req.key)
+    if existing is not None:
+        project = _resolve_intent(req.project, existing.project)
+        task = _resolve_intent(req.task, existing.task)
+        for field, old, new, allowed, flag in (
+                ("project", existing.project, project, req.allow_project, "--allow-project-change"),
+                ("task", existing.task, task, req.allow_task, "--allow-task-change")):
+            if old != new and not allowed:
+                raise SemanticFailure("cannot change sticky field '%s': Cannot change %s from %s to %s without "
+                                      "--force or %s" % (field, field, _quote(old), _quote(new), flag))
+        if req.overwrite or req.force:
+            taken = store.taken_ports()
+            taken.discard(existing.port)
+            port = _allocate_or_cleanup(store, req, taken, occupancy, plan, now)
+            moved = existing.replace(port=port, project=project, task=task, last_used_at=now)
+            if port == existing.port:
+                plan.updates.append(moved)
+            else:
+                plan.deletes.append(existing)
+                plan.inserts.append(moved)
+            plan.result = port
+        else:
+            if (project, task) != (existing.project, existing.task):
+                plan.updates.append(existing.replace(project=project, task=task, last_used_at=now))
+            else:
+                plan.touches.append((req.key, now))
+            plan.result = existing.port
+        return plan
+    project, task = _resolve_intent(req.project, None), _resolve_intent(req.task, None)
+    if req.infer_git and (req.project is None or req.task is None):
+        git_project, git_task = infer_git_metadata(req.key.path)
+        project = git_project if req.project is None else project
+        task = git_task if req.task is None else task
+    port = _allocate_or_cleanup(store, req, store.taken_ports(), occupancy, plan, now)
+    plan.inserts.append(Reservation(req.key.path, req.key.tag, port, project, task, now, now))
+    plan.result = port
+    return plan
+
+
+def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
+    """Allocate; on exhaustion clean up once (in the plan only) and retry exactly once."""
+    port, blockers = allocate_single(req, taken, occupancy)
+    if port is not None:
+        return port
+    rng = req.port_range
+    if not (req.autoprune or req.autoexpire):
+        raise LibraryError("no ports available: port range %s exhausted: cleanup was skipped (automatic pruning "
+                           "and expiration disabled); remaining blockers: %s%s"
+                           % (rng, blockers, _probe_failures(occupancy)))
+    cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
+    freed = {r.port for r in cleanup.rows if r.key != req.key}
+    port, blockers = allocate_single(req, taken - freed, occupancy)
+    if port is None:
+        policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
+                  "automatic expiration disabled" if req.autoprune else "automatic pruning disabled")
+        raise LibraryError("no ports available: port range %s exhausted after cleanup: remaining blockers after "
+                           "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
+                           % (rng, blockers, len(cleanup.pruned), len(cleanup.expired), policy,
+                              _probe_failures(occupancy)))
+    plan.deletes.extend(r for r in cleanup.rows if r.key != req.key)
+    plan.warnings.extend(cleanup.warnings)
+    plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
+                         "reservation(s); allocation succeeded on the single retry."
+                         % (len(cleanup.pruned), len(cleanup.expired)))
+    return port
+
+
+def _probe_failures(occupancy):
+    if not occupancy.failures:
+        return ""
+    shown = ["port %d: %s: %s" % (port, describe_probe(probe), err) for port, probe, err in occupancy.failures[:3]]
+    more = len(occupancy.failures) - len(shown)
+    return "; ports possibly occupied because their occupancy probe failed: %s%s" % (
+        "; ".join(shown), " (and %d more)" % more if more else "")
+
+
+def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
+    rows = store.under(path) if recursive else store.at_path(path)
+    if tag is not None:
+        rows = [r for r in rows if r.tag == tag]
+    elif untagged_only:
+        rows = [r for r in rows if r.tag is None]
+    plan = Plan()
+    plan.deletes = rows
+    if not rows:
+        if recursive:
+            plan.warnings.append("No reservations found under %s (already released)" % path)
+        elif tag is not None or untagged_only:
+            plan.warnings.append("No reservation found for %s (already released)" % ReservationKey(path, tag))
+        else:
+            plan.warnings.append("No reservations found for %s (already released)" % path)
+    plan.result = len(rows)
+    return plan
+
+
+def describe_plan(plan):
+    """Human lines for a dry run, in execution order."""
+    lines = []
+    inserted = {r.key for r in plan.inserts}
+    for res in plan.deletes:
+        if res.key in inserted:
+            continue
+        lines.append("Delete reservation for %s" % res.key)
+    for res in plan.updates:
+        lines.append("Update reservation for %s (port %d, project %s, task %s)"
+                     % (res.key, res.port, _quote(res.project), _quote(res.task)))
+    for key, _ts in plan.touches:
+        lines.append("Refresh reservation for %s (port %d)" % (key, plan.result))
+    for res in plan.inserts:
+        lines.append("Reserve port %d for %s" % (res.port, res.key))
+    return lines
+
+
+# --- Operations: sessions and the Python API ---------------------------------
+
+def resolve_data_dir(explicit=None, environ=None):
+    """--data-dir > TROP_DATA_DIR > $HOME/.trop > $USERPROFILE/.trop (verbatim, not normalized)."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return explicit
+    for name in ("TROP_DATA_DIR",):
+        if environ.get(name):
+            return environ[name]
+    home = environ.get("HOME") or environ.get("USERPROFILE")
+    if not home:
+        raise ConfigError("cannot determine the data directory: HOME is not set; "
+                          "use --data-dir or TROP_DATA_DIR")
+    return os.path.join(home, ".trop")
+
+
+def cli_layer(opts):
+    """The command-line layer: flags can only switch permissions and skips on."""
+    layer = Layer(CLI_SOURCE, "cli")
+    for name in ("project", "task"):
+        if opts.get(name) is not None:
+            layer.set(name, _check_identifier(name, opts[name], CLI_SOURCE))
+    if opts.get("min") is not None:
+        layer.set("ports.min", _port_option("min", opts["min"]))
+    if opts.get("max") is not None:
+        layer.set("ports.max", _port_option("max", opts["max"]))
+        layer.set("ports.max_offset", None)
+    flags = (("skip_occupancy_check", "occupancy_check.skip"), ("skip_tcp", "occupancy_check.skip_tcp"),
+             ("skip_udp", "occupancy_check.skip_udp"), ("skip_ipv4", "occupancy_check.skip_ip4"),
+             ("skip_ipv6", "occupancy_check.skip_ip6"),
+             ("check_all_interfaces", "occupancy_check.check_all_interfaces"),
+             ("allow_unrelated_path", "allow_unrelated_path"), ("allow_project_change", "allow_change_project"),
+             ("allow_task_change", "allow_change_task"), ("allow_change", "allow_change"),
+             ("disable_autoinit", "disable_autoinit"), ("disable_autoprune", "disable_autoprune"),
+             ("disable_autoexpire", "disable_autoexpire"), ("disable_autoclean", "disable_autoprune"),
+             ("disable_autoclean", "disable_autoexpire"))
+    for option, key in flags:
+        if opts.get(option):
+            layer.set(key, True)
+    wait = opts.get("busy_timeout")
+    if wait is not None:
+        if not _is_int(wait) or wait < 0:
+            raise InvalidArguments("invalid --busy-timeout value: %r" % (wait,))
+        if wait > MAX_LOCK_WAIT:
+            raise ConfigError("validation error for 'maximum_lock_wait_seconds (%s)': Timeout must not exceed "
+                              "%d seconds" % (CLI_SOURCE, MAX_LOCK_WAIT))
+        layer.set("maximum_lock_wait_seconds", wait)
+    if opts.get("days") is not None:
+        layer.set("cleanup.expire_after_days", opts["days"])
+    return layer
+
+
+def _port_option(name, value):
+    try:
+        return _invalid_port(value)
+    except InvalidArguments as exc:
+        raise InvalidArguments("Invalid arguments: invalid --%s value: %s" % (name, exc.message))
+
+
+class Session:
+    """What every command resolves first: working directory, data directory, configuration.
+
+    scope: "discover" (user config + nearest trop.yaml/trop.local.yaml),
+    "file" (user config + one named file), "init" (environment and flags only)
+    or None (no configuration at all).
+    """
+
+    def __init__(self, options=None, scope="discover", environ=None, config_file=None):
+        opts = dict(options or {})
+        self.options = opts
+        self.environ = os.environ if environ is None else environ
+        self.cwd = current_dir()
+        self.quiet = bool(opts.get("quiet"))
+        self.verbose = bool(opts.get("verbose")) and not self.quiet
+        self._data_dir = opts.get("data_dir")
+        self.config = None
+        self.project_dir = None
+        if scope is None:
+            return
+        layers = []
+        if scope in ("discover", "file"):
+            layers += user_layer(self.data_dir)
+        if scope == "discover":
+            self.project_dir = find_project_dir(os.path.realpath(self.cwd))
+            if self.project_dir:
+                layers += project_layers(self.project_dir)
+        elif scope == "file":
+            self.project_dir = os.path.dirname(config_file)
+            layers += project_layers(self.project_dir, only_file=config_file)
+        layers.append(env_layer(self.environ))
+        layers.append(cli_layer(opts))
+        self.config = Config(layers).validate()
+
+    @property
+    def data_dir(self):
+        if self._data_dir is None:
+            self._data_dir = resolve_data_dir(None, self.environ)
+        return self._data_dir
+
+    @property
+    def timeout(self):
+        return self.config["maximum_lock_wait_seconds"] if self.config else 5
+
+    def db_exists(self):
+        return os.path.exists(os.path.join(self.data_dir, DB_FILE))
+
+    def open_store(self, dry_run=False):
+        """The store to plan against; a dry run never creates a missing database."""
+        if dry_run and not self.db_exists():
+            return Store.open_empty()
+        autoinit = not (self.config and self.config["disable_autoinit"])
+        return Store.open(self.data_dir, self.timeout, autoinit)
+
+    def write(self, planner, dry_run=False):
+        """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back)."""
+        with self.open_store(dry_run) as store:
+            with store.write(dry_run=dry_run):
+                plan = planner(store)
+                if not dry_run:
+                    plan.execute(store)
+        return plan
+
+    def read(self, reader):
+        """Read-only access: never takes the write lock."""
+        with self.open_store() as store:
+            return reader(store)
+
+    def explicit_or_cwd(self, path, env_name="TROP_PATH"):
+        """--path, else $TROP_PATH (explicit: normalized only), else the canonical cwd."""
+        if path is None and env_name:
+            path = self.environ.get(env_name) or None
+        if path is not None:
+            return normalize_path(path, self.cwd)
+        return canonical_path(self.cwd)
+
+
+def _tag_option(tag, exit_code=EXIT_INVALID_ARGS):
+    if tag is None:
+        return None
+    text = tag.strip()
+    if not text:
+        cls = InvalidArguments if exit_code == EXIT_INVALID_ARGS else LibraryError
+        raise cls("validation error for 'tag': tag must be non-empty after trimming whitespace")
+    return text
+
+
+def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
+                ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
+    """Reserve (or refresh) the port of (path, tag); returns the executed (or dry-run) Plan."""
+    config = session.config
+    key_path = session.explicit_or_cwd(path)
+    key = ReservationKey(key_path, _tag_option(tag))
+    preferred = _invalid_port(port) if port is not None else None
+    project = ("clear",) if clear_project else (("set", config["project"]) if config["project"] else None)
+    task = ("clear",) if clear_task else (("set", config["task"]) if config["task"] else None)
+    req = ReserveRequest(key, config, preferred, overwrite, force, ignore_occupied, ignore_exclusions,
+                         project, task)
+    check_path_relationship(key.path, force or config.allow("unrelated_path"))
+    return session.write(lambda store: plan_reserve(store, req), dry_run)
+
+
+def run_release(session, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
+    if tag is not None and untagged_only:
+        raise InvalidArguments("Cannot specify both --tag and --untagged-only")
+    target = session.explicit_or_cwd(path)
+    tag = _tag_option(tag)
+    allowed = force or session.config.allow("unrelated_path")
+
+    def planner(store):
+        check_path_relationship(target, allowed)
+        return plan_release(store, target, tag, untagged_only, recursive)
+    return session.write(planner, dry_run)
+
+
+def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
+    rows = session.read(lambda store: store.all())
+    if filter_project is not None:
+        rows = [r for r in rows if r.project == filter_project]
+    if filter_tag is not None:
+        rows = [r for r in rows if r.tag == filter_tag]
+    if filter_path is not None:
+        lexical = normalize_path(filter_path, session.cwd)
+        canonical = os.path.realpath(lexical) if os.path.exists(lexical) else None
+
+        def keep(res):
+            if is_within(res.path, lexical):
+                return True
+            return canonical is not None and os.path.exists(res.path) and \
+                is_within(os.path.realpath(res.path), canonical)
+        rows = [r for r in rows if keep(r)]
+    return rows
+
+
+def _api_session(options, scope="discover", config_file=None):
+    return Session(options, scope, config_file=config_file)
+
+
+def reserve(path=None, tag=None, **options):
+    """Reserve the port for (path, tag) and return it; the same call returns the same port.
+
+    Options are the CLI's flags with underscores: data_dir, project, task,
+    port, min, max, overwrite, force, ignore_occupied, ignore_exclusions,
+    allow_unrelated_path, allow_project_change, allow_task_change,
+    allow_change, clear_project, clear_task, skip_occupancy_check, skip_tcp,
+    skip_udp, skip_ipv4, skip_ipv6, check_all_interfaces, disable_autoprune,
+    disable_autoexpire, disable_autoclean, disable_autoinit, busy_timeout,
+    dry_run.  Raises a TropError subclass on failure.
+    """
+    op = _pick(options, "port", "overwrite", "force", "ignore_occupied", "ignore_exclusions", "clear_project",
+               "clear_task", "dry_run")
+    return _guard(lambda: run_reserve(_api_session(options), path, tag, **op).result)
+
+
+def release(path=None, tag=None, **options):
+    """Release reservations at path (one tag, untagged_only, or recursive); returns how many."""
+    op = _pick(options, "untagged_only", "recursive", "force", "dry_run")
+    return _guard(lambda: run_release(_api_session(options), path, tag, **op).result)
+
+
+def list_reservations(**options):
+    """All reservations (filter_project, filter_tag, filter_path), ordered by path then tag."""
+    op = _pick(options, "filter_project", "filter_tag", "filter_path")
+    return _guard(lambda: run_list(_api_session(options), **op))
+
+
+def list_projects(**options):
+    """Distinct project names, sorted."""
+    return _guard(lambda: _api_session(options).read(lambda store: store.projects()))
+
+
+def port_info(port, **options):
+    """The Reservation holding port, or None."""
+    number = _invalid_port(port)
+    return _guard(lambda: _api_session(options).read(lambda store: store.for_port(number)))
+
+
+def data_dir(**options):
+    """The data directory trop would use."""
+    return resolve_data_dir(options.get("data_dir"))
+
+
+def _pick(options, *names):
+    return {name: options.pop(name) for name in names if name in options}
+
+
+def _guard(func, what="running trop"):
+    """Run an operation, turning stray sqlite3 and OS errors into TropErrors."""
+    try:
+        return func()
+    except TropError:
+        raise
+    except Exception as exc:
+        module = type(exc).__module__ or ""
+        if module.startswith("sqlite3"):
+            raise _database_error(exc, "trop.db", what, 0)
+        raise
+
+
+# --- Output formatting -------------------------------------------------------
+
+LIST_COLUMNS = ("port", "path", "tag", "project", "task", "created_at", "last_used_at")
+
+
+def _out(text=""):
+    sys.stdout.write(text + "\n")
+
+
+def _err(text=""):
+    sys.stderr.write(text + "\n")
+
+
+def _warn(message):
+    sys.stderr.write("Warning: %s\n" % message)
+
+
+def format_reservations(rows, fmt, full_paths=False):
+    """list output: table (tab-separated), json (sorted keys), csv or tsv."""
+    if fmt == "json":
+        import json
+        return json.dumps([r.as_dict() for r in rows], indent=2, sort_keys=True, ensure_ascii=False)
+    if fmt in ("csv", "tsv"):
+        import csv
+        import io
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        writer.writerow(LIST_COLUMNS)
+        for r in rows:
+            writer.writerow((r.port, r.path, r.tag or "", r.project or "", r.task or "",
+                             format_timestamp(r.created_at), format_timestamp(r.last_used_at)))
+        return buf.getvalue().rstrip("\n")
+    lines = ["\t".join(c.upper() for c in LIST_COLUMNS)]
+    for r in rows:
+        lines.append("\t".join((str(r.port), r.path if full_paths else shorten_home(r.path), r.tag or "-",
+                                r.project or "-", r.task or "-", format_timestamp(r.created_at),
+                                format_timestamp(r.last_used_at))))
+    return "\n".join(lines)
+
+
+def format_port_info(port, res):
+    if res is None:
+        return ["Port %d is not reserved" % port]
+    lines = ["Port: %d" % res.port, "Path: %s" % res.path]
+    if res.tag is not None:
+        lines.append("Tag: %s" % res.tag)
+    if res.project is not None:
+        lines.append("Project: %s" % res.project)
+    if res.task is not None:
+        lines.append("Task: %s" % res.task)
+    lines += ["Created: %s" % format_timestamp(res.created_at), "Last used: %s" % format_timestamp(res.last_used_at),
+              "Path exists: %s" % ("yes" if os.path.exists(res.path) else "no")]
+    return lines
+
+
+CONFIG_TEMPLATE = """\
+# trop user configuration (<data-dir>/config.yaml).
+# Every key is optional; uncomment what you need.  Projects can override these
+# settings in trop.yaml / trop.local.yaml; environment variables and command-line
+# flags override both.
+#
+# ports:                      # range that `trop reserve` allocates from
+#   min: 5000
+#   max: 7000                 # or max_offset: 2000 (not both)
+#
+# excluded_ports:             # never handed out; accumulates across files
+#   - 5432
+#   - "6000..6010"
+#   - {start: 6379, end: 6380}
+#
+# cleanup:
+#   expire_after_days: 30     # `expire` / `autoclean` threshold
+#
+# occupancy_check:            # bind() probes that detect ports in use
+#   skip: false
+#   skip_ip4: false
+#   skip_ip6: false
+#   skip_tcp: false
+#   skip_udp: false
+#   check_all_interfaces: false
+#
+# disable_autoinit: false      # true: never create trop.db implicitly
+# disable_autoprune: false     # true: no pruning when the range is exhausted
+# disable_autoexpire: false    # true: no expiry when the range is exhausted
+# allow_unrelated_path: false  # true: reserve paths unrelated to the cwd
+# allow_change_project: false
+# allow_change_task: false
+# allow_change: false          # both of the above
+# maximum_lock_wait_seconds: 5
+# output_format: table         # table, json, csv or tsv (for `trop list`)
+#
+# `project:` and `reservations:` belong in a project's trop.yaml, not here.
+"""
+
+
+# --- Command line --------------------------------------------------------------
+
+def _u32(text):
+    import argparse
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
+    return int(text)
+
+
+def _lower(text):
+    return text.lower()
+
+
+def _add_occupancy(p, help_suffix=""):
+    p.add_argument("--skip-occupancy-check", action="store_true",
+                   help="do not probe ports for listeners" + help_suffix)
+    _add_selective_occupancy(p, help_suffix)
+
+
+def _add_selective_occupancy(p, help_suffix=""):
+    p.add_argument("--skip-tcp", action="store_true", help="skip TCP probes" + help_suffix)
+    p.add_argument("--skip-udp", action="store_true", help="skip UDP probes" + help_suffix)
+    p.add_argument("--skip-ipv6", action="store_true", help="skip IPv6 probes" + help_suffix)
+    p.add_argument("--skip-ipv4", action="store_true", help="skip IPv4 probes" + help_suffix)
+    p.add_argument("--check-all-interfaces", action="store_true",
+                   help="also probe the wildcard addresses" + help_suffix)
+
+
+def _add_permissions(p):
+    p.add_argument("--allow-unrelated-path", action="store_true",
+                   help="allow a path unrelated to the current directory")
+    p.add_argument("--allow-project-change", action="store_true", help="allow changing a stored project")
+    p.add_argument("--allow-task-change", action="store_true", help="allow changing a stored task")
+    p.add_argument("--allow-change", action="store_true", help="allow changing project and task")
+
+
+def _args_reserve(p):
+    p.add_argument("--path", help="directory to reserve for (default: $TROP_PATH, else the current directory)")
+    p.add_argument("--tag", help="reserve a separate port for this tag of the path")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--project", help="project name to record")
+    g.add_argument("--clear-project", action="store_true", help="remove the recorded project")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--task", help="task name to record (default: $TROP_TASK)")
+    g.add_argument("--clear-task", action="store_true", help="remove the recorded task")
+    p.add_argument("--port", help="preferred port, used if free and inside the range")
+    p.add_argument("--min", help="lowest port of the range")
+    p.add_argument("--max", help="highest port of the range")
+    p.add_argument("--overwrite", action="store_true", help="re-allocate an existing reservation")
+    p.add_argument("--ignore-occupied", action="store_true", help="accept a preferred port that is in use")
+    p.add_argument("--ignore-exclusions", action="store_true", help="accept a preferred port that is excluded")
+    p.add_argument("--force", action="store_true", help="overwrite, ignore the path guard and sticky fields")
+    _add_permissions(p)
+    p.add_argument("--disable-autoprune", action="store_true", help="no pruning when the range is exhausted")
+    p.add_argument("--disable-autoexpire", action="store_true", help="no expiry when the range is exhausted")
+    p.add_argument("--disable-autoclean", action="store_true", help="neither pruning nor expiry on exhaustion")
+    p.add_argument("--dry-run", action="store_true", help="show what would happen without writing")
+    _add_occupancy(p)
+
+
+def cmd_reserve(args):
+    opts = vars(args)
+    for name in ("min", "max"):
+        if opts.get(name) is not None:
+            opts[name] = _port_option(name, opts[name])
+    session = Session(opts)
+    plan = run_reserve(session, args.path, args.tag, args.port, args.overwrite, args.force,
+                       args.ignore_occupied, args.ignore_exclusions, args.clear_project, args.clear_task,
+                       args.dry_run)
+    if args.dry_run:
+        if not session.quiet:
+            _err("Dry run - would perform the following actions:")
+            for i, line in enumerate(describe_plan(plan), 1):
+                _err("  %d. %s" % (i, line))
+            for warning in plan.warnings:
+                _warn(warning)
+        return 0
+    _out(str(plan.result))
+    if not session.quiet:
+        for warning in plan.warnings:
+            _warn(warning)
+    return 0
+
+
+def _args_release(p):
+    p.add_argument("--path", help="directory to release (default: $TROP_PATH, else the current directory)")
+    p.add_argument("--tag", help="release only this tag")
+    p.add_argument("--untagged-only", action="store_true", help="release only the untagged reservation")
+    p.add_argument("--recursive", action="store_true", help="also release every path beneath")
+    p.add_argument("--force", action="store_true", help="ignore the path guard")
+    p.add_argument("--allow-unrelated-path", action="store_true",
+                   help="allow a path unrelated to the current directory")
+    p.add_argument("--dry-run", action="store_true", help="show what would be released")
+
+
+def cmd_release(args):
+    session = Session(vars(args))
+    plan = run_release(session, args.path, args.tag, args.untagged_only, args.recursive, args.force,
+                       args.dry_run)
+    if session.quiet:
+        return 0
+    if args.dry_run:
+        if args.recursive:
+            _err("Dry run - would release %d reservation(s):" % len(plan.deletes))
+            for res in plan.deletes:
+                _err("  - Delete reservation for %s" % res.key)
+        else:
+            _err("Dry run - would perform the following actions:")
+            for i, res in enumerate(plan.deletes, 1):
+                _err("  %d. Delete reservation for %s" % (i, res.key))
+        if plan.warnings:
+            _err("Warnings:")
+            for warning in plan.warnings:
+                _err("  - %s" % warning)
+        return 0
+    if args.recursive:
+        _err("Released %d reservation(s)" % plan.result)
+    else:
+        _err("Released reservation successfully" if plan.result else "No reservation found (already released)")
+    for warning in plan.warnings:
+        _warn(warning)
+    return 0
+
+
+def _args_list(p):
+    p.add_argument("--format", type=_lower, choices=OUTPUT_FORMATS,
+                   help="output format (default: output_format from config, else table)")
+    p.add_argument("--filter-project", help="only this project")
+    p.add_argument("--filter-tag", help="only this tag")
+    p.add_argument("--filter-path", help="only this path and paths beneath it")
+    p.add_argument("--show-full-paths", action="store_true", help="do not shorten paths under $HOME")
+
+
+def cmd_list(args):
+    session = Session(vars(args))
+    rows = run_list(session, args.filter_project, args.filter_tag, args.filter_path)
+    fmt = args.format or session.config["output_format"]
+    _out(format_reservations(rows, fmt, args.show_full_paths))
+    return 0
+
+
+def cmd_list_projects(args):
+    session = Session(vars(args))
+    projects = session.read(lambda store: store.projects())
+    if projects:
+        _out("\n".join(projects))
+    return 0
+
+
+def _args_assert_reservation(p):
+    p.add_argument("--path", help="directory (default: $TROP_PATH, else the current directory)")
+    p.add_argument("--tag", help="tag of the reservation")
+    p.add_argument("--not", dest="negate", action="store_true", help="succeed if no such reservation exists")
+
+
+def cmd_assert_reservation(args):
+    session = Session(vars(args))
+    key = ReservationKey(session.explicit_or_cwd(args.path), _tag_option(args.tag, EXIT_LIBRARY))
+    res = session.read(lambda store: store.get(key))
+    if args.negate:
+        if res is not None:
+            raise SemanticFailure("Assertion failed: reservation exists for %s" % key)
+        return 0
+    if res is None:
+        raise SemanticFailure("Assertion failed: no reservation found for %s" % key)
+    if not session.quiet:
+        _out(str(res.port))
+    return 0
+
+
+def _args_port(p):
+    p.add_argument("port", metavar="PORT", help="port number")
+
+
+def _args_assert_port(p):
+    _args_port(p)
+    p.add_argument("--not", dest="negate", action="store_true", help="succeed if the port is not reserved")
+
+
+def cmd_assert_port(args):
+    port = _invalid_port(args.port)
+    session = Session(vars(args))
+    res = session.read(lambda store: store.for_port(port))
+    if args.negate and res is not None:
+        raise SemanticFailure("Assertion failed: port %d is reserved" % port)
+    if not args.negate and res is None:
+        raise SemanticFailure("Assertion failed: port %d is not reserved" % port)
+    return 0
+
+
+def _args_assert_data_dir(p):
+    p.add_argument("--data-dir", metavar="PATH", default=_suppress(), help="data directory to check")
+    p.add_argument("--not", dest="negate", action="store_true", help="succeed if the directory does not exist")
+    p.add_argument("--validate", action="store_true", help="also validate the database (read-only)")
+
+
+def cmd_assert_data_dir(args):
+    session = Session(vars(args), scope="discover" if args.validate else None)
+    directory = session.data_dir
+    exists = os.path.isdir(directory)
+    if exists and args.validate:
+        validate_data_dir(directory)
+    if args.negate and exists:
+        raise SemanticFailure("Assertion failed: data directory exists at %s" % directory)
+    if not args.negate and not exists:
+        raise SemanticFailure("Assertion failed: data directory not found at %s" % directory)
+    return 0
+
+
+def _args_port_info(p):
+    _args_port(p)
+    p.add_argument("--include-occupancy", action="store_true", help="also probe whether the port is in use")
+    _add_occupancy(p, " (requires --include-occupancy)")
+
+
+def cmd_port_info(args):
+    port = _invalid_port(args.port)
+    session = Session(vars(args))
+    res = session.read(lambda store: store.for_port(port))
+    _out("\n".join(format_port_info(port, res)))
+    return 0
+
+
+def cmd_show_data_dir(args):
+    _out(Session(vars(args), scope=None).data_dir)
+    return 0
+
+
+def _args_show_path(p):
+    p.add_argument("--path", help="path to resolve (default: the current directory)")
+    p.add_argument("--canonicalize", action="store_true", help="resolve symlinks; the path must exist")
+
+
+def cmd_show_path(args):
+    session = Session(vars(args), scope=None)
+    if args.path is None:
+        path = canonical_path(session.cwd)
+    else:
+        path = normalize_path(args.path, session.cwd)
+        if args.canonicalize:
+            path = canonical_path(path)
+    _out(path)
+    return 0
+
+
+def _args_init(p):
+    p.add_argument("--data-dir", metavar="PATH", default=_suppress(), help="data directory to initialize")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    p.add_argument("--with-config", action="store_true", help="also write a commented config.yaml template")
+    p.add_argument("--dry-run", action="store_true", help="show what would be created")
+
+
+def cmd_init(args):
+    session = Session(vars(args), scope="init")
+    directory = session.data_dir
+    db = os.path.join(directory, DB_FILE)
+    cfg = os.path.join(directory, "config.yaml")
+    dir_exists, db_exists, cfg_exists = os.path.isdir(directory), os.path.exists(db), os.path.exists(cfg)
+    if args.dry_run:
+        lines = ["Dry-run mode: no changes will be made", "", "Would initialize trop in: %s" % directory,
+                 ("  - Data directory already exists: %s" if dir_exists else "  - Create data directory: %s")
+                 % directory]
+        if db_exists and args.overwrite:
+            lines += ["  - Remove existing database: %s" % db, "  - Create new database: %s" % db]
+        elif db_exists:
+            lines.append("  - ERROR: Database already exists (use --overwrite to replace): %s" % db)
+        else:
+            lines.append("  - Create database: %s" % db)
+        if args.with_config:
+            lines.append(("  - Configuration file already exists (will not overwrite): %s" if cfg_exists
+                          else "  - Create configuration file: %s") % cfg)
+        _out("\n".join(lines))
+        return 0
+    if db_exists and not args.overwrite:
+        raise LibraryError("validation error for 'database': Database already exists at %s. "
+                           "Use --overwrite to replace it." % db)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if db_exists:
+            for suffix in ("", "-wal", "-shm"):       # a stale WAL must never replay into the new file
+                if os.path.exists(db + suffix):
+                    os.remove(db + suffix)
+    except OSError as exc:
+        raise IoFailure("%s: %s" % (exc.filename or directory, exc.strerror or exc))
+    Store.open(directory, session.timeout, autoinit=True).close()
+    lines = ["Initialized trop in: %s" % directory]
+    if not dir_exists:
+        lines.append("  - Created data directory")
+    lines.append("  - Recreated database" if args.overwrite else "  - Created database")
+    if args.with_config:
+        if cfg_exists:
+            lines.append("  - Configuration file already exists (not overwritten)")
+        else:
+            write_file_atomic(cfg, CONFIG_TEMPLATE)
+            lines.append("  - Created default configuration file")
+    _out("\n".join(lines))
+    return 0
+
+
+def write_file_atomic(path, text):
+    """Write via a temporary file in the same directory, fsync, then rename over path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise IoFailure("%s: %s" % (path, exc.strerror or exc))
+
+
+def _suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+# name -> (help, argument builder or None, handler)
+COMMANDS = {
+    "reserve": ("Reserve (or refresh) the port of a directory and print it", _args_reserve, cmd_reserve),
+    "release": ("Release reservations", _args_release, cmd_release),
+    "list": ("List reservations", _args_list, cmd_list),
+    "assert-reservation": ("Succeed if a reservation exists (prints its port)", _args_assert_reservation,
+                           cmd_assert_reservation),
+    "assert-port": ("Succeed if a port is reserved", _args_assert_port, cmd_assert_port),
+    "assert-data-dir": ("Succeed if the data directory exists", _args_assert_data_dir, cmd_assert_data_dir),
+    "port-info": ("Show the reservation of a port", _args_port_info, cmd_port_info),
+    "show-data-dir": ("Print the data directory", None, cmd_show_data_dir),
+    "show-path": ("Print how a path resolves", _args_show_path, cmd_show_path),
+    "init": ("Create the data directory and database", _args_init, cmd_init),
+    "list-projects": ("List recorded project names", None, cmd_list_projects),
+}
+_GLOBAL_VALUE_OPTIONS = ("--data-dir", "--busy-timeout")
+
+
+def _add_global_options(parser, nested):
+    """Global flags, accepted before or after the command; a nested copy must not reset the outer value."""
+    def default(value):
+        return _suppress() if nested else value
+    parser.add_argument("--verbose", action="store_true", default=default(False),
+                        help="detailed output from prune, expire and autoclean")
+    parser.add_argument("--quiet", action="store_true", default=default(False),
+                        help="suppress non-essential output")
+    if not (nested and any("--data-dir" in a.option_strings for a in parser._actions)):
+        parser.add_argument("--data-dir", metavar="PATH", default=default(None),
+                            help="data directory (default: $TROP_DATA_DIR, else ~/.trop)")
+    parser.add_argument("--busy-timeout", metavar="SECONDS", type=_u32, default=default(None),
+                        help="seconds to wait for the database lock (default 5)")
+    parser.add_argument("--disable-autoinit", action="store_true", default=default(False),
+                        help="fail instead of creating a missing database")
+
+
+def _command_in(argv):
+    """The command named in argv, so that only its arguments need building."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _GLOBAL_VALUE_OPTIONS:
+            skip = True
+        elif arg in ("-h", "--help"):
+            return None
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only=None):
+    """The argparse model; with `only`, other commands get their names but not their arguments."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="trop", description="Stable, collision-free port reservations for directories.",
+        epilog="Run `trop COMMAND --help` for a command's options.")
+    parser.add_argument("-V", "--version", action="version", version="trop %s" % __version__)
+    _add_global_options(parser, nested=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, builder, handler) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            if builder:
+                builder(sub)
+            _add_global_options(sub, nested=True)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(_command_in(argv))
+        args = parser.parse_args(argv)
+        if getattr(args, "handler", None) is None:
+            parser.print_usage(sys.stderr)
+            _err("trop: error: a command is required")
+            return EXIT_USAGE
+        if getattr(args, "command", None) == "port-info" and not args.include_occupancy:
+            for flag in ("skip_occupancy_check", "skip_tcp", "skip_udp", "skip_ipv4", "skip_ipv6",
+                         "check_all_interfaces"):
+                if getattr(args, flag):
+                    parser.parse_args(["port-info", "--help"][:1] + ["--%s" % flag.replace("_", "-")])
+        status = _guard(lambda: args.handler(args), "executing the %s command" % args.command)
+        sys.stdout.flush()
+        return status
+    except TropError as exc:
+        _err("Error: %s" % exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("Error: interrupted")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_IO
+    except SystemExit:
+        raise
+    except Exception as exc:          # never a traceback, unless asked for
+        if os.environ.get("TROP_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        _err("Error: internal error: %s: %s (set TROP_DEBUG=1 for a traceback; nothing was committed)"
+             % (type(exc).__name__, exc))
+        return EXIT_LIBRARY
+
+
+if __name__ == "__main__":
+    sys.exit(main())
