@@ -15,8 +15,10 @@ data read outside the transaction that executes it.
 """
 
 import os
+import re
 import sys
 import time
+from collections import namedtuple
 
 __version__ = "0.2.0"
 
@@ -101,9 +103,17 @@ class CorruptionError(LibraryError):
                               "trop did not modify or repair the stored data")
 
 
-class InternalError(TropError):
-    exit_code = EXIT_LIBRARY
-    prefix = "internal error: "
+class UsageError(TropError):
+    """Arguments argparse cannot check (exit 2, as a usage error)."""
+    exit_code = EXIT_USAGE
+
+
+class CommandNotRunnable(TropError):
+    """`trop run` could not start its command: 127 not found, 126 not executable (as a shell)."""
+
+    def __init__(self, message, exit_code):
+        TropError.__init__(self, message)
+        self.exit_code = exit_code
 
 
 def _fmt_seconds(seconds):
@@ -1131,6 +1141,7 @@ class Plan:
         self.updates = []        # Reservation (metadata change, same key and port)
         self.warnings = []
         self.result = None
+        self.output = None
 
     def __bool__(self):
         return bool(self.inserts or self.deletes or self.touches or self.updates)
@@ -1607,7 +1618,211 @@ def validate_data_dir(data_dir):
 
 # --- Occupancy ---------------------------------------------------------------
 
-#@@OWNERS@@
+_PROC_NET_FILES = (("tcp", "ipv4", "tcp"), ("tcp6", "ipv6", "tcp"),
+                   ("udp", "ipv4", "udp"), ("udp6", "ipv6", "udp"))
+_TCP_LISTEN = "0A"
+
+
+class OwnerTable:
+    """Socket table built once per scan; lookups are in-memory.
+
+    Linux reads /proc/net/{tcp,tcp6,udp,udp6}; the expensive inode -> pid map
+    (a walk over every /proc/<pid>/fd) is built lazily, once, on the first
+    lookup that matches a socket.  Elsewhere `lsof` is run once if present.
+    Every failure degrades to "unknown" instead of raising: owner metadata
+    must never break a scan.
+    """
+
+    def __init__(self, proc_root="/proc", use_lsof=None):
+        self._proc_root = proc_root
+        # (protocol, family, port) -> [(rank, uid, inode, pid)]; rank 0 = LISTEN
+        self._sockets = {}
+        self._inode_pids = None          # inode -> [pid], filled lazily
+        self._names = {}                 # pid -> process name
+        self._users = {}                 # uid -> user name
+        try:
+            if use_lsof is None:
+                use_lsof = not sys.platform.startswith("linux")
+            if os.path.isdir(os.path.join(proc_root, "net")):
+                self._load_proc_net()
+            elif use_lsof:
+                self._load_lsof()
+        except Exception:                # never raise: empty table instead
+            self._sockets = {}
+
+    # -- building --------------------------------------------------------
+    def _add(self, protocol, family, port, rank, uid, inode, pid):
+        self._sockets.setdefault((protocol, family, port), []).append(
+            (rank, uid, inode, pid))
+
+    def _load_proc_net(self):
+        for fname, family, protocol in _PROC_NET_FILES:
+            try:
+                with open(os.path.join(self._proc_root, "net", fname),
+                          encoding="ascii", errors="replace") as fh:
+                    lines = fh.read().splitlines()[1:]   # skip header
+            except OSError:
+                continue
+            for line in lines:
+                parts = line.split()
+                try:
+                    port = int(parts[1].rsplit(":", 1)[1], 16)
+                    state, uid, inode = parts[3], int(parts[7]), int(parts[9])
+                except (IndexError, ValueError):
+                    continue                             # malformed line
+                if inode == 0:
+                    continue     # TIME_WAIT & co: no owner, uid is bogus 0
+                rank = 0 if (protocol == "udp" or state == _TCP_LISTEN) else 1
+                self._add(protocol, family, port, rank, uid, inode, None)
+
+    def _load_lsof(self):
+        import shutil
+        import subprocess
+        exe = shutil.which("lsof")
+        if not exe:
+            return
+        try:
+            out = subprocess.run(
+                [exe, "+c", "0", "-nP", "-iTCP", "-iUDP", "-FpcuLftPnT"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        self._parse_lsof(out.decode("utf-8", "replace"))
+
+    def _parse_lsof(self, text):
+        """Parse `lsof -F pcuLftPnT` output (one tagged field per line)."""
+        proc, f = {}, {}
+
+        def flush():
+            if f.get("P") in ("TCP", "UDP") and f.get("n") and "p" in proc:
+                local = f["n"].split("->", 1)[0]
+                port = local.rsplit(":", 1)[-1]
+                family = {"IPv4": "ipv4", "IPv6": "ipv6"}.get(f.get("t"))
+                if port.isdigit() and family:
+                    protocol = f["P"].lower()
+                    listen = protocol == "udp" or "ST=LISTEN" in f.get("T", ())
+                    uid = proc.get("u")
+                    self._add(protocol, family, int(port), 0 if listen else 1,
+                              uid, None, proc["p"])
+            f.clear()
+
+        for line in text.splitlines():
+            tag, val = line[:1], line[1:]
+            if tag == "p":
+                flush()
+                proc.clear()
+                if val.isdigit():
+                    proc["p"] = int(val)
+            elif tag == "f":
+                flush()
+                f["f"] = val
+            elif tag in ("c", "u", "L") and "p" in proc:
+                if tag == "c":
+                    self._names[proc["p"]] = val
+                elif tag == "u" and val.isdigit():
+                    proc["u"] = int(val)
+                elif tag == "L" and "u" in proc:
+                    self._users[proc["u"]] = val
+            elif tag == "T":
+                f.setdefault("T", []).append(val)
+            elif tag in ("t", "P", "n"):
+                f[tag] = val
+        flush()
+
+    def _scan_fds(self):
+        """Map socket inodes to pids via /proc/<pid>/fd; unreadable pids skipped."""
+        wanted = set(e[2] for es in self._sockets.values() for e in es if e[2])
+        result = {}
+        try:
+            pids = [int(d) for d in os.listdir(self._proc_root) if d.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            fd_dir = os.path.join(self._proc_root, str(pid), "fd")
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:      # PermissionError / FileNotFoundError / exited
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(os.path.join(fd_dir, fd))
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link.endswith("]"):
+                    try:
+                        inode = int(link[8:-1])
+                    except ValueError:
+                        continue
+                    if inode in wanted:
+                        result.setdefault(inode, []).append(pid)
+        self._inode_pids = result
+
+    # -- lookups ---------------------------------------------------------
+    def _pids_for(self, inode):
+        if self._inode_pids is None:
+            try:
+                self._scan_fds()
+            except Exception:
+                self._inode_pids = {}
+        return self._inode_pids.get(inode, ())
+
+    def _name(self, pid):
+        if pid is None:
+            return None
+        if pid not in self._names:
+            name = None
+            try:
+                with open(os.path.join(self._proc_root, str(pid), "comm"),
+                          encoding="utf-8", errors="replace") as fh:
+                    name = fh.read().strip() or None
+            except OSError:
+                pass
+            self._names[pid] = name
+        return self._names[pid]
+
+    def _user(self, uid):
+        if uid is None:
+            return None
+        if uid not in self._users:
+            try:
+                import pwd
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except (ImportError, KeyError, OverflowError):
+                self._users[uid] = str(uid)   # no passwd entry: numeric uid
+        return self._users[uid]
+
+    def lookup(self, protocol, family, port):
+        """protocol 'tcp'|'udp', family 'ipv4'|'ipv6' -> (pid, name, user).
+
+        Each element is None when unknown. LISTEN sockets beat others for TCP;
+        the smallest pid wins. If the family has no match, the other family is
+        tried (a dual-stack socket blocks the other family's bind too).
+        """
+        try:
+            other = "ipv4" if family == "ipv6" else "ipv6"
+            entries = (self._sockets.get((protocol, family, port))
+                       or self._sockets.get((protocol, other, port)))
+            if not entries:
+                return (None, None, None)
+            best = min(e[0] for e in entries)
+            cands = [e for e in entries if e[0] == best]
+            pid = uid = None
+            for _rank, euid, inode, epid in cands:
+                for p in ([epid] if epid is not None else self._pids_for(inode)):
+                    if pid is None or p < pid:
+                        pid, uid = p, euid
+            if pid is None:
+                uid = cands[0][1]
+            return (pid, self._name(pid), self._user(uid))
+        except Exception:
+            return (None, None, None)
+
+
+def owner_status(pid, name, user):
+    """'available' if all three are known, 'unavailable' if none, else 'partial'."""
+    known = sum(v is not None for v in (pid, name, user))
+    return "available" if known == 3 else ("unavailable" if known == 0 else "partial")
 
 
 class Occupancy:
@@ -1680,6 +1895,89 @@ def probe_port(port, probes):
         finally:
             sock.close()
     return occupied, failed
+
+
+SCAN_FIELDS = ("port", "status", "reserved", "protocol", "address_family", "scope", "address",
+               "process_id", "process_name", "user", "owner_status")
+
+
+def scan_ports(port_range, policy, reserved, owners=None):
+    """One dict per occupied probe, ordered by port then probe order; owners looked up once per scan."""
+    probes = policy.probes()
+    rows = []
+    owners = owners if owners is not None else None
+    for port in port_range:
+        found, failed = probe_port(port, probes)
+        if not found and not failed:
+            continue
+        hits = [(p, "occupied") for p in found] + [(p, "possibly occupied") for p, _err in failed]
+        hits.sort(key=lambda h: probes.index(h[0]))
+        for probe, status in hits:
+            if owners is None:
+                owners = OwnerTable()
+            proto, family, scope, address = probe
+            pid, name, user = owners.lookup(proto, family, port)
+            is_reserved = port in reserved
+            rows.append({"port": port, "status": status + (" (reserved)" if is_reserved else ""),
+                         "reserved": is_reserved, "protocol": proto, "address_family": family, "scope": scope,
+                         "address": address, "process_id": pid, "process_name": name, "user": user,
+                         "owner_status": owner_status(pid, name, user)})
+    return rows
+
+
+def unreserved_occupied(rows):
+    return sorted({r["port"] for r in rows if not r["reserved"]})
+
+
+def format_scan(rows, fmt):
+    if fmt == "json":
+        import json
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+
+    def text(row, key):
+        value = row[key]
+        if value is None:
+            return "unavailable"
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if fmt in ("csv", "tsv"):
+        import csv
+        import io
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        writer.writerow(SCAN_FIELDS)
+        for row in rows:
+            writer.writerow([text(row, k) for k in SCAN_FIELDS])
+        return buf.getvalue().rstrip("\n")
+    headers = ("Port", "Status", "Reserved", "Protocol", "Family", "Scope", "Address", "PID", "Process", "User",
+               "Owner Status")
+    widths = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
+
+    def line(cells):
+        return " ".join(c.ljust(w) for c, w in zip(cells, widths)) + " " + cells[-1]
+    out = [line(headers), "-" * 145]
+    out += [line([text(r, k) for k in SCAN_FIELDS]) for r in rows]
+    return "\n".join(out)
+
+
+def format_occupancy(port, policy, owners=None):
+    """port-info --include-occupancy: the probe evidence for one port."""
+    probes = policy.probes()
+    lines = ["", "Occupancy status:"]
+    if not probes:
+        return lines + ["  Not checked: the effective policy disabled every probe"]
+    found, failed = probe_port(port, probes)
+    if not found and not failed:
+        return lines + ["  Port is available"]
+    lines.append("  Port is currently in use")
+    owners = owners or OwnerTable()
+    for probe in found + [p for p, _e in failed]:
+        proto, family, scope, address = probe
+        pid, name, user = owners.lookup(proto, family, port)
+        lines += ["  - %s%s" % (describe_probe(probe), "" if probe in found else " (possibly occupied: probe failed)"),
+                  "    Process ID: %s" % (pid if pid is not None else "unavailable"),
+                  "    Process: %s" % (name or "unavailable"), "    User: %s" % (user or "unavailable"),
+                  "    Owner metadata: %s" % owner_status(pid, name, user)]
+    return lines
 
 
 # --- Allocation --------------------------------------------------------------
@@ -1941,6 +2239,270 @@ def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
             plan.warnings.append("No reservations found for %s (already released)" % path)
     plan.result = len(rows)
     return plan
+
+
+# --- Operations: groups --------------------------------------------------------
+
+class GroupRequest:
+    """A group reservation: the spec, where it lives, and the effective settings."""
+
+    def __init__(self, spec, path, config, task=None, force=False):
+        if not spec.services:
+            raise LibraryError("Reservation group must contain at least one service")
+        self.spec = spec
+        self.path = path
+        self.project = config["project"]
+        self.task = task
+        self.force = force
+        self.allow_project = force or config.allow("project")
+        self.allow_task = force or config.allow("task")
+        rng = config.port_range
+        if spec.base is not None and spec.base not in rng:
+            raise LibraryError("validation error for 'reservations.base': Base port %d must be within port range "
+                               "%d..%d" % (spec.base, rng.min, rng.max))
+        self.port_range = rng
+        self.scan_range = PortRange(spec.base if spec.base is not None else rng.min, rng.max)
+        self.exclusions = config.exclusions
+        self.policy = config.occupancy
+
+
+def allocate_group(req, taken, occupancy):
+    """{tag: port}: preferred ports pinned first, then the lowest base whose whole pattern is free."""
+    mapping, pattern = {}, []
+    for svc in req.spec.services:
+        if svc.preferred is not None and preferred_unavailable(svc.preferred, taken, req.exclusions,
+                                                               occupancy) is None:
+            mapping[svc.tag] = svc.preferred
+        else:
+            pattern.append(svc)
+    if not pattern:
+        return mapping
+    pinned = set(mapping.values())
+    top = max(s.offset for s in pattern)
+    rng = req.scan_range
+    for base in range(rng.min, rng.max - top + 1):
+        ports = [base + s.offset for s in pattern]
+        if all(p not in taken and p not in pinned and p not in req.exclusions for p in ports) and \
+                not any(occupancy.occupied(p) for p in ports):
+            mapping.update((s.tag, p) for s, p in zip(pattern, ports))
+            return mapping
+    raise LibraryError("group allocation failed after attempting %d service(s): No scanned base can satisfy the "
+                       "complete offset fallback pattern in %s%s"
+                       % (len(req.spec.services), rng, _probe_failures(occupancy)))
+
+
+def group_incompatibility(req, stored):
+    """Why stored rows cannot serve the requested group (None if they can)."""
+    by_tag = {r.tag: r for r in stored}
+    if set(by_tag) != {s.tag for s in req.spec.services}:
+        return "requested service set does not match stored service set"
+    base = None
+    for svc in req.spec.services:
+        port = by_tag[svc.tag].port
+        if svc.preferred is not None and port == svc.preferred:
+            continue
+        if port < svc.offset:
+            return "stored port %d cannot satisfy requested offset %d" % (port, svc.offset)
+        implied = port - svc.offset
+        if base is not None and implied != base:
+            return "stored offset mappings imply different bases (%d and %d)" % (base, implied)
+        base = implied
+        if implied not in req.scan_range or port not in req.scan_range:
+            return "a stored service mapping is outside the current scan range"
+    return None
+
+
+def plan_group(store, req, now=None, occupancy=None):
+    """Refresh a compatible stored group or allocate a fresh one; all rows or none."""
+    now = int(time.time()) if now is None else now
+    occupancy = occupancy or Occupancy(req.policy)
+    plan = Plan()
+    stored = [r for r in store.at_path(req.path) if r.tag is not None]
+    project, task = req.project, req.task
+    if stored:
+        reason = group_incompatibility(req, stored)
+        if reason is None:
+            for field, new, allowed, flag in (("project", project, req.allow_project, "--allow-project-change"),
+                                              ("task", task, req.allow_task, "--allow-task-change")):
+                old = {getattr(r, field) for r in stored}
+                if new is not None and old != {new} and not allowed:
+                    raise SemanticFailure("cannot change sticky field '%s': Cannot change group %s from %s to %s "
+                                          "without --force or %s (group at %s)" % (
+                                              field, field, ", ".join(sorted(_quote(o) for o in old)),
+                                              _quote(new), flag, req.path))
+            for res in stored:
+                changed = res.replace(project=res.project if project is None else project,
+                                      task=res.task if task is None else task, last_used_at=now)
+                plan.updates.append(changed)
+            plan.result = {r.tag: r.port for r in stored}
+            return plan
+        if not req.force:
+            raise LibraryError("reservation conflict: existing group at %s is incompatible: %s (use --force to "
+                               "replace it)" % (req.path, reason))
+        for field in ("project", "task"):
+            if (project if field == "project" else task) is None:
+                values = {getattr(r, field) for r in stored}
+                if len(values) > 1:
+                    raise LibraryError("reservation conflict: cannot inherit %s for the replaced group at %s: "
+                                       "stored rows disagree" % (field, req.path))
+                if field == "project":
+                    project = values.pop()
+                else:
+                    task = values.pop()
+        plan.deletes = stored
+    taken = store.taken_ports() - {r.port for r in plan.deletes}
+    mapping = allocate_group(req, taken, occupancy)
+    plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
+    plan.result = mapping
+    return plan
+
+
+SHELLS = {"bash": "bash", "sh": "bash", "zsh": "zsh", "fish": "fish", "powershell": "powershell",
+          "pwsh": "powershell", "ps": "powershell"}
+
+
+def detect_shell(name=None, environ=None):
+    """--shell if given, else the reference's detection; never fails without --shell."""
+    if name is not None:
+        shell = SHELLS.get(name.lower())
+        if shell is None:
+            raise LibraryError("validation error for 'shell': unknown shell type '%s': supported shells are bash, "
+                               "zsh, fish, powershell" % name)
+        return shell
+    env = os.environ if environ is None else environ
+    if env.get("ZSH_VERSION"):
+        return "zsh"
+    if env.get("FISH_VERSION"):
+        return "fish"
+    if env.get("PSModulePath"):
+        return "powershell"
+    login = env.get("SHELL", "")
+    for needle, shell in (("zsh", "zsh"), ("fish", "fish"), ("pwsh", "powershell"), ("powershell", "powershell")):
+        if needle in login:
+            return shell
+    return "bash"
+
+
+def format_group(spec, mapping, fmt, shell="bash"):
+    """Render a group's ports; every variable name was validated when the config was read."""
+    services = [s for s in spec.services if s.tag in mapping]
+    if fmt == "json":
+        import json
+        return json.dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True, ensure_ascii=False)
+    if fmt == "human":
+        return "\n".join(["Reserved ports:"] + ["  %s: %d" % (s.tag, mapping[s.tag]) for s in services])
+    for svc in services:                       # defence in depth: nothing unvalidated reaches a shell
+        if env_name_problem(svc.env_name):
+            raise LibraryError("validation error for 'env': %r %s" % (svc.env_name, env_name_problem(svc.env_name)))
+    if fmt == "dotenv":
+        line = "%s=%d"
+    elif shell == "fish":
+        line = "set -x %s %d"
+    elif shell == "powershell":
+        line = '$env:%s="%d"'
+    else:
+        line = "export %s=%d"
+    return "\n".join(line % (s.env_name, mapping[s.tag]) for s in services)
+
+
+def group_environment(spec, mapping):
+    return {s.env_name: str(mapping[s.tag]) for s in spec.services if s.tag in mapping}
+
+
+def locate_group_config(cwd, config_path=None):
+    """(config file, canonical group directory) for reserve-group FILE or autoreserve's discovery."""
+    if config_path is not None:
+        full = normalize_path(config_path, cwd)
+        if not os.path.exists(full):
+            raise InvalidArguments("Configuration file not found: %s" % config_path)
+        if not os.path.isfile(full):
+            raise InvalidArguments("Path is not a file: %s" % config_path)
+        return full, os.path.dirname(os.path.realpath(full))
+    start = os.path.realpath(cwd)
+    directory = find_project_dir(start)
+    if directory is None:
+        raise InvalidArguments("No trop configuration file found (searched from: %s)" % start)
+    names = [n for n in PROJECT_FILES if os.path.lexists(os.path.join(directory, n))]
+    return os.path.join(directory, names[-1]), directory
+
+
+def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, fmt=None, shell=None):
+    """Reserve the session's group for group_dir; returns the Plan, with the output rendered inside it."""
+    spec = session.config.group
+    if spec is None:
+        raise LibraryError("Effective configuration does not contain a reservation group (no `reservations:` "
+                           "in %s)" % config_file)
+    req = GroupRequest(spec, group_dir, session.config, task or session.config["task"], force)
+    allowed = force or session.config.allow("unrelated_path")
+
+    def planner(store):
+        check_path_relationship(group_dir, allowed)
+        plan = plan_group(store, req)
+        plan.output = format_group(spec, plan.result, fmt, shell) if fmt else None
+        return plan
+    plan = session.write(planner, dry_run)
+    plan.spec = spec
+    return plan
+
+
+def plan_cleanup_command(store, prune, expire_days, now=None):
+    """prune / expire / autoclean: the rows to delete, chosen inside the transaction."""
+    now = int(time.time()) if now is None else now
+    cleanup = plan_cleanup(store, prune, expire_days, now)
+    plan = Plan()
+    plan.deletes = cleanup.rows
+    plan.warnings = cleanup.warnings
+    plan.result = cleanup
+    return plan
+
+
+def run_cleanup(session, prune=True, expire=True, days=None, dry_run=False):
+    """Remove reservations whose directory is gone (prune) and/or unused for days (expire)."""
+    expire_days = (days or session.config["cleanup.expire_after_days"]) if expire else None
+    return session.write(lambda store: plan_cleanup_command(store, prune, expire_days), dry_run)
+
+
+class Move:
+    """One reservation moving from one path to another."""
+
+    __slots__ = ("old", "new")
+
+    def __init__(self, old, new):
+        self.old, self.new = old, new
+
+
+def plan_migrate(store, source, target, recursive=False, force=False):
+    """Move every reservation at (or under) source to target, keeping ports and timestamps."""
+    rows = store.under(source) if recursive else store.at_path(source)
+    if not rows and not recursive:
+        raise LibraryError("not found: reservation at %s" % source)
+    moves = [Move(r, r.replace(path=target + r.path[len(source):] if r.path != source else target))
+             for r in rows]
+    moving = {m.old.key for m in moves}
+    conflicts = []
+    for move in moves:
+        existing = store.get(move.new.key)
+        if existing is not None and existing.key not in moving:
+            conflicts.append(existing)
+    if conflicts and not force:
+        raise LibraryError("reservation conflict: Found %d conflicting reservation(s) at destination. "
+                           "Use --force to overwrite." % len(conflicts))
+    plan = Plan()
+    plan.deletes = [m.old for m in moves] + conflicts
+    plan.inserts = [m.new for m in moves]
+    plan.result = (moves, conflicts)
+    return plan
+
+
+def run_migrate(session, source, target, recursive=False, force=False, dry_run=False):
+    src = normalize_path(source, session.cwd)
+    dst = normalize_path(target, session.cwd)
+    if src == dst:
+        raise InvalidArguments("Invalid arguments: --from and --to are the same path (%s)" % src)
+    if recursive and is_within(dst, src):
+        raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
+                               "recursively" % (dst, src))
+    return src, dst, session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
 
 
 def describe_plan(plan):
@@ -2376,11 +2938,8 @@ def _args_reserve(p):
 
 
 def cmd_reserve(args):
-    opts = vars(args)
-    for name in ("min", "max"):
-        if opts.get(name) is not None:
-            opts[name] = _port_option(name, opts[name])
-    session = Session(opts)
+    _cli_range(args)
+    session = Session(vars(args))
     plan = run_reserve(session, args.path, args.tag, args.port, args.overwrite, args.force,
                        args.ignore_occupied, args.ignore_exclusions, args.clear_project, args.clear_task,
                        args.dry_run)
@@ -2534,7 +3093,315 @@ def cmd_port_info(args):
     port = _invalid_port(args.port)
     session = Session(vars(args))
     res = session.read(lambda store: store.for_port(port))
-    _out("\n".join(format_port_info(port, res)))
+    lines = format_port_info(port, res)
+    if args.include_occupancy:
+        lines += format_occupancy(port, session.config.occupancy)
+    _out("\n".join(lines))
+    return 0
+
+
+def _args_group(p, with_file=True, with_format=True):
+    if with_file:
+        p.add_argument("config_path", metavar="CONFIG_PATH", help="YAML file with a `reservations:` group")
+    p.add_argument("--task", help="task to record (default: $TROP_TASK)")
+    if with_format:
+        p.add_argument("--format", choices=("export", "json", "dotenv", "human"), default="export",
+                       help="output format (default: export)")
+        p.add_argument("--shell", help="shell for export lines: bash, zsh, fish, powershell (default: detected)")
+    p.add_argument("--force", action="store_true", help="replace an incompatible stored group")
+    _add_permissions(p)
+    p.add_argument("--dry-run", action="store_true", help="show what would be reserved without writing")
+    _add_occupancy(p)
+
+
+def _args_autoreserve(p):
+    _args_group(p, with_file=False)
+
+
+def _group_command(args, config_path, discovered):
+    opts = vars(args)
+    task = opts.pop("task", None)
+    if task is None:
+        task = os.environ.get("TROP_TASK")
+    if task is not None:
+        task = _check_identifier("task", task, CLI_SOURCE if args.task else "TROP_TASK")
+    cwd = current_dir()
+    config_file, group_dir = locate_group_config(cwd, config_path)
+    if discovered:
+        session = Session(opts)
+    else:
+        session = Session(opts, scope="file", config_file=config_file)
+    shell = detect_shell(args.shell) if args.format == "export" and not args.dry_run else None
+    plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run,
+                     None if args.dry_run else args.format, shell)
+    if args.dry_run:
+        if not session.quiet:
+            _err("Dry run - would perform the following actions:")
+            if discovered:
+                _err("  Discovered config: %s" % config_file)
+            for i, line in enumerate(describe_plan(plan), 1):
+                _err("  %d. %s" % (i, line))
+        return 0
+    _out(plan.output)
+    if not session.quiet:
+        if discovered:
+            _err("Discovered config: %s" % config_file)
+        _err("Reserved %d ports." % len(plan.result))
+    return 0
+
+
+def cmd_reserve_group(args):
+    return _group_command(args, args.config_path, discovered=False)
+
+
+def cmd_autoreserve(args):
+    return _group_command(args, None, discovered=True)
+
+
+def _args_run(p):
+    p.add_argument("--config", metavar="FILE", help="group file (default: discover trop.yaml from the cwd)")
+    _args_group(p, with_file=False, with_format=False)
+    p.add_argument("argv", nargs=_remainder(), metavar="-- COMMAND [ARGS...]",
+                   help="command to run with the group's variables in its environment")
+
+
+def _remainder():
+    import argparse
+    return argparse.REMAINDER
+
+
+def cmd_run(args):
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
+    opts = vars(args)
+    task = opts.pop("task", None) or os.environ.get("TROP_TASK")
+    if task is not None:
+        task = _check_identifier("task", task, CLI_SOURCE)
+    cwd = current_dir()
+    config_file, group_dir = locate_group_config(cwd, args.config)
+    session = Session(opts) if args.config is None else Session(opts, scope="file", config_file=config_file)
+    plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run)
+    env = dict(os.environ)
+    env.update(group_environment(plan.spec, plan.result))
+    if session.verbose:
+        for name, value in sorted(group_environment(plan.spec, plan.result).items()):
+            _err("%s=%s" % (name, value))
+    if args.dry_run:
+        _err("Dry run - would run %s with %s" % (argv[0], ", ".join(
+            "%s=%s" % kv for kv in sorted(group_environment(plan.spec, plan.result).items()))))
+        return 0
+    return exec_command(argv, env)
+
+
+def exec_command(argv, env):
+    """Replace this process with argv (POSIX) or run it and return its status; no shell involved."""
+    import shutil
+    program = argv[0]
+    found = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+    if not found or not os.path.exists(found):
+        raise CommandNotRunnable("command not found: %s" % program, 127)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise CommandNotRunnable("permission denied: %s" % program, 126)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        try:
+            os.execve(found, argv, env)
+        except OSError as exc:
+            raise CommandNotRunnable("cannot run %s: %s" % (program, exc.strerror or exc), 126)
+    import subprocess
+    return subprocess.call([found] + argv[1:], env=env)
+
+
+def _args_dry_run(p):
+    p.add_argument("--dry-run", action="store_true", help="show what would be removed without removing it")
+
+
+def _args_expire(p):
+    p.add_argument("--days", type=_u32, help="expire reservations unused for more than N days "
+                                             "(default: cleanup.expire_after_days, else 30)")
+    _args_dry_run(p)
+
+
+def _fmt_opt(value):
+    return "none" if value is None else '"%s"' % value
+
+
+def _cleanup_command(args, prune, expire):
+    session = Session(vars(args))
+    plan = run_cleanup(session, prune, expire, args.days if expire else None, args.dry_run)
+    cleanup = plan.result
+    days = session.config["cleanup.expire_after_days"]
+    total = len(cleanup.rows)
+    if session.quiet:
+        if total:
+            _out(str(total))
+        return 0
+    for warning in plan.warnings:
+        _warn(warning)
+    dry = args.dry_run
+    now = int(time.time())
+    age = (lambda r: (now - r.last_used_at) // 86400)
+    if prune and expire:
+        if dry:
+            _err("[DRY RUN] Performing combined cleanup...")
+        head = "%s %d total reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
+        if session.verbose:
+            _err(head + ":")
+            _err("  Pruned: %d (non-existent paths)" % len(cleanup.pruned))
+            _err("  Expired: %d (old reservations)" % len(cleanup.expired))
+            if cleanup.pruned:
+                _err("")
+                _err("Pruned reservations:")
+                for r in cleanup.pruned:
+                    _err("  - Port %d: %s" % (r.port, r.path))
+            if cleanup.expired:
+                _err("")
+                _err("Expired reservations:")
+                for r in cleanup.expired:
+                    _err("  - Port %d: %s (%d days old)" % (r.port, r.path, age(r)))
+        else:
+            _err(head + " (pruned: %d, expired: %d)" % (len(cleanup.pruned), len(cleanup.expired)))
+    elif prune:
+        if dry:
+            _err("[DRY RUN] Scanning for reservations with non-existent paths...")
+        head = "%s %d reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
+        if session.verbose:
+            _err(head + ":")
+            for r in cleanup.pruned:
+                _err("  - Port %d: %s (tag: %s, project: %s)" % (r.port, r.path, _fmt_opt(r.tag), _fmt_opt(r.project)))
+        else:
+            _err(head + " for non-existent paths")
+    else:
+        if dry:
+            _err("[DRY RUN] Scanning for reservations unused for %d days..." % days)
+        head = "%s %d reservation(s) older than %d days" % ("[DRY RUN] Would expire" if dry else "Expired",
+                                                           total, days)
+        if session.verbose:
+            _err(head + ":")
+            for r in cleanup.expired:
+                _err("  - Port %d: %s (%d days old, project: %s)" % (r.port, r.path, age(r), _fmt_opt(r.project)))
+        else:
+            _err(head)
+    return 0
+
+
+def cmd_prune(args):
+    args.days = None
+    return _cleanup_command(args, prune=True, expire=False)
+
+
+def cmd_expire(args):
+    return _cleanup_command(args, prune=False, expire=True)
+
+
+def cmd_autoclean(args):
+    return _cleanup_command(args, prune=True, expire=True)
+
+
+def _args_migrate(p):
+    p.add_argument("--from", dest="source", metavar="PATH", required=True, help="path the reservations are at")
+    p.add_argument("--to", dest="target", metavar="PATH", required=True, help="path to move them to")
+    p.add_argument("--recursive", action="store_true", help="also move reservations beneath --from")
+    p.add_argument("--force", action="store_true", help="overwrite reservations at the destination")
+    p.add_argument("--dry-run", action="store_true", help="show the plan without changing anything")
+
+
+def cmd_migrate(args):
+    session = Session(vars(args))
+    src, dst, plan = run_migrate(session, args.source, args.target, args.recursive, args.force, args.dry_run)
+    moves, conflicts = plan.result
+    if session.quiet:
+        if not args.dry_run:
+            _out(dst)
+        return 0
+    lines = ["Migration plan:", "  From: %s" % src, "  To:   %s" % dst,
+             "  Mode: %s" % ("recursive" if args.recursive else "exact"), ""]
+    if not moves:
+        lines.append("No reservations to migrate.")
+        _err("\n".join(lines))
+        return 0
+    lines.append("Reservations to migrate (%d):" % len(moves))
+    for m in moves:
+        extra = "".join([", tag: %s" % m.old.tag if m.old.tag else "",
+                         ", project: %s" % m.old.project if m.old.project else ""])
+        lines.append("  %s -> %s (port %d%s)" % (m.old.path, m.new.path, m.old.port, extra))
+    lines.append("")
+    if conflicts:
+        lines.append("Conflicts at destination (%d) (will be overwritten):" % len(conflicts))
+        for c in conflicts:
+            lines.append("  %s" % c.path)
+            if c.tag:
+                lines.append("    (tag: %s)" % c.tag)
+        lines.append("")
+    if args.dry_run:
+        lines.append("Dry run - no changes made.")
+    else:
+        lines += ["Migration complete:", "  Migrated: %d reservation(s)" % len(moves)]
+        if conflicts:
+            lines.append("  Conflicts resolved: %d" % len(conflicts))
+    _err("\n".join(lines))
+    return 0
+
+
+def _args_scan(p):
+    p.add_argument("--min", help="lowest port to scan (default: ports.min)")
+    p.add_argument("--max", help="highest port to scan (default: ports.max)")
+    p.add_argument("--autoexclude", action="store_true", help="add occupied, unreserved ports to excluded_ports")
+    p.add_argument("--autocompact", action="store_true", help="compact excluded_ports after --autoexclude")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)")
+    _add_selective_occupancy(p)
+
+
+def _cli_range(args):
+    """--min/--max of reserve and scan: exit 4 for bad values or min > max."""
+    low = _port_option("min", args.min) if args.min is not None else None
+    high = _port_option("max", args.max) if args.max is not None else None
+    if low is not None and high is not None and low > high:
+        raise InvalidArguments("Invalid arguments: --min %d is greater than --max %d" % (low, high))
+    args.min, args.max = low, high
+
+
+def cmd_scan(args):
+    _cli_range(args)
+    opts = vars(args)
+    opts = dict(opts, min=None, max=None)
+    session = Session(opts)
+    config = session.config
+    rng = config.scan_range
+    rng = PortRange(args.min if args.min is not None else rng.min, args.max if args.max is not None else rng.max)
+    if rng.min > rng.max:
+        raise ConfigError("validation error for 'ports': max %d must be >= min %d" % (rng.max, rng.min))
+    reserved = session.read(lambda store: store.taken_ports())
+    rows = scan_ports(rng, config.occupancy, reserved)
+    free = unreserved_occupied(rows)
+    notes = []
+    if args.autoexclude and free:
+        target = exclusion_target(session)
+        added = add_exclusions(target, [(p, p) for p in free], compact=args.autocompact)
+        notes.append("Added %d exclusions to %s" % (added, target))
+    _out(format_scan(rows, args.format))
+    if not session.quiet:
+        for note in notes:
+            _err(note)
+    if free:
+        _err("")
+        _err("Found %d unreserved occupied port(s)" % len(free))
+    return 0
+
+
+def _args_completions(p):
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="shell to generate the script for")
+
+
+def cmd_completions(args):
+    parser = build_parser()
+    script = completion_script(parser, args.shell)
+    sys.stderr.write(completion_header(args.shell))
+    sys.stdout.write(script if script.endswith("\n") else script + "\n")
     return 0
 
 
@@ -2634,6 +3501,584 @@ def write_file_atomic(path, text):
         raise IoFailure("%s: %s" % (path, exc.strerror or exc))
 
 
+# --- Shell completions (generated from the argparse model) ---------------------
+
+COMPLETION_SHELLS = ("bash", "elvish", "fish", "powershell", "zsh")
+
+# flags: option strings ([] for positionals); value: takes an argument;
+# choices: completable values or None; kind: 'file' | 'dir' | None;
+# multi: may repeat (append/count or nargs */+)
+_CArg = namedtuple("_CArg", "flags help value choices kind multi name")
+_CSub = namedtuple("_CSub", "names help args")
+
+# Words we embed unquoted in completion word lists (compgen -W, zsh (...),
+# fish -a are expanded by the shell): anything else is dropped, never risked.
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.,+/@=-]+$")
+_HINTS = {
+    "bash": ["#   {p} completions bash > ~/.local/share/bash-completion/completions/{p}",
+             "# Or source it directly in ~/.bashrc:",
+             '#   eval "$({p} completions bash)"'],
+    "zsh": ["#   {p} completions zsh > ~/.zsh/completions/_{p}",
+            "# Make sure ~/.zsh/completions is in your $fpath",
+            "# Or add to ~/.zshrc:",
+            '#   eval "$({p} completions zsh)"'],
+    "fish": ["#   {p} completions fish > ~/.config/fish/completions/{p}.fish",
+             "# Or add to config.fish:",
+             "#   {p} completions fish | source"],
+    "powershell": ["#   {p} completions powershell > $PROFILE",
+                   "# Or run:",
+                   "#   {p} completions powershell | Out-String | Invoke-Expression"],
+    "elvish": [],
+}
+
+
+def completion_header(shell, prog="trop"):
+    """Install hints printed to stderr before the script (none for elvish)."""
+    lines = ["# Generating %s completion script" % shell,
+             "# Run the following command to enable completions:"]
+    lines += [h.format(p=prog) for h in _HINTS.get(shell, [])]
+    return "\n".join(lines) + "\n\n"
+
+
+def completion_script(parser, shell, prog="trop"):
+    """Return the completion script for `shell` ('bash'|'zsh'|'fish'|'powershell'|'elvish').
+
+    Shape supported: `prog [global opts] SUBCOMMAND [opts] [positionals]`.
+    """
+    emit = {"bash": _bash_script, "zsh": _zsh_script, "fish": _fish_script,
+            "powershell": _pwsh_script, "elvish": _elvish_script}.get(shell)
+    if emit is None:
+        raise ValueError("unsupported shell: %r" % (shell,))
+    glob, subs = _completion_model(parser)
+    return emit(prog, glob, subs)
+
+
+# -- model -------------------------------------------------------------------
+def _clean_help(text, action=None, prog=""):
+    """Expand argparse %(...)s placeholders and collapse whitespace to one line."""
+    import argparse
+    text = text or ""
+    if action is not None and "%" in text:
+        params = dict((k, v) for k, v in vars(action).items()
+                      if v is not argparse.SUPPRESS)
+        params["prog"] = prog
+        if params.get("choices") is not None:
+            params["choices"] = ", ".join(map(str, params["choices"]))
+        try:
+            text = text % params
+        except (KeyError, TypeError, ValueError):
+            pass
+    return " ".join(text.split())
+
+
+def _tokens(value):
+    return set(t for t in re.split(r"[^a-z0-9]+", str(value or "").lower()) if t)
+
+
+def _completion_arg(action, prog):
+    import argparse
+    value = action.nargs != 0
+    choices, kind = None, None
+    if value and action.choices is not None:
+        try:
+            if len(action.choices) <= 200:          # never enumerate range(65536)
+                choices = [str(c) for c in action.choices if _SAFE_WORD.match(str(c))]
+        except TypeError:
+            pass
+    if value and choices is None:
+        metavar = action.metavar if isinstance(action.metavar, str) else ""
+        words = _tokens(action.dest) | _tokens(metavar)
+        if words & {"dir", "directory"}:
+            kind = "dir"
+        elif words & {"path", "file", "filename"}:
+            kind = "file"
+    multi = (type(action).__name__ in ("_AppendAction", "_AppendConstAction",
+                                       "_CountAction", "_ExtendAction")
+             or action.nargs in ("*", "+", argparse.REMAINDER))
+    flags = [f for f in action.option_strings if _SAFE_WORD.match(f)]
+    name = action.metavar if isinstance(action.metavar, str) else action.dest
+    return _CArg(flags, _clean_help(action.help, action, prog), value, choices,
+                 kind, multi, str(name or "value").upper() if flags else str(name))
+
+
+def _completion_args(parser):
+    """Visible options and positionals of one parser (subparsers excluded)."""
+    import argparse
+    out = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+            continue
+        arg = _completion_arg(a, parser.prog)
+        if arg.flags or not a.option_strings:
+            out.append(arg)
+    return out
+
+
+def _completion_model(parser):
+    """Flatten the parser into (global args, [_CSub]) so emitters stay simple."""
+    import argparse
+    glob = [a for a in _completion_args(parser) if a.flags]
+    subs = []
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = dict((id(action.choices.get(ca.dest)), ca.help)
+                     for ca in action._choices_actions)
+        seen = {}
+        for name, sub in action.choices.items():
+            if id(sub) in seen:                     # alias of an earlier name
+                if _SAFE_WORD.match(name):
+                    seen[id(sub)].names.append(name)
+                continue
+            help_ = helps.get(id(sub), "")
+            if help_ == argparse.SUPPRESS or not _SAFE_WORD.match(name):
+                continue
+            help_ = _clean_help(help_ or sub.description or "")
+            seen[id(sub)] = _CSub([name], help_, _completion_args(sub))
+            subs.append(seen[id(sub)])
+    return glob, subs
+
+
+def _opts(args):
+    return [a for a in args if a.flags]
+
+
+def _positionals(args):
+    return [a for a in args if not a.flags]
+
+
+def _with_globals(args, glob):
+    """Subcommand args plus the global options it does not shadow."""
+    own = set(f for a in args for f in a.flags)
+    return args + [g for g in glob if not own.intersection(g.flags)]
+
+
+def _c_ident(prog):
+    return "_" + re.sub(r"[^A-Za-z0-9_]", "_", prog)
+
+
+def _sh_quote(s):
+    """POSIX single quotes (bash, zsh)."""
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# -- bash ----------------------------------------------------------------------
+def _bash_script(prog, glob, subs):
+    fn = _c_ident(prog)
+
+    def pattern(flags):
+        return "|".join(_sh_quote(f) for f in flags)
+
+    def words(ws):
+        return _sh_quote(" ".join(ws))
+
+    def context(args, flags_also, top_words):
+        """Body of one `case "$sub"` branch: option values, then words."""
+        out = ['            case "$prev" in']
+        for a in args:
+            if not (a.flags and a.value):
+                continue
+            if a.choices is not None:
+                act = "COMPREPLY=( $(compgen -W %s -- \"$cur\") )" % words(a.choices)
+            elif a.kind:
+                act = "%s_files %s" % (fn, a.kind)
+            else:
+                act = ":"
+            out.append("                %s) %s; return 0 ;;" % (pattern(a.flags), act))
+        out.append("            esac")
+        pos = _positionals(args)
+        flag_words = [f for a in args if a.flags for f in a.flags]
+        extra = top_words + [c for a in pos for c in (a.choices or [])]
+        files = [a.kind for a in pos if a.kind and a.choices is None]
+        out.append('            case "$cur" in')
+        out.append("                -*) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
+                   % words(flag_words))
+        if extra or files:
+            body = []
+            if files:
+                body.append("%s_files %s" % (fn, "dir" if set(files) == {"dir"} else "file"))
+            if extra:
+                body.append("COMPREPLY+=( $(compgen -W %s -- \"$cur\") )" % words(extra))
+            out.append("                *) %s ;;" % "; ".join(body))
+        elif not flags_also:
+            out.append("                *) ;;")
+        else:
+            out.append("                *) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
+                       % words(flag_words))
+        out.append("            esac")
+        return out
+
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# bash completion for %s (generated)" % prog,
+        "%s_files() {" % fn,
+        "    local IFS=$'\\n'",
+        "    compopt -o filenames 2>/dev/null",
+        "    if [ \"$1\" = dir ]; then",
+        "        COMPREPLY=( $(compgen -d -- \"$cur\") )",
+        "    else",
+        "        COMPREPLY=( $(compgen -f -- \"$cur\") )",
+        "    fi",
+        "}",
+        "",
+        "%s() {" % fn,
+        "    local cur prev sub i w",
+        "    COMPREPLY=()",
+        "    cur=\"${COMP_WORDS[COMP_CWORD]}\"",
+        "    prev=\"\"",
+        "    [ \"$COMP_CWORD\" -gt 0 ] && prev=\"${COMP_WORDS[COMP_CWORD-1]}\"",
+        "    # `--opt=value` is split into three words by COMP_WORDBREAKS",
+        "    if [ \"$cur\" = \"=\" ]; then",
+        "        cur=\"\"",
+        "    elif [ \"$prev\" = \"=\" ] && [ \"$COMP_CWORD\" -gt 1 ]; then",
+        "        prev=\"${COMP_WORDS[COMP_CWORD-2]}\"",
+        "    fi",
+        "    # the subcommand is the first word that is neither an option nor its value",
+        "    sub=\"\"",
+        "    i=1",
+        "    while [ \"$i\" -lt \"$COMP_CWORD\" ]; do",
+        "        w=\"${COMP_WORDS[i]}\"",
+        "        case \"$w\" in",
+    ]
+    if gvalue:
+        lines.append("            %s) i=$((i+1)); [ \"${COMP_WORDS[i]-}\" = \"=\" ] && i=$((i+1)) ;;"
+                     % pattern(gvalue))
+    lines += [
+        "            -*) ;;",
+        "            *) sub=\"$w\"; break ;;",
+        "        esac",
+        "        i=$((i+1))",
+        "    done",
+        "    case \"$sub\" in",
+        "        '')",
+    ]
+    lines += context(glob, False, [n for s in subs for n in s.names])
+    lines.append("            ;;")
+    for s in subs:
+        lines.append("        %s)" % pattern(s.names))
+        lines += context(_with_globals(s.args, glob), True, [])
+        lines.append("            ;;")
+    lines += [
+        "    esac",
+        "    return 0",
+        "}",
+        "",
+        "complete -F %s %s" % (fn, _sh_quote(prog)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- zsh -----------------------------------------------------------------------
+def _zsh_esc(text):
+    """Escape for an _arguments spec field: backslash, brackets, colon."""
+    for ch in ("\\", "[", "]", ":"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _zsh_specs(args):
+    out = []
+    for a in args:
+        if a.choices is not None:
+            action = "(%s)" % " ".join(a.choices)
+        elif a.kind == "dir":
+            action = "_files -/"
+        elif a.kind == "file":
+            action = "_files"
+        else:
+            action = " "
+        if not a.flags:
+            out.append("%s:%s:%s" % ("*" if a.multi else "", _zsh_esc(a.name), action))
+            continue
+        excl = "(%s)" % " ".join(a.flags) if len(a.flags) > 1 and not a.multi else ""
+        for f in a.flags:
+            spec = excl + ("*" if a.multi else "") + f
+            if a.value:
+                spec += "=" if f.startswith("--") else "+"
+            spec += "[%s]" % _zsh_esc(a.help)
+            if a.value:
+                spec += ":%s:%s" % (_zsh_esc(a.name), action)
+            out.append(spec)
+    return [_sh_quote(s) for s in out]
+
+
+def _zsh_script(prog, glob, subs):
+    fn = _c_ident(prog)
+    ind = " " * 8
+    lines = [
+        "#compdef %s" % prog,
+        "",
+        "# zsh completion for %s (generated)" % prog,
+        "%s() {" % fn,
+        "    local curcontext=\"$curcontext\" state line ret=1",
+        "    typeset -A opt_args",
+        "",
+        "    _arguments -C -s -S \\",
+    ]
+    lines += [ind + s + " \\" for s in _zsh_specs(glob)]
+    lines += [
+        ind + "'1: :%s_commands' \\" % fn,
+        ind + "'*:: :->args' && ret=0",
+        "",
+        "    case $state in",
+        "    (args)",
+        "        curcontext=\"${curcontext%%:*:*}:%s-command-$line[1]:\"" % prog,
+        "        case $line[1] in",
+    ]
+    for s in subs:
+        specs = _zsh_specs(_with_globals(s.args, glob))
+        lines.append("        (%s)" % "|".join(_sh_quote(n) for n in s.names))
+        if specs:
+            lines.append("            _arguments -s -S \\")
+            lines += [ind + "    " + sp + " \\" for sp in specs]
+            lines.append(ind + "    && ret=0")
+        else:
+            lines.append("            _message 'no more arguments' && ret=0")
+        lines.append("            ;;")
+    lines += [
+        "        esac",
+        "        ;;",
+        "    esac",
+        "    return ret",
+        "}",
+        "",
+        "%s_commands() {" % fn,
+        "    local -a commands",
+        "    commands=(",
+    ]
+    for s in subs:
+        for n in s.names:
+            lines.append(ind + _sh_quote("%s:%s" % (n.replace(":", "\\:"), s.help)))
+    lines += [
+        "    )",
+        "    _describe -t commands %s commands \"$@\"" % _sh_quote(prog + " command"),
+        "}",
+        "",
+        "if [ \"$funcstack[1]\" = %s ]; then" % _sh_quote(fn),
+        "    %s \"$@\"" % fn,
+        "else",
+        "    compdef %s %s" % (fn, _sh_quote(prog)),
+        "fi",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- fish ----------------------------------------------------------------------
+def _fish_quote(text):
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fish_line(prog, cond, a):
+    parts = ["complete -c", _fish_quote(prog)]
+    if cond:
+        parts += ["-n", _fish_quote(cond)]
+    for f in a.flags:
+        if f.startswith("--"):
+            parts += ["-l", f[2:]]
+        elif len(f) == 2:
+            parts += ["-s", f[1:]]
+        else:
+            parts += ["-o", f[1:]]
+    if a.value or not a.flags:
+        if a.choices is not None:
+            parts += ["-r" if a.flags else "", "-f", "-a", _fish_quote(" ".join(a.choices))]
+        elif a.kind == "dir":
+            parts += ["-r" if a.flags else "", "-f", "-a",
+                      "'(__fish_complete_directories (commandline -ct))'"]
+        elif a.kind == "file":
+            parts += ["-r", "-F"]
+        elif a.flags:
+            parts += ["-x"]
+    if a.help:
+        parts += ["-d", _fish_quote(a.help)]
+    return " ".join(p for p in parts if p)
+
+
+def _fish_script(prog, glob, subs):
+    lines = ["# fish completion for %s (generated)" % prog,
+             "complete -c %s -n '__fish_use_subcommand' -f" % _fish_quote(prog)]
+    lines += [_fish_line(prog, None, a) for a in glob]      # valid everywhere
+    for s in subs:
+        for n in s.names:
+            line = "complete -c %s -n '__fish_use_subcommand' -f -a %s" % (
+                _fish_quote(prog), _fish_quote(n))
+            lines.append(line + (" -d %s" % _fish_quote(s.help) if s.help else ""))
+    for s in subs:
+        cond = "__fish_seen_subcommand_from " + " ".join(s.names)
+        pos = _positionals(s.args)
+        if not any(a.kind == "file" and a.choices is None for a in pos):
+            lines.append("complete -c %s -n %s -f" % (_fish_quote(prog), _fish_quote(cond)))
+        lines += [_fish_line(prog, cond, a) for a in s.args
+                  if a.flags or a.choices is not None or a.kind == "dir"]
+    return "\n".join(lines) + "\n"
+
+
+# -- PowerShell ----------------------------------------------------------------
+def _ps_quote(text):
+    """Single-quoted PowerShell string; typographic single quotes also delimit."""
+    return "'" + re.sub("(['\u2018\u2019\u201a\u201b])", r"\1\1", text) + "'"
+
+
+def _ps_list(items):
+    return "@(%s)" % ", ".join(_ps_quote(i) for i in items)
+
+
+def _ps_result(text, kind, tip):
+    return "[CompletionResult]::new(%s, %s, [CompletionResultType]::%s, %s)" % (
+        _ps_quote(text), _ps_quote(text), kind, _ps_quote(tip or text))
+
+
+def _ps_context(args, top_subs):
+    ind = " " * 12
+    out = []
+    for a in args:
+        if a.flags and a.value:
+            vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in a.choices or [])
+            out.append(ind + "if (%s -contains $prev) { %s%sbreak }"
+                       % (_ps_list(a.flags), vals, "; " if vals else ""))
+    pos = _positionals(args)
+    choices = [c for a in pos for c in (a.choices or [])]
+    if choices or any(a.kind for a in pos):
+        vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in choices)
+        out.append(ind + "if (-not $wordToComplete.StartsWith('-')) { %s%sbreak }"
+                   % (vals, "; " if vals else ""))
+    for a in args:
+        for f in a.flags:
+            out.append(ind + _ps_result(f, "ParameterName", a.help))
+    for s in top_subs:
+        for n in s.names:
+            out.append(ind + _ps_result(n, "ParameterValue", s.help))
+    out.append(ind + "break")
+    return out
+
+
+def _pwsh_script(prog, glob, subs):
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# PowerShell completion for %s (generated)" % prog,
+        "using namespace System.Management.Automation",
+        "using namespace System.Management.Automation.Language",
+        "",
+        "Register-ArgumentCompleter -Native -CommandName %s -ScriptBlock {" % _ps_quote(prog),
+        "    param($wordToComplete, $commandAst, $cursorPosition)",
+        "",
+        "    # words before the one under the cursor",
+        "    $words = @($commandAst.CommandElements |",
+        "        Where-Object { $_.Extent.EndOffset -lt $cursorPosition } |",
+        "        ForEach-Object { $_.Extent.Text })",
+        "    $globalValueOpts = %s" % _ps_list(gvalue),
+        "    $sub = ''",
+        "    for ($i = 1; $i -lt $words.Count; $i++) {",
+        "        if ($globalValueOpts -contains $words[$i]) { $i++; continue }",
+        "        if ($words[$i].StartsWith('-')) { continue }",
+        "        $sub = $words[$i]; break",
+        "    }",
+        "    $prev = if ($words.Count -gt 1) { $words[-1] } else { '' }",
+        "",
+        "    $completions = @(switch ($sub) {",
+        "        '' {",
+    ]
+    lines += _ps_context(glob, subs)
+    lines.append("        }")
+    for s in subs:
+        lines.append("        { %s -contains $_ } {" % _ps_list(s.names))
+        lines += _ps_context(_with_globals(s.args, glob), [])
+        lines.append("        }")
+    lines += [
+        "    })",
+        "",
+        "    $completions |",
+        "        Where-Object { $_.CompletionText.StartsWith($wordToComplete, "
+        "[StringComparison]::OrdinalIgnoreCase) } |",
+        "        Sort-Object -Property ListItemText",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- elvish --------------------------------------------------------------------
+def _elv_quote(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _elv_list(items):
+    return "[%s]" % " ".join(_elv_quote(i) for i in items)
+
+
+def _elv_context(args, top_subs):
+    ind = " " * 8
+    branches = []
+    for a in args:
+        if a.flags and a.value:
+            if a.choices is not None:
+                body = "put %s" % " ".join(_elv_quote(c) for c in a.choices)
+            elif a.kind:
+                body = "edit:complete-filename $cur"
+            else:
+                body = "nop"
+            branches.append(("(has-value %s $prev)" % _elv_list(a.flags), body))
+    pos = _positionals(args)
+    choices = [c for a in pos for c in (a.choices or [])]
+    if choices or any(a.kind for a in pos):
+        body = []
+        if any(a.kind and a.choices is None for a in pos):
+            body.append("edit:complete-filename $cur")
+        if choices:
+            body.append("put %s" % " ".join(_elv_quote(c) for c in choices))
+        branches.append(("(not (str:has-prefix $cur -))", "; ".join(body)))
+    cands = ["cand %s %s" % (_elv_quote(f), _elv_quote(a.help or f))
+             for a in args for f in a.flags]
+    cands += ["cand %s %s" % (_elv_quote(n), _elv_quote(s.help or n))
+              for s in top_subs for n in s.names]
+    out = []
+    for i, (cond, body) in enumerate(branches):
+        out.append(ind + ("if " if i == 0 else "} elif ") + cond + " {")
+        out.append(ind + "    " + body)
+    if branches:
+        out.append(ind + "} else {")
+        out += [ind + "    " + c for c in cands or ["nop"]]
+        out.append(ind + "}")
+    else:
+        out += [ind + c for c in cands or ["nop"]]
+    return out
+
+
+def _elvish_script(prog, glob, subs):
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# elvish completion for %s (generated)" % prog,
+        "use str",
+        "",
+        "set edit:completion:arg-completer[%s] = {|@words|" % _elv_quote(prog),
+        "    fn cand {|text desc|",
+        "        edit:complex-candidate $text &display=$text' -- '$desc",
+        "    }",
+        "    var cur = $words[-1]",
+        "    var prev = ''",
+        "    if (> (count $words) 2) { set prev = $words[-2] }",
+        "    # the subcommand is the first word that is neither an option nor its value",
+        "    var sub = ''",
+        "    var skip = $false",
+        "    for w $words[1..-1] {",
+        "        if $skip { set skip = $false; continue }",
+        "        if (has-value %s $w) { set skip = $true; continue }" % _elv_list(gvalue),
+        "        if (str:has-prefix $w -) { continue }",
+        "        set sub = $w",
+        "        break",
+        "    }",
+        "    if (eq $sub '') {",
+    ]
+    lines += _elv_context(glob, subs)
+    for s in subs:
+        lines.append("    } elif (has-value %s $sub) {" % _elv_list(s.names))
+        lines += _elv_context(_with_globals(s.args, glob), [])
+    lines += ["    }", "}", ""]
+    return "\n".join(lines)
+
+
 def _suppress():
     import argparse
     return argparse.SUPPRESS
@@ -2653,6 +4098,15 @@ COMMANDS = {
     "show-path": ("Print how a path resolves", _args_show_path, cmd_show_path),
     "init": ("Create the data directory and database", _args_init, cmd_init),
     "list-projects": ("List recorded project names", None, cmd_list_projects),
+    "reserve-group": ("Reserve a group of services from a YAML file", _args_group, cmd_reserve_group),
+    "autoreserve": ("Discover trop.yaml from the cwd and reserve its group", _args_autoreserve, cmd_autoreserve),
+    "run": ("Reserve the project's group, then run a command with its variables set", _args_run, cmd_run),
+    "scan": ("List occupied ports in the range", _args_scan, cmd_scan),
+    "completions": ("Print a shell completion script", _args_completions, cmd_completions),
+    "prune": ("Remove reservations whose directory no longer exists", _args_dry_run, cmd_prune),
+    "expire": ("Remove reservations unused for a number of days", _args_expire, cmd_expire),
+    "autoclean": ("Prune and expire in one transaction", _args_expire, cmd_autoclean),
+    "migrate": ("Move reservations from one path to another", _args_migrate, cmd_migrate),
 }
 _GLOBAL_VALUE_OPTIONS = ("--data-dir", "--busy-timeout")
 
