@@ -149,7 +149,657 @@ def _check_identifier(field, value, source=None, limit=255):
 
 # --- YAML reader -------------------------------------------------------------
 
-#@@YAML@@
+class YamlError(Exception):
+    """A syntax error or a construct outside the supported subset.
+
+    ``message`` is the text (``str(e) == message``); ``line`` is the 1-based
+    line number, or None when no line applies."""
+
+    def __init__(self, message, line=None):
+        Exception.__init__(self, message)
+        self.message = message
+        self.line = line
+
+
+class YamlMap(dict):
+    """A mapping: ``line`` is where it starts, ``key_lines`` maps key -> line."""
+
+    _meta = None        # block mappings: {key: (column of ':', index of last value line)}
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        self.line = None
+        self.key_lines = {}
+
+
+class YamlList(list):
+    """A sequence: ``line`` is where it starts, ``item_lines`` the line of each item."""
+
+    _col = None         # block sequences: column of the '-' indicators
+
+    def __init__(self, *args):
+        list.__init__(self, *args)
+        self.line = None
+        self.item_lines = []
+
+
+_YAML_MAX_DEPTH = 100
+_YAML_BLANK, _YAML_CONTENT, _YAML_TAB, _YAML_MARKER = 0, 1, 2, 3
+_YAML_HEX = "0123456789abcdefABCDEF"
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+_YAML_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_YAML_SPECIAL_FLOATS = {}
+for _yaml_s in (".inf", ".Inf", ".INF"):
+    _YAML_SPECIAL_FLOATS[_yaml_s] = _YAML_SPECIAL_FLOATS["+" + _yaml_s] = float("inf")
+    _YAML_SPECIAL_FLOATS["-" + _yaml_s] = float("-inf")
+for _yaml_s in (".nan", ".NaN", ".NAN"):
+    _YAML_SPECIAL_FLOATS[_yaml_s] = float("nan")
+del _yaml_s
+_YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v",
+            "f": "\f", "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\",
+            "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+_YAML_NO_PLAIN_START = "&*!|>%@`,[]{}#"      # characters that cannot start a plain scalar
+_YAML_INDICATOR_ERRORS = {
+    "&": "anchors (&name) are not supported",
+    "*": "aliases (*name) are not supported",
+    "!": "tags (!tag) are not supported",
+    "|": "block scalars (| or >) are not supported",
+    ">": "block scalars (| or >) are not supported",
+    "?": "complex mapping keys (? key) are not supported",
+    ":": "mapping entries with an empty key are not supported",
+    "@": "'@' is a reserved indicator and cannot start a plain scalar (quote the value)",
+    "`": "'`' is a reserved indicator and cannot start a plain scalar (quote the value)",
+    "#": "unexpected '#' (a comment must be preceded by a space)",
+}
+_YAML_COMPLEX_KEY = "complex mapping keys (flow collections as keys) are not supported"
+
+
+def _yaml_resolve(raw, li):
+    """YAML 1.2 core schema resolution of a plain scalar."""
+    c = raw[:1]
+    if not c:
+        return None
+    if c in "nN~":
+        return None if raw in _YAML_NULLS else raw
+    if c in "tTfF":
+        return _YAML_BOOLS.get(raw, raw)
+    if c in "0123456789+-.":
+        t = raw[1:] if c in "+-" else raw
+        if t and not t.strip("0123456789"):
+            try:
+                return int(raw)
+            except ValueError:          # more digits than int() accepts
+                raise YamlError("integer %s... is too large" % raw[:20], li + 1)
+        if c == "0" and len(raw) > 2:
+            t = raw[2:]
+            if raw[1] == "o" and not t.strip("01234567"):
+                return int(t, 8)
+            if raw[1] == "x" and not t.strip(_YAML_HEX):
+                return int(t, 16)
+        if not raw.strip("0123456789+-.eE"):
+            try:                        # same grammar as the YAML 1.2 float regex
+                return float(raw)
+            except ValueError:
+                return raw
+        f = _YAML_SPECIAL_FLOATS.get(raw)
+        if f is not None:
+            return f
+    return raw
+
+
+def _yaml_indent_error(nested, value):
+    if nested:
+        return "inconsistent indentation"
+    if isinstance(value, str):
+        return "unexpected indentation (multi-line plain scalars are not supported)"
+    return "unexpected indentation"
+
+
+class _YamlParser(object):
+    """Recursive-descent parser over lines; positions are (line index, column)."""
+
+    def __init__(self, text):
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.lines = lines = text.split("\n")
+        self.n = len(lines)
+        self.kinds = kinds = []
+        self.inds = inds = []
+        for line in lines:
+            s = line.lstrip(" ")
+            ind = len(line) - len(s)
+            if not s or s[0] == "#":
+                kind = _YAML_BLANK
+            elif s[0] == "\t":
+                s = s.lstrip(" \t")
+                kind = _YAML_BLANK if not s or s[0] == "#" else _YAML_TAB
+            elif ind == 0 and s[:3] in ("---", "...") and (len(s) == 3 or s[3] in " \t"):
+                kind = _YAML_MARKER
+            else:
+                kind = _YAML_CONTENT
+            kinds.append(kind)
+            inds.append(ind)
+        self.depth = 0
+        self.last = 0               # index of the last line holding value content
+        self.comments = {}          # line index -> column of a comment's '#'
+        self.end_marker = None      # index of a '...' line
+        self.root_line = None
+        self.root_end = None
+
+    # -- document ------------------------------------------------------------
+    def parse(self):
+        lines, kinds, n = self.lines, self.kinds, self.n
+        li = self._next(0)
+        if li < n and kinds[li] == _YAML_MARKER and lines[li][0] == "-":
+            self._marker_rest(li)
+            li = self._next(li + 1)
+        root = None
+        col = 0
+        if li < n and kinds[li] != _YAML_MARKER:
+            col = self._level(li)
+            self.root_line = li + 1
+            root, li = self._node(li, col, 0)
+            self.root_end = self.last
+        if li < n:
+            if kinds[li] != _YAML_MARKER:
+                if self._level(li) < col:
+                    raise YamlError("inconsistent indentation", li + 1)
+                raise YamlError("unexpected content after the top-level value", li + 1)
+            if lines[li][0] == "-":
+                raise YamlError("multiple documents are not supported", li + 1)
+            self._marker_rest(li)
+            self.end_marker = li
+            li = self._next(li + 1)
+            if li < n:
+                raise YamlError("multiple documents are not supported", li + 1)
+        return root
+
+    def _marker_rest(self, li):
+        rest = self.lines[li][3:].lstrip(" \t")
+        if rest and rest[0] != "#":
+            raise YamlError("content on the '%s' line is not supported" % self.lines[li][:3], li + 1)
+
+    # -- helpers -------------------------------------------------------------
+    def _next(self, li):
+        """Index of the next line at or after li that is not blank / comment-only."""
+        kinds, n = self.kinds, self.n
+        while li < n and kinds[li] == _YAML_BLANK:
+            li += 1
+        return li
+
+    def _level(self, li):
+        """Indentation of line li; -1 at the end of the document."""
+        if li >= self.n:
+            return -1
+        kind = self.kinds[li]
+        if kind == _YAML_CONTENT:
+            return self.inds[li]
+        if kind == _YAML_MARKER:
+            return -1
+        raise YamlError("tab characters are not allowed for indentation", li + 1)
+
+    def _enter(self, li):
+        self.depth += 1
+        if self.depth > _YAML_MAX_DEPTH:
+            raise YamlError("nesting is too deep (more than %d levels)" % _YAML_MAX_DEPTH, li + 1)
+
+    def _is_entry(self, li, col):
+        line = self.lines[li]
+        return line[col:col + 1] == "-" and (len(line) == col + 1 or line[col + 1] in " \t")
+
+    def _bad_start(self, ch, li, col):
+        if ch == "%":
+            msg = ("directives (%...) are not supported" if col == 0 else
+                   "'%' cannot start a plain scalar (quote the value)")
+        else:
+            msg = _YAML_INDICATOR_ERRORS.get(ch) or "unexpected '%s'" % ch
+        raise YamlError(msg, li + 1)
+
+    def _eol(self, li, p, what):
+        """Only whitespace or a comment may follow position p on line li."""
+        line = self.lines[li]
+        n = len(line)
+        q = p
+        while q < n and line[q] in " \t":
+            q += 1
+        if q == n:
+            return
+        if line[q] == "#" and q > p:
+            self.comments[li] = q
+            return
+        if line[q] == ":" and (q + 1 == n or line[q + 1] in " \t") and what == "flow collection":
+            raise YamlError(_YAML_COMPLEX_KEY, li + 1)
+        raise YamlError("unexpected content after %s" % what, li + 1)
+
+    # -- scalars -------------------------------------------------------------
+    def _plain(self, line, col):
+        """Block-context plain scalar at col -> (raw, end, is_key, comment column or -1)."""
+        n = len(line)
+        h = line.find("#", col + 1)
+        while h > 0 and line[h - 1] not in " \t":
+            h = line.find("#", h + 1)
+        end = n if h < 0 else h
+        j = line.find(":", col + 1)
+        while 0 <= j < end:
+            if j + 1 == n or line[j + 1] in " \t":
+                return line[col:j].rstrip(" \t"), j + 1, True, -1
+            j = line.find(":", j + 1)
+        return line[col:end].rstrip(" \t"), end, False, h
+
+    def _quoted(self, line, col, li):
+        """Quoted scalar starting at col (single line) -> (text, end)."""
+        parts = []
+        i = col + 1
+        if line[col] == "'":
+            while True:
+                j = line.find("'", i)
+                if j < 0:
+                    raise YamlError("unterminated single-quoted string", li + 1)
+                parts.append(line[i:j])
+                if line[j + 1:j + 2] != "'":
+                    return "".join(parts), j + 1
+                parts.append("'")
+                i = j + 2
+        while True:
+            j = line.find('"', i)
+            if j < 0:
+                raise YamlError("unterminated double-quoted string", li + 1)
+            b = line.find("\\", i, j)
+            if b < 0:
+                parts.append(line[i:j])
+                return "".join(parts), j + 1
+            parts.append(line[i:b])
+            c = line[b + 1]
+            e = _YAML_ESCAPES.get(c)
+            if e is not None:
+                parts.append(e)
+                i = b + 2
+                continue
+            size = 2 if c == "x" else 4 if c == "u" else 8 if c == "U" else 0
+            if not size:
+                raise YamlError("unknown escape sequence '\\%s' in double-quoted string" % c, li + 1)
+            hx = line[b + 2:b + 2 + size]
+            if len(hx) != size or hx.strip(_YAML_HEX):
+                raise YamlError("invalid escape sequence '\\%s%s' in double-quoted string" % (c, hx), li + 1)
+            code = int(hx, 16)
+            i = b + 2 + size
+            if 0xD800 <= code < 0xDC00 and c == "u" and line[i:i + 2] == "\\u":
+                lo = line[i + 2:i + 6]
+                if len(lo) == 4 and not lo.strip(_YAML_HEX) and 0xDC00 <= int(lo, 16) <= 0xDFFF:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (int(lo, 16) - 0xDC00)
+                    i += 6
+            if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+                raise YamlError("invalid escape sequence '\\%s%s' (not a Unicode character)" % (c, hx), li + 1)
+            parts.append(chr(code))
+
+    # -- block context ---------------------------------------------------------
+    def _node(self, li, col, mode):
+        """Node whose first character is at (li, col) -> (value, next content line).
+
+        mode 0: node on its own line or after '- '; 1: on the line of its
+        mapping key (no block collection may start); 2: after '-' and a tab."""
+        line = self.lines[li]
+        ch = line[col]
+        if ch in "-?:" and (len(line) == col + 1 or line[col + 1] in " \t"):
+            if ch != "-":
+                self._bad_start(ch, li, col)
+            if mode == 1:
+                raise YamlError("a block sequence cannot start on the line of its mapping key", li + 1)
+            if mode == 2:
+                raise YamlError("tab characters are not allowed for indentation", li + 1)
+            return self._seq(li, col, False)
+        if ch in "[{":
+            value, eli, eci = self._flow(li, col)
+            self._eol(eli, eci, "flow collection")
+            self.last = eli
+            return value, self._next(eli + 1)
+        if ch in "\"'":
+            value, p = self._quoted(line, col, li)
+            q, n = p, len(line)
+            while q < n and line[q] in " \t":
+                q += 1
+            if q < n and line[q] == ":" and (q + 1 == n or line[q + 1] in " \t"):
+                return self._map_here(li, col, mode)
+            self._eol(li, p, "quoted string")
+            self.last = li
+            return value, self._next(li + 1)
+        if ch in _YAML_NO_PLAIN_START:
+            self._bad_start(ch, li, col)
+        raw, p, is_key, h = self._plain(line, col)
+        if is_key:
+            return self._map_here(li, col, mode)
+        if h >= 0:
+            self.comments[li] = h
+        self.last = li
+        return _yaml_resolve(raw, li), self._next(li + 1)
+
+    def _map_here(self, li, col, mode):
+        if mode == 1:
+            raise YamlError("mapping values are not allowed here (start a nested mapping "
+                            "on its own line)", li + 1)
+        if mode == 2:
+            raise YamlError("tab characters are not allowed for indentation", li + 1)
+        return self._map(li, col)
+
+    def _key(self, line, li, col):
+        """The 'key:' at col -> (key, column of ':')."""
+        ch = line[col]
+        if ch in "\"'":
+            key, p = self._quoted(line, col, li)
+            q, n = p, len(line)
+            while q < n and line[q] in " \t":
+                q += 1
+            if q < n and line[q] == ":" and (q + 1 == n or line[q + 1] in " \t"):
+                return key, q
+        elif ch in "-?:" and (len(line) == col + 1 or line[col + 1] in " \t"):
+            if ch == "-":
+                raise YamlError("expected a mapping key ('key: value'), found a block sequence entry", li + 1)
+            self._bad_start(ch, li, col)
+        elif ch in "[{":
+            raise YamlError("expected a mapping key ('key: value'), found a flow collection", li + 1)
+        elif ch in _YAML_NO_PLAIN_START:
+            self._bad_start(ch, li, col)
+        else:
+            raw, p, is_key, h = self._plain(line, col)
+            if is_key:
+                return raw, p - 1
+        raise YamlError("expected a mapping key ('key: value'), found a scalar", li + 1)
+
+    def _map(self, li, col):
+        self._enter(li)
+        lines = self.lines
+        m = YamlMap()
+        m.line = li + 1
+        m._meta = meta = {}
+        key_lines = m.key_lines
+        while True:
+            line = lines[li]
+            key, c = self._key(line, li, col)
+            if key in m:
+                raise YamlError("duplicate key %r (first defined on line %d)" % (key, key_lines[key]), li + 1)
+            key_lines[key] = li + 1
+            self.last = li
+            n = len(line)
+            q = c + 1
+            while q < n and line[q] in " \t":
+                q += 1
+            nested = False
+            if q == n or line[q] == "#":
+                if q < n:
+                    self.comments[li] = q
+                nli = self._next(li + 1)
+                ind = self._level(nli)
+                if ind > col:
+                    value, nli = self._node(nli, ind, 0)
+                    nested = isinstance(value, (YamlMap, YamlList))
+                elif ind == col and self._is_entry(nli, col):
+                    value, nli = self._seq(nli, col, True)
+                else:
+                    value = None
+            else:
+                value, nli = self._node(li, q, 1)
+            m[key] = value
+            meta[key] = (c, self.last)
+            ind = self._level(nli)
+            if ind == col:
+                li = nli
+            elif ind < col:
+                self.depth -= 1
+                return m, nli
+            else:
+                raise YamlError(_yaml_indent_error(nested, value), nli + 1)
+
+    def _seq(self, li, col, compact):
+        """Block sequence with '-' at col; compact: it is a mapping value at the key's column."""
+        self._enter(li)
+        lines = self.lines
+        lst = YamlList()
+        lst.line = li + 1
+        lst._col = col
+        item_lines = lst.item_lines
+        while True:
+            line = lines[li]
+            item_lines.append(li + 1)
+            self.last = li
+            n = len(line)
+            q = col + 1
+            while q < n and line[q] in " \t":
+                q += 1
+            if q == n or line[q] == "#":
+                if q < n:
+                    self.comments[li] = q
+                nli = self._next(li + 1)
+                ind = self._level(nli)
+                if ind > col:
+                    value, nli = self._node(nli, ind, 0)
+                else:
+                    value = None
+            else:
+                value, nli = self._node(li, q, 2 if "\t" in line[col + 1:q] else 0)
+            nested = isinstance(value, (YamlMap, YamlList))
+            lst.append(value)
+            ind = self._level(nli)
+            if ind == col:
+                if self._is_entry(nli, col):
+                    li = nli
+                    continue
+                if compact:
+                    break
+                raise YamlError("expected a block sequence entry ('- item') at this indentation", nli + 1)
+            elif ind < col:
+                break
+            else:
+                raise YamlError(_yaml_indent_error(nested, value), nli + 1)
+        self.depth -= 1
+        return lst, nli
+
+    # -- flow context ----------------------------------------------------------
+    def _fskip(self, li, ci, open_line, closer):
+        """Skip whitespace, line breaks and comments inside a flow collection."""
+        lines = self.lines
+        line = lines[li]
+        while True:
+            n = len(line)
+            while ci < n and line[ci] in " \t":
+                ci += 1
+            if ci < n:
+                if line[ci] != "#" or (ci > 0 and line[ci - 1] not in " \t"):
+                    return li, ci
+                self.comments[li] = ci
+            li += 1
+            if li >= self.n or self.kinds[li] == _YAML_MARKER:
+                raise YamlError("unclosed '%s' (missing '%s')" % ("[" if closer == "]" else "{", closer),
+                                open_line)
+            line = lines[li]
+            ci = 0
+
+    def _fnode(self, li, ci):
+        """Flow node at (li, ci) -> (value or raw plain text, li, ci after, kind)."""
+        line = self.lines[li]
+        ch = line[ci]
+        if ch in "[{":
+            value, li, ci = self._flow(li, ci)
+            return value, li, ci, "coll"
+        if ch in "\"'":
+            value, ci = self._quoted(line, ci, li)
+            return value, li, ci, "quoted"
+        if ch == "-" and (len(line) == ci + 1 or line[ci + 1] in " \t,[]{}"):
+            raise YamlError("block sequence entries are not allowed inside flow collections", li + 1)
+        if ch in _YAML_NO_PLAIN_START or ch == "?" or ch == ":":     # '?x', ':x' are indicators here
+            self._bad_start(ch, li, ci)
+            self._bad_start(ch, li, ci)
+        n = len(line)
+        j = ci + 1
+        while j < n:
+            c = line[j]
+            if c in ",[]{}":
+                break
+            if c == ":":
+                if j + 1 == n or line[j + 1] in " \t,[]{}":
+                    break
+            elif c == "#" and line[j - 1] in " \t":
+                break
+            j += 1
+        return line[ci:j].rstrip(" \t"), li, j, "plain"
+
+    def _flow(self, li, ci):
+        """Flow collection starting at (li, ci) -> (value, li, ci after the closer)."""
+        self._enter(li)
+        lines = self.lines
+        open_line = li + 1
+        if lines[li][ci] == "[":
+            coll, closer, what = YamlList(), "]", "sequence"
+        else:
+            coll, closer, what = YamlMap(), "}", "mapping"
+        coll.line = open_line
+        ci += 1
+        while True:
+            li, ci = self._fskip(li, ci, open_line, closer)
+            if lines[li][ci] == closer:
+                break
+            start = li + 1
+            value, key_li, ci, kind = self._fnode(li, ci)
+            li, ci = self._fskip(key_li, ci, open_line, closer)
+            line = lines[li]
+            ch = line[ci]
+            pair = ch == ":" and (kind != "plain" or len(line) == ci + 1 or line[ci + 1] in " \t,[]{}")
+            if pair and li != key_li:
+                raise YamlError("a mapping key and its ':' must be on the same line", li + 1)
+            if kind == "coll" and (pair or closer == "}"):
+                raise YamlError(_YAML_COMPLEX_KEY, start)
+            key = value
+            if pair:
+                li, ci = self._fskip(li, ci + 1, open_line, closer)
+                ch = lines[li][ci]
+                if ch == "," or ch == closer:
+                    value = None
+                else:
+                    value, li, ci, vkind = self._fnode(li, ci)
+                    if vkind == "plain":
+                        value = _yaml_resolve(value, li)
+                    li, ci = self._fskip(li, ci, open_line, closer)
+                    ch = lines[li][ci]
+            else:
+                value = None if closer == "}" else _yaml_resolve(value, start - 1) if kind == "plain" else value
+            if closer == "]":
+                if pair:                # [key: value] is a single-pair mapping
+                    value = YamlMap({key: value})
+                    value.line = start
+                    value.key_lines[key] = start
+                coll.append(value)
+                coll.item_lines.append(start)
+            else:
+                if key in coll:
+                    raise YamlError("duplicate key %r (first defined on line %d)"
+                                    % (key, coll.key_lines[key]), start)
+                coll[key] = value
+                coll.key_lines[key] = start
+            if ch == ",":
+                ci += 1
+            elif ch != closer:
+                raise YamlError("expected ',' or '%s' in flow %s" % (closer, what), li + 1)
+        self.depth -= 1
+        return coll, li, ci + 1
+
+
+def parse_yaml(text):
+    """Parse a config document -> None (empty), YamlMap, YamlList or a scalar.
+
+    Raises YamlError (with a line number where possible) and nothing else."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise YamlError("invalid UTF-8 (byte 0x%02x)" % text[exc.start], text[:exc.start].count(b"\n") + 1)
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    try:
+        return _YamlParser(text).parse()
+    except RecursionError:
+        raise YamlError("nesting is too deep")
+
+
+def _yaml_split_lines(text):
+    """Lines with their endings, split exactly where _YamlParser splits."""
+    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+", text)
+
+
+def replace_excluded_ports(text, entries):
+    """Return text with only the top-level `excluded_ports` value replaced by `entries`.
+
+    entries: ints (single ports) and (start, end) pairs (ranges).  Every
+    other line, comment and key order is kept byte-for-byte; a JSON / flow
+    mapping document is re-emitted as JSON.  Raises YamlError if the text
+    does not parse or its top level is not a mapping."""
+    items, objs = [], []
+    for e in entries:
+        if isinstance(e, int) and not isinstance(e, bool):
+            items.append("%d" % e)
+            objs.append(e)
+        elif (isinstance(e, (tuple, list)) and len(e) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in e)):
+            items.append("{start: %d, end: %d}" % (e[0], e[1]))
+            objs.append({"start": e[0], "end": e[1]})
+        else:
+            raise ValueError("invalid excluded_ports entry: %r" % (e,))
+    bom, body = "", text
+    if body[:1] == "\ufeff":
+        bom, body = "\ufeff", body[1:]
+    parser = _YamlParser(body)
+    root = parser.parse()
+    nl = "\r\n" if "\r\n" in body else "\r" if "\r" in body else "\n"
+    lines = _yaml_split_lines(body)
+    key = "excluded_ports"
+    if root is not None and not isinstance(root, YamlMap):
+        raise YamlError("the top level of the document is not a mapping", parser.root_line)
+    if root is not None and root._meta is None:          # flow mapping / JSON object
+        import json
+        data = {}
+        for k, v in root.items():
+            data[k] = v
+        data[key] = objs
+        start, end = root.line - 1, parser.root_end
+        last = lines[end]
+        ending = last[len(last.rstrip("\r\n")):]
+        dumped = json.dumps(data, indent=2, ensure_ascii=False).replace("\n", nl)
+        return bom + "".join(lines[:start]) + dumped + ending + "".join(lines[end + 1:])
+    if root is not None and key in root:
+        k_idx = root.key_lines[key] - 1
+        colon, end = root._meta[key]
+        kline = parser.lines[k_idx]
+        head = kline[:colon + 1]
+        tail = ""
+        h = parser.comments.get(k_idx)
+        if h is not None and h > colon:
+            before = kline[:h]
+            tail = (before[len(before.rstrip(" \t")):] or " ") + kline[h:]
+        old = root[key]
+        if isinstance(old, YamlList) and old._col is not None:
+            indent = old._col
+        else:
+            indent = len(kline) - len(kline.lstrip(" ")) + 2
+        if items:
+            new = [head + tail] + [" " * indent + "- " + item for item in items]
+        else:
+            new = [head + " []" + tail]
+        last = lines[end]
+        ending = last[len(last.rstrip("\r\n")):]
+        return bom + "".join(lines[:k_idx]) + nl.join(new) + ending + "".join(lines[end + 1:])
+    indent = 0
+    if root is not None:
+        first = parser.lines[root.line - 1]
+        indent = len(first) - len(first.lstrip(" "))
+    if items:
+        new = [" " * indent + key + ":"] + [" " * (indent + 2) + "- " + item for item in items]
+    else:
+        new = [" " * indent + key + ": []"]
+    block = nl.join(new) + nl
+    if parser.end_marker is not None:                     # keep a final '...' last
+        m = parser.end_marker
+        return bom + "".join(lines[:m]) + block + "".join(lines[m:])
+    if body and body[-1] not in "\r\n":
+        body += nl
+    return bom + body + block
 
 
 # --- Configuration -----------------------------------------------------------
@@ -225,8 +875,9 @@ class Problems:
         self.items.append((line, message))
 
     def lines(self):
+        ordered = sorted(self.items, key=lambda item: item[0] or 0)
         return ["%s:%s: %s" % (self.source, line, msg) if line else "%s: %s" % (self.source, msg)
-                for line, msg in self.items]
+                for line, msg in ordered]
 
     def raise_first(self):
         if self.items:
@@ -616,6 +1267,101 @@ class Config:
     @property
     def group(self):
         return self.values["reservations"]
+
+
+def config_entries(doc):
+    """The excluded_ports of a parsed document as (start, end) ranges, in file order."""
+    raw = doc.get("excluded_ports") if isinstance(doc, dict) else None
+    if not raw:
+        return []
+    problems = Problems("excluded_ports")
+    out = [parse_exclusion(item, problems) for item in raw] if isinstance(raw, list) else []
+    return [r for r in out if r]
+
+
+class _DirectoryLock:
+    """flock() on a config file's directory: stable across the atomic renames of the file."""
+
+    def __init__(self, path):
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:             # no flock on this platform: writes are still atomic
+            return self
+        self.fd = os.open(self.directory, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)           # closing releases the lock
+
+
+def edit_exclusions(path, kind, change):
+    """Rewrite only excluded_ports of path under a lock: change(ranges) -> new ranges or None.
+
+    The file is re-read inside the lock so concurrent writers never lose an update;
+    the new text is parsed and validated before it atomically replaces the old.
+    """
+    with _DirectoryLock(path):
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IoFailure("%s: %s" % (path, getattr(exc, "strerror", None) or exc))
+        problems = Problems(path)
+        try:
+            doc = parse_yaml(text)
+        except YamlError as exc:
+            raise ConfigError("%s:%s: %s" % (path, exc.line, exc.message))
+        read_config_document(doc, path, kind, problems)
+        problems.raise_first()
+        current = config_entries(doc)
+        new = change(current)
+        if new is None:
+            return current, None
+        for start, end in new:
+            if not 1 <= start <= end <= 65535:
+                raise InvalidArguments("Invalid arguments: invalid exclusion %s" % _range_text(start, end))
+        try:
+            new_text = replace_excluded_ports(text, [s if s == e else (s, e) for s, e in new])
+            check = Problems(path)
+            read_config_document(parse_yaml(new_text), path, kind, check)
+        except YamlError as exc:
+            raise LibraryError("internal error: rewritten %s does not parse (%s); nothing was written"
+                               % (path, exc.message))
+        if check.items:
+            raise InvalidArguments("Invalid arguments: %s" % check.lines()[0])
+        write_file_atomic(path, new_text)
+        return current, new
+
+
+def add_exclusions(path, ranges, kind="project", compact=False):
+    """Append ranges not already listed (exact match); optionally compact. Returns how many were added."""
+    added = []
+
+    def change(current):
+        for rng in ranges:
+            if rng not in current and rng not in added:
+                added.append(rng)
+        if not added:
+            return None
+        merged = current + added
+        if compact:
+            merged = [(e, e) if isinstance(e, int) else e for e in ExclusionList(merged).entries()]
+        return merged
+    edit_exclusions(path, kind, change)
+    return len(added)
+
+
+def config_kind(path):
+    """Validation rules of a file: user rules for config.yaml, project rules otherwise."""
+    return "user" if os.path.basename(path) == "config.yaml" else "project"
 
 
 def find_project_dir(start):
@@ -3405,6 +4151,116 @@ def cmd_completions(args):
     return 0
 
 
+def exclusion_target(session, use_global=False):
+    """Where exclude and scan --autoexclude write: trop.local.yaml, else trop.yaml, else the user config."""
+    if not use_global and session.project_dir:
+        for name in reversed(PROJECT_FILES):
+            path = os.path.join(session.project_dir, name)
+            if os.path.exists(path):
+                return path
+    return os.path.join(session.data_dir, "config.yaml")
+
+
+def _args_exclude(p):
+    p.add_argument("port_or_range", metavar="PORT_OR_RANGE", help="a port (8080) or an inclusive range (8080..8090)")
+    p.add_argument("--global", dest="use_global", action="store_true", help="write the user config.yaml")
+    p.add_argument("--force", action="store_true", help="exclude even ports that are reserved")
+
+
+def parse_port_or_range(text):
+    text = text.strip()
+    try:
+        if ".." in text:
+            a, _, b = text.partition("..")
+            start, end = _invalid_port(a), _invalid_port(b)
+        else:
+            start = end = _invalid_port(text)
+    except InvalidArguments as exc:
+        raise InvalidArguments("Invalid arguments: %s" % exc.message)
+    if end < start:
+        raise InvalidArguments("Invalid arguments: Invalid range: %d..%d (end < start)" % (start, end))
+    return start, end
+
+
+def cmd_exclude(args):
+    start, end = parse_port_or_range(args.port_or_range)
+    session = Session(vars(args))
+    if not args.force:
+        taken = session.read(lambda store: store.taken_ports())
+        for port in range(start, end + 1):
+            if port in taken:
+                raise InvalidArguments("Invalid arguments: Port %d is reserved. Use --force to override." % port)
+    target = exclusion_target(session, args.use_global)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    added = add_exclusions(target, [(start, end)], config_kind(target))
+    if not session.quiet:
+        _out(("Added exclusion to %s" if added else "Exclusion already exists in %s") % target)
+    return 0
+
+
+def _args_compact(p):
+    p.add_argument("path", metavar="PATH", help="config file to compact")
+    p.add_argument("--dry-run", action="store_true", help="show the result without writing")
+
+
+def _entries_text(ranges):
+    return "[%s]" % ", ".join(_range_text(s, e) for s, e in ranges)
+
+
+def cmd_compact_exclusions(args):
+    Session(vars(args), scope=None)
+    path = args.path
+    if not os.path.exists(path):
+        raise InvalidArguments("File not found: %s" % path)
+    result = {}
+
+    def change(current):
+        result["before"] = current
+        compacted = [(e, e) if isinstance(e, int) else e for e in ExclusionList(current).entries()]
+        result["after"] = compacted
+        if not current or compacted == current or args.dry_run:
+            return None
+        return compacted
+    edit_exclusions(path, config_kind(path), change)
+    before, after = result["before"], result["after"]
+    if not before:
+        _out("No exclusions to compact")
+    elif before == after:
+        _out("Exclusions already optimal")
+    elif args.dry_run:
+        _out("Compacted %d exclusions to %d\nDry run - no changes made\nWould save: %s"
+             % (len(before), len(after), _entries_text(after)))
+    else:
+        _out("Compacted %d exclusions to %d\nUpdated %s" % (len(before), len(after), path))
+    return 0
+
+
+def _args_validate(p):
+    p.add_argument("config_path", metavar="CONFIG_PATH", help="YAML file to check")
+
+
+def cmd_validate(args):
+    Session(vars(args), scope=None)
+    path = args.config_path
+    if not os.path.exists(path):
+        raise InvalidArguments("File not found: %s" % path)
+    problems = Problems(path)
+    layer = read_config_file(path, config_kind(path), problems)
+    if not problems.items:
+        try:
+            Config([layer]).validate()
+        except ConfigError as exc:
+            problems.add(None, exc.message)
+    if problems.items:
+        for line in problems.lines():
+            _err(line)
+        raise SemanticFailure("Configuration file is invalid (%d problem%s)"
+                              % (len(problems.items), "" if len(problems.items) == 1 else "s"))
+    _out("Configuration is valid")
+    return 0
+
+
 def cmd_show_data_dir(args):
     _out(Session(vars(args), scope=None).data_dir)
     return 0
@@ -4103,6 +4959,9 @@ COMMANDS = {
     "run": ("Reserve the project's group, then run a command with its variables set", _args_run, cmd_run),
     "scan": ("List occupied ports in the range", _args_scan, cmd_scan),
     "completions": ("Print a shell completion script", _args_completions, cmd_completions),
+    "validate": ("Check a configuration file and report every problem", _args_validate, cmd_validate),
+    "exclude": ("Add a port or range to excluded_ports", _args_exclude, cmd_exclude),
+    "compact-exclusions": ("Rewrite a file's excluded_ports minimally", _args_compact, cmd_compact_exclusions),
     "prune": ("Remove reservations whose directory no longer exists", _args_dry_run, cmd_prune),
     "expire": ("Remove reservations unused for a number of days", _args_expire, cmd_expire),
     "autoclean": ("Prune and expire in one transaction", _args_expire, cmd_autoclean),
