@@ -23,11 +23,12 @@ from collections import namedtuple
 __version__ = "0.2.0"
 
 __all__ = [
-    "TropError", "SemanticFailure", "LockTimeout", "NoDataDirectory",
-    "InvalidArguments", "IoFailure", "LibraryError", "ConfigError",
-    "Reservation", "ReservationKey", "PortRange", "ExclusionList",
-    "reserve", "release", "list_reservations", "list_projects",
-    "port_info", "data_dir", "main", "__version__",
+    "TropError", "SemanticFailure", "LockTimeout", "NoDataDirectory", "InvalidArguments",
+    "IoFailure", "LibraryError", "ConfigError", "CorruptionError", "UsageError",
+    "Reservation", "ReservationKey", "PortRange", "ExclusionList", "GroupSpec", "Plan",
+    "Trop", "reserve", "release", "reserve_group", "autoreserve", "list_reservations",
+    "list_projects", "port_info", "prune", "expire", "autoclean", "migrate", "data_dir",
+    "reservation", "main", "__version__",
 ]
 
 
@@ -1520,22 +1521,24 @@ def infer_git_metadata(path):
     project: the repository's name (worktrees resolve to the main repository);
     task: the linked worktree's name, else the branch; detached HEAD: none.
     """
+    import stat
     current = path
     while True:
-        dotgit = os.path.join(current, ".git")
+        dotgit = current.rstrip("/") + "/.git"
         workdir = current
-        if os.path.isdir(dotgit):
+        kind = _stat_kind(dotgit)
+        if kind == stat.S_IFDIR:
             gitdir, linked = dotgit, False
             break
-        if os.path.isfile(dotgit):
+        if kind == stat.S_IFREG:
             text = _read_text(dotgit) or ""
             if not text.startswith("gitdir:"):
                 return None, None
             gitdir = os.path.normpath(os.path.join(current, text[7:].strip()))
             linked = True
             break
-        if os.path.isfile(os.path.join(current, "HEAD")) and os.path.isdir(os.path.join(current, "objects")) \
-                and os.path.isdir(os.path.join(current, "refs")):
+        if _stat_kind(current.rstrip("/") + "/HEAD") == stat.S_IFREG and os.path.isdir(current + "/objects") \
+                and os.path.isdir(current + "/refs"):
             gitdir, linked, workdir = current, False, None      # a bare repository
             break
         parent = os.path.dirname(current)
@@ -1560,6 +1563,14 @@ def infer_git_metadata(path):
             ref = head[4:].strip()
             task = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
     return _clean_identifier(project), _clean_identifier(task)
+
+
+def _stat_kind(path):
+    """The file type bits of path (following symlinks), or None: one stat per question."""
+    try:
+        return os.stat(path).st_mode & 0o170000
+    except (OSError, ValueError):
+        return None
 
 
 def _clean_identifier(value):
@@ -1724,9 +1735,63 @@ class ExclusionList:
     def __len__(self):
         return len(self.ranges)
 
+    def end_of(self, port):
+        """The last port of the excluded range containing port."""
+        import bisect
+        return self.ranges[bisect.bisect_right(self._starts, port) - 1][1]
+
     def entries(self):
         """The minimal entry list: singles as ints, runs as (start, end)."""
         return [s if s == e else (s, e) for s, e in self.ranges]
+
+
+class PortSet:
+    """Reserved ports: a set for membership plus a sorted list, so the next unreserved
+    port after a run of reserved ones is a binary search, not a walk."""
+
+    def __init__(self, ports=()):
+        self._set = set(ports)
+        self._sorted = sorted(self._set)
+
+    def __contains__(self, port):
+        return port in self._set
+
+    def __len__(self):
+        return len(self._set)
+
+    def __iter__(self):
+        return iter(self._sorted)
+
+    def __sub__(self, ports):
+        return PortSet(self._set.difference(ports))
+
+    def add(self, port):
+        if port not in self._set:
+            import bisect
+            self._set.add(port)
+            bisect.insort(self._sorted, port)
+
+    def discard(self, port):
+        if port in self._set:
+            import bisect
+            self._set.discard(port)
+            del self._sorted[bisect.bisect_left(self._sorted, port)]
+
+    def next_unreserved(self, port):
+        """The lowest port >= port that is not in the set."""
+        import bisect
+        ports = self._sorted
+        i = bisect.bisect_left(ports, port)
+        if i == len(ports) or ports[i] != port:
+            return port
+        lo, hi = i, len(ports) - 1           # last j with ports[j] - port == j - i (a contiguous run)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ports[mid] - port == mid - i:
+                lo = mid
+            else:
+                hi = mid - 1
+        return ports[lo] + 1
 
 
 class OccupancyPolicy:
@@ -1955,6 +2020,14 @@ class Store:
         self.conn = conn
         self.path = path
         self.timeout = timeout
+        self.pid = os.getpid()
+        self.identity = _file_identity(path)
+        self._ports = None
+        self._ports_version = None
+
+    def is_current(self):
+        """Still safe to use: same process, and trop.db is still the file this connection opened."""
+        return self.pid == os.getpid() and self.identity == _file_identity(self.path)
 
     # -- opening --
 
@@ -2025,9 +2098,6 @@ class Store:
     def write(self, dry_run=False):
         """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK for a dry run or an error)."""
         return _Transaction(self, dry_run)
-
-    def savepoint(self, name):
-        return _Savepoint(self, name)
 
     # -- schema --
 
@@ -2141,7 +2211,22 @@ class Store:
         return Reservation.from_row(row) if row else None
 
     def taken_ports(self):
-        return {row[0] for row in self.conn.execute("SELECT port FROM reservations")}
+        """Every reserved port (a PortSet the caller must not change).
+
+        Re-read unless PRAGMA data_version shows that no other connection has
+        committed since this connection last read them; this connection's own
+        writes keep the cached set current.  Callers hold the transaction, so
+        the answer is exactly what the database holds now.
+        """
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._ports is None or version != self._ports_version:
+            self._ports = PortSet(row[0] for row in self.conn.execute("SELECT port FROM reservations"))
+            self._ports_version = version
+        return self._ports
+
+    def forget_cache(self):
+        """After a rollback the cached ports may include writes that never happened."""
+        self._ports = None
 
     def all(self):
         return [Reservation.from_row(r) for r in self.conn.execute(_SELECT + " ORDER BY path, tag")]
@@ -2171,6 +2256,8 @@ class Store:
     def insert(self, res):
         try:
             self.conn.execute("INSERT INTO reservations (%s) VALUES (?, ?, ?, ?, ?, ?, ?)" % _COLUMNS, res.row())
+            if self._ports is not None:
+                self._ports.add(res.port)
         except _sqlite().IntegrityError as exc:
             raise LibraryError("reservation conflict: cannot store %s on port %d: %s" % (res.key, res.port, exc))
 
@@ -2179,6 +2266,8 @@ class Store:
         cur = self.conn.execute(
             "DELETE FROM reservations WHERE path = ? AND tag = ? AND port = ? AND project IS ? AND task IS ? "
             "AND created_at = ? AND last_used_at = ?", res.row())
+        if cur.rowcount and self._ports is not None:
+            self._ports.discard(res.port)
         return cur.rowcount
 
     def update(self, res):
@@ -2189,6 +2278,14 @@ class Store:
     def touch(self, key, when):
         self.conn.execute("UPDATE reservations SET last_used_at = ? WHERE path = ? AND tag = ?",
                           (when, key.path, key.db_tag))
+
+
+def _file_identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _parse_version(text):
@@ -2226,24 +2323,11 @@ class _Transaction:
             except _sqlite().Error as err:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                self.store.forget_cache()
                 raise _database_error(err, self.store.path, "committing the transaction", self.store.timeout)
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        return False
-
-
-class _Savepoint:
-    def __init__(self, store, name):
-        self.conn = store.conn
-        self.name = name
-
-    def __enter__(self):
-        self.conn.execute("SAVEPOINT " + self.name)
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.conn.execute("ROLLBACK TO " + self.name)
-        self.conn.execute("RELEASE " + self.name)
+        self.store.forget_cache()
         return False
 
 
@@ -2752,15 +2836,25 @@ def preferred_unavailable(port, taken, exclusions, occupancy, ignore_exclusions=
 
 
 def find_free_port(port_range, taken, exclusions, occupancy, blockers=None):
-    """The lowest port of the range that is not reserved, excluded or occupied."""
+    """The lowest port of the range that is not reserved, excluded or occupied.
+
+    Runs of reserved or excluded ports are skipped in one step, so the cost does
+    not grow with the number of reservations below the answer.
+    """
     blockers = blockers if blockers is not None else Blockers()
-    for port in port_range:
+    port, top = port_range.min, port_range.max
+    while port <= top:
         if port in taken:
-            blockers.reserved += 1
+            after = min(taken.next_unreserved(port), top + 1)
+            blockers.reserved += after - port
+            port = after
         elif port in exclusions:
-            blockers.excluded += 1
+            after = min(exclusions.end_of(port) + 1, top + 1)
+            blockers.excluded += after - port
+            port = after
         elif occupancy.occupied(port):
             blockers.occupied += 1
+            port += 1
         else:
             return port
     return None
@@ -2903,8 +2997,7 @@ def plan_reserve(store, req, now=None, occupancy=None):
                 raise SemanticFailure("cannot change sticky field '%s': Cannot change %s from %s to %s without "
                                       "--force or %s" % (field, field, _quote(old), _quote(new), flag))
         if req.overwrite or req.force:
-            taken = store.taken_ports()
-            taken.discard(existing.port)
+            taken = store.taken_ports() - {existing.port}
             port = _allocate_or_cleanup(store, req, taken, occupancy, plan, now)
             moved = existing.replace(port=port, project=project, task=task, last_used_at=now)
             if port == existing.port:
@@ -3337,9 +3430,11 @@ class Session:
     or None (no configuration at all).
     """
 
-    def __init__(self, options=None, scope="discover", environ=None, config_file=None):
+    def __init__(self, options=None, scope="discover", environ=None, config_file=None, keep_open=False):
         opts = dict(options or {})
         self.options = opts
+        self.keep_open = keep_open
+        self._store = None
         self.environ = os.environ if environ is None else environ
         self.cwd = current_dir()
         self.quiet = bool(opts.get("quiet"))
@@ -3377,25 +3472,52 @@ class Session:
         return os.path.exists(os.path.join(self.data_dir, DB_FILE))
 
     def open_store(self, dry_run=False):
-        """The store to plan against; a dry run never creates a missing database."""
+        """The store to plan against; a dry run never creates a missing database.
+
+        With keep_open (the Python API's Trop handle) one connection serves every
+        call; it is reopened after a fork or when trop.db was replaced.
+        """
         if dry_run and not self.db_exists():
             return Store.open_empty()
-        autoinit = not (self.config and self.config["disable_autoinit"])
-        return Store.open(self.data_dir, self.timeout, autoinit)
+        store = self._store
+        if store is not None and not store.is_current():
+            store.close()
+            store = self._store = None
+        if store is None:
+            autoinit = not (self.config and self.config["disable_autoinit"])
+            store = Store.open(self.data_dir, self.timeout, autoinit)
+            if self.keep_open:
+                self._store = store
+        return store
+
+    def _done(self, store):
+        if store is not self._store:
+            store.close()
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def write(self, planner, dry_run=False):
         """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back)."""
-        with self.open_store(dry_run) as store:
+        store = self.open_store(dry_run)
+        try:
             with store.write(dry_run=dry_run):
                 plan = planner(store)
                 if not dry_run:
                     plan.execute(store)
+        finally:
+            self._done(store)
         return plan
 
     def read(self, reader):
         """Read-only access: never takes the write lock."""
-        with self.open_store() as store:
+        store = self.open_store()
+        try:
             return reader(store)
+        finally:
+            self._done(store)
 
     def explicit_or_cwd(self, path, env_name="TROP_PATH"):
         """--path, else $TROP_PATH (explicit: normalized only), else the canonical cwd."""
@@ -3463,52 +3585,226 @@ def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
     return rows
 
 
-def _api_session(options, scope="discover", config_file=None):
-    return Session(options, scope, config_file=config_file)
+class Trop:
+    """A reusable handle for Python programs: configuration resolved once, one connection.
+
+    Options are the CLI's flags with underscores (data_dir, min, max,
+    skip_occupancy_check, allow_unrelated_path, busy_timeout, ...).  The
+    configuration files and environment are read when the handle is made;
+    make a new handle to pick up changes.  Every call is still its own
+    BEGIN IMMEDIATE transaction, so handles in many processes stay consistent.
+
+        with trop.Trop(data_dir="/tmp/d") as t:
+            port = t.reserve("/srv/app", tag="web")
+    """
+
+    def __init__(self, **options):
+        self._options = options
+        self.session = _guard(lambda: Session(options, keep_open=True))
+
+    def close(self):
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _scoped(self, scope, config_file=None):
+        """A session for a group file, sharing this handle's options."""
+        return Session(self._options, scope, config_file=config_file)
+
+    def reserve(self, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
+                ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
+        """Reserve (or refresh) the port of (path, tag) and return it."""
+        return _guard(lambda: run_reserve(self.session, path, tag, port, overwrite, force, ignore_occupied,
+                                          ignore_exclusions, clear_project, clear_task, dry_run).result)
+
+    def release(self, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
+        """Release reservations at path (one tag, the untagged one, or everything beneath); returns how many."""
+        return _guard(lambda: run_release(self.session, path, tag, untagged_only, recursive, force,
+                                          dry_run).result)
+
+    def reserve_group(self, config_path, task=None, force=False, dry_run=False):
+        """Reserve the group of a YAML file; returns {tag: port}."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
+            return run_group(self._scoped("file", config_file), config_file, group_dir, task, force,
+                             dry_run).result
+        return _guard(op)
+
+    def autoreserve(self, task=None, force=False, dry_run=False):
+        """Reserve the group of the trop.yaml found from the working directory; returns {tag: port}."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd)
+            return run_group(self._scoped("discover"), config_file, group_dir, task, force, dry_run).result
+        return _guard(op)
+
+    def group_environment(self, config_path=None, task=None, force=False):
+        """{VARIABLE: "port"} for a group (autoreserve when config_path is None), as `trop run` sets them."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
+            session = self._scoped("discover") if config_path is None else self._scoped("file", config_file)
+            plan = run_group(session, config_file, group_dir, task, force)
+            return group_environment(plan.spec, plan.result)
+        return _guard(op)
+
+    def list(self, filter_project=None, filter_tag=None, filter_path=None):
+        """Reservations ordered by path then tag."""
+        return _guard(lambda: run_list(self.session, filter_project, filter_tag, filter_path))
+
+    def projects(self):
+        return _guard(lambda: self.session.read(lambda store: store.projects()))
+
+    def port_info(self, port):
+        """The Reservation holding port, or None."""
+        number = _invalid_port(port)
+        return _guard(lambda: self.session.read(lambda store: store.for_port(number)))
+
+    def prune(self, dry_run=False):
+        """Remove reservations whose directory is certainly gone; returns the removed Reservations."""
+        return _guard(lambda: run_cleanup(self.session, True, False, None, dry_run).result.rows)
+
+    def expire(self, days=None, dry_run=False):
+        """Remove reservations unused for more than days (default: configuration, else 30)."""
+        return _guard(lambda: run_cleanup(self.session, False, True, _days(days), dry_run).result.rows)
+
+    def autoclean(self, days=None, dry_run=False):
+        """prune and expire in one transaction; returns the removed Reservations."""
+        return _guard(lambda: run_cleanup(self.session, True, True, _days(days), dry_run).result.rows)
+
+    def migrate(self, source, target, recursive=False, force=False, dry_run=False):
+        """Move reservations from source to target; returns [(old, new)] Reservations."""
+        return _guard(lambda: [(m.old, m.new) for m in
+                               run_migrate(self.session, source, target, recursive, force, dry_run)[2].result[0]])
+
+
+def _days(days):
+    if days is not None and (not _is_int(days) or days < 1):
+        raise ConfigError("validation error for 'days': must be a positive integer")
+    return days
+
+
+def _with_handle(method, options, *args, **op_names):
+    """Module-level API: one short-lived handle per call."""
+    op = _pick(options, *op_names.get("names", ()))
+    with Trop(**options) as handle:
+        return getattr(handle, method)(*args, **op)
 
 
 def reserve(path=None, tag=None, **options):
     """Reserve the port for (path, tag) and return it; the same call returns the same port.
 
-    Options are the CLI's flags with underscores: data_dir, project, task,
+    Options: the CLI's flags with underscores -- data_dir, project, task,
     port, min, max, overwrite, force, ignore_occupied, ignore_exclusions,
     allow_unrelated_path, allow_project_change, allow_task_change,
     allow_change, clear_project, clear_task, skip_occupancy_check, skip_tcp,
     skip_udp, skip_ipv4, skip_ipv6, check_all_interfaces, disable_autoprune,
     disable_autoexpire, disable_autoclean, disable_autoinit, busy_timeout,
-    dry_run.  Raises a TropError subclass on failure.
+    dry_run.  Raises a TropError subclass (with .exit_code) on failure.
     """
-    op = _pick(options, "port", "overwrite", "force", "ignore_occupied", "ignore_exclusions", "clear_project",
-               "clear_task", "dry_run")
-    return _guard(lambda: run_reserve(_api_session(options), path, tag, **op).result)
+    return _with_handle("reserve", options, path, tag, names=(
+        "port", "overwrite", "force", "ignore_occupied", "ignore_exclusions", "clear_project", "clear_task",
+        "dry_run"))
 
 
 def release(path=None, tag=None, **options):
-    """Release reservations at path (one tag, untagged_only, or recursive); returns how many."""
-    op = _pick(options, "untagged_only", "recursive", "force", "dry_run")
-    return _guard(lambda: run_release(_api_session(options), path, tag, **op).result)
+    """Release reservations at path (tag, untagged_only, recursive, force, dry_run); returns how many."""
+    return _with_handle("release", options, path, tag,
+                        names=("untagged_only", "recursive", "force", "dry_run"))
+
+
+def reserve_group(config_path, **options):
+    """Reserve the group of a YAML file (task, force, dry_run); returns {tag: port}."""
+    return _with_handle("reserve_group", options, config_path, names=("task", "force", "dry_run"))
+
+
+def autoreserve(**options):
+    """Reserve the group of the nearest trop.yaml (task, force, dry_run); returns {tag: port}."""
+    return _with_handle("autoreserve", options, names=("task", "force", "dry_run"))
 
 
 def list_reservations(**options):
     """All reservations (filter_project, filter_tag, filter_path), ordered by path then tag."""
-    op = _pick(options, "filter_project", "filter_tag", "filter_path")
-    return _guard(lambda: run_list(_api_session(options), **op))
+    return _with_handle("list", options, names=("filter_project", "filter_tag", "filter_path"))
 
 
 def list_projects(**options):
     """Distinct project names, sorted."""
-    return _guard(lambda: _api_session(options).read(lambda store: store.projects()))
+    return _with_handle("projects", options)
 
 
 def port_info(port, **options):
     """The Reservation holding port, or None."""
-    number = _invalid_port(port)
-    return _guard(lambda: _api_session(options).read(lambda store: store.for_port(number)))
+    return _with_handle("port_info", options, port)
+
+
+def prune(**options):
+    """Remove reservations whose directory is gone (dry_run); returns the removed Reservations."""
+    return _with_handle("prune", options, names=("dry_run",))
+
+
+def expire(**options):
+    """Remove reservations unused for more than days (days, dry_run); returns the removed Reservations."""
+    return _with_handle("expire", options, names=("days", "dry_run"))
+
+
+def autoclean(**options):
+    """prune + expire in one transaction (days, dry_run); returns the removed Reservations."""
+    return _with_handle("autoclean", options, names=("days", "dry_run"))
+
+
+def migrate(source, target, **options):
+    """Move reservations from source to target (recursive, force, dry_run); returns [(old, new)]."""
+    return _with_handle("migrate", options, source, target, names=("recursive", "force", "dry_run"))
 
 
 def data_dir(**options):
     """The data directory trop would use."""
     return resolve_data_dir(options.get("data_dir"))
+
+
+class reservation:
+    """Context manager for test suites: reserve a port on entry, release it on exit.
+
+        with trop.reservation(tag="test_api") as port:
+            start_server(port)
+
+    Works the same under unittest and pytest (see also the `trop_port` fixture).
+    """
+
+    def __init__(self, path=None, tag=None, **options):
+        self.path, self.tag, self.options = path, tag, options
+        self.port = None
+
+    def __enter__(self):
+        self.port = reserve(self.path, self.tag, **self.options)
+        return self.port
+
+    def __exit__(self, *exc):
+        options = dict(self.options)
+        for name in ("port", "overwrite", "ignore_occupied", "ignore_exclusions", "clear_project", "clear_task",
+                     "project", "task", "min", "max"):
+            options.pop(name, None)
+        release(self.path, self.tag, untagged_only=self.tag is None, **options)
+
+
+def pytest_configure(config):
+    """pytest plugin hook (entry point `pytest11`): adds the `trop_port` fixture.
+
+    Only pytest calls this, so trop never imports pytest on its own.
+    """
+    import pytest
+
+    class TropFixtures:
+        @pytest.fixture
+        def trop_port(self, request):
+            """A port reserved for this test (tag = the test's node id), released afterwards."""
+            with reservation(tag=request.node.nodeid, allow_unrelated_path=True) as port:
+                yield port
+
+    config.pluginmanager.register(TropFixtures(), "trop-fixtures")
 
 
 def _pick(options, *names):
@@ -5003,7 +5299,7 @@ def _command_in(argv):
 
 
 def build_parser(only=None):
-    """The argparse model; with `only`, other commands get their names but not their arguments."""
+    """The argparse model; with `only`, just that command (the full model serves help and errors)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="trop", description="Stable, collision-free port reservations for directories.",
@@ -5012,11 +5308,12 @@ def build_parser(only=None):
     _add_global_options(parser, nested=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, builder, handler) in COMMANDS.items():
+        if only is not None and only != name:
+            continue                    # each parser costs start-up time; argv named its command
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if only is None or only == name:
-            if builder:
-                builder(sub)
-            _add_global_options(sub, nested=True)
+        if builder:
+            builder(sub)
+        _add_global_options(sub, nested=True)
         sub.set_defaults(handler=handler)
     return parser
 
@@ -5062,5 +5359,10 @@ def main(argv=None):
         return EXIT_LIBRARY
 
 
-if __name__ == "__main__":
+def cli():
+    """Entry point that exits with main()'s status (console scripts, zipapps)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
