@@ -11,6 +11,7 @@ temporary directories with an isolated HOME and data directory. Run with
 ``TROP_STRESS=1`` to also run the stress tests.
 """
 
+import atexit
 import calendar
 import json
 import os
@@ -63,10 +64,22 @@ LOCK_TIMEOUT_1S = "Error: database lock timeout while starting an immediate data
 
 # --- helpers -----------------------------------------------------------------
 
+_PYCACHE = []
+
+
+def _pycache_dir():
+    """One temporary bytecode cache for every child process of this run (nothing is written next to trop.py)."""
+    if not _PYCACHE:
+        _PYCACHE.append(tempfile.mkdtemp(prefix="trop-test-pycache-"))
+        atexit.register(shutil.rmtree, _PYCACHE[0], True)
+    return _PYCACHE[0]
+
+
 def clean_env(**values):
     """The inherited environment without TROP_* variables, plus PYTHONPATH and the given values."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_") and k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = TROP_DIR
+    env["PYTHONPYCACHEPREFIX"] = _pycache_dir()
     for key, value in values.items():
         if value is None:
             env.pop(key, None)

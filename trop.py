@@ -1654,35 +1654,52 @@ class Reservation:
 
     @classmethod
     def from_row(cls, row):
-        """Build from a database row, refusing anything the schema forbids."""
+        """Build from a database row, refusing anything the schema forbids (checked on every read)."""
         path, tag, port, project, task, created, used = row
-        key = 'path="%s", tag=%s' % (path, '"%s"' % tag if tag else "<untagged>")
-
-        def corrupt(field, reason):
-            raise CorruptionError("table=reservations, field=%s, key=%s: %s" % (field, key, reason))
-
-        if not isinstance(path, str) or not path.startswith("/") or not _is_normal(path):
-            corrupt("path", "path must be a non-empty absolute, lexically normal path")
-        if not isinstance(tag, str) or (tag and tag != tag.strip()):
-            corrupt("tag", "tag must be '' or trimmed non-empty text")
-        if not _is_int(port) or not 1 <= port <= 65535:
-            corrupt("port", "port %r is not an integer in 1..65535" % (port,))
-        for name, value in (("project", project), ("task", task)):
-            if value is not None and (not isinstance(value, str) or not value or value != value.strip()):
-                corrupt(name, "%s must be NULL or trimmed non-empty text" % name)
-        for name, value in (("created_at", created), ("last_used_at", used)):
-            if not _is_int(value) or not 0 <= value <= 253402300799:
-                corrupt(name, "%s %r is not a valid timestamp" % (name, value))
+        if type(path) is not str or not _is_normal(path):
+            _corrupt(row, "path", "path must be a non-empty absolute, lexically normal path")
+        if type(tag) is not str or (tag and (tag[0].isspace() or tag[-1].isspace())):
+            _corrupt(row, "tag", "tag must be '' or trimmed non-empty text")
+        if type(port) is not int or not 0 < port < 65536:
+            _corrupt(row, "port", "port %r is not an integer in 1..65535" % (port,))
+        if project is not None and (type(project) is not str or not project or project != project.strip()):
+            _corrupt(row, "project", "project must be NULL or trimmed non-empty text")
+        if task is not None and (type(task) is not str or not task or task != task.strip()):
+            _corrupt(row, "task", "task must be NULL or trimmed non-empty text")
+        if type(created) is not int or not 0 <= created <= 253402300799:
+            _corrupt(row, "created_at", "created_at %r is not a valid timestamp" % (created,))
+        if type(used) is not int or not 0 <= used <= 253402300799:
+            _corrupt(row, "last_used_at", "last_used_at %r is not a valid timestamp" % (used,))
         return cls(path, tag, port, project, task, created, used)
 
 
+def _corrupt(row, field, reason):
+    path, tag = row[0], row[1]
+    raise CorruptionError('table=reservations, field=%s, key=path="%s", tag=%s: %s'
+                          % (field, path, '"%s"' % tag if tag else "<untagged>", reason))
+
+
 def _is_normal(path):
-    return path == "/" or ("//" not in path and not path.endswith("/") and "/./" not in path + "/"
-                           and "/../" not in path + "/")
+    """Absolute and lexically normal: no '.', '..', '//' or trailing '/' (except the root)."""
+    if path == "/":
+        return True
+    if not path.startswith("/") or path.endswith("/") or "//" in path:
+        return False
+    tail = path + "/"
+    return "/./" not in tail and "/../" not in tail
+
+
+_TIMESTAMPS = {}
 
 
 def format_timestamp(seconds):
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    """UTC '%Y-%m-%d %H:%M:%S'; memoised because listings repeat the same seconds."""
+    text = _TIMESTAMPS.get(seconds)
+    if text is None:
+        if len(_TIMESTAMPS) > 4096:
+            _TIMESTAMPS.clear()
+        text = _TIMESTAMPS[seconds] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    return text
 
 
 class PortRange:
@@ -3844,8 +3861,7 @@ def _warn(message):
 def format_reservations(rows, fmt, full_paths=False):
     """list output: table (tab-separated), json (sorted keys), csv or tsv."""
     if fmt == "json":
-        import json
-        return json.dumps([r.as_dict() for r in rows], indent=2, sort_keys=True, ensure_ascii=False)
+        return _json_reservations(rows)
     if fmt in ("csv", "tsv"):
         import csv
         import io
@@ -3862,6 +3878,22 @@ def format_reservations(rows, fmt, full_paths=False):
                                 r.project or "-", r.task or "-", format_timestamp(r.created_at),
                                 format_timestamp(r.last_used_at))))
     return "\n".join(lines)
+
+
+_JSON_ROW = ('  {\n    "created_at": "%s",\n    "last_used_at": "%s",\n    "path": %s,\n    "port": %d,\n'
+             '    "project": %s,\n    "tag": %s,\n    "task": %s\n  }')
+
+
+def _json_reservations(rows):
+    """The same text as json.dumps(indent=2, sort_keys=True), without its slow pure-Python indenting."""
+    if not rows:
+        return "[]"
+    from json.encoder import encode_basestring as q     # C-accelerated string quoting
+    null = "null"
+    return "[\n" + ",\n".join(_JSON_ROW % (
+        format_timestamp(r.created_at), format_timestamp(r.last_used_at), q(r.path), r.port,
+        null if r.project is None else q(r.project), null if r.tag is None else q(r.tag),
+        null if r.task is None else q(r.task)) for r in rows) + "\n]"
 
 
 def format_port_info(port, res):
