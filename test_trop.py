@@ -662,6 +662,12 @@ class TestOccupancy(unittest.TestCase):
 
 # --- Allocation --------------------------------------------------------------
 
+def port_set(ports=()):
+    """Reserved ports as the allocator takes them."""
+    cls = getattr(trop, "PortSet", None)
+    return cls(ports) if cls else set(ports)
+
+
 class FakeOccupancy:
     def __init__(self, busy=()):
         self.busy = set(busy)
@@ -674,11 +680,16 @@ class TestAllocation(unittest.TestCase):
     def test_find_free_port_skips_taken_excluded_and_occupied(self):
         rng = trop.PortRange(5000, 5010)
         excl = trop.ExclusionList([(5002, 5003)])
-        self.assertEqual(trop.find_free_port(rng, set(), trop.ExclusionList(), FakeOccupancy()), 5000)
-        self.assertEqual(trop.find_free_port(rng, {5000, 5001}, excl, FakeOccupancy()), 5004)
-        self.assertEqual(trop.find_free_port(rng, {5000, 5001}, excl, FakeOccupancy({5004})), 5005)
-        self.assertIsNone(trop.find_free_port(trop.PortRange(5000, 5001), {5000}, trop.ExclusionList([(5001, 5001)]),
-                                              FakeOccupancy()))
+        free = trop.find_free_port
+        self.assertEqual(free(rng, port_set(), trop.ExclusionList(), FakeOccupancy()), 5000)
+        self.assertEqual(free(rng, port_set({5000, 5001}), excl, FakeOccupancy()), 5004)
+        self.assertEqual(free(rng, port_set({5000, 5001}), excl, FakeOccupancy({5004})), 5005)
+        self.assertEqual(free(rng, port_set({5000, 5001, 5004, 5005, 5006, 5008}), excl, FakeOccupancy({5007})), 5009)
+        self.assertEqual(free(trop.PortRange(5003, 5010), port_set({5000, 5001}), excl, FakeOccupancy()), 5004)
+        self.assertIsNone(free(trop.PortRange(5000, 5001), port_set({5000}), trop.ExclusionList([(5001, 5001)]),
+                               FakeOccupancy()))
+        self.assertIsNone(free(trop.PortRange(5000, 5002), port_set(range(4990, 5003)), trop.ExclusionList(),
+                               FakeOccupancy()))
 
     def request(self, preferred, **flags):
         values = dict(preferred=preferred, port_range=trop.PortRange(5000, 5010),
@@ -688,7 +699,7 @@ class TestAllocation(unittest.TestCase):
         return types.SimpleNamespace(**values)
 
     def allocate(self, preferred, taken=(), busy=(), **flags):
-        return trop.allocate_single(self.request(preferred, **flags), set(taken), FakeOccupancy(busy))[0]
+        return trop.allocate_single(self.request(preferred, **flags), port_set(taken), FakeOccupancy(busy))[0]
 
     def test_preferred_port(self):
         self.assertEqual(self.allocate(5007), 5007)
@@ -1434,6 +1445,7 @@ class TestConcurrency(CLITestCase):
         conn = self.hold_write_lock()
         start = time.monotonic()
         proc = popen(["reserve", "--busy-timeout", "5", "--path", "waiting"], self.proj, self.env)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
         time.sleep(0.5)
         self.assertIsNone(proc.poll())
         conn.execute("ROLLBACK")

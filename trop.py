@@ -725,13 +725,15 @@ def _yaml_split_lines(text):
     return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+", text)
 
 
-def replace_excluded_ports(text, entries):
+def replace_excluded_ports(text, entries, appended=0):
     """Return text with only the top-level `excluded_ports` value replaced by `entries`.
 
     entries: ints (single ports) and (start, end) pairs (ranges).  Every
     other line, comment and key order is kept byte-for-byte; a JSON / flow
-    mapping document is re-emitted as JSON.  Raises YamlError if the text
-    does not parse or its top level is not a mapping."""
+    mapping document is re-emitted as JSON.  When the last `appended` entries
+    are new and the list is a block sequence holding the others, only lines
+    for the new entries are added, so the existing items keep their comments.
+    Raises YamlError if the text does not parse or its top level is not a mapping."""
     items, objs = [], []
     for e in entries:
         if isinstance(e, int) and not isinstance(e, bool):
@@ -777,6 +779,12 @@ def replace_excluded_ports(text, entries):
         old = root[key]
         if isinstance(old, YamlList) and old._col is not None:
             indent = old._col
+            if appended and len(old) + appended == len(items):
+                last = lines[end]
+                body_end = last.rstrip("\r\n")
+                added = "".join(nl + " " * indent + "- " + item for item in items[len(old):])
+                return bom + "".join(lines[:end]) + body_end + added + last[len(body_end):] + \
+                    "".join(lines[end + 1:])
         else:
             indent = len(kline) - len(kline.lstrip(" ")) + 2
         if items:
@@ -1330,7 +1338,8 @@ def edit_exclusions(path, kind, change):
             if not 1 <= start <= end <= 65535:
                 raise InvalidArguments("Invalid arguments: invalid exclusion %s" % _range_text(start, end))
         try:
-            new_text = replace_excluded_ports(text, [s if s == e else (s, e) for s, e in new])
+            appended = len(new) - len(current) if new[:len(current)] == current else 0
+            new_text = replace_excluded_ports(text, [s if s == e else (s, e) for s, e in new], appended)
             check = Problems(path)
             read_config_document(parse_yaml(new_text), path, kind, check)
         except YamlError as exc:
@@ -2748,24 +2757,26 @@ SCAN_FIELDS = ("port", "status", "reserved", "protocol", "address_family", "scop
                "process_id", "process_name", "user", "owner_status")
 
 
-def scan_ports(port_range, policy, reserved, owners=None):
-    """One dict per occupied probe, ordered by port then probe order; owners looked up once per scan."""
+def scan_ports(port_range, policy, reserved, owners=None, failures=None):
+    """One dict per occupied probe, ordered by port then probe order; owners looked up once per scan.
+
+    A probe that failed (EACCES below 1024 for non-root users, say) proves
+    nothing either way: it is not a row, but is appended to `failures`.
+    """
     probes = policy.probes()
     rows = []
     owners = owners if owners is not None else None
     for port in port_range:
         found, failed = probe_port(port, probes)
-        if not found and not failed:
-            continue
-        hits = [(p, "occupied") for p in found] + [(p, "possibly occupied") for p, _err in failed]
-        hits.sort(key=lambda h: probes.index(h[0]))
-        for probe, status in hits:
+        if failures is not None:
+            failures.extend((port, probe, err) for probe, err in failed)
+        for probe in found:
             if owners is None:
                 owners = OwnerTable()
             proto, family, scope, address = probe
             pid, name, user = owners.lookup(proto, family, port)
             is_reserved = port in reserved
-            rows.append({"port": port, "status": status + (" (reserved)" if is_reserved else ""),
+            rows.append({"port": port, "status": "occupied (reserved)" if is_reserved else "occupied",
                          "reserved": is_reserved, "protocol": proto, "address_family": family, "scope": scope,
                          "address": address, "process_id": pid, "process_name": name, "user": user,
                          "owner_status": owner_status(pid, name, user)})
@@ -2817,7 +2828,7 @@ def format_occupancy(port, policy, owners=None):
         return lines + ["  Port is available"]
     lines.append("  Port is currently in use")
     owners = owners or OwnerTable()
-    for probe in found + [p for p, _e in failed]:
+    for probe in sorted(found + [p for p, _e in failed], key=probes.index):
         proto, family, scope, address = probe
         pid, name, user = owners.lookup(proto, family, port)
         lines += ["  - %s%s" % (describe_probe(probe), "" if probe in found else " (possibly occupied: probe failed)"),
@@ -4450,7 +4461,8 @@ def cmd_scan(args):
     if rng.min > rng.max:
         raise ConfigError("validation error for 'ports': max %d must be >= min %d" % (rng.max, rng.min))
     reserved = session.read(lambda store: store.taken_ports())
-    rows = scan_ports(rng, config.occupancy, reserved)
+    failures = []
+    rows = scan_ports(rng, config.occupancy, reserved, failures=failures)
     free = unreserved_occupied(rows)
     notes = []
     if args.autoexclude and free:
@@ -4458,6 +4470,11 @@ def cmd_scan(args):
         added = add_exclusions(target, [(p, p) for p in free], compact=args.autocompact)
         notes.append("Added %d exclusions to %s" % (added, target))
     _out(format_scan(rows, args.format))
+    if failures and not session.quiet:
+        ports = sorted({port for port, _probe, _err in failures})
+        port, probe, err = failures[0]
+        notes.append("Note: %d probe(s) on %d port(s) failed and prove nothing (first: port %d, %s: %s)"
+                     % (len(failures), len(ports), port, describe_probe(probe), err))
     if not session.quiet:
         for note in notes:
             _err(note)
@@ -5364,7 +5381,7 @@ def main(argv=None):
             for flag in ("skip_occupancy_check", "skip_tcp", "skip_udp", "skip_ipv4", "skip_ipv6",
                          "check_all_interfaces"):
                 if getattr(args, flag):
-                    parser.parse_args(["port-info", "--help"][:1] + ["--%s" % flag.replace("_", "-")])
+                    parser.error("argument --%s requires --include-occupancy" % flag.replace("_", "-"))
         status = _guard(lambda: args.handler(args), "executing the %s command" % args.command)
         sys.stdout.flush()
         return status
