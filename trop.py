@@ -993,6 +993,8 @@ def read_config_document(doc, source, kind, problems):
         return layer
     for key, value in doc.items():
         line = _line_of(doc, key)
+        if value is None and key != "reservations":
+            continue                    # an explicit null is the same as leaving the key out
         if key == "project":
             if kind == "user":
                 problems.add(line, "project is only valid in trop.yaml/trop.local.yaml, not user config.yaml")
@@ -1019,7 +1021,7 @@ def read_config_document(doc, source, kind, problems):
         elif key == "cleanup":
             if value is None or _mapping(value, problems, line, "cleanup", ("expire_after_days",)) is None:
                 continue
-            if "expire_after_days" in value:
+            if value.get("expire_after_days") is not None:
                 days, dline = value["expire_after_days"], _line_of(value, "expire_after_days", line)
                 if not _is_int(days) or not 0 < days <= 0xFFFFFFFF:
                     problems.add(dline, "cleanup.expire_after_days must be a positive integer, got %s"
@@ -1030,7 +1032,7 @@ def read_config_document(doc, source, kind, problems):
             if value is None or _mapping(value, problems, line, "occupancy_check", OCCUPANCY_KEYS) is None:
                 continue
             for sub, flag in value.items():
-                if sub in OCCUPANCY_KEYS:
+                if sub in OCCUPANCY_KEYS and flag is not None:
                     _read_bool(layer, "occupancy_check." + sub, flag, problems, _line_of(value, sub, line))
         elif key == "reservations":
             if kind == "user":
@@ -1068,17 +1070,18 @@ def _read_bool(layer, key, value, problems, line):
 def _read_ports(value, layer, problems, line):
     if _mapping(value, problems, line, "ports", ("min", "max", "max_offset")) is None:
         return
-    if "min" not in value:
+    present = {k for k, v in value.items() if v is not None}     # null means absent
+    if "min" not in present:
         problems.add(line, "ports: missing field 'min'")
-    pmin = pmax = offset = None
-    if "min" in value:
+    pmin = None
+    if "min" in present:
         pmin = _port_value(value["min"], problems, _line_of(value, "min", line), "ports.min")
         if pmin is not None:
             layer.set("ports.min", pmin, _line_of(value, "min", line))
-    if "max" in value and "max_offset" in value:
+    if "max" in present and "max_offset" in present:
         problems.add(_line_of(value, "max_offset", line), "Cannot specify both max and max_offset")
         return
-    if "max" in value:
+    if "max" in present:
         mline = _line_of(value, "max", line)
         pmax = _port_value(value["max"], problems, mline, "ports.max")
         if pmax is not None:
@@ -1086,7 +1089,7 @@ def _read_ports(value, layer, problems, line):
                 problems.add(mline, "ports.max (%d) must be >= min (%d)" % (pmax, pmin))
             layer.set("ports.max", pmax, mline)
             layer.set("ports.max_offset", None, mline)
-    elif "max_offset" in value:
+    elif "max_offset" in present:
         oline = _line_of(value, "max_offset", line)
         offset = value["max_offset"]
         if not _is_int(offset) or not 0 < offset <= 65535:
@@ -1875,7 +1878,7 @@ class GroupSpec:
         if _mapping(value, problems, line, "reservations", ("base", "services")) is None:
             return None
         base = None
-        if "base" in value:
+        if value.get("base") is not None:
             base = _port_value(value["base"], problems, _line_of(value, "base", line), "reservations.base")
         if "services" not in value:
             problems.add(line, "reservations: missing field 'services'")
@@ -1900,17 +1903,17 @@ class GroupSpec:
             spec = ServiceSpec(tag, line=tline)
             if body is not None and _mapping(body, problems, tline, "reservations.services." + tag,
                                              ("offset", "preferred", "env")) is not None:
-                if "offset" in body:
+                if body.get("offset") is not None:
                     off = body["offset"]
                     if not _is_int(off) or not 0 <= off <= 65535:
                         problems.add(_line_of(body, "offset", tline), "service '%s': offset must be an integer "
                                      "0..65535, got %s" % (tag, _describe(off)))
                     else:
                         spec.offset = off
-                if "preferred" in body:
+                if body.get("preferred") is not None:
                     spec.preferred = _port_value(body["preferred"], problems, _line_of(body, "preferred", tline),
                                                  "service '%s' preferred" % tag)
-                if "env" in body:
+                if body.get("env") is not None:
                     env = body["env"]
                     if not isinstance(env, str):
                         problems.add(_line_of(body, "env", tline), "service '%s': env must be a string" % tag)
@@ -2077,7 +2080,6 @@ class Store:
             raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
         store = cls(conn, path, timeout)
         try:
-            store._configure()
             store._check_schema()
         except sqlite3.Error as exc:
             conn.close()
@@ -2137,18 +2139,25 @@ class Store:
         return None if row is None else row[0]
 
     def _check_schema(self):
+        """Read the version first: a database trop must refuse is never touched (not even switched to WAL)."""
         version = self.schema_version()
+        if version == str(SCHEMA_VERSION):
+            self._configure()
+            return
         if version is None:
+            self._configure()
             with self.write():
                 if self.schema_version() is None:
                     self._create_schema()
-            return
-        if version == str(SCHEMA_VERSION):
             return
         number = _parse_version(version)
         if number is not None and number > SCHEMA_VERSION:
             raise LibraryError("unsupported schema version: expected %d, found %s" % (SCHEMA_VERSION, version))
         if number == 1:
+            problems = self._v1_preflight()
+            if problems:
+                raise _migration_blocked(problems)
+            self._configure()
             self.migrate_v1()
             return
         raise LibraryError("database schema migration required from version %s to %d: no ordered migration "
@@ -2173,8 +2182,7 @@ class Store:
                     return                              # another process migrated first
                 problems = self._v1_preflight()
                 if problems:
-                    raise LibraryError("database migration from schema 1 to 2 blocked: %s The database "
-                                       "was not modified." % "".join("%s=%d; " % p for p in problems))
+                    raise _migration_blocked(problems)
                 count = conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
                 conn.execute(_table_sql(_METADATA_SQL, "metadata_v2"))
                 conn.execute("INSERT INTO metadata_v2 (key, value) SELECT key, value FROM metadata")
@@ -2201,7 +2209,7 @@ class Store:
         for table, expected in (("reservations", _V1_COLUMNS),):
             if _table_columns(conn, table) != expected:
                 return [("unexpected_v1_table_layout", 1)]
-        if [r[0] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
+        if [r[1] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
             return [("unexpected_v1_table_layout", 1)]
         staging = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name IN "
                                "('metadata_v2', 'reservations_v2')").fetchone()[0]
@@ -2304,6 +2312,11 @@ class Store:
     def touch(self, key, when):
         self.conn.execute("UPDATE reservations SET last_used_at = ? WHERE path = ? AND tag = ?",
                           (when, key.path, key.db_tag))
+
+
+def _migration_blocked(problems):
+    return LibraryError("database migration from schema 1 to 2 blocked: %s; the database was not modified"
+                        % "; ".join("%s=%d" % p for p in problems))
 
 
 def _file_identity(path):
@@ -2798,14 +2811,9 @@ def format_scan(rows, fmt):
             return "unavailable"
         return ("true" if value else "false") if isinstance(value, bool) else str(value)
     if fmt in ("csv", "tsv"):
-        import csv
-        import io
-        buf = io.StringIO()
-        writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
-        writer.writerow(SCAN_FIELDS)
-        for row in rows:
-            writer.writerow([text(row, k) for k in SCAN_FIELDS])
-        return buf.getvalue().rstrip("\n")
+        delimiter = "," if fmt == "csv" else "\t"
+        return "\n".join([_csv_line(SCAN_FIELDS, delimiter)] +
+                         [_csv_line([text(row, k) for k in SCAN_FIELDS], delimiter) for row in rows])
     headers = ("Port", "Status", "Reserved", "Protocol", "Family", "Scope", "Address", "PID", "Process", "User",
                "Owner Status")
     widths = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
@@ -3874,21 +3882,28 @@ def format_reservations(rows, fmt, full_paths=False):
     if fmt == "json":
         return _json_reservations(rows)
     if fmt in ("csv", "tsv"):
-        import csv
-        import io
-        buf = io.StringIO()
-        writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
-        writer.writerow(LIST_COLUMNS)
+        delimiter = "," if fmt == "csv" else "\t"
+        lines = [_csv_line(LIST_COLUMNS, delimiter)]
         for r in rows:
-            writer.writerow((r.port, r.path, r.tag or "", r.project or "", r.task or "",
-                             format_timestamp(r.created_at), format_timestamp(r.last_used_at)))
-        return buf.getvalue().rstrip("\n")
+            lines.append(_csv_line((str(r.port), r.path, r.tag or "", r.project or "", r.task or "",
+                                    format_timestamp(r.created_at), format_timestamp(r.last_used_at)), delimiter))
+        return "\n".join(lines)
     lines = ["\t".join(c.upper() for c in LIST_COLUMNS)]
     for r in rows:
         lines.append("\t".join((str(r.port), r.path if full_paths else shorten_home(r.path), r.tag or "-",
                                 r.project or "-", r.task or "-", format_timestamp(r.created_at),
                                 format_timestamp(r.last_used_at))))
     return "\n".join(lines)
+
+
+def _csv_line(fields, delimiter):
+    """One CSV/TSV record: a field is quoted only if it holds the delimiter, a quote, CR or LF."""
+    out = []
+    for field in fields:
+        if delimiter in field or '"' in field or "\n" in field or "\r" in field:
+            field = '"' + field.replace('"', '""') + '"'
+        out.append(field)
+    return delimiter.join(out)
 
 
 _JSON_ROW = ('  {\n    "created_at": "%s",\n    "last_used_at": "%s",\n    "path": %s,\n    "port": %d,\n'
@@ -4129,8 +4144,15 @@ def cmd_assert_reservation(args):
     return 0
 
 
+def _u16(text):
+    import argparse
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError("invalid port '%s': expected an integer 0..65535" % text)
+    return int(text)
+
+
 def _args_port(p):
-    p.add_argument("port", metavar="PORT", help="port number")
+    p.add_argument("port", metavar="PORT", type=_u16, help="port number")
 
 
 def _args_assert_port(p):
@@ -4275,8 +4297,9 @@ def cmd_run(args):
         for name, value in sorted(group_environment(plan.spec, plan.result).items()):
             _err("%s=%s" % (name, value))
     if args.dry_run:
-        _err("Dry run - would run %s with %s" % (argv[0], ", ".join(
-            "%s=%s" % kv for kv in sorted(group_environment(plan.spec, plan.result).items()))))
+        if not session.quiet:
+            _err("Dry run - would run %s with %s" % (" ".join(argv), ", ".join(
+                "%s=%s" % kv for kv in sorted(group_environment(plan.spec, plan.result).items()))))
         return 0
     return exec_command(argv, env)
 
