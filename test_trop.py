@@ -14,9 +14,15 @@ temporary directories with an isolated HOME and data directory. Run with
 import atexit
 import calendar
 import contextlib
+import csv
+import errno
 import io
 import json
+import math
 import os
+import random
+import re
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -336,6 +342,1633 @@ class TestConfiguration(unittest.TestCase):
         self.assertEqual(self.config({"TROP_OUTPUT_FORMAT": "JSON"})["output_format"], "json")
         with self.assertRaises(trop.ConfigError):
             self.config({"TROP_OUTPUT_FORMAT": "xml"})
+
+
+# --- Configuration files: YAML reader, schema, layers, writers ---------------
+
+class _ConfigCliCase(unittest.TestCase):
+    """Runs `python -m trop` in a sandbox: temp HOME, temp data dir, no inherited TROP_* variables."""
+
+    TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
+
+    def setUp(self):
+        self.tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-cfg-"))
+        self.addCleanup(self._rmtree, self.tmp)
+        self.home = self.mkdir("home")
+        self.data = os.path.join(self.tmp, "data")          # created by trop when needed
+        self.work = self.mkdir("work")
+
+    @staticmethod
+    def _rmtree(path):
+        for root, dirs, files in os.walk(path):             # undo chmod 000 before removing
+            for name in dirs:
+                try:
+                    os.chmod(os.path.join(root, name), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(path, ignore_errors=True)
+
+    def mkdir(self, *parts):
+        path = os.path.join(self.tmp, *parts)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def write(self, path, content):
+        path = os.path.join(self.tmp, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+        return path
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    def environment(self, env=None):
+        out = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+        out["HOME"] = self.home
+        out["PYTHONPATH"] = self.TROP_DIR
+        out.pop("PWD", None)
+        for key, value in (env or {}).items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+        return out
+
+    def start(self, *args, cwd=None, env=None):
+        return subprocess.Popen([sys.executable, "-m", "trop"] + [str(a) for a in args],
+                                cwd=cwd or self.work, env=self.environment(env), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish(self, proc, timeout=60):
+        """(rc, stdout, stderr); rc is None if the process had to be killed after timeout seconds."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            rc = None
+        return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def trop(self, *args, cwd=None, env=None):
+        return self.finish(self.start(*args, cwd=cwd, env=env))
+
+    def trop_main(self, *args):
+        """In-process `trop.main(args)` for cwd- and environment-independent commands (validate): much faster."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = trop.main([str(a) for a in args])
+            except SystemExit as exc:
+                rc = exc.code
+        return rc, out.getvalue(), err.getvalue()
+
+    def trop_many(self, calls, timeout=60):
+        """Run several (args, cwd, env) calls in parallel; results in the same order."""
+        procs = [self.start(*args, cwd=cwd, env=env) for args, cwd, env in calls]
+        return [self.finish(p, timeout) for p in procs]
+
+    def assertNoTraceback(self, err, what=""):
+        self.assertNotIn("Traceback", err, what)
+        self.assertNotIn("internal error", err, what)
+
+
+# --------------------------------------------------------------------------------------------------
+# The YAML reader (A.5)
+# --------------------------------------------------------------------------------------------------
+
+class TestYamlReader(unittest.TestCase):
+    SAMPLE = """\
+# comment
+project: my-app
+ports:
+  min: 5000
+  max: 7000     # trailing comment
+excluded_ports:
+  - 5001
+  - "6000..6010"
+  - {start: 6100, end: 6105}
+  - start: 6200
+    end: 6201
+cleanup:
+  expire_after_days: 30
+occupancy_check:
+  skip: false
+  check_all_interfaces: true
+reservations:
+  base: 5000
+  services:
+    web:
+      offset: 0
+      env: WEB_PORT
+    api: {offset: 1, preferred: 8080}
+    "db":
+      offset: 2
+output_format: json
+maximum_lock_wait_seconds: 5
+"""
+
+    SAMPLE_JSON = """\
+{
+  "project": "my-app",
+  "ports": {"min": 5000, "max": 7000},
+  "excluded_ports": [5001, "6000..6010", {"start": 6100, "end": 6105}],
+  "occupancy_check": {"skip": false, "check_all_interfaces": true},
+  "reservations": {
+    "base": 5000,
+    "services": {
+      "web": {"offset": 0, "env": "WEB_PORT"},
+      "api": {"offset": 1, "preferred": 8080}
+    }
+  },
+  "note": "tab\\there \\u00e9 \\ud83d\\ude00 \\"q\\" \\\\ \\/",
+  "nothing": null
+}
+"""
+
+    VALID_CONFIGS = [
+        SAMPLE,
+        SAMPLE_JSON,
+        "a:\n- 1\n- 'two'\n- {x: [1, 2], y: \"\\u00e9\"}\nb: [\n  1, # c\n  2]\n",
+        "---\n- a: 1\n  b:\n    - x\n    - - y\n- c\n...\n",
+        "excluded_ports: [5001, 5002,\n  5003]  # c\nports: {min: 1, max: 2}\n",
+    ]
+    FUZZ_CHARS = ": - [ ] { } # \" ' \t \n & * ! | > ? % @ ` , . \\ \r a 1 x".split(" ") + [" ", "\ufeff", "\\u"]
+
+    @staticmethod
+    def entries_of(value):
+        """excluded_ports as parsed -> the entries form used by replace_excluded_ports."""
+        return [(item["start"], item["end"]) if isinstance(item, dict) else item for item in value or []]
+
+    def value(self, text):
+        return trop.parse_yaml("v: " + text)["v"]
+
+    def check(self, text, fragment, line):
+        with self.assertRaises(trop.YamlError, msg=repr(text)) as cm:
+            trop.parse_yaml(text)
+        self.assertIn(fragment, cm.exception.message, repr(text))
+        self.assertEqual(cm.exception.line, line, "%r: %s" % (text, cm.exception.message))
+        self.assertEqual(str(cm.exception), cm.exception.message)
+
+    # -- the accepted subset, with line numbers ------------------------------------------------
+    def test_sample_values_and_key_order(self):
+        doc = trop.parse_yaml(self.SAMPLE)
+        self.assertEqual(doc, {
+            "project": "my-app",
+            "ports": {"min": 5000, "max": 7000},
+            "excluded_ports": [5001, "6000..6010", {"start": 6100, "end": 6105}, {"start": 6200, "end": 6201}],
+            "cleanup": {"expire_after_days": 30},
+            "occupancy_check": {"skip": False, "check_all_interfaces": True},
+            "reservations": {"base": 5000, "services": {
+                "web": {"offset": 0, "env": "WEB_PORT"}, "api": {"offset": 1, "preferred": 8080},
+                "db": {"offset": 2}}},
+            "output_format": "json",
+            "maximum_lock_wait_seconds": 5,
+        })
+        self.assertEqual(list(doc), ["project", "ports", "excluded_ports", "cleanup", "occupancy_check",
+                                     "reservations", "output_format", "maximum_lock_wait_seconds"])
+
+    def test_sample_line_numbers(self):
+        doc = trop.parse_yaml(self.SAMPLE)
+        self.assertEqual(doc.line, 2)
+        self.assertEqual(doc.key_lines, {"project": 2, "ports": 3, "excluded_ports": 6, "cleanup": 12,
+                                         "occupancy_check": 14, "reservations": 17, "output_format": 26,
+                                         "maximum_lock_wait_seconds": 27})
+        self.assertEqual(doc["ports"].key_lines, {"min": 4, "max": 5})
+        ex = doc["excluded_ports"]
+        self.assertEqual(ex.line, 7)
+        self.assertEqual(ex.item_lines, [7, 8, 9, 10])
+        self.assertEqual(ex[2].key_lines, {"start": 9, "end": 9})
+        self.assertEqual(ex[3].key_lines, {"start": 10, "end": 11})
+        services = doc["reservations"]["services"]
+        self.assertEqual(services.key_lines, {"web": 20, "api": 23, "db": 24})
+        self.assertEqual(services["api"].key_lines, {"offset": 23, "preferred": 23})
+        self.assertEqual(services["db"].key_lines, {"offset": 25})
+
+    def test_json_document(self):
+        doc = trop.parse_yaml(self.SAMPLE_JSON)
+        self.assertEqual(doc["excluded_ports"], [5001, "6000..6010", {"start": 6100, "end": 6105}])
+        self.assertEqual(doc["note"], 'tab\there \u00e9 \U0001F600 "q" \\ /')
+        self.assertIsNone(doc["nothing"])
+        self.assertIs(doc["occupancy_check"]["skip"], False)
+        self.assertEqual(doc.key_lines["excluded_ports"], 4)
+        self.assertEqual(doc["reservations"].key_lines, {"base": 7, "services": 8})
+        self.assertEqual(trop.parse_yaml('{\n\t"a": [\n\t\t1\n\t]\n}\n'), {"a": [1]})   # tabs are fine in JSON
+
+    def test_matches_json_module(self):
+        data = {"a": [1, -2, 3.25, -1e-05, True, False, None, "x\u0001y\t\"\\/é😀"],
+                "b": {"c": {}, "d": [], "e": [[[]]]}, "": "empty key", "8080": "k"}
+        for indent in (None, 2, "\t"):
+            for ensure_ascii in (True, False):
+                text = json.dumps(data, indent=indent, ensure_ascii=ensure_ascii)
+                self.assertEqual(trop.parse_yaml(text), data, text)
+
+    def test_null_and_bool_yaml_1_2_core(self):
+        for text in ("null", "Null", "NULL", "~", "", "   ", "# comment"):
+            self.assertIsNone(self.value(text), text)
+        for text in ("nULL", "none", "None", "nil"):
+            self.assertEqual(self.value(text), text)
+        for text in ("true", "True", "TRUE"):
+            self.assertIs(self.value(text), True)
+        for text in ("false", "False", "FALSE"):
+            self.assertIs(self.value(text), False)
+        for text in ("yes", "no", "on", "off", "Yes", "y", "n", "tRUE", "OFF"):     # strings in YAML 1.2
+            self.assertEqual(self.value(text), text)
+
+    def test_numbers(self):
+        for text, expected in {"0": 0, "5000": 5000, "-1": -1, "+7": 7, "007": 7, "0o17": 15, "0x1F": 31,
+                               "-0": 0}.items():
+            got = self.value(text)
+            self.assertEqual((got, type(got)), (expected, int), text)
+        for text, expected in {"1.5": 1.5, ".5": 0.5, "1e3": 1000.0, "+1.5e+2": 150.0, ".inf": math.inf,
+                               "-.Inf": -math.inf}.items():
+            got = self.value(text)
+            self.assertEqual((got, type(got)), (expected, float), text)
+        self.assertTrue(math.isnan(self.value(".nan")))
+        for text in ("6000..6010", "1_000", "0b101", "0X1F", "-0x1", "1.2.3", "1e", "inf", "NaN", "12:30"):
+            got = self.value(text)
+            self.assertEqual((got, type(got)), (text, str), text)
+
+    def test_plain_and_quoted_strings(self):
+        cases = {"my-app": "my-app", "a#b": "a#b", "a #b": "a", "a b  ": "a b", "http://x.y/z?q=1": "http://x.y/z?q=1",
+                 "a:b": "a:b", "-x": "-x", "it's": "it's", "--- not a marker": "--- not a marker",
+                 "é ü 😀": "é ü 😀", "'5000'": "5000", '"true"': "true", "'null'": "null", "''": "",
+                 "'it''s'": "it's", "'a\\nb # c'  # comment": "a\\nb # c", "'a: b'": "a: b"}
+        for text, expected in cases.items():
+            got = self.value(text)
+            self.assertEqual((got, type(got)), (expected, str), text)
+
+    def test_double_quoted_escapes(self):
+        cases = {
+            r'"\\"': "\\", r'"\""': '"', r'"\/"': "/", r'"\n"': "\n", r'"\t"': "\t", r'"\r"': "\r",
+            r'"\0"': "\0", r'"\b"': "\b", r'"\f"': "\f", r'"\x41"': "A", r'"\u00e9"': "\u00e9",
+            r'"\U0001F600"': "\U0001F600", r'"\ud83d\ude00"': "\U0001F600", r'"\a\v\e"': "\a\v\x1b",
+            r'"\ "': " ", r'"\N\_\L\P"': "\x85\xa0\u2028\u2029", '"\\\t"': "\t",
+            r'"a\"b\\"': 'a"b\\', r'"x # y"': "x # y", '"tab\tinside"': "tab\tinside",
+        }
+        for text, expected in cases.items():
+            self.assertEqual(self.value(text), expected, text)
+
+    def test_bad_escapes(self):
+        for text in (r'"\q"', r'"\x4"', r'"\x4g"', r'"\u12"', r'"\uzzzz"', r'"\U0011FFFF"', r'"\ud83d"',
+                     r'"\ude00"', r'"\ud83dx"', r'"\ud83d\u0041"', r'"\U0000D800"', r'"\'"', r'"\8"'):
+            with self.assertRaises(trop.YamlError, msg=text) as cm:
+                self.value(text)
+            self.assertEqual(cm.exception.line, 1)
+            self.assertIn("escape sequence", cm.exception.message)
+
+    def test_keys_are_strings(self):
+        doc = trop.parse_yaml("8080: a\ntrue: b\nnull: c\n'q': e\n\"x y\": f\n")
+        self.assertEqual(doc, {"8080": "a", "true": "b", "null": "c", "q": "e", "x y": "f"})
+        self.assertEqual(trop.parse_yaml("{8080: a, 'b': 1, \"c\": 2}"), {"8080": "a", "b": 1, "c": 2})
+
+    def test_empty_documents(self):
+        for text in ("", "\n", "   \n\n", "# only\n  # comments\n", "---\n", "--- # c\n# x\n", "\ufeff",
+                     "...\n", "---\n...\n", "\t\n", "\r\n\r\n"):
+            self.assertIsNone(trop.parse_yaml(text), repr(text))
+
+    def test_document_markers(self):
+        self.assertEqual(trop.parse_yaml("---\na: 1\n"), {"a": 1})
+        self.assertEqual(trop.parse_yaml("# c\n---\na: 1\n...\n# after\n"), {"a": 1})
+        self.assertEqual(trop.parse_yaml("a: ---\nb: ...\n"), {"a": "---", "b": "..."})
+
+    def test_nested_block_with_lines(self):
+        doc = trop.parse_yaml("a:\n  b:\n    c: 1\n    d:\n      - x\n      - y: 2\n        z: 3\n  e: 4\nf: 5\n")
+        self.assertEqual(doc, {"a": {"b": {"c": 1, "d": ["x", {"y": 2, "z": 3}]}, "e": 4}, "f": 5})
+        self.assertEqual(doc["a"]["b"]["d"].item_lines, [5, 6])
+        self.assertEqual(doc["a"]["b"]["d"][1].key_lines, {"y": 6, "z": 7})
+        self.assertEqual(doc["a"].key_lines, {"b": 2, "e": 8})
+
+    def test_compact_sequence_and_sequences(self):
+        doc = trop.parse_yaml("excluded_ports:\n- 1\n- 2\nnext: x\n")
+        self.assertEqual(doc, {"excluded_ports": [1, 2], "next": "x"})
+        self.assertEqual(doc["excluded_ports"].item_lines, [2, 3])
+        doc = trop.parse_yaml("- a\n-\n- - b\n  - c\n-   d   # c\n- [1, 2]\n-\n  - e\n- k: v\n  l:\n    m: n\n-\n")
+        self.assertEqual(doc, ["a", None, ["b", "c"], "d", [1, 2], ["e"], {"k": "v", "l": {"m": "n"}}, None])
+        self.assertEqual(doc.item_lines, [1, 2, 3, 5, 6, 7, 9, 12])
+
+    def test_indented_root_blank_lines_comments(self):
+        doc = trop.parse_yaml("\n\n   a: 1\n\n   b:\n\n     - 2\n")
+        self.assertEqual(doc, {"a": 1, "b": [2]})
+        self.assertEqual(doc.key_lines, {"a": 3, "b": 5})
+        self.assertEqual(doc["b"].item_lines, [7])
+        doc = trop.parse_yaml("# head\na: 1 # c\nb: 'x' # c\nc: [1, 2] # c\n  # indented comment\nd: # c\n  - 1 # c\n"
+                              "  # between\n  - 2\n# tail")
+        self.assertEqual(doc, {"a": 1, "b": "x", "c": [1, 2], "d": [1, 2]})
+        self.assertEqual(trop.parse_yaml("a:\tb\t# c\nc:\t\t1\n"), {"a": "b", "c": 1})   # tabs after content
+
+    def test_flow_collections(self):
+        self.assertEqual(trop.parse_yaml("a: [a, 'b', \"c\", [d, {e: f}], {}, []]"),
+                         {"a": ["a", "b", "c", ["d", {"e": "f"}], {}, []]})
+        self.assertEqual(trop.parse_yaml("a: {start: 1, end: 2,}"), {"a": {"start": 1, "end": 2}})
+        self.assertEqual(trop.parse_yaml("a: {x, y: , z: ~}"), {"a": {"x": None, "y": None, "z": None}})
+        self.assertEqual(trop.parse_yaml("a: [x: 1, y]"), {"a": [{"x": 1}, "y"]})
+        doc = trop.parse_yaml("a: [\n  1,   # one\n  # alone\n\n  2\n]\nb: {x: 1,\n    y: [2,\n 3]}  # c\nc: 3\n")
+        self.assertEqual(doc, {"a": [1, 2], "b": {"x": 1, "y": [2, 3]}, "c": 3})
+        self.assertEqual(doc["a"].item_lines, [2, 5])
+        self.assertEqual(doc["b"].key_lines, {"x": 7, "y": 8})
+        self.assertEqual(doc.key_lines, {"a": 1, "b": 7, "c": 10})
+
+    def test_line_endings_bom_and_bytes(self):
+        self.assertEqual(trop.parse_yaml("a: 1\r\nb:\r\n  - x\r\n"), {"a": 1, "b": ["x"]})
+        doc = trop.parse_yaml("a: 1\rb: 2\r")
+        self.assertEqual(doc.key_lines, {"a": 1, "b": 2})
+        self.assertEqual(trop.parse_yaml("\ufeffa: 1\n"), {"a": 1})
+        self.assertEqual(trop.parse_yaml(b"\xef\xbb\xbfa: 1\n"), {"a": 1})
+        self.assertEqual(trop.parse_yaml("a: x\u2028y\x85z\n"), {"a": "x\u2028y\x85z"})
+        self.check("a: 1\r\nb: &x 2\r\n", "anchors", 2)
+
+    def test_depth_limit(self):
+        self.assertEqual(trop.parse_yaml("[" * 50 + "]" * 50), eval("[" * 50 + "]" * 50))
+        for text in ("[" * 101 + "]" * 101, "[" * 100000, "{a: " * 200 + "}" * 200, "- " * 150 + "x",
+                     "".join(" " * i + "k:\n" for i in range(150))):
+            with self.assertRaises(trop.YamlError) as cm:
+                trop.parse_yaml(text)
+            self.assertIn("nesting is too deep", cm.exception.message)
+
+    def test_error_api_and_plain_containers(self):
+        err = trop.YamlError("boom", 3)
+        self.assertEqual((str(err), err.message, err.line), ("boom", "boom", 3))
+        self.assertIsNone(trop.YamlError("x").line)
+        doc = trop.parse_yaml(self.SAMPLE)
+        self.assertIsInstance(doc, dict)
+        self.assertIsInstance(doc["excluded_ports"], list)
+        import copy
+        import pickle
+        self.assertEqual(copy.deepcopy(doc), doc)
+        self.assertEqual(pickle.loads(pickle.dumps(doc)), doc)
+
+    # -- every rejected construct names its line ------------------------------------------------
+    def test_anchors_aliases_tags(self):
+        self.check("a: 1\nb: &x 2\n", "anchors (&name) are not supported", 2)
+        self.check("a: &x\n  b: 1\n", "anchors", 1)
+        self.check("&x a: 1\n", "anchors", 1)
+        self.check("a: 1\nb: *x\n", "aliases (*name) are not supported", 2)
+        self.check("a: [1, *x]\n", "aliases", 1)
+        self.check("a: !!str 1\n", "tags (!tag) are not supported", 1)
+        self.check("a: {b: !t x}\n", "tags", 1)
+        self.check("--- !map\na: 1\n", "not supported", 1)
+
+    def test_block_scalars(self):
+        self.check("a: |\n  text\n", "block scalars (| or >) are not supported", 1)
+        self.check("x: 1\na: >-\n  text\n", "block scalars (| or >) are not supported", 2)
+        self.check("- |\n  x\n", "block scalars", 1)
+
+    def test_directives_and_several_documents(self):
+        self.check("%YAML 1.2\n---\na: 1\n", "directives (%...) are not supported", 1)
+        self.check("a: 1\n---\nb: 2\n", "multiple documents are not supported", 2)
+        self.check("---\na: 1\n---\n", "multiple documents are not supported", 3)
+        self.check("a: 1\n...\nb: 2\n", "multiple documents are not supported", 3)
+        self.check("--- a: 1\n", "content on the '---' line is not supported", 1)
+
+    def test_complex_keys(self):
+        self.check("? a\n: b\n", "complex mapping keys (? key) are not supported", 1)
+        self.check("[a]: b\n", "complex mapping keys", 1)
+        self.check("{a: 1}: b\n", "complex mapping keys", 1)
+        self.check("x: {[a]: b}\n", "complex mapping keys", 1)
+        self.check(": b\n", "empty key", 1)
+
+    def test_tabs_for_indentation(self):
+        self.check("a:\n\tb: 1\n", "tab characters are not allowed for indentation", 2)
+        self.check("a:\n  \tb: 1\n", "tab characters are not allowed for indentation", 2)
+        self.check("a: 1\n\tb: 2\n", "tab characters are not allowed for indentation", 2)
+        self.check("-\tk: v\n", "tab characters are not allowed for indentation", 1)
+        self.check("\ta: 1\n", "tab characters", 1)
+
+    def test_duplicate_keys(self):
+        self.check("ports: 1\nother: 2\nports: 3\n", "duplicate key 'ports'", 3)
+        self.check("a:\n  x: 1\n  'x': 2\n", "duplicate key 'x'", 3)
+        self.check("a: {x: 1, y: 2,\n  x: 3}\n", "duplicate key 'x'", 2)
+        self.check("- {start: 1, start: 2}\n", "duplicate key 'start'", 1)
+        self.check('{"a": 1, "a": 2}', "duplicate key 'a' (first defined on line 1)", 1)
+
+    def test_unterminated_and_multiline_quotes(self):
+        for text, what in (('"abc', "double"), ("'abc", "single"), ('"abc\\"', "double"), ("'it''", "single")):
+            self.check("a: 1\nb: " + text + "\n", "unterminated %s-quoted string" % what, 2)
+        self.check('a: "one\n  two"\n', "unterminated", 1)
+        self.check('a: [1, "x\n"]\n', "unterminated double-quoted string", 1)
+
+    def test_indentation_errors(self):
+        self.check("a:\n    b: 1\n  c: 2\n", "inconsistent indentation", 3)
+        self.check("a: 1\n  b: 2\n", "unexpected indentation", 2)
+        self.check("a: text\n  more text\n", "unexpected indentation", 2)
+        self.check("- x: 1\n y: 2\n", "inconsistent indentation", 2)
+        self.check("  a: 1\nb: 2\n", "inconsistent indentation", 2)
+        self.check("a:\n  - 1\n  b: 2\n", "expected a block sequence entry", 3)
+
+    def test_bad_structure(self):
+        self.check("a: 1\nb\n", "expected a mapping key", 2)
+        self.check("a: 1\n- b\n", "expected a mapping key ('key: value'), found a block sequence entry", 2)
+        self.check("hello\nb: 1\n", "unexpected content after the top-level value", 2)
+        self.check("a: b: c\n", "mapping values are not allowed here", 1)
+        self.check("a: - b\n", "block sequence cannot start on the line of its mapping key", 1)
+        self.check("a: 'x' y\n", "unexpected content after quoted string", 1)
+        self.check("a: [1] x\n", "unexpected content after flow collection", 1)
+        self.check('{"a": 1}\n"b"\n', "unexpected content", 2)
+
+    def test_flow_errors(self):
+        self.check("x: 1\na: [1, 2\n", "unclosed '[' (missing ']')", 2)
+        self.check("a: {b: 1\n\n", "unclosed '{' (missing '}')", 1)
+        self.check("a: [1, 2\nb: 3\n", "expected ',' or ']' in flow sequence", 2)
+        self.check("a: {b: 1 c: 2}\n", "expected ',' or '}' in flow mapping", 1)
+        self.check("a: [1, , 2]\n", "unexpected ','", 1)
+        self.check("a: [- 1]\n", "block sequence entries are not allowed inside flow collections", 1)
+        self.check('a: {"b"\n  : 1}\n', "a mapping key and its ':' must be on the same line", 2)
+
+    def test_reserved_indicators(self):
+        self.check("a: @x\n", "'@' is a reserved indicator", 1)
+        self.check("a: `x`\n", "'`' is a reserved indicator", 1)
+        self.check("@a: 1\n", "reserved indicator", 1)
+        self.check("a: %x\n", "'%' cannot start a plain scalar", 1)
+
+    def test_huge_int_and_invalid_utf8(self):
+        if hasattr(sys, "set_int_max_str_digits"):
+            self.check("a: 1\nb: " + "1" * 5000 + "\n", "too large", 2)
+        self.check(b"a: 1\nb: \xff\n", "invalid UTF-8", 2)
+
+    def test_fuzz_only_yaml_error_escapes(self):
+        rng = random.Random(1234)
+        parsed = rewritten = 0
+        for _ in range(3000):
+            text = rng.choice(self.VALID_CONFIGS)
+            for _ in range(rng.randint(1, 4)):
+                op = rng.random()
+                pos = rng.randint(0, len(text))
+                if op < 0.4:
+                    text = text[:pos] + rng.choice(self.FUZZ_CHARS) + text[pos:]
+                elif op < 0.7:
+                    text = text[:pos] + text[pos + rng.randint(1, 3):]
+                else:
+                    text = text[:pos] + rng.choice(self.FUZZ_CHARS) + text[pos + 1:]
+            try:
+                doc = trop.parse_yaml(text)
+            except trop.YamlError as exc:
+                self.assertIsInstance(exc.message, str)
+                self.assertTrue(exc.line is None or 1 <= exc.line <= text.count("\n") + text.count("\r") + 1,
+                                (text, exc.message, exc.line))
+                continue
+            except Exception as exc:  # pragma: no cover - reported as a failure
+                self.fail("%s: %r on input %r" % (type(exc).__name__, exc, text))
+            parsed += 1
+            if isinstance(doc, dict) or doc is None:
+                entries = [rng.randint(1, 65535), (10, 20)][:rng.randint(0, 2)]
+                try:
+                    out = trop.replace_excluded_ports(text, entries)
+                except Exception as exc:  # pragma: no cover
+                    self.fail("rewrite %s: %r on input %r" % (type(exc).__name__, exc, text))
+                self.assertEqual(self.entries_of(trop.parse_yaml(out)["excluded_ports"]), entries, (text, out))
+                rewritten += 1
+        self.assertGreater(parsed, 100)
+        self.assertGreater(rewritten, 50)
+
+
+class TestExclusionWriter(unittest.TestCase):
+    """replace_excluded_ports: only the excluded_ports value changes, byte for byte."""
+
+    SAMPLE = TestYamlReader.SAMPLE
+    entries_of = staticmethod(TestYamlReader.entries_of)
+
+    def rewrite(self, text, entries, expected):
+        out = trop.replace_excluded_ports(text, entries)
+        self.assertEqual(out, expected)
+        self.assertEqual(self.entries_of(trop.parse_yaml(out)["excluded_ports"]), list(entries))
+
+    def test_sample(self):
+        expected = self.SAMPLE.replace(
+            '  - 5001\n  - "6000..6010"\n  - {start: 6100, end: 6105}\n  - start: 6200\n    end: 6201\n',
+            "  - 8080\n  - {start: 8090, end: 8095}\n")
+        self.rewrite(self.SAMPLE, [8080, (8090, 8095)], expected)
+
+    def test_comments_above_below_inside(self):
+        text = ("# head\nproject: x   # p\n# about exclusions\nexcluded_ports:   # keep me\n    - 1      # one\n"
+                "    # inside\n    - 2\n    # after the last item\n\n# before cleanup\ncleanup:\n"
+                "  expire_after_days: 3\n")
+        expected = ("# head\nproject: x   # p\n# about exclusions\nexcluded_ports:   # keep me\n    - 5\n"
+                    "    - {start: 7, end: 9}\n    # after the last item\n\n# before cleanup\ncleanup:\n"
+                    "  expire_after_days: 3\n")
+        self.rewrite(text, [5, (7, 9)], expected)
+
+    def test_compact_items_keep_indentation(self):
+        self.rewrite("a: 1\nexcluded_ports:\n- 1\n- 2\nb: 2\n", [3], "a: 1\nexcluded_ports:\n- 3\nb: 2\n")
+
+    def test_flow_lists(self):
+        self.rewrite("a: 1\nexcluded_ports: [1, 2]  # c\nb: 2\n", [3, (4, 5)],
+                     "a: 1\nexcluded_ports:  # c\n  - 3\n  - {start: 4, end: 5}\nb: 2\n")
+        self.rewrite("excluded_ports: [1, 2]\n", [], "excluded_ports: []\n")
+        self.rewrite("a: 1\nexcluded_ports: [\n  1,  # one\n  {start: 2, end: 3}\n]\n# tail\nb: 2\n", [9],
+                     "a: 1\nexcluded_ports:\n  - 9\n# tail\nb: 2\n")
+
+    def test_null_and_empty_values(self):
+        self.rewrite("excluded_ports:\nb: 1\n", [1], "excluded_ports:\n  - 1\nb: 1\n")
+        self.rewrite("excluded_ports: null # none\nb: 1\n", [1], "excluded_ports: # none\n  - 1\nb: 1\n")
+        self.rewrite("excluded_ports: ~\n", [], "excluded_ports: []\n")
+        self.rewrite("excluded_ports: []\n", [(1, 2)], "excluded_ports:\n  - {start: 1, end: 2}\n")
+
+    def test_no_final_newline(self):
+        self.rewrite("a: 1\nexcluded_ports:\n  - 1", [2, 3], "a: 1\nexcluded_ports:\n  - 2\n  - 3")
+        self.rewrite("a: 1\nexcluded_ports: [1]", [], "a: 1\nexcluded_ports: []")
+
+    def test_absent_key_is_appended(self):
+        self.rewrite("a: 1\n# end\n", [1, (2, 3)], "a: 1\n# end\nexcluded_ports:\n  - 1\n  - {start: 2, end: 3}\n")
+        self.rewrite("a: 1", [1], "a: 1\nexcluded_ports:\n  - 1\n")
+        self.rewrite("  a: 1\n", [5], "  a: 1\n  excluded_ports:\n    - 5\n")
+        self.rewrite("a: 1\n...\n# x\n", [5], "a: 1\nexcluded_ports:\n  - 5\n...\n# x\n")
+        self.rewrite("a: 1\nnested:\n  excluded_ports: [1]\n", [5],
+                     "a: 1\nnested:\n  excluded_ports: [1]\nexcluded_ports:\n  - 5\n")
+
+    def test_empty_documents(self):
+        self.rewrite("", [1], "excluded_ports:\n  - 1\n")
+        self.rewrite("# only a comment", [1], "# only a comment\nexcluded_ports:\n  - 1\n")
+        self.rewrite("---\n", [], "---\nexcluded_ports: []\n")
+        self.rewrite("\ufeff# c\n", [2], "\ufeff# c\nexcluded_ports:\n  - 2\n")
+
+    def test_crlf_kept(self):
+        text = "# c\r\nproject: x\r\nexcluded_ports:\r\n  - 1\r\n  - 2\r\n\r\ncleanup:\r\n  expire_after_days: 3\r\n"
+        self.rewrite(text, [(5, 6), 7], "# c\r\nproject: x\r\nexcluded_ports:\r\n  - {start: 5, end: 6}\r\n  - 7\r\n"
+                                        "\r\ncleanup:\r\n  expire_after_days: 3\r\n")
+        self.rewrite("a: 1\r\n", [1], "a: 1\r\nexcluded_ports:\r\n  - 1\r\n")
+
+    def test_quoted_key_and_bom_kept(self):
+        self.rewrite("\ufeff'excluded_ports': [1]\n", [2], "\ufeff'excluded_ports':\n  - 2\n")
+
+    def test_other_bytes_untouched(self):
+        text = self.SAMPLE.replace("\n", "   \n").replace("project: my-app", "project:  'my-app'  # q")
+        before, after = text.split("\n"), trop.replace_excluded_ports(text, [1]).split("\n")
+        self.assertEqual(before[:5], after[:5])
+        self.assertEqual(after[5:7], ["excluded_ports:", "  - 1"])
+        self.assertEqual(before[11:], after[7:])
+
+    def test_json_document(self):
+        out = trop.replace_excluded_ports(TestYamlReader.SAMPLE_JSON, [1, (2, 3)])
+        data = json.loads(out)
+        self.assertEqual(data["excluded_ports"], [1, {"start": 2, "end": 3}])
+        self.assertEqual(list(data), list(json.loads(TestYamlReader.SAMPLE_JSON)))
+        self.assertEqual(trop.replace_excluded_ports('# c\r\n{"a": 1}', []),
+                         '# c\r\n{\r\n  "a": 1,\r\n  "excluded_ports": []\r\n}')
+
+    def test_not_a_mapping_and_bad_entries(self):
+        for text in ("- 1\n", "[1]", "hello"):
+            with self.assertRaises(trop.YamlError) as cm:
+                trop.replace_excluded_ports(text, [1])
+            self.assertIn("not a mapping", cm.exception.message)
+        with self.assertRaises(trop.YamlError):
+            trop.replace_excluded_ports("a: &x 1\n", [1])
+        for bad in (["1"], [True], [(1, 2, 3)], [(1, "2")], [None]):
+            with self.assertRaises(ValueError):
+                trop.replace_excluded_ports("a: 1\n", bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema and validation (B §5), in-process
+# --------------------------------------------------------------------------------------------------
+
+class TestConfigSchema(unittest.TestCase):
+    FULL_PROJECT = TestYamlReader.SAMPLE
+
+    # What the reference's `exclude` writes back (B §5.2): every absent key as null.
+    REFERENCE_WRITTEN = """\
+project: null
+ports:
+  min: 5000
+  max: 7000
+  max_offset: null
+excluded_ports:
+- 8080
+- start: 9000
+  end: 9005
+cleanup: null
+occupancy_check: null
+reservations: null
+disable_autoinit: null
+disable_autoprune: null
+disable_autoexpire: null
+allow_unrelated_path: null
+allow_change_project: null
+allow_change_task: null
+allow_change: null
+maximum_lock_wait_seconds: null
+output_format: null
+"""
+
+    def problems(self, text, kind="project"):
+        probs = trop.Problems("f.yaml")
+        layer = trop.read_config_document(trop.parse_yaml(text), "f.yaml", kind, probs)
+        return layer, probs.items
+
+    def assertValid(self, text, kind="project"):
+        layer, items = self.problems(text, kind)
+        self.assertEqual(items, [], text)
+        return layer
+
+    def assertProblem(self, text, fragment, lines, kind="project"):
+        """Exactly one problem, mentioning fragment, on one of lines."""
+        lines = (lines,) if isinstance(lines, int) else lines
+        _, items = self.problems(text, kind)
+        self.assertEqual(len(items), 1, "%r -> %r" % (text, items))
+        line, message = items[0]
+        self.assertIn(fragment, message, text)
+        self.assertIn(line, lines, "%r: %r" % (text, items))
+
+    def test_valid_documents(self):
+        self.assertValid(self.FULL_PROJECT, "project")
+        _, items = self.problems(self.FULL_PROJECT, "user")     # project + reservations: project files only
+        self.assertEqual([line for line, _ in items], [2, 17])
+        for text in ("", "# only comments\n", "---\n", "{}"):
+            self.assertValid(text, "user")
+            self.assertValid(text, "project")
+        self.assertValid('{"ports": {"min": 6000, "max_offset": 10}, "excluded_ports": [6001, "6002..6003"]}', "user")
+        self.assertValid("reservations: null\n", "user")          # inert in user config
+
+    def test_null_means_absent_for_every_optional_key(self):
+        # The reference's schema is all Option<...>: a null value is the same as an absent key, and
+        # its own `exclude` writes such files (B §5.2).  They must load.
+        self.assertValid(self.REFERENCE_WRITTEN, "user")
+        self.assertValid(self.REFERENCE_WRITTEN, "project")
+        self.assertValid("ports: null\nproject: null\noutput_format: null\n", "project")
+        self.assertValid("cleanup:\n  expire_after_days: null\noccupancy_check:\n  skip: null\n", "project")
+
+    def test_exclusion_forms(self):
+        layer = self.assertValid('excluded_ports:\n  - 5001\n  - "6000..6010"\n  - " 6100 .. 6105 "\n'
+                                 '  - "7000"\n  - {start: 8000, end: 8001}\n  - start: 9000\n    end: 9000\n')
+        self.assertEqual(layer.exclusions, [(5001, 5001), (6000, 6010), (6100, 6105), (7000, 7000),
+                                            (8000, 8001), (9000, 9000)])
+        self.assertValid("excluded_ports: [1, 65535, \"1..65535\"]\n")
+
+    def test_unknown_keys_with_path_and_line(self):
+        self.assertProblem("project: x\nbogus: 1\n", "bogus", 2)
+        self.assertProblem("ports:\n  min: 5000\n  maximum: 6000\n", "ports.maximum", 3)
+        self.assertProblem("cleanup:\n  days: 3\n", "cleanup.days", 2)
+        self.assertProblem("occupancy_check:\n  skip_ipv4: true\n", "occupancy_check.skip_ipv4", 2)
+        self.assertProblem("reservations:\n  services:\n    web:\n      port: 1\n", "reservations.services.web.port", 4)
+        self.assertProblem("reservations:\n  extra: 1\n  services:\n    web: {}\n", "reservations.extra", 2)
+        self.assertProblem("excluded_ports:\n  - {start: 1, end: 2, step: 1}\n", "step", 2)
+        self.assertProblem("task: x\n", "task", 1)                # no `task` key exists
+        for text in ("bogus: 1\n", "ports:\n  min: 5000\n  maximum: 6000\n"):
+            _, items = self.problems(text)
+            self.assertIn("unknown field", items[0][1])
+
+    def test_project_rules(self):
+        self.assertEqual(self.assertValid("project: '  spaced  '\n").values["project"], "spaced")
+        self.assertProblem("project: '   '\n", "empty", 1)
+        self.assertProblem('project: "a\\0b"\n', "NUL", 1)
+        self.assertProblem("project: " + "x" * 256 + "\n", "255", 1)
+        self.assertValid("project: " + "x" * 255 + "\n")
+        self.assertProblem("project: [a]\n", "string", 1)
+        self.assertProblem("project: x\n", "project is only valid in trop.yaml/trop.local.yaml, not user config.yaml",
+                           1, kind="user")
+
+    def test_ports_rules(self):
+        self.assertProblem("ports:\n  max: 6000\n", "min", (1, 2))                       # min is required
+        self.assertProblem("ports:\n  min: 0\n", "ports.min", 2)
+        self.assertProblem("ports:\n  min: 70000\n", "ports.min", 2)
+        self.assertProblem("ports:\n  min: '5000'\n", "ports.min", 2)                    # wrong type
+        self.assertProblem("ports:\n  min: 5000\n  max: true\n", "ports.max", 3)
+        self.assertProblem("ports:\n  min: 6000\n  max: 5999\n", "min", 3)               # min > max
+        self.assertValid("ports:\n  min: 6000\n  max: 6000\n")
+        self.assertProblem("ports:\n  min: 5000\n  max: 6000\n  max_offset: 10\n",
+                           "Cannot specify both max and max_offset", (1, 3, 4))
+        self.assertProblem("ports:\n  min: 5000\n  max_offset: 0\n", "max_offset", 3)
+        self.assertProblem("ports:\n  min: 65000\n  max_offset: 1000\n", "Offset 1000 would overflow", 3)
+        self.assertValid("ports:\n  min: 65000\n  max_offset: 535\n")
+        self.assertProblem("ports: 5000\n", "ports", 1)
+
+    def test_exclusion_rules(self):
+        self.assertProblem("excluded_ports: 5000\n", "excluded_ports", 1)
+        self.assertProblem("excluded_ports:\n  - 1\n  - 2\n  - 0\n", "0", 4)
+        self.assertProblem("excluded_ports:\n  - 70000\n", "70000", 2)
+        self.assertProblem('excluded_ports:\n  - "9..8"\n', "Invalid range: 9..8 (end < start)", 2)
+        self.assertProblem("excluded_ports:\n  - {start: 9, end: 8}\n", "Invalid range: 9..8 (end < start)", 2)
+        self.assertProblem('excluded_ports:\n  - "1..70000"\n', "70000", 2)
+        for bad in ('"abc"', '"1.."', '"..5"', "{start: 5}", "true", "1.5", "[1, 2]", '{start: "1", end: 2}', "-3"):
+            _, items = self.problems("excluded_ports:\n  - 1\n  - %s\n" % bad)
+            self.assertEqual(len(items), 1, (bad, items))
+            self.assertEqual(items[0][0], 3, (bad, items))
+
+    def test_cleanup_occupancy_flags_lock_output(self):
+        self.assertEqual(self.assertValid("cleanup:\n  expire_after_days: 7\n").values["cleanup.expire_after_days"], 7)
+        for bad in ("0", "-1", "'30'", "1.5"):
+            self.assertProblem("cleanup:\n  expire_after_days: %s\n" % bad, "expire_after_days", 2)
+        self.assertProblem("cleanup: 30\n", "cleanup", 1)
+        self.assertProblem("occupancy_check:\n  skip: yes\n", "occupancy_check.skip", 2)   # YAML 1.2: a string
+        self.assertProblem("occupancy_check:\n  skip_tcp: 1\n", "skip_tcp", 2)
+        for key in ("disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
+                    "allow_change_project", "allow_change_task", "allow_change"):
+            self.assertEqual(self.assertValid("%s: true\n" % key).values[key], True)
+            self.assertProblem("%s: 'true'\n" % key, key, 1)
+            self.assertProblem("%s: on\n" % key, key, 1)
+        self.assertValid("maximum_lock_wait_seconds: 2147483\n")
+        self.assertValid("maximum_lock_wait_seconds: 0\n")
+        self.assertProblem("maximum_lock_wait_seconds: 2147484\n", "Timeout must not exceed 2147483 seconds", 1)
+        self.assertProblem("maximum_lock_wait_seconds: -1\n", "maximum_lock_wait_seconds", 1)
+        self.assertProblem("maximum_lock_wait_seconds: '5'\n", "maximum_lock_wait_seconds", 1)
+        for fmt in ("json", "csv", "tsv", "table"):
+            self.assertValid("output_format: %s\n" % fmt)
+        self.assertProblem("output_format: JSON\n", "output_format", 1)                 # lowercase only in YAML
+        self.assertProblem("output_format: xml\n", "output_format", 1)
+
+    def test_reservations_rules(self):
+        group = "reservations:\n  base: 6000\n  services:\n    web: {}\n"
+        self.assertValid(group)
+        self.assertProblem(group, "reservations are only valid in trop.yaml/trop.local.yaml, not user config.yaml",
+                           1, kind="user")
+        self.assertProblem("reservations:\n  base: 6000\n", "services", (1, 2))          # services is required
+        self.assertValid("reservations:\n  services: {}\n")       # passes validation; group commands fail later
+        self.assertProblem("reservations:\n  base: 0\n  services:\n    web: {}\n", "base", 2)
+        self.assertProblem("reservations:\n  services: [web]\n", "services", 2)
+        S = "reservations:\n  services:\n"
+        self.assertProblem(S + "    web: {offset: 1}\n    api: {offset: 1}\n", "offset", (3, 4))
+        self.assertProblem(S + "    web:\n    api: {offset: 0}\n", "offset", (3, 4))   # implicit offset 0
+        self.assertProblem(S + "    web: {}\n    api: {}\n", "offset", (3, 4))
+        self.assertValid(S + "    web: {}\n    api: {offset: 1}\n")
+        self.assertProblem(S + "    web: {offset: -1}\n", "offset", 3)
+        self.assertProblem(S + "    web: {offset: 70000}\n", "offset", 3)
+        self.assertProblem(S + "    web: {preferred: 8080}\n    api: {offset: 1, preferred: 8080}\n",
+                           "preferred", (3, 4))
+        self.assertProblem(S + "    web: {preferred: 0}\n", "preferred", 3)
+        self.assertValid(S + "    web: {preferred: 65535}\n")           # may lie outside the ports range
+        for env in ('"1X"', '"A-B"', '""', '"A B"', '"X' + "Y" * 255 + '"', "5"):
+            self.assertProblem(S + "    web: {env: %s}\n" % env, "env", 3)
+        self.assertValid(S + "    web: {env: _Web_1}\n")
+        self.assertProblem(S + "    my.svc: {}\n", "my.svc", 3)                      # derived name invalid
+        self.assertProblem(S + "    x: {env: PORT}\n    y: {offset: 1, env: port}\n", "port", (3, 4))
+        self.assertProblem(S + "    web-a: {}\n    web_a: {offset: 1}\n", "WEB_A", (3, 4))
+        self.assertProblem(S + '    "  ": {}\n', "tag", 3)
+        self.assertProblem(S + '    x: {}\n    " x": {offset: 1}\n', "x", 4)            # duplicate after trim
+        self.assertProblem(S + "    %s: {}\n" % ("t" * 256), "255", 3)
+
+    def test_every_problem_reported(self):
+        text = ("bogus: 1\nports:\n  min: 0\nexcluded_ports: [0]\ncleanup:\n  expire_after_days: 0\n"
+                "output_format: xml\n")
+        _, items = self.problems(text)
+        self.assertEqual(sorted(line for line, _ in items), [1, 3, 4, 6, 7])
+
+    def test_read_config_file_names_file_and_line(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "trop.yaml")
+        with open(path, "w") as fh:
+            fh.write("ports:\n  min: 5000\n  bogus: 1\n")
+        with self.assertRaises(trop.ConfigError) as cm:
+            trop.read_config_file(path, "project")
+        self.assertIn(path + ":3:", str(cm.exception))
+        self.assertEqual(cm.exception.exit_code, 7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layering (B §4 / §5 merge rules), in-process
+# --------------------------------------------------------------------------------------------------
+
+class TestConfigMerge(unittest.TestCase):
+    def layer(self, text, kind="project", source=None):
+        probs = trop.Problems(source or kind)
+        layer = trop.read_config_document(trop.parse_yaml(text), source or kind + ".yaml", kind, probs)
+        self.assertEqual(probs.items, [], text)
+        return layer
+
+    def config(self, *layers):
+        return trop.Config(list(layers)).validate()
+
+    def test_builtin_defaults(self):
+        cfg = self.config()
+        self.assertEqual((cfg.port_range.min, cfg.port_range.max), (5000, 7000))
+        self.assertEqual(cfg["cleanup.expire_after_days"], 30)
+        self.assertEqual(cfg["maximum_lock_wait_seconds"], 5)
+        self.assertEqual(cfg["output_format"], "table")
+        self.assertEqual(len(cfg.exclusions), 0)
+        self.assertIsNone(cfg.group)
+        for key in ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces"):
+            self.assertIs(getattr(cfg.occupancy, key), False)
+        for key in ("disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
+                    "allow_change_project", "allow_change_task", "allow_change"):
+            self.assertIs(cfg[key], False)
+
+    def test_scalars_override_in_order(self):
+        user = self.layer("output_format: json\nmaximum_lock_wait_seconds: 9\n", "user")
+        proj = self.layer("output_format: csv\n")
+        local = self.layer("output_format: tsv\n")
+        self.assertEqual(self.config(user)["output_format"], "json")
+        self.assertEqual(self.config(user, proj)["output_format"], "csv")
+        self.assertEqual(self.config(user, proj, local)["output_format"], "tsv")
+        self.assertEqual(self.config(user, proj, local)["maximum_lock_wait_seconds"], 9)
+        env = trop.env_layer({"TROP_OUTPUT_FORMAT": "JSON", "TROP_BUSY_TIMEOUT": "3"})
+        self.assertEqual(self.config(user, proj, local, env)["output_format"], "json")
+        self.assertEqual(self.config(user, proj, local, env)["maximum_lock_wait_seconds"], 3)
+        cli = trop.cli_layer({"busy_timeout": 1})
+        self.assertEqual(self.config(user, proj, local, env, cli)["maximum_lock_wait_seconds"], 1)
+
+    def test_ports_pair_rule(self):
+        def rng(*layers):
+            r = self.config(*layers).port_range
+            return r.min, r.max
+        user = self.layer("ports: {min: 20000, max: 20010}\n", "user")
+        self.assertEqual(rng(user, self.layer("ports: {min: 20005}\n")), (20005, 20010))      # max inherited
+        user_off = self.layer("ports: {min: 20000, max_offset: 10}\n", "user")
+        self.assertEqual(rng(user_off), (20000, 20010))
+        self.assertEqual(rng(user_off, self.layer("ports: {min: 20100}\n")), (20100, 20110))  # offset inherited
+        self.assertEqual(rng(user_off, self.layer("ports: {min: 20100, max: 20200}\n")), (20100, 20200))
+        self.assertEqual(rng(user, self.layer("ports: {min: 20100, max_offset: 5}\n")), (20100, 20105))
+        self.assertEqual(rng(user_off, trop.env_layer({"TROP_PORT_MAX": "20100"})), (20000, 20100))
+        self.assertEqual(rng(user, trop.env_layer({"TROP_PORT_MAX_OFFSET": "3"})), (20000, 20003))
+        self.assertEqual(rng(user_off, trop.cli_layer({"max": 20050})), (20000, 20050))
+        self.assertEqual(rng(user, trop.env_layer({"TROP_PORT_MIN": "20001"}), trop.cli_layer({"min": 20002})),
+                         (20002, 20010))
+
+    def test_merged_result_is_validated_and_attributed(self):
+        user = self.layer("ports: {min: 6000, max: 6100}\n", "user", "/u/config.yaml")
+        proj = self.layer("ports: {min: 6200}\n", "project", "/p/trop.yaml")
+        with self.assertRaises(trop.ConfigError) as cm:
+            self.config(user, proj)
+        self.assertIn("/u/config.yaml", str(cm.exception))          # the winning source of ports.max
+        self.assertEqual(cm.exception.exit_code, 7)
+        # an environment value can be repaired by a flag
+        env = trop.env_layer({"TROP_PORT_MAX": "5500"})
+        self.assertEqual(self.config(user, env, trop.cli_layer({"max": 6300})).port_range.max, 6300)
+
+    def test_exclusions_accumulate(self):
+        user = self.layer("excluded_ports: [100]\n", "user")
+        proj = self.layer("excluded_ports: ['101..102']\n")
+        local = self.layer("excluded_ports: [{start: 103, end: 103}]\n")
+        env = trop.env_layer({"TROP_EXCLUDED_PORTS": " 104 , ,105..106,"})
+        cfg = self.config(user, proj, local, env)
+        self.assertEqual(cfg.exclusions.ranges, [(100, 106)])
+        for port in range(100, 107):
+            self.assertIn(port, cfg.exclusions)
+        self.assertNotIn(107, cfg.exclusions)
+
+    def test_occupancy_and_cleanup_leaf_by_leaf(self):
+        user = self.layer("occupancy_check: {skip_tcp: true, skip_ip6: true}\n"
+                          "cleanup: {expire_after_days: 10}\n", "user")
+        proj = self.layer("occupancy_check: {skip_udp: true}\ncleanup: {}\n")
+        local = self.layer("occupancy_check: {skip_tcp: false}\n")
+        env = trop.env_layer({"TROP_CHECK_ALL_INTERFACES": "yes"})
+        occ = self.config(user, proj, local, env).occupancy
+        self.assertEqual((occ.skip, occ.skip_ip4, occ.skip_ip6, occ.skip_tcp, occ.skip_udp, occ.check_all_interfaces),
+                         (False, False, True, False, True, True))
+        self.assertEqual(self.config(user, proj, local)["cleanup.expire_after_days"], 10)
+        self.assertEqual(self.config(user, self.layer("cleanup: {expire_after_days: 2}\n"))
+                         ["cleanup.expire_after_days"], 2)
+
+    def test_reservations_replaced_whole_or_cleared(self):
+        proj = self.layer("reservations:\n  base: 6000\n  services:\n    web: {}\n    api: {offset: 1}\n")
+        tags = lambda cfg: sorted(s.tag for s in cfg.group.services)   # noqa: E731
+        self.assertEqual(tags(self.config(proj)), ["api", "web"])
+        self.assertEqual(tags(self.config(proj, self.layer("project: x\n"))), ["api", "web"])      # omitted: inherit
+        local = self.layer("reservations:\n  services:\n    db: {offset: 2}\n")
+        cfg = self.config(proj, local)
+        self.assertEqual(tags(cfg), ["db"])                                                      # replaced whole
+        self.assertIsNone(cfg.group.base)
+        self.assertIsNone(self.config(proj, self.layer("reservations: null\n")).group)            # cleared
+        user = self.layer("reservations: null\n", "user")
+        self.assertEqual(tags(self.config(user, proj)), ["api", "web"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Layering end to end through the CLI
+# --------------------------------------------------------------------------------------------------
+
+class TestConfigLayersCli(_ConfigCliCase):
+    SKIP = {"TROP_SKIP_OCCUPANCY_CHECK": "1"}
+
+    def reserve(self, tag, *extra, cwd=None, env=None):
+        environment = dict(self.SKIP, **(env or {}))
+        rc, out, err = self.trop("--data-dir", self.data, "reserve", "--tag", tag, *extra, cwd=cwd, env=environment)
+        self.assertNoTraceback(err)
+        self.assertEqual(rc, 0, err)
+        return int(out)
+
+    def test_precedence_chain(self):
+        # level i adds one more source over level i-1; each level in its own tree, run in parallel
+        env = dict(self.SKIP, TROP_PORT_MIN="44000", TROP_PORT_MAX="44009")
+        levels = [([], self.SKIP), ([], self.SKIP), ([], self.SKIP), ([], env),
+                  (["--min", "45000", "--max", "45009"], env)]
+        calls = []
+        for i, (extra, environment) in enumerate(levels):
+            self.write("d%d/config.yaml" % i, "ports: {min: 41000, max: 41009}\n")
+            if i >= 1:
+                self.write("p%d/trop.yaml" % i, "ports:\n  min: 42000\n  max: 42009\n")
+            if i >= 2:
+                self.write("p%d/trop.local.yaml" % i, "ports:\n  min: 43000\n  max: 43009\n")
+            calls.append((["--data-dir", os.path.join(self.tmp, "d%d" % i), "reserve"] + extra,
+                          self.mkdir("p%d" % i, "sub"), environment))
+        results = self.trop_many(calls)
+        for (rc, out, err) in results:
+            self.assertNoTraceback(err)
+        self.assertEqual([(rc, out) for rc, out, err in results],
+                         [(0, "41000\n"),      # user config
+                          (0, "42000\n"),      # trop.yaml
+                          (0, "43000\n"),      # trop.local.yaml
+                          (0, "44000\n"),      # environment
+                          (0, "45000\n")],     # command line
+                         [err for _, _, err in results])
+
+    def test_exclusions_accumulate_across_layers(self):
+        self.write("data/config.yaml", "excluded_ports: [46000]\n")
+        self.write("proj/trop.yaml", "excluded_ports: ['46001..46002']\n")
+        self.write("proj/trop.local.yaml", "excluded_ports:\n  - {start: 46003, end: 46003}\n")
+        port = self.reserve("x", "--min", "46000", "--max", "46010", cwd=self.mkdir("proj"),
+                            env={"TROP_EXCLUDED_PORTS": "46004, 46005"})
+        self.assertEqual(port, 46006)
+
+    def test_only_the_nearest_directory_contributes(self):
+        self.write("proj/trop.yaml", "ports: {min: 47000, max: 47009}\nexcluded_ports: [47100]\nbogus: key\n")
+        self.write("proj/sub/trop.local.yaml", "ports: {min: 47100, max: 47109}\n")
+        deep = self.mkdir("proj", "sub", "deep", "er")
+        # the malformed parent trop.yaml is never read, and its exclusion does not apply
+        self.assertEqual(self.reserve("n", cwd=deep), 47100)
+        rc, out, err = self.trop("--data-dir", self.data, "list", cwd=self.mkdir("proj"))
+        self.assertEqual(rc, 7, err)
+
+    def test_discovery_walks_up_from_the_canonical_cwd(self):
+        self.write("a/trop.yaml", "ports: {min: 48000, max: 48009}\n")
+        self.write("b/trop.yaml", "ports: {min: 49000, max: 49009}\n")
+        inner = self.mkdir("b", "inner")
+        link = os.path.join(self.tmp, "a", "link")
+        os.symlink(inner, link)
+        self.assertEqual(self.reserve("s", cwd=link, env={"PWD": link}), 49000)
+
+    def test_group_replaced_or_cleared_by_trop_local_yaml(self):
+        group = ("ports: {min: 25000, max: 25100}\nreservations:\n  base: 25000\n"
+                 "  services:\n    web: {}\n    api: {offset: 1}\n")
+        locals_ = [None, "reservations:\n  base: 25050\n  services:\n    db: {}\n", "reservations: null\n",
+                   "project: inherit\n"]
+        calls = []
+        for i, local in enumerate(locals_):
+            self.write("p%d/trop.yaml" % i, group)
+            if local is not None:
+                self.write("p%d/trop.local.yaml" % i, local)
+            calls.append((["--data-dir", os.path.join(self.tmp, "d%d" % i), "autoreserve", "--format", "json"],
+                          self.mkdir("p%d" % i), self.SKIP))
+        results = self.trop_many(calls)
+        parsed = [(rc, json.loads(out) if rc == 0 else out) for rc, out, err in results]
+        errors = [err for _, _, err in results]
+        self.assertEqual(parsed[0], (0, {"web": 25000, "api": 25001}), errors[0])      # trop.yaml alone
+        self.assertEqual(parsed[1], (0, {"db": 25050}), errors[1])                      # replaced whole
+        self.assertEqual(parsed[2], (6, ""), errors[2])                                 # cleared by null
+        self.assertIn("does not contain a reservation group", errors[2])
+        self.assertEqual(parsed[3], (0, {"web": 25000, "api": 25001}), errors[3])      # omitted: inherited
+
+    def test_malformed_file_fails_every_discover_command(self):
+        proj = self.mkdir("proj")
+        bad = self.write("proj/trop.yaml", "ports:\n  min: 5000\n  bogus: 1\n")
+        commands = [
+            ["reserve"], ["release"], ["list"], ["autoreserve"], ["prune"], ["expire"], ["autoclean"],
+            ["assert-reservation"], ["assert-port", "5000"], ["port-info", "5000"],
+            ["scan", "--min", "5000", "--max", "5001"], ["exclude", "5000"], ["list-projects"],
+            ["migrate", "--from", proj, "--to", os.path.join(self.tmp, "elsewhere")],
+            ["assert-data-dir", "--validate"], ["reserve-group", bad],
+        ]
+        results = self.trop_many([(["--data-dir", self.data] + cmd, proj, None) for cmd in commands])
+        for cmd, (rc, out, err) in zip(commands, results):
+            self.assertNoTraceback(err, cmd)
+            self.assertEqual(rc, 7, "%s: %s" % (cmd, err))
+            self.assertIn(bad + ":3:", err, cmd)
+            self.assertTrue(err.startswith("Error: "), (cmd, err))
+            self.assertEqual(out, "", cmd)
+        self.assertEqual(self.read(bad), b"ports:\n  min: 5000\n  bogus: 1\n")
+        self.assertFalse(os.path.exists(os.path.join(self.data, "trop.db")))
+
+    def test_malformed_user_config_fails_commands_but_not_scope_none(self):
+        user = self.write("data/config.yaml", "excluded_ports:\n  - 80\n  - &a 81\n")
+        calls = [["reserve"], ["list"], ["exclude", "9000"], ["port-info", "5000"],
+                 ["show-data-dir"], ["show-path"], ["completions", "bash"],
+                 ["validate", self.write("good.yaml", "ports: {min: 1, max: 2}\n")]]
+        results = self.trop_many([(["--data-dir", self.data] + c, self.work, None) for c in calls])
+        for cmd, (rc, out, err) in zip(calls[:4], results[:4]):
+            self.assertEqual(rc, 7, (cmd, err))
+            self.assertIn(user + ":3:", err, cmd)
+            self.assertIn("anchor", err, cmd)
+            self.assertNoTraceback(err, cmd)
+        for cmd, (rc, out, err) in zip(calls[4:], results[4:]):
+            self.assertEqual(rc, 0, (cmd, err))
+            self.assertNoTraceback(err, cmd)
+        rc, out, err = self.trop("init", "--data-dir", self.data, "--with-config")   # init reads no YAML file
+        self.assertEqual(rc, 0, err)
+        self.assertIn("already exists", out)
+        self.assertEqual(self.read(user), b"excluded_ports:\n  - 80\n  - &a 81\n")
+
+    def test_bad_environment_values_exit_7(self):
+        envs = [{"TROP_PORT_MIN": "abc"}, {"TROP_PORT_MAX": "70000"}, {"TROP_SKIP_TCP": "maybe"},
+                {"TROP_OUTPUT_FORMAT": "xml"}, {"TROP_EXCLUDED_PORTS": "9..8"}, {"TROP_EXCLUDED_PORTS": "80,abc"}]
+        results = self.trop_many([(["--data-dir", self.data, "reserve", "--skip-occupancy-check"], None, env)
+                                  for env in envs])
+        for env, (rc, out, err) in zip(envs, results):
+            self.assertNoTraceback(err, env)
+            self.assertEqual(rc, 7, (env, err))
+            self.assertIn(list(env)[0], err)
+            self.assertEqual(out, "", env)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: each a clear error (file, line), exit 7 when loaded, exit 1 from validate
+# --------------------------------------------------------------------------------------------------
+
+class TestConfigBadInput(_ConfigCliCase):
+    SERVICES = "reservations:\n  services:\n"
+    CASES = [
+        # name, file content, acceptable lines, fragment (lower-case) of the message
+        ("unknown key", "ports:\n  min: 5000\n  maximum: 6000\n", (3,), "ports.maximum"),
+        ("wrong type", "ports:\n  min: five\n", (2,), "ports.min"),
+        ("min > max", "ports:\n  min: 6000\n  max: 5000\n", (2, 3), "min"),
+        ("max with max_offset", "ports:\n  min: 5000\n  max: 6000\n  max_offset: 10\n", (1, 3, 4), "max_offset"),
+        ("offset collision", SERVICES + "    web: {offset: 1}\n    api: {offset: 1}\n", (3, 4), "offset"),
+        ("duplicate preferred", SERVICES + "    web: {preferred: 8080}\n    api: {offset: 1, preferred: 8080}\n",
+         (3, 4), "preferred"),
+        ("bad env name", SERVICES + "    web: {env: '1X'}\n", (3,), "env"),
+        ("tab indentation", "ports:\n\tmin: 5000\n", (2,), "tab"),
+        ("anchor", "ports: &p\n  min: 5000\n", (1,), "anchor"),
+        ("block scalar", "project: |\n  x\n", (1,), "block scalar"),
+        ("duplicate key", "project: a\nports: {min: 5000}\nproject: b\n", (3,), "duplicate key"),
+        ("unterminated quote", "project: 'abc\n", (1,), "unterminated"),
+        ("invalid utf-8", b"project: a\nports:\n  min: \xff\n", (3,), "utf-8"),
+    ]
+
+    def test_each_bad_file(self):
+        calls, paths = [], []
+        for i, (name, content, lines, fragment) in enumerate(self.CASES):
+            proj = self.mkdir("p%d" % i)
+            path = self.write("p%d/trop.yaml" % i, content)
+            paths.append(path)
+            data = os.path.join(self.tmp, "d%d" % i)
+            calls.append((["--data-dir", data, "list"], proj, None))
+        results = self.trop_many(calls)
+        for i, (name, content, lines, fragment) in enumerate(self.CASES):
+            path = paths[i]
+            (rc, out, err), (vrc, vout, verr) = results[i], self.trop_main("validate", path)
+            self.assertNoTraceback(err, name)
+            self.assertNoTraceback(verr, name)
+            self.assertEqual(rc, 7, "%s: %s" % (name, err))
+            self.assertEqual(out, "", name)
+            self.assertTrue(any("%s:%d:" % (path, n) in err for n in lines), "%s: %s" % (name, err))
+            self.assertIn(fragment, err.lower(), name)
+            self.assertEqual(vrc, 1, "%s: %s" % (name, verr))
+            self.assertEqual(vout, "", name)
+            self.assertTrue(any(re.search(r"(?m)^%s:%d: " % (re.escape(path), n), verr) for n in lines),
+                            "%s: %s" % (name, verr))
+            self.assertIn(fragment, verr.lower(), name)
+            self.assertTrue(verr.splitlines()[-1].startswith("Error: "), (name, verr))
+
+    def test_project_key_in_user_config(self):
+        user = self.write("data/config.yaml", "# user\nproject: nope\n")
+        rc, out, err = self.trop("--data-dir", self.data, "reserve", env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
+        vrc, vout, verr = self.trop_main("validate", user)
+        self.assertEqual(rc, 7, err)
+        self.assertIn(user + ":2:", err)
+        self.assertIn("project is only valid in trop.yaml/trop.local.yaml, not user config.yaml", err)
+        self.assertEqual(vrc, 1, verr)
+        self.assertIn(user + ":2: ", verr)
+        self.assertNoTraceback(err + verr)
+
+    def test_file_that_is_a_directory(self):
+        proj = self.mkdir("proj")
+        path = self.mkdir("proj", "trop.yaml")
+        rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
+        vrc, vout, verr = self.trop_main("validate", path)
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path, err)
+        self.assertIn("directory", err)
+        self.assertNoTraceback(err + verr)
+        self.assertIn(path, verr)
+        self.assertEqual(vrc, 1, "validate of a directory: %s" % verr)       # issue: validate failures exit 1
+
+    def test_fifo_is_a_clear_error_not_a_hang(self):
+        if not hasattr(os, "mkfifo"):
+            self.skipTest("no FIFOs on this platform")
+        proj = self.mkdir("proj")
+        path = os.path.join(proj, "trop.yaml")
+        os.mkfifo(path)
+        procs = [self.start("--data-dir", self.data, "list", cwd=proj), self.start("validate", path, cwd=proj)]
+        deadline = time.time() + 3
+        (rc, out, err), (vrc, vout, verr) = [self.finish(p, max(0.1, deadline - time.time())) for p in procs]
+        self.assertIsNotNone(rc, "`list` hung reading a FIFO trop.yaml")
+        self.assertIsNotNone(vrc, "`validate` hung reading a FIFO")
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path, err)
+        self.assertEqual(vrc, 1, verr)
+        self.assertIn(path, verr)
+        self.assertNoTraceback(err + verr)
+
+    def test_dangling_symlink(self):
+        proj = self.mkdir("proj")
+        path = os.path.join(proj, "trop.yaml")
+        os.symlink(os.path.join(self.tmp, "missing.yaml"), path)
+        rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
+        vrc, vout, verr = self.trop_main("validate", path)
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path, err)
+        self.assertEqual(vrc, 4, verr)                                  # validate: missing file -> 4
+        self.assertIn(path, verr)
+        self.assertNoTraceback(err + verr)
+
+    @unittest.skipIf(hasattr(os, "geteuid") and os.geteuid() == 0, "root reads files whatever their mode")
+    def test_unreadable_file(self):
+        proj = self.mkdir("proj")
+        path = self.write("proj/trop.yaml", "project: x\n")
+        os.chmod(path, 0)
+        rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
+        vrc, vout, verr = self.trop_main("validate", path)
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path, err)
+        self.assertIn(vrc, (1,), verr)
+        self.assertIn(path, verr)
+        self.assertNoTraceback(err + verr)
+
+    def test_ten_megabyte_file(self):
+        proj = self.mkdir("proj")
+        path = self.write("proj/trop.yaml", b"# padding\n" * (1024 * 1024))
+        self.assertGreaterEqual(os.path.getsize(path), 10 * 1024 * 1024)
+        rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
+        vrc, vout, verr = self.trop_main("validate", path)
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path, err)
+        self.assertEqual(vrc, 1, verr)
+        self.assertIn(path, verr)
+        self.assertLess(len(err) + len(verr), 2000)
+        self.assertNoTraceback(err + verr)
+
+
+# --------------------------------------------------------------------------------------------------
+# validate FILE
+# --------------------------------------------------------------------------------------------------
+
+class TestValidateCommand(_ConfigCliCase):
+    def test_valid_files(self):
+        files = [self.write("full.yaml", TestYamlReader.SAMPLE), self.write("empty.yaml", ""),
+                 self.write("comments.yaml", "# nothing\n"), self.write("j.json", '{"ports": {"min": 6000}}'),
+                 self.write("u/config.yaml", "ports: {min: 6000, max: 6100}\nreservations: null\n")]
+        for path in files:
+            self.assertEqual(self.trop_main("validate", path), (0, "Configuration is valid\n", ""), path)
+
+    def test_reference_written_file_is_valid(self):
+        user = self.write("u/config.yaml", TestConfigSchema.REFERENCE_WRITTEN)
+        proj = self.write("p/trop.yaml", TestConfigSchema.REFERENCE_WRITTEN)
+        for path in (user, proj):
+            rc, out, err = self.trop_main("validate", path)
+            self.assertEqual((rc, out), (0, "Configuration is valid\n"), err)
+
+    def test_lists_every_problem_in_file_line_form(self):
+        path = self.write("trop.yaml", "bogus: 1\nports:\n  min: 0\nexcluded_ports: [0]\ncleanup:\n"
+                                       "  expire_after_days: 0\noutput_format: xml\n")
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual(rc, 1, err)
+        self.assertEqual(out, "")
+        lines = err.splitlines()
+        prefixes = [line.split(": ", 1)[0] for line in lines[:-1]]
+        self.assertEqual(prefixes, ["%s:%d" % (path, n) for n in (1, 3, 4, 6, 7)], err)
+        self.assertTrue(lines[-1].startswith("Error: "), lines[-1])
+        self.assertNoTraceback(err)
+
+    def test_relative_path_reported_as_given(self):
+        self.write("work/rel.yaml", "ports:\n  min: 5000\n  maximum: 1\n")
+        rc, out, err = self.trop("validate", "rel.yaml")
+        self.assertEqual(rc, 1)
+        self.assertTrue(err.startswith("rel.yaml:3: "), err)
+
+    def test_rules_chosen_by_basename(self):
+        text = "project: x\nreservations:\n  services:\n    web: {}\n"
+        user, other = self.write("a/config.yaml", text), self.write("a/other.yaml", text)
+        (urc, uout, uerr), (orc, oout, oerr) = self.trop_main("validate", user), self.trop_main("validate", other)
+        self.assertEqual(urc, 1, uerr)
+        self.assertIn(user + ":1: ", uerr)
+        self.assertIn(user + ":2: ", uerr)
+        self.assertEqual((orc, oout), (0, "Configuration is valid\n"), oerr)
+
+    def test_missing_file(self):
+        path = os.path.join(self.tmp, "nope.yaml")
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual((rc, out), (4, ""))
+        self.assertIn(path, err)
+        self.assertTrue(err.startswith("Error: "), err)
+
+
+# --------------------------------------------------------------------------------------------------
+# exclude PORT|A..B [--global] [--force]
+# --------------------------------------------------------------------------------------------------
+
+class TestExcludeCommand(_ConfigCliCase):
+    PREFIX = ("# Team ports \u2014 don't touch   \n"
+              "project:   'shop'    # quoted, odd spacing\n"
+              "ports: {min: 41000, max: 41999}   # flow\n"
+              "\n"
+              "# exclusions below\t(tab in comment)\n")
+    BLOCK = ("excluded_ports:        # keep this comment\n"
+             "  - 41001\n"
+             "  - \"41010..41012\"\n")
+    SUFFIX = ("# trailing section\n"
+              "cleanup:\n"
+              "    expire_after_days: 9   # four-space indent\n"
+              "occupancy_check: {skip_udp: true}\n"
+              "# end, no newline at EOF")
+
+    def exclusions(self, path):
+        doc = trop.parse_yaml(self.read(path).decode("utf-8"))
+        return [trop.parse_exclusion(item) for item in doc.get("excluded_ports") or []]
+
+    def assertOnlyExclusionsChanged(self, path, expected):
+        new = self.read(path).decode("utf-8")
+        self.assertTrue(new.startswith(self.PREFIX), new)
+        self.assertTrue(new.endswith(self.SUFFIX), new)
+        middle = new[len(self.PREFIX):len(new) - len(self.SUFFIX)]
+        self.assertTrue(middle.startswith("excluded_ports:"), middle)
+        self.assertIn("# keep this comment", middle.splitlines()[0])
+        self.assertEqual(self.exclusions(path), expected)
+
+    def test_comments_and_other_bytes_preserved(self):
+        proj = self.mkdir("proj")
+        path = self.write("proj/trop.yaml", self.PREFIX + self.BLOCK + self.SUFFIX)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "41100..41105", cwd=self.mkdir("proj", "sub"))
+        self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % path), err)
+        self.assertOnlyExclusionsChanged(path, [(41001, 41001), (41010, 41012), (41100, 41105)])
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(sorted(os.listdir(proj)), ["sub", "trop.yaml"])            # no temporary files left
+
+    def test_key_absent_is_appended_after_untouched_text(self):
+        original = "# only settings\nports:\n  min: 5000   # c\noutput_format: json"
+        path = self.write("proj/trop.yaml", original)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "6000", cwd=self.mkdir("proj"))
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(self.read(path).decode().startswith(original + "\n"))
+        self.assertEqual(self.exclusions(path), [(6000, 6000)])
+
+    def test_duplicate_is_not_added(self):
+        path = self.write("proj/trop.yaml", self.PREFIX + self.BLOCK + self.SUFFIX)
+        before = self.read(path)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "41010..41012", cwd=self.mkdir("proj"))
+        self.assertEqual((rc, out), (0, "Exclusion already exists in %s\n" % path), err)
+        self.assertEqual(self.read(path), before)
+
+    def test_writer_target(self):
+        proj = self.mkdir("proj")
+        user = os.path.join(self.data, "config.yaml")
+        # no project file: the user config, created together with the data directory
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "7001", cwd=proj)
+        self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % user), err)
+        self.assertEqual(self.exclusions(user), [(7001, 7001)])
+        tyaml = self.write("proj/trop.yaml", "# t\n")
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "7002", cwd=proj)
+        self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % tyaml), err)
+        local = self.write("proj/trop.local.yaml", "# l\n")
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "7003", cwd=proj)
+        self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % local), err)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "7004", "--global", cwd=proj)
+        self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % user), err)
+        self.assertEqual(self.exclusions(user), [(7001, 7001), (7004, 7004)])
+        self.assertEqual(self.exclusions(tyaml), [(7002, 7002)])
+        self.assertEqual(self.exclusions(local), [(7003, 7003)])
+        # and the written exclusions are honoured by reserve
+        rc, out, err = self.trop("--data-dir", self.data, "reserve", "--min", "7001", "--max", "7010", cwd=proj,
+                                 env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
+        self.assertEqual((rc, out), (0, "7005\n"), err)
+
+    def test_invalid_input_exit_4_and_nothing_written(self):
+        path = self.write("proj/trop.yaml", self.PREFIX + self.BLOCK + self.SUFFIX)
+        before = self.read(path)
+        bad = ["0", "0..5", "9..8", "70000", "1..70000", "abc", ""]
+        results = self.trop_many([(["--data-dir", self.data, "exclude", "--", b], self.mkdir("proj"), None)
+                                  for b in bad])
+        for arg, (rc, out, err) in zip(bad, results):
+            self.assertEqual(rc, 4, (arg, err))
+            self.assertEqual(out, "", arg)
+            self.assertTrue(err.startswith("Error: "), (arg, err))
+            self.assertNoTraceback(err, arg)
+        self.assertEqual(self.read(path), before)
+        self.assertFalse(os.path.exists(os.path.join(self.data, "config.yaml")))
+
+    def test_reserved_port_needs_force(self):
+        proj = self.mkdir("proj")
+        path = self.write("proj/trop.yaml", "# keep\n")
+        rc, out, err = self.trop("--data-dir", self.data, "reserve", "--min", "50000", "--max", "50009", cwd=proj,
+                                 env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
+        self.assertEqual((rc, out), (0, "50000\n"), err)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "49990..50005", cwd=proj)
+        self.assertEqual((rc, out), (4, ""))
+        self.assertIn("Port 50000 is reserved", err)
+        self.assertEqual(self.read(path), b"# keep\n")
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "49990..50005", "--force", cwd=proj)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.exclusions(path), [(49990, 50005)])
+
+    def test_malformed_target_untouched(self):
+        original = b"# c\nexcluded_ports: [1]\nports: &x {min: 1}\n"
+        path = self.write("proj/trop.yaml", original)
+        rc, out, err = self.trop("--data-dir", self.data, "exclude", "5", cwd=self.mkdir("proj"))
+        self.assertEqual(rc, 7, err)
+        self.assertIn(path + ":3:", err)
+        self.assertEqual(self.read(path), original)
+
+    def test_concurrent_excludes_all_land(self):
+        proj = self.mkdir("proj")
+        path = self.write("proj/trop.yaml", self.PREFIX + self.BLOCK + self.SUFFIX)
+        rc, _, err = self.trop("--data-dir", self.data, "list", cwd=proj)                # create the database
+        self.assertEqual(rc, 0, err)
+        expected = [(41001, 41001), (41010, 41012)]
+        for round_, count in enumerate((2, 4)):
+            ports = [str(42000 + 10 * round_ + i) for i in range(count)]
+            results = self.trop_many([(["--data-dir", self.data, "exclude", p], proj, None) for p in ports])
+            for p, (rc, out, err) in zip(ports, results):
+                self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % path), (p, err))
+            expected += [(int(p), int(p)) for p in ports]
+            self.assertEqual(sorted(self.exclusions(path)), sorted(expected))
+        self.assertOnlyExclusionsChanged(path, self.exclusions(path))
+        self.assertEqual(sorted(os.listdir(proj)), ["trop.yaml"])
+
+
+# --------------------------------------------------------------------------------------------------
+# compact-exclusions FILE [--dry-run]
+# --------------------------------------------------------------------------------------------------
+
+class TestCompactExclusions(_ConfigCliCase):
+    HEAD = "# head comment\nproject: p   # keep\n"
+    TAIL = "# tail comment\ncleanup:\n  expire_after_days: 3  # keep too\n"
+
+    def exclusions(self, path):
+        doc = trop.parse_yaml(self.read(path).decode("utf-8"))
+        return [trop.parse_exclusion(item) for item in doc.get("excluded_ports") or []]
+
+    def test_merges_overlapping_and_adjacent(self):
+        body = ('excluded_ports:\n  - 5\n  - 3\n  - 4\n  - "1..2"\n  - {start: 10, end: 12}\n  - 11\n'
+                '  - " 13 "\n  - 20\n  - 5\n')
+        path = self.write("trop.yaml", self.HEAD + body + self.TAIL)
+        rc, out, err = self.trop("compact-exclusions", path)
+        self.assertEqual((rc, out), (0, "Compacted 9 exclusions to 3\nUpdated %s\n" % path), err)
+        new = self.read(path).decode()
+        self.assertTrue(new.startswith(self.HEAD) and new.endswith(self.TAIL), new)
+        self.assertEqual(self.exclusions(path), [(1, 5), (10, 13), (20, 20)])
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual(rc, 0, err)
+
+    def test_result_is_minimal_for_a_random_set(self):
+        rng = random.Random(7)
+        entries, ports = [], set()
+        for _ in range(60):
+            a = rng.randint(1000, 1400)
+            b = a + rng.choice([0, 0, 1, 3, 10])
+            entries.append(str(a) if a == b else '"%d..%d"' % (a, b))
+            ports.update(range(a, b + 1))
+        path = self.write("x.yaml", "excluded_ports:\n" + "".join("  - %s\n" % e for e in entries))
+        rc, out, err = self.trop_main("compact-exclusions", path)
+        self.assertEqual(rc, 0, err)
+        got = self.exclusions(path)
+        covered = set()
+        for s, e in got:
+            covered.update(range(s, e + 1))
+        self.assertEqual(covered, ports)
+        self.assertEqual(got, sorted(got))
+        for (s1, e1), (s2, e2) in zip(got, got[1:]):
+            self.assertGreater(s2, e1 + 1)                  # disjoint and not adjacent: minimal
+
+    def test_dry_run_writes_nothing(self):
+        path = self.write("trop.yaml", self.HEAD + "excluded_ports: [1, 2, 3]\n" + self.TAIL)
+        before = self.read(path)
+        rc, out, err = self.trop_main("compact-exclusions", path, "--dry-run")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.startswith("Compacted 3 exclusions to 1\nDry run - no changes made\n"), out)
+        self.assertIn("Would save:", out)
+        self.assertEqual(self.read(path), before)
+
+    def test_nothing_to_do(self):
+        cases = {"opt.yaml": (self.HEAD + "excluded_ports:\n  - {start: 1, end: 5}\n  - 7\n" + self.TAIL,
+                              "Exclusions already optimal\n"),
+                 "reordered.yaml": (self.HEAD + "excluded_ports: [7, 1]\n" + self.TAIL,
+                                    "Exclusions already optimal\n"),     # count-based (B §3.11, §5.3)
+                 "none.yaml": (self.HEAD + self.TAIL, "No exclusions to compact\n"),
+                 "null.yaml": (self.HEAD + "excluded_ports: null\n" + self.TAIL, "No exclusions to compact\n")}
+        paths = {name: self.write(name, text) for name, (text, _) in cases.items()}
+        results = [self.trop_main("compact-exclusions", paths[n]) for n in cases]
+        for name, (rc, out, err) in zip(cases, results):
+            self.assertEqual((rc, out), (0, cases[name][1]), (name, err))
+            self.assertEqual(self.read(paths[name]), cases[name][0].encode(), name)
+
+    def test_errors(self):
+        missing = os.path.join(self.tmp, "missing.yaml")
+        bad = self.write("bad.yaml", "# c\nexcluded_ports: [1, 2]\nx: &y 1\n")
+        invalid = self.write("inv.yaml", "excluded_ports: [3, 0]\n")
+        (mrc, _, merr), (brc, _, berr), (irc, _, ierr) = [self.trop_main("compact-exclusions", p)
+                                                          for p in (missing, bad, invalid)]
+        self.assertEqual(mrc, 4, merr)
+        self.assertIn(missing, merr)
+        self.assertEqual(brc, 7, berr)
+        self.assertIn(bad + ":3:", berr)
+        self.assertEqual(irc, 7, ierr)
+        self.assertIn(invalid + ":1:", ierr)
+        self.assertNoTraceback(merr + berr + ierr)
+        self.assertEqual(self.read(bad), b"# c\nexcluded_ports: [1, 2]\nx: &y 1\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# init --with-config
+# --------------------------------------------------------------------------------------------------
+
+class TestInitConfigTemplate(_ConfigCliCase):
+    KEYS = ("project", "ports", "min", "max", "max_offset", "excluded_ports", "cleanup", "expire_after_days",
+            "occupancy_check", "skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces",
+            "reservations", "disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
+            "allow_change_project", "allow_change_task", "allow_change", "maximum_lock_wait_seconds",
+            "output_format")
+
+    def test_template_is_valid_and_mentions_every_key(self):
+        rc, out, err = self.trop("init", "--data-dir", self.data, "--with-config")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("Created default configuration file", out)
+        cfg = os.path.join(self.data, "config.yaml")
+        text = self.read(cfg).decode("utf-8")
+        for key in self.KEYS:
+            self.assertRegex(text, r"(?<![A-Za-z0-9_])%s(?![A-Za-z0-9_])" % key, key)
+        # the examples, uncommented, are a valid user configuration too
+        examples = "".join(m.group(1) + "\n" for m in re.finditer(r"(?m)^# ( *(?:[a-z0-9_]+:|- ).*)$", text))
+        self.assertIn("ports:", examples)
+        uncommented = self.write("uncommented/config.yaml", examples)
+        (rc1, out1, err1), (rc2, out2, err2), (rc3, out3, err3) = self.trop_many([
+            (["validate", cfg], None, None), (["validate", uncommented], None, None),
+            (["--data-dir", self.data, "list"], None, None)])
+        self.assertEqual((rc1, out1), (0, "Configuration is valid\n"), err1)
+        self.assertEqual((rc2, out2), (0, "Configuration is valid\n"), err2 + examples)
+        self.assertEqual(rc3, 0, err3)
+
+    def test_existing_config_not_overwritten(self):
+        cfg = self.write("data/config.yaml", "# mine\nports: {min: 6000}\n")
+        rc, out, err = self.trop("init", "--data-dir", self.data, "--with-config")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("Configuration file already exists", out)
+        self.assertEqual(self.read(cfg), b"# mine\nports: {min: 6000}\n")
+
+
+# --- README: every console line runs ----------------------------------------------
+
+README_PATH = os.path.join(os.path.dirname(os.path.abspath(trop.__file__)), "README.md")
+README_TIMEOUT = 120
+README_SKIPS = (
+    (re.compile(r"^pip3? install\b"), "needs pip (and possibly the network)"),
+    (re.compile(r"^(\w+=\S* )*python3 -m unittest\b"), "runs this test suite itself"),
+    (re.compile(r"^bash \.ci/run\b"), "runs this test suite itself, once per Python"),
+    (re.compile(r"^python3 tools/bench\.py\b"), "a benchmark that takes minutes"),
+)
+_README_EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
+_README_FILE_MARK = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->$")
+_README_FENCE = re.compile(r"^```\s*([A-Za-z0-9_+-]*)\s*$")
+
+
+def readme_blocks(text):
+    """[(language, first line number, [lines], file name or None)] of every fenced block."""
+    blocks, lang, start, body, mark, pending = [], None, 0, [], None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        if lang is None:
+            fence = _README_FENCE.match(line)
+            if fence:
+                lang, start, body, mark, pending = fence.group(1) or "text", number + 1, [], pending, None
+                continue
+            found = _README_FILE_MARK.match(line.strip())
+            if found:
+                pending = found.group(1)
+            elif line.strip():
+                pending = None
+        elif line.strip() == "```":
+            blocks.append((lang, start, body, mark))
+            lang = None
+        else:
+            body.append(line)
+    if lang is not None:
+        raise AssertionError("README.md: code block opened on line %d is never closed" % (start - 1))
+    return blocks
+
+
+def readme_steps(text):
+    """The README as a script: ("file", name, content) and ("run", command, line number, skip reason)."""
+    steps = []
+    for lang, start, body, mark in readme_blocks(text):
+        if mark is not None:
+            steps.append(("file", mark, "\n".join(body) + "\n"))
+        if lang != "console":
+            continue
+        for offset, line in enumerate(body):
+            if not line.startswith("$ "):
+                continue
+            command = line[2:].strip()
+            reason = next((why for pattern, why in README_SKIPS if pattern.search(command)), None)
+            steps.append(("run", command, start + offset, reason))
+    return steps
+
+
+def _readme_write_script(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o755)
+
+
+class TestReadme(unittest.TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        if not os.path.exists(README_PATH):
+            self.fail("README.md is missing next to trop.py (%s)" % README_PATH)
+        with open(README_PATH, encoding="utf-8") as fh:
+            self.text = fh.read()
+        self.root = tempfile.mkdtemp(prefix="trop-readme-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.home = os.path.join(self.root, "home")
+        self.work = os.path.join(self.root, "work")
+        self.bin = os.path.join(self.root, "bin")
+        for directory in (self.home, self.work, self.bin):
+            os.makedirs(directory)
+        trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
+        quoted_py = "'%s'" % sys.executable.replace("'", "'\\''")
+        quoted_dir = "'%s'" % trop_dir.replace("'", "'\\''")
+        _readme_write_script(os.path.join(self.bin, "trop"),
+                      "#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
+                      "exec %s -m trop \"$@\"\n" % (quoted_dir, quoted_py))
+        _readme_write_script(os.path.join(self.bin, "python3"), "#!/bin/sh\nexec %s \"$@\"\n" % quoted_py)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
+        env.update(HOME=self.home, TROP_DATA_DIR=os.path.join(self.root, "data"), SHELL="/bin/sh",
+                   PATH=self.bin + os.pathsep + env.get("PATH", os.defpath), PYTHONPATH=trop_dir,
+                   PYTHONDONTWRITEBYTECODE="1")
+        self.env = env
+        shutil.copy(os.path.join(trop_dir, "trop.py"), os.path.join(self.work, "trop.py"))
+
+    def _run(self, argv, cwd):
+        return subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=README_TIMEOUT)
+
+    def test_quick_start_commands(self):
+        commands = [s[1] for s in readme_steps(self.text) if s[0] == "run"]
+        self.assertEqual(commands[:2], ["python3 -m trop reserve", "python3 -m unittest -v"])
+
+    def test_every_command_is_documented(self):
+        for name in trop.COMMANDS:
+            self.assertRegex(self.text, r"\n\| `%s[ `]" % re.escape(name), "no table row for %s" % name)
+
+    def test_console_lines(self):
+        bash = shutil.which("bash")
+        if bash is None:
+            self.skipTest("bash is not available")
+        ran = skipped = 0
+        for step in readme_steps(self.text):
+            if step[0] == "file":
+                target = os.path.join(self.work, step[1])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "w", encoding="utf-8") as fh:
+                    fh.write(step[2])
+                continue
+            _, command, line, reason = step
+            if reason:
+                skipped += 1
+                continue
+            wanted = _README_EXIT.search(command)
+            expected = int(wanted.group(1)) if wanted else 0
+            proc = self._run([bash, "-c", command], self.work)
+            ran += 1
+            self.assertEqual(proc.returncode, expected,
+                             "README.md line %d: `%s` exited %d, expected %d\n--- stdout:\n%s--- stderr:\n%s"
+                             % (line, command, proc.returncode, expected, proc.stdout, proc.stderr))
+            if expected == 0:
+                self.assertNotIn("Traceback", proc.stderr, "README.md line %d: `%s`" % (line, command))
+        self.assertGreaterEqual(ran, 40, "too few README console lines ran")
+        self.assertGreaterEqual(skipped, 1)
+
+    def test_yaml_examples_validate(self):
+        blocks = [b for b in readme_blocks(self.text) if b[0] in ("yaml", "yml")]
+        self.assertTrue(blocks, "README.md has no YAML example")
+        for number, (_, start, body, mark) in enumerate(blocks):
+            folder = os.path.join(self.root, "yaml-%d" % number)
+            os.makedirs(folder)
+            path = os.path.join(folder, os.path.basename(mark or "trop.yaml"))
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(body) + "\n")
+            proc = self._run([sys.executable, "-m", "trop", "validate", path], folder)
+            self.assertEqual(proc.returncode, 0, "README.md YAML block at line %d:\n%s" % (start, proc.stderr))
+
+    def test_python_examples_run(self):
+        blocks = [b for b in readme_blocks(self.text) if b[0] == "python"]
+        self.assertTrue(blocks, "README.md has no Python example")
+        for number, (_, start, body, _) in enumerate(blocks):
+            with self.subTest(line=start):
+                folder = os.path.join(self.root, "py-%d" % number)
+                os.makedirs(folder)
+                name = "test_readme_example_%d.py" % number
+                with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
+                    fh.write("\n".join(body) + "\n")
+                if "trop_port" in "\n".join(body):
+                    try:
+                        import pytest  # noqa: F401  (only to know whether it is there)
+                    except ImportError:
+                        self.skipTest("pytest is not installed")
+                    argv = [sys.executable, "-m", "pytest", "-q", "-p", "trop", "-p", "no:cacheprovider", name]
+                else:
+                    argv = [sys.executable, name]
+                proc = self._run(argv, folder)
+                self.assertEqual(proc.returncode, 0, "README.md Python block at line %d:\n%s%s"
+                                 % (start, proc.stdout, proc.stderr))
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 # --- Paths -------------------------------------------------------------------
@@ -673,6 +2306,1316 @@ class TestOccupancy(unittest.TestCase):
         port = sock.getsockname()[1]
         self.assertTrue(trop.Occupancy(trop.OccupancyPolicy(skip_tcp=True)).occupied(port))
         self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip_udp=True, skip_ip6=True)).occupied(port))
+
+
+# --- Occupancy: probes, owners, scan, port-info, completions --------------------
+
+class _ScanCliCase(unittest.TestCase):
+    """Temp HOME / data dir / work dir, the `trop` CLI in a subprocess, real listeners on free ports."""
+
+    # B §3.5, in this order
+    FIELDS = ("port", "status", "reserved", "protocol", "address_family", "scope", "address",
+              "process_id", "process_name", "user", "owner_status")
+    WIDTHS = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
+    LINUX_PROC = os.path.isdir("/proc/net") and os.path.exists("/proc/self/comm")
+
+    def setUp(self):
+        self.tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-occ-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.home = os.path.join(self.tmp, "home")
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.work = os.path.join(self.tmp, "work")
+        os.mkdir(self.home)
+        os.mkdir(self.work)
+
+    def trop(self, *args, cwd=None, env=None):
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+        environ["HOME"] = self.home
+        environ["PYTHONPATH"] = os.path.dirname(os.path.abspath(trop.__file__))
+        environ.update(env or {})
+        res = subprocess.run([sys.executable, "-m", "trop", "--data-dir", self.data_dir] + [str(a) for a in args],
+                             cwd=cwd or self.work, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=60)
+        return res.returncode, res.stdout, res.stderr
+
+    # -- ports and listeners ---------------------------------------------------
+    def port_free(self, port):
+        """Independent of trop: can TCP and UDP bind the IPv4 (and IPv6) wildcard?"""
+        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                try:
+                    s = socket.socket(family, kind)
+                except OSError:
+                    continue
+                try:
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    s.bind((address, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE or family == socket.AF_INET:
+                        return False
+                finally:
+                    s.close()
+        return True
+
+    def free_block(self, n=6):
+        """n consecutive free ports, above the ephemeral range when possible."""
+        low, high = 42000, 60000
+        try:
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+                eph_high = int(fh.read().split()[1])
+            if eph_high < 64000:
+                low, high = eph_high + 1, 65500
+        except (OSError, ValueError, IndexError):
+            pass
+        rng = random.Random()
+        for _ in range(200):
+            start = rng.randrange(low, high - n)
+            if all(self.port_free(p) for p in range(start, start + n)):
+                return start
+        self.skipTest("no block of %d free ports found" % n)
+
+    def listen(self, proto, address, port):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((address, port))
+        if proto == "tcp":
+            s.listen(5)
+        return s
+
+    # -- expectations ----------------------------------------------------------
+    def me(self):
+        """(pid, process name, user) trop must report for this process's sockets."""
+        import pwd
+        try:
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            user = str(os.getuid())
+        with open("/proc/self/comm") as fh:
+            return os.getpid(), fh.read().strip(), user
+
+    def row(self, port, proto, family="ipv4", scope="localhost", address="127.0.0.1", reserved=False):
+        pid, name, user = self.me() if self.LINUX_PROC else (None, None, None)
+        return {"port": port, "status": "occupied (reserved)" if reserved else "occupied", "reserved": reserved,
+                "protocol": proto, "address_family": family, "scope": scope, "address": address,
+                "process_id": pid, "process_name": name, "user": user,
+                "owner_status": "available" if self.LINUX_PROC else None}
+
+    def comparable(self, rows):
+        if self.LINUX_PROC:
+            return rows
+        owner = ("process_id", "process_name", "user", "owner_status")
+        return [{k: v for k, v in r.items() if k not in owner} for r in rows]
+
+    def scan_json(self, *args, **kw):
+        rc, out, err = self.trop("scan", "--format", "json", *args, **kw)
+        self.assertEqual(rc, 0, err)
+        return json.loads(out), err
+
+
+# --- owners (OwnerTable / owner_status) ----------------------------------------
+
+class OwnerStatusTest(unittest.TestCase):
+    def test_status(self):
+        self.assertEqual(trop.owner_status(1, "x", "u"), "available")
+        self.assertEqual(trop.owner_status(None, None, None), "unavailable")
+        self.assertEqual(trop.owner_status(None, None, "u"), "partial")
+        self.assertEqual(trop.owner_status(1, None, None), "partial")
+        self.assertEqual(trop.owner_status(0, "", "u"), "available")   # falsy but known
+
+
+class FakeProcOwnerTest(unittest.TestCase):
+    """OwnerTable over a throwaway /proc tree: net tables, per-pid comm and fd links."""
+
+    HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
+              "retrnsmt   uid  timeout inode\n")
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="fakeproc")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        os.mkdir(os.path.join(self.root, "net"))
+
+    @staticmethod
+    def net_line(port, state="0A", uid=1000, inode=111, addr="0100007F"):
+        return ("   0: %s:%04X 00000000:0000 %s 00000000:00000000 00:00000000 "
+                "00000000  %5d        0 %d 1 0000000000000000 100 0 0 10 0\n" % (addr, port, state, uid, inode))
+
+    def net(self, name, *lines):
+        with open(os.path.join(self.root, "net", name), "w") as fh:
+            fh.write(self.HEADER + "".join(lines))
+
+    def proc(self, pid, comm, inodes=(), fd_dir=True):
+        d = os.path.join(self.root, str(pid))
+        os.mkdir(d)
+        with open(os.path.join(d, "comm"), "w") as fh:
+            fh.write(comm + "\n")
+        if fd_dir:
+            os.mkdir(os.path.join(d, "fd"))
+            for i, ino in enumerate(inodes):
+                os.symlink("socket:[%d]" % ino, os.path.join(d, "fd", str(i + 3)))
+            os.symlink("/dev/null", os.path.join(d, "fd", "0"))
+
+    def user_name(self, uid):
+        import pwd
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    @staticmethod
+    def unreadable_fds():
+        """chmod is useless as root: make every <pid>/fd listing fail with EACCES."""
+        real_listdir = os.listdir
+
+        def listdir(path):
+            if str(path).endswith(os.sep + "fd"):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_listdir(path)
+        return mock.patch("os.listdir", side_effect=listdir)
+
+    def test_resolves_pid_name_user_smallest_pid_wins(self):
+        uid = os.getuid()
+        self.net("tcp", self.net_line(8080, uid=uid, inode=500))
+        self.net("tcp6")
+        self.proc(42, "worker", [500])
+        self.proc(7, "server", [500, 9])
+        t = trop.OwnerTable(self.root)
+        self.assertEqual(t.lookup("tcp", "ipv4", 8080), (7, "server", self.user_name(uid)))
+        self.assertEqual(t.lookup("tcp", "ipv4", 8081), (None, None, None))
+        self.assertEqual(t.lookup("udp", "ipv4", 8080), (None, None, None))
+
+    def test_listen_preferred_over_other_states(self):
+        self.net("tcp", self.net_line(9000, state="01", inode=1), self.net_line(9000, state="0A", inode=2))
+        self.proc(5, "client", [1])
+        self.proc(50, "listener", [2])
+        self.assertEqual(trop.OwnerTable(self.root).lookup("tcp", "ipv4", 9000)[:2], (50, "listener"))
+
+    def test_non_listen_socket_still_counts(self):
+        self.net("tcp", self.net_line(9001, state="01", inode=3))
+        self.proc(8, "client", [3])
+        self.assertEqual(trop.OwnerTable(self.root).lookup("tcp", "ipv4", 9001)[:2], (8, "client"))
+
+    def test_family_files_and_dual_stack_fallback(self):
+        self.net("udp6", self.net_line(5353, state="07", inode=77, addr="0" * 32))
+        self.proc(12, "mdns", [77])
+        t = trop.OwnerTable(self.root)
+        self.assertEqual(t.lookup("udp", "ipv6", 5353)[:2], (12, "mdns"))
+        self.assertEqual(t.lookup("udp", "ipv4", 5353)[:2], (12, "mdns"))
+        self.assertEqual(t.lookup("tcp", "ipv6", 5353), (None, None, None))
+
+    def test_absent_fd_dir_gives_partial(self):
+        self.net("tcp", self.net_line(7000, uid=0, inode=10))
+        self.proc(1, "init", fd_dir=False)
+        pid, name, user = trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7000)
+        self.assertEqual((pid, name, user), (None, None, self.user_name(0)))
+        self.assertEqual(trop.owner_status(pid, name, user), "partial")
+
+    def test_permission_denied_fd_dir_gives_partial(self):
+        self.net("tcp", self.net_line(7001, uid=0, inode=11))
+        self.proc(3, "secret", [11])
+        with self.unreadable_fds():
+            res = trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7001)
+        self.assertEqual(res, (None, None, self.user_name(0)))
+        self.assertEqual(trop.owner_status(*res), "partial")
+
+    def test_unknown_uid_falls_back_to_number(self):
+        self.net("tcp", self.net_line(7002, uid=3999999, inode=12))
+        self.assertEqual(trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7002), (None, None, "3999999"))
+
+    def test_time_wait_inode_zero_has_no_owner(self):
+        self.net("tcp", self.net_line(7003, state="06", uid=0, inode=0))
+        self.assertEqual(trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7003), (None, None, None))
+
+    def test_malformed_lines_ignored(self):
+        self.net("tcp", "garbage\n", "   1: nothex:zz 0 0A\n", "\n",
+                 "   2: 0100007F:GGGG 00000000:0000 0A 0 0 0 0 1000 0 5\n", self.net_line(6000, inode=20))
+        with open(os.path.join(self.root, "net", "udp"), "wb") as fh:
+            fh.write(b"\xff\xfe binary junk\n\x00\x01")
+        self.proc(99, "ok", [20])
+        t = trop.OwnerTable(self.root)
+        self.assertEqual(t.lookup("tcp", "ipv4", 6000)[:2], (99, "ok"))
+        self.assertEqual(t.lookup("udp", "ipv4", 6000), (None, None, None))
+
+    def test_fd_scan_happens_once_and_only_on_match(self):
+        self.net("tcp", self.net_line(6001, inode=21))
+        self.proc(4, "x", [21])
+        t = trop.OwnerTable(self.root)
+        with mock.patch.object(trop.OwnerTable, "_scan_fds", autospec=True,
+                               side_effect=trop.OwnerTable._scan_fds) as scan:
+            t.lookup("tcp", "ipv4", 1)
+            self.assertEqual(scan.call_count, 0)
+            t.lookup("tcp", "ipv4", 6001)
+            t.lookup("tcp", "ipv4", 6001)
+            self.assertEqual(scan.call_count, 1)
+
+    def test_absent_proc_is_unavailable(self):
+        t = trop.OwnerTable(os.path.join(self.root, "missing"), use_lsof=False)
+        res = t.lookup("tcp", "ipv4", 80)
+        self.assertEqual(res, (None, None, None))
+        self.assertEqual(trop.owner_status(*res), "unavailable")
+
+    def test_unreadable_net_dir_never_raises(self):
+        with mock.patch("builtins.open", side_effect=PermissionError(errno.EACCES, "no")):
+            t = trop.OwnerTable(self.root)
+        self.assertEqual(t.lookup("tcp", "ipv4", 80), (None, None, None))
+
+    def test_lsof_failure_gives_empty_table(self):
+        with mock.patch("shutil.which", return_value="/bin/lsof"), \
+                mock.patch("subprocess.run", side_effect=subprocess.TimeoutExpired("lsof", 5)):
+            t = trop.OwnerTable(os.path.join(self.root, "missing"), use_lsof=True)
+        self.assertEqual(t.lookup("tcp", "ipv4", 80), (None, None, None))
+
+
+class LsofParseTest(unittest.TestCase):
+    SAMPLE = "\n".join([
+        "p100", "cnginx", "u0", "Lroot",
+        "f6", "tIPv4", "PTCP", "n*:8080", "TST=LISTEN", "TQR=0",
+        "f7", "tIPv6", "PTCP", "n[::1]:8443", "TST=LISTEN",
+        "f8", "tIPv4", "PTCP", "n127.0.0.1:5000->127.0.0.1:6000", "TST=ESTABLISHED",
+        "p55", "cpostgres", "u501", "Lpg",
+        "f3", "tIPv4", "PTCP", "n127.0.0.1:8080", "TST=LISTEN",
+        "f4", "tIPv6", "PUDP", "n[::]:5353",
+        "f5", "tIPv4", "PUDP", "n*:*",
+        "p", "f1", "tIPv4", "PTCP", "n*:1",   # malformed process record
+    ]) + "\n"
+
+    def test_parse(self):
+        t = trop.OwnerTable(proc_root="/nonexistent-proc", use_lsof=False)
+        t._parse_lsof(self.SAMPLE)
+        self.assertEqual(t.lookup("tcp", "ipv4", 8080), (55, "postgres", "pg"))
+        self.assertEqual(t.lookup("tcp", "ipv6", 8443), (100, "nginx", "root"))
+        self.assertEqual(t.lookup("tcp", "ipv4", 5000), (100, "nginx", "root"))
+        self.assertEqual(t.lookup("udp", "ipv6", 5353), (55, "postgres", "pg"))
+        self.assertEqual(t.lookup("tcp", "ipv4", 1), (None, None, None))
+
+
+@unittest.skipUnless(_ScanCliCase.LINUX_PROC, "needs Linux /proc")
+class RealProcOwnerTest(_ScanCliCase):
+    def bind(self, family, kind, addr):
+        s = socket.socket(family, kind)
+        self.addCleanup(s.close)
+        s.bind((addr, 0))
+        if kind == socket.SOCK_STREAM:
+            s.listen(1)
+        return s.getsockname()[1]
+
+    def test_own_sockets(self):
+        cases = [("tcp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")),
+                 ("tcp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0")),
+                 ("udp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"))]
+        try:
+            cases.append(("tcp", "ipv6", self.bind(socket.AF_INET6, socket.SOCK_STREAM, "::1")))
+        except OSError:
+            pass   # IPv6 unavailable: that case only
+        t = trop.OwnerTable()
+        for protocol, family, port in cases:
+            with self.subTest(protocol=protocol, family=family, port=port):
+                res = t.lookup(protocol, family, port)
+                self.assertEqual(res, self.me())
+                self.assertEqual(trop.owner_status(*res), "available")
+
+    def test_fast_enough(self):
+        port = self.bind(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+        start = time.perf_counter()
+        t = trop.OwnerTable()
+        base = max(1, min(port - 1000, 65535 - 2000))
+        for p in range(base, base + 2001):
+            for proto in ("tcp", "udp"):
+                t.lookup(proto, "ipv4", p)
+        elapsed = time.perf_counter() - start
+        self.assertEqual(t.lookup("tcp", "ipv4", port)[0], os.getpid())
+        self.assertLess(elapsed, 1.0, "took %.3fs" % elapsed)
+
+
+class ScanOwnersDegradeTest(_ScanCliCase):
+    """/proc absent or unreadable, or another user's socket: owners degrade, scan rows stay right."""
+
+    def setUp(self):
+        super().setUp()
+        self.port = self.free_block(2)
+        self.listen("tcp", "127.0.0.1", self.port)
+        self.policy = trop.OccupancyPolicy(skip_ip6=True)
+
+    def test_missing_proc_root_owners_unavailable(self):
+        owners = trop.OwnerTable(proc_root=os.path.join(self.tmp, "no-proc"), use_lsof=False)
+        rows = trop.scan_ports(trop.PortRange(self.port, self.port + 1), self.policy, set(), owners)
+        self.assertEqual(rows, [{"port": self.port, "status": "occupied", "reserved": False, "protocol": "tcp",
+                                 "address_family": "ipv4", "scope": "localhost", "address": "127.0.0.1",
+                                 "process_id": None, "process_name": None, "user": None,
+                                 "owner_status": "unavailable"}])
+        self.assertEqual(json.loads(trop.format_scan(rows, "json"))[0]["process_id"], None)
+        table = trop.format_scan(rows, "table").splitlines()
+        self.assertEqual(table[2].split()[-4:], ["unavailable"] * 4)
+        body = list(csv.reader(io.StringIO(trop.format_scan(rows, "csv"))))
+        self.assertEqual(body[1][7:], ["unavailable"] * 4)
+        lines = trop.format_occupancy(self.port, self.policy, owners)
+        self.assertEqual(lines[-4:], ["    Process ID: unavailable", "    Process: unavailable",
+                                      "    User: unavailable", "    Owner metadata: unavailable"])
+
+    def test_other_users_process_is_partial(self):
+        root = os.path.join(self.tmp, "proc")
+        os.makedirs(os.path.join(root, "net"))
+        os.makedirs(os.path.join(root, "4242", "fd"))
+        with open(os.path.join(root, "4242", "comm"), "w") as fh:
+            fh.write("someone-else\n")
+        os.symlink("socket:[31337]", os.path.join(root, "4242", "fd", "3"))
+        with open(os.path.join(root, "net", "tcp"), "w") as fh:
+            fh.write(FakeProcOwnerTest.HEADER + FakeProcOwnerTest.net_line(self.port, uid=0, inode=31337))
+        import pwd
+        root_name = pwd.getpwuid(0).pw_name
+        with FakeProcOwnerTest.unreadable_fds():
+            owners = trop.OwnerTable(proc_root=root, use_lsof=False)
+            rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
+            lines = trop.format_occupancy(self.port, self.policy, owners)
+        self.assertEqual(len(rows), 1)
+        self.assertEqual((rows[0]["status"], rows[0]["process_id"], rows[0]["process_name"], rows[0]["user"],
+                          rows[0]["owner_status"]), ("occupied", None, None, root_name, "partial"))
+        self.assertIn("    User: %s" % root_name, lines)
+        self.assertEqual(lines[-1], "    Owner metadata: partial")
+
+    def test_owner_table_exception_never_breaks_scan(self):
+        owners = trop.OwnerTable(proc_root=os.path.join(self.tmp, "no-proc"), use_lsof=False)
+        with mock.patch.object(trop.OwnerTable, "_user", side_effect=RuntimeError("boom")):
+            owners._sockets[("tcp", "ipv4", self.port)] = [(0, 0, None, 1)]
+            rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
+        self.assertEqual([(r["port"], r["status"], r["owner_status"]) for r in rows],
+                         [(self.port, "occupied", "unavailable")])
+
+
+# --- probes (bind only; A.4 / B §7.5) --------------------------------------------
+
+class ProbeTest(unittest.TestCase):
+    ALL = trop.OccupancyPolicy(check_all_interfaces=True).probes()
+
+    def fake_sockets(self, fail):
+        """Patch socket.socket; fail(stage, family, address, port) -> OSError or None."""
+        created = []
+
+        class FakeSocket(object):
+            def __init__(self, family=socket.AF_INET, kind=socket.SOCK_STREAM, *rest):
+                exc = fail("socket", family, None, None)
+                if exc:
+                    raise exc
+                self.family, self.kind, self.options, self.bound = family, kind, [], None
+                created.append(self)
+
+            def setsockopt(self, *args):
+                self.options.append(args)
+
+            def bind(self, addr):
+                exc = fail("bind", self.family, addr[0], addr[1])
+                if exc:
+                    raise exc
+                self.bound = addr
+
+            def close(self):
+                pass
+        return mock.patch("socket.socket", FakeSocket), created
+
+    def test_matrix_order_and_skips(self):
+        self.assertEqual(self.ALL, [
+            ("tcp", "ipv4", "localhost", "127.0.0.1"), ("udp", "ipv4", "localhost", "127.0.0.1"),
+            ("tcp", "ipv4", "wildcard", "0.0.0.0"), ("udp", "ipv4", "wildcard", "0.0.0.0"),
+            ("tcp", "ipv6", "localhost", "::1"), ("udp", "ipv6", "localhost", "::1"),
+            ("tcp", "ipv6", "wildcard", "::"), ("udp", "ipv6", "wildcard", "::")])
+        self.assertEqual(trop.OccupancyPolicy().probes(), [p for p in self.ALL if p[2] == "localhost"])
+        self.assertEqual(trop.OccupancyPolicy(skip_tcp=True, skip_ip4=True).probes(),
+                         [("udp", "ipv6", "localhost", "::1")])
+        self.assertEqual(trop.OccupancyPolicy(skip_udp=True, skip_ip6=True, check_all_interfaces=True).probes(),
+                         [("tcp", "ipv4", "localhost", "127.0.0.1"), ("tcp", "ipv4", "wildcard", "0.0.0.0")])
+        self.assertEqual(trop.OccupancyPolicy(skip=True, check_all_interfaces=True).probes(), [])
+
+    def test_bind_only_v6only_no_reuseaddr_all_probes_run(self):
+        patcher, created = self.fake_sockets(
+            lambda stage, fam, addr, port: OSError(errno.EADDRINUSE, "in use") if stage == "bind" else None)
+        with patcher:
+            found, failed = trop.probe_port(41000, self.ALL)
+        self.assertEqual((found, failed), (self.ALL, []))          # no short-circuit
+        self.assertEqual(len(created), 8)
+        for sock in created:
+            names = [opt[1] for opt in sock.options]
+            self.assertNotIn(socket.SO_REUSEADDR, names)
+            if sock.family == socket.AF_INET6:
+                self.assertIn((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1), sock.options)
+
+    def test_eacces_and_eperm_are_possibly_occupied(self):
+        for code, exc_type in ((errno.EACCES, PermissionError), (errno.EPERM, PermissionError),
+                               (errno.ENOBUFS, OSError)):
+            with self.subTest(errno=errno.errorcode[code]):
+                patcher, _ = self.fake_sockets(
+                    lambda stage, fam, addr, port: exc_type(code, os.strerror(code))
+                    if stage == "bind" and addr == "127.0.0.1" else None)
+                probes = trop.OccupancyPolicy(skip_udp=True).probes()
+                with patcher:
+                    found, failed = trop.probe_port(41000, probes)
+                    occ = trop.Occupancy(trop.OccupancyPolicy(skip_udp=True))
+                    self.assertTrue(occ.occupied(41000))
+                self.assertEqual(found, [])
+                self.assertEqual([p for p, _e in failed], [("tcp", "ipv4", "localhost", "127.0.0.1")])
+                self.assertEqual([(p, probe) for p, probe, _e in occ.failures],
+                                 [(41000, ("tcp", "ipv4", "localhost", "127.0.0.1"))])
+
+    def test_missing_family_or_address_is_not_applicable(self):
+        for code in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+            for stage in ("socket", "bind"):
+                with self.subTest(errno=errno.errorcode[code], stage=stage):
+                    patcher, _ = self.fake_sockets(
+                        lambda st, fam, addr, port: OSError(code, os.strerror(code))
+                        if st == stage and fam == socket.AF_INET6 else None)
+                    with patcher:
+                        self.assertEqual(trop.probe_port(41000, self.ALL), ([], []))
+                        occ = trop.Occupancy(trop.OccupancyPolicy(check_all_interfaces=True))
+                        self.assertFalse(occ.occupied(41000))
+                        self.assertEqual(occ.failures, [])
+                        rows = trop.scan_ports(trop.PortRange(41000, 41002), trop.OccupancyPolicy(), set(),
+                                               trop.OwnerTable("/nonexistent-proc", use_lsof=False))
+                    self.assertEqual(rows, [])
+
+    def test_possibly_occupied_port_is_skipped_by_allocation(self):
+        patcher, _ = self.fake_sockets(
+            lambda stage, fam, addr, port: PermissionError(errno.EACCES, "Permission denied")
+            if stage == "bind" and port == 41000 else None)
+        with patcher:
+            occ = trop.Occupancy(trop.OccupancyPolicy())
+            port = trop.find_free_port(trop.PortRange(41000, 41001), set(), trop.ExclusionList(), occ)
+        self.assertEqual(port, 41001)
+
+    def test_exhaustion_by_failed_probes_names_them(self):
+        tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-occ-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(tmp)
+        patcher, _ = self.fake_sockets(
+            lambda stage, fam, addr, port: PermissionError(errno.EACCES, "Permission denied")
+            if stage == "bind" else None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+        with patcher, mock.patch.dict(os.environ, env, clear=True):
+            with self.assertRaises(trop.TropError) as ctx:
+                trop.reserve(path=tmp, data_dir=os.path.join(tmp, "data"), min=41000, max=41000,
+                             skip_ipv6=True, disable_autoclean=True)
+        message = str(ctx.exception)
+        self.assertEqual(ctx.exception.exit_code, 6)
+        self.assertIn("exhausted", message)
+        self.assertIn("possibly occupied", message)
+        self.assertIn("TCP IPv4 localhost at 127.0.0.1", message)
+
+    def test_scan_reports_failed_probes_apart_from_rows(self):
+        """A failed probe proves nothing: no row (so autoexclude never adds it), but it is reported."""
+        patcher, _ = self.fake_sockets(
+            lambda stage, fam, addr, port: PermissionError(errno.EACCES, "Permission denied")
+            if stage == "bind" and port == 41001 and fam == socket.AF_INET else None)
+        owners = trop.OwnerTable("/nonexistent-proc", use_lsof=False)
+        failures = []
+        with patcher:
+            rows = trop.scan_ports(trop.PortRange(41000, 41002), trop.OccupancyPolicy(skip_udp=True), {41001},
+                                   owners, failures)
+        self.assertEqual(rows, [])
+        self.assertEqual([(port, probe[:2]) for port, probe, _err in failures], [(41001, ("tcp", "ipv4"))])
+        self.assertIn("Permission denied", failures[0][2])
+
+    def test_port_info_lists_probes_in_matrix_order(self):
+        """A failed (possibly occupied) probe is reported where it sits in the probe matrix."""
+        patcher, _ = self.fake_sockets(
+            lambda stage, fam, addr, port: None if stage != "bind" or fam != socket.AF_INET else
+            PermissionError(errno.EACCES, "Permission denied") if addr == "127.0.0.1" else
+            OSError(errno.EADDRINUSE, "in use"))
+        owners = trop.OwnerTable("/nonexistent-proc", use_lsof=False)
+        with patcher:
+            lines = trop.format_occupancy(41000, trop.OccupancyPolicy(skip_udp=True, skip_ip6=True,
+                                                                      check_all_interfaces=True), owners)
+        probes = [l for l in lines if l.startswith("  - ")]
+        self.assertEqual(len(probes), 2)
+        self.assertTrue(probes[0].startswith("  - TCP IPv4 localhost at 127.0.0.1"), probes)
+        self.assertEqual(probes[1], "  - TCP IPv4 wildcard at 0.0.0.0")
+
+    def test_scan_rows_sorted_by_port_then_probe(self):
+        busy = {(41002, "::1"), (41002, "127.0.0.1"), (41001, "::"), (41001, "0.0.0.0")}
+        patcher, _ = self.fake_sockets(
+            lambda stage, fam, addr, port: OSError(errno.EADDRINUSE, "in use")
+            if stage == "bind" and (port, addr) in busy else None)
+        with patcher:
+            rows = trop.scan_ports(trop.PortRange(41000, 41003), trop.OccupancyPolicy(check_all_interfaces=True),
+                                   set(), trop.OwnerTable("/nonexistent-proc", use_lsof=False))
+        self.assertEqual([(r["port"], r["protocol"], r["address"]) for r in rows], [
+            (41001, "tcp", "0.0.0.0"), (41001, "udp", "0.0.0.0"), (41001, "tcp", "::"), (41001, "udp", "::"),
+            (41002, "tcp", "127.0.0.1"), (41002, "udp", "127.0.0.1"), (41002, "tcp", "::1"),
+            (41002, "udp", "::1")])
+        self.assertEqual(trop.unreserved_occupied(rows), [41001, 41002])
+
+
+class RealProbeTest(_ScanCliCase):
+    def test_real_listener_probe(self):
+        port = self.free_block(2)
+        self.listen("tcp", "127.0.0.1", port)
+        found, failed = trop.probe_port(port, trop.OccupancyPolicy().probes())
+        self.assertEqual((found, failed), ([("tcp", "ipv4", "localhost", "127.0.0.1")], []))
+        self.assertTrue(trop.Occupancy(trop.OccupancyPolicy()).occupied(port))
+        self.assertFalse(trop.Occupancy(trop.OccupancyPolicy()).occupied(port + 1))
+        self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip_tcp=True)).occupied(port))
+
+
+# --- scan (B §3.5) --------------------------------------------------------------
+
+class ScanCliTest(_ScanCliCase):
+    """Listeners: A = TCP 127.0.0.1, A+1 = UDP 127.0.0.1; A+2 and A+3 free."""
+
+    def setUp(self):
+        super().setUp()
+        self.a = self.free_block(6)
+        self.listen("tcp", "127.0.0.1", self.a)
+        self.listen("udp", "127.0.0.1", self.a + 1)
+        self.expected = [self.row(self.a, "tcp"), self.row(self.a + 1, "udp")]
+        self.found = "\nFound 2 unreserved occupied port(s)\n"
+
+    def text_rows(self):
+        out = []
+        for r in self.expected:
+            cells = []
+            for k in self.FIELDS:
+                v = r[k]
+                cells.append("unavailable" if v is None else ("true" if v else "false") if isinstance(v, bool)
+                             else str(v))
+            out.append(cells)
+        return out
+
+    def scan(self, *args):
+        return self.trop("scan", "--min", self.a, "--max", self.a + 3, *args)
+
+    def test_table(self):
+        rc, out, err = self.scan()
+        self.assertEqual((rc, err), (0, self.found))
+        lines = out.split("\n")
+        self.assertEqual(lines[-1], "")                      # exactly one trailing newline
+        lines = lines[:-1]
+        header = lines[0]
+        self.assertEqual(header[:7], "Port   ")
+        self.assertEqual(header[7:28], "Status".ljust(21))
+        self.assertEqual(header[sum(self.WIDTHS) + len(self.WIDTHS):], "Owner Status")
+        self.assertEqual(lines[1], "-" * 145)
+        expected = [" ".join(c.ljust(w) for c, w in zip(cells, self.WIDTHS)) + " " + cells[-1]
+                    for cells in self.text_rows()]
+        if self.LINUX_PROC:
+            self.assertEqual(lines[2:], expected)
+        else:
+            self.assertEqual([l[:120] for l in lines[2:]], [l[:120] for l in expected])
+
+    def test_json(self):
+        rc, out, err = self.scan("--format", "json")
+        self.assertEqual((rc, err), (0, self.found))
+        self.assertTrue(out.endswith("]\n"))
+        self.assertTrue(out.startswith("[\n  {\n    \"port\": "), out)   # pretty, 2-space indent
+        pairs = json.loads(out, object_pairs_hook=lambda p: p)
+        self.assertEqual([[k for k, _v in obj] for obj in pairs], [list(self.FIELDS)] * 2)
+        rows = json.loads(out)
+        self.assertEqual(self.comparable(rows), self.comparable(self.expected))
+        self.assertIs(rows[0]["reserved"], False)
+        if self.LINUX_PROC:
+            self.assertIsInstance(rows[0]["process_id"], int)
+
+    def test_csv_and_tsv(self):
+        for fmt, delim in (("csv", ","), ("tsv", "\t")):
+            with self.subTest(format=fmt):
+                rc, out, err = self.scan("--format", fmt)
+                self.assertEqual((rc, err), (0, self.found))
+                self.assertTrue(out.endswith("\n") and not out.endswith("\n\n"))
+                table = list(csv.reader(io.StringIO(out), delimiter=delim))
+                self.assertEqual(table[0], list(self.FIELDS))
+                self.assertEqual(out.splitlines()[0], delim.join(self.FIELDS))
+                if self.LINUX_PROC:
+                    self.assertEqual(table[1:], self.text_rows())
+                else:
+                    self.assertEqual([r[:7] for r in table[1:]], [r[:7] for r in self.text_rows()])
+
+    def test_free_range_is_empty(self):
+        lo, hi = self.a + 2, self.a + 3
+        rc, out, err = self.trop("scan", "--min", lo, "--max", hi)
+        self.assertEqual((rc, err, len(out.splitlines())), (0, "", 2))
+        rows, err = self.scan_json("--min", lo, "--max", hi)
+        self.assertEqual((rows, err), ([], ""))
+        rc, out, err = self.trop("scan", "--min", lo, "--max", hi, "--format", "csv")
+        self.assertEqual((rc, out, err), (0, ",".join(self.FIELDS) + "\n", ""))
+
+    def test_free_port_absent(self):
+        rows, _err = self.scan_json("--check-all-interfaces")
+        self.assertNotIn(self.a + 2, [r["port"] for r in rows])
+        self.assertNotIn(self.a + 3, [r["port"] for r in rows])
+
+    def test_skip_flags(self):
+        rows, err = self.scan_json("--min", self.a, "--max", self.a + 3, "--skip-tcp")
+        self.assertEqual(self.comparable(rows), self.comparable([self.row(self.a + 1, "udp")]))
+        self.assertEqual(err, "\nFound 1 unreserved occupied port(s)\n")
+        rows, err = self.scan_json("--min", self.a, "--max", self.a + 3, "--skip-udp")
+        self.assertEqual(self.comparable(rows), self.comparable([self.row(self.a, "tcp")]))
+        rows, err = self.scan_json("--min", self.a, "--max", self.a + 3, "--skip-ipv4")
+        self.assertEqual((rows, err), ([], ""))
+
+    def test_reserved_port_shows_occupied_reserved(self):
+        rc, out, err = self.trop("reserve", "--port", self.a, "--min", self.a, "--max", self.a, "--ignore-occupied")
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+        rows, err = self.scan_json("--min", self.a, "--max", self.a + 3)
+        self.assertEqual(self.comparable(rows), self.comparable([self.row(self.a, "tcp", reserved=True),
+                                                                 self.row(self.a + 1, "udp")]))
+        self.assertEqual(err, "\nFound 1 unreserved occupied port(s)\n")
+        rc, out, err = self.trop("scan", "--min", self.a, "--max", self.a)
+        self.assertEqual((rc, err), (0, ""))                 # only reserved ones: no "Found"
+        cells = out.splitlines()[2]
+        self.assertEqual(cells[7:28], "occupied (reserved)".ljust(21))
+        self.assertEqual(cells[28:38], "true".ljust(10))
+
+    def test_quiet_keeps_found_line(self):
+        rc, out, err = self.scan("--quiet", "--format", "csv")
+        self.assertEqual((rc, err), (0, self.found))
+        self.assertEqual(len(out.splitlines()), 3)
+
+    def test_range_from_config_and_cli_override(self):
+        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
+            fh.write("ports:\n  min: %d\n  max: %d\n" % (self.a, self.a + 3))
+        rows, _err = self.scan_json()
+        self.assertEqual([r["port"] for r in rows], [self.a, self.a + 1])
+        rows, _err = self.scan_json("--min", self.a + 1)
+        self.assertEqual([r["port"] for r in rows], [self.a + 1])
+
+    def test_scan_ignores_max_offset(self):
+        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
+            fh.write("ports:\n  min: %d\n  max_offset: 1\n" % self.a)
+        rows, _err = self.scan_json("--max", self.a + 3)
+        self.assertEqual([r["port"] for r in rows], [self.a, self.a + 1])
+
+    def test_same_port_rows_follow_probe_order(self):
+        self.listen("udp", "127.0.0.1", self.a)
+        rows, err = self.scan_json("--min", self.a, "--max", self.a, "--check-all-interfaces", "--skip-ipv6")
+        self.assertEqual([(r["protocol"], r["scope"], r["address"]) for r in rows], [
+            ("tcp", "localhost", "127.0.0.1"), ("udp", "localhost", "127.0.0.1"),
+            ("tcp", "wildcard", "0.0.0.0"), ("udp", "wildcard", "0.0.0.0")])
+        self.assertEqual(err, "\nFound 1 unreserved occupied port(s)\n")   # ports, not rows
+
+    def test_wildcard_listener_with_check_all_interfaces(self):
+        port = self.a + 4
+        self.listen("tcp", "0.0.0.0", port)
+        for fmt in ("json", "table", "csv", "tsv"):
+            with self.subTest(format=fmt):
+                rc, out, err = self.trop("scan", "--min", port, "--max", port, "--check-all-interfaces",
+                                         "--format", fmt)
+                self.assertEqual((rc, err), (0, "\nFound 1 unreserved occupied port(s)\n"))
+                if fmt == "json":
+                    rows = json.loads(out)
+                elif fmt == "table":
+                    rows = [dict(zip(self.FIELDS, l.split())) for l in out.splitlines()[2:]]
+                else:
+                    rows = list(csv.DictReader(io.StringIO(out), delimiter="," if fmt == "csv" else "\t"))
+                wildcard = [r for r in rows if r["scope"] == "wildcard"]
+                self.assertEqual([(str(r["port"]), r["protocol"], r["address_family"], r["address"])
+                                  for r in wildcard], [(str(port), "tcp", "ipv4", "0.0.0.0")])
+                if self.LINUX_PROC:
+                    pid, name, user = self.me()
+                    self.assertEqual((str(wildcard[0]["process_id"]), wildcard[0]["process_name"],
+                                      wildcard[0]["user"], wildcard[0]["owner_status"]),
+                                     (str(pid), name, user, "available"))
+        rows, _err = self.scan_json("--min", port, "--max", port)
+        self.assertEqual([r for r in rows if r["scope"] == "wildcard"], [])
+
+    def test_ipv6_loopback_listener(self):
+        port = self.a + 5
+        try:
+            self.listen("tcp", "::1", port)
+        except OSError as exc:
+            self.skipTest("IPv6 loopback unavailable: %s" % exc)
+        expected = self.row(port, "tcp", family="ipv6", address="::1")
+        for fmt in ("json", "table", "csv", "tsv"):
+            with self.subTest(format=fmt):
+                rc, out, err = self.trop("scan", "--min", port, "--max", port, "--format", fmt)
+                self.assertEqual((rc, err), (0, "\nFound 1 unreserved occupied port(s)\n"))
+                if fmt == "json":
+                    self.assertEqual(self.comparable(json.loads(out)), self.comparable([expected]))
+                else:
+                    delim = {"csv": ",", "tsv": "\t"}.get(fmt)
+                    row = (out.splitlines()[2].split() if fmt == "table"
+                           else list(csv.reader(io.StringIO(out), delimiter=delim))[1])
+                    n = 11 if self.LINUX_PROC else 7
+                    self.assertEqual(row[:n], [("false" if v is False else str(v))
+                                               for v in (expected[k] for k in self.FIELDS)][:n])
+        rc, out, _err = self.trop("port-info", port, "--include-occupancy", "--skip-ipv4")
+        self.assertIn("  - TCP IPv6 localhost at ::1\n", out)
+
+
+class ScanBadInputTest(_ScanCliCase):
+    def assert_fails(self, code, *args):
+        rc, out, err = self.trop("scan", *args)
+        self.assertEqual((rc, out), (code, ""), err)
+        return err
+
+    def test_invalid_ports_exit_4(self):
+        for args in (("--min", "0", "--max", "10"), ("--min", "10", "--max", "70000"), ("--min", "abc"),
+                     ("--min", "-1", "--max", "10")):
+            with self.subTest(args=args):
+                err = self.assert_fails(4, *args)
+                self.assertTrue(err.startswith("Error: ") and err.count("\n") == 1, err)
+                self.assertNotIn("Traceback", err)
+
+    def test_min_greater_than_max_exit_4(self):
+        err = self.assert_fails(4, "--min", "50001", "--max", "50000")
+        self.assertTrue(err.startswith("Error: "), err)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "trop.db")))
+
+    def test_unknown_format_exit_2(self):
+        for fmt in ("xml", "JSON", "Table", ""):
+            with self.subTest(format=fmt):
+                self.assertIn("usage:", self.assert_fails(2, "--format", fmt))
+
+    def test_invalid_project_config_exit_7(self):
+        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
+            fh.write("ports: [\n")
+        err = self.assert_fails(7, "--min", "50000", "--max", "50001")
+        self.assertTrue(err.startswith("Error: ") and "trop.yaml" in err, err)
+
+    def test_no_skip_occupancy_check_flag(self):
+        self.assert_fails(2, "--skip-occupancy-check")
+
+
+# --- port-info --include-occupancy (B §3.6) -------------------------------------
+
+class PortInfoOccupancyTest(_ScanCliCase):
+    def setUp(self):
+        super().setUp()
+        self.a = self.free_block(3)
+        self.listen("tcp", "127.0.0.1", self.a)
+
+    def owner_lines(self):
+        pid, name, user = self.me()
+        return ["    Process ID: %d" % pid, "    Process: %s" % name, "    User: %s" % user,
+                "    Owner metadata: available"]
+
+    def test_occupied_port(self):
+        rc, out, err = self.trop("port-info", self.a, "--include-occupancy")
+        self.assertEqual((rc, err), (0, ""))
+        lines = out.split("\n")
+        self.assertEqual(lines[:5], ["Port %d is not reserved" % self.a, "", "Occupancy status:",
+                                     "  Port is currently in use", "  - TCP IPv4 localhost at 127.0.0.1"])
+        if self.LINUX_PROC:
+            self.assertEqual(lines[5:], self.owner_lines() + [""])
+
+    def test_check_all_interfaces_lists_each_probe(self):
+        if not self.LINUX_PROC:
+            self.skipTest("needs Linux /proc")
+        rc, out, _err = self.trop("port-info", self.a, "--include-occupancy", "--check-all-interfaces")
+        self.assertEqual(rc, 0)
+        self.assertEqual(out.split("\n")[3:], ["  Port is currently in use", "  - TCP IPv4 localhost at 127.0.0.1"]
+                         + self.owner_lines() + ["  - TCP IPv4 wildcard at 0.0.0.0"] + self.owner_lines() + [""])
+
+    def test_udp_listener(self):
+        self.listen("udp", "127.0.0.1", self.a + 1)
+        rc, out, _err = self.trop("port-info", self.a + 1, "--include-occupancy")
+        self.assertEqual(rc, 0)
+        self.assertIn("\n  - UDP IPv4 localhost at 127.0.0.1\n", out)
+
+    def test_free_port_and_disabled_probes(self):
+        rc, out, err = self.trop("port-info", self.a + 2, "--include-occupancy")
+        self.assertEqual((rc, out, err),
+                         (0, "Port %d is not reserved\n\nOccupancy status:\n  Port is available\n" % (self.a + 2), ""))
+        rc, out, _err = self.trop("port-info", self.a, "--include-occupancy", "--skip-tcp")
+        self.assertEqual(out.split("\n")[3:], ["  Port is available", ""])
+        not_checked = "Occupancy status:\n  Not checked: the effective policy disabled every probe\n"
+        for flags in (("--skip-occupancy-check",), ("--skip-tcp", "--skip-udp"), ("--skip-ipv4", "--skip-ipv6")):
+            with self.subTest(flags=flags):
+                rc, out, _err = self.trop("port-info", self.a, "--include-occupancy", *flags)
+                self.assertEqual(rc, 0)
+                self.assertTrue(out.endswith("\n\n" + not_checked), out)
+
+    def test_without_include_occupancy_no_report(self):
+        rc, out, err = self.trop("port-info", self.a)
+        self.assertEqual((rc, out, err), (0, "Port %d is not reserved\n" % self.a, ""))
+
+    def test_reserved_and_occupied(self):
+        rc, out, err = self.trop("reserve", "--port", self.a, "--min", self.a, "--max", self.a, "--ignore-occupied",
+                                 "--tag", "web")
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+        rc, out, _err = self.trop("port-info", self.a, "--include-occupancy")
+        self.assertEqual(rc, 0)
+        lines = out.split("\n")
+        self.assertEqual(lines[:3], ["Port: %d" % self.a, "Path: %s" % self.work, "Tag: web"])
+        i = lines.index("Path exists: yes")
+        self.assertEqual(lines[i + 1:i + 5], ["", "Occupancy status:", "  Port is currently in use",
+                                              "  - TCP IPv4 localhost at 127.0.0.1"])
+
+    def test_occupancy_flags_require_include_occupancy(self):
+        for flag in ("--skip-occupancy-check", "--skip-tcp", "--skip-udp", "--skip-ipv4", "--skip-ipv6",
+                     "--check-all-interfaces"):
+            with self.subTest(flag=flag):
+                rc, out, err = self.trop("port-info", self.a, flag)
+                self.assertEqual((rc, out), (2, ""), err)
+                error = [l for l in err.splitlines() if "error:" in l]
+                self.assertTrue(error and "--include-occupancy" in error[-1], err)
+
+    def test_port_zero(self):
+        rc, out, err = self.trop("port-info", "0", "--include-occupancy")
+        self.assertEqual((rc, out), (4, ""), err)
+
+
+# --- scan --autoexclude / --autocompact (B §5.2, A.5) -----------------------------
+
+class ScanAutoexcludeTest(_ScanCliCase):
+    CONFIG = ("# project settings -- keep me\n"
+              "project: demo   # inline project comment\n"
+              "\n"
+              "# exclusions below\n"
+              "excluded_ports:\n"
+              "  - %d  # postgres\n"
+              "ports:\n"
+              "  min: 1000\n"
+              "  max: 65000  # range comment\n"
+              "# trailing comment\n")
+
+    def setUp(self):
+        super().setUp()
+        self.a = self.free_block(6)
+        self.listen("tcp", "127.0.0.1", self.a)
+        self.listen("udp", "127.0.0.1", self.a + 1)
+        self.project = os.path.join(self.work, "proj")
+        os.mkdir(self.project)
+
+    def write(self, name, text):
+        path = os.path.join(self.project, name)
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    def read(self, path):
+        with open(path) as fh:
+            return fh.read()
+
+    def entries(self, path):
+        return trop.config_entries(trop.parse_yaml(self.read(path)))
+
+    def scan(self, *args):
+        return self.trop("scan", "--min", self.a, "--max", self.a + 3, *args, cwd=self.project)
+
+    def assert_comments_kept(self, before, after):
+        for line in before.splitlines():
+            if "#" in line and "postgres" not in line:
+                self.assertIn(line, after.splitlines())
+
+    def test_writes_trop_yaml_and_keeps_comments(self):
+        before = self.CONFIG % (self.a + 5)
+        path = self.write("trop.yaml", before)
+        rc, out, err = self.scan("--autoexclude")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(out.splitlines()), 4)
+        self.assertEqual(err, "Added 2 exclusions to %s\n\nFound 2 unreserved occupied port(s)\n" % path)
+        after = self.read(path)
+        self.assert_comments_kept(before, after)
+        self.assertEqual(self.entries(path), [(self.a + 5, self.a + 5), (self.a, self.a), (self.a + 1, self.a + 1)])
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual((rc, out), (0, "Configuration is valid\n"), err)
+        # a second run adds no duplicates
+        rc, _out, err = self.scan("--autoexclude")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(self.entries(path)), 3)
+
+    def test_existing_entry_comments_survive_append(self):
+        before = ("excluded_ports:\n"
+                  "  # databases\n"
+                  "  - %d  # postgres\n"
+                  "  - %d  # redis\n" % (self.a + 4, self.a + 5))
+        path = self.write("trop.yaml", before)
+        rc, _out, err = self.scan("--autoexclude")
+        self.assertEqual(rc, 0, err)
+        after = self.read(path)
+        for comment in ("# databases", "# postgres", "# redis"):
+            self.assertIn(comment, after)
+
+    def test_prefers_trop_local_yaml(self):
+        main = self.write("trop.yaml", "# main\nports: {min: 1000, max: 65000}\n")
+        local = self.write("trop.local.yaml", "# local comment\nexcluded_ports: []\n")
+        rc, _out, err = self.scan("--autoexclude")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.read(main), "# main\nports: {min: 1000, max: 65000}\n")
+        self.assertIn("# local comment", self.read(local))
+        self.assertEqual(self.entries(local), [(self.a, self.a), (self.a + 1, self.a + 1)])
+        self.assertIn("Added 2 exclusions to %s\n" % local, err)
+
+    def test_falls_back_to_user_config(self):
+        rc, _out, err = self.trop("scan", "--min", self.a, "--max", self.a + 3, "--autoexclude")
+        self.assertEqual(rc, 0, err)
+        user = os.path.join(self.data_dir, "config.yaml")
+        self.assertEqual(self.entries(user), [(self.a, self.a), (self.a + 1, self.a + 1)])
+        self.assertEqual(sorted(os.listdir(self.work)), ["proj"])
+        self.assertIn("Added 2 exclusions to %s\n" % user, err)
+
+    def test_autocompact_after_adding(self):
+        before = self.CONFIG % (self.a + 2)
+        path = self.write("trop.yaml", before)
+        rc, _out, err = self.scan("--autoexclude", "--autocompact")
+        self.assertEqual(rc, 0, err)
+        after = self.read(path)
+        self.assert_comments_kept(before, after)
+        self.assertEqual(self.entries(path), [(self.a, self.a + 2)])
+        rc, _out, err = self.trop("validate", path)
+        self.assertEqual(rc, 0, err)
+
+    def test_autocompact_only_when_something_added(self):
+        before = "# c\nexcluded_ports:\n  - %d\n  - %d\n" % (self.a + 4, self.a + 5)
+        path = self.write("trop.yaml", before)
+        rc, _out, err = self.trop("scan", "--min", self.a + 2, "--max", self.a + 3, "--autoexclude",
+                                  "--autocompact", cwd=self.project)
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(self.read(path), before)
+
+    def test_reserved_ports_not_excluded_and_quiet(self):
+        path = self.write("trop.yaml", "# c\n")
+        rc, out, err = self.trop("reserve", "--port", self.a, "--min", self.a, "--max", self.a,
+                                 "--ignore-occupied", cwd=self.project)
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+        rc, _out, err = self.scan("--autoexclude", "--quiet")
+        self.assertEqual((rc, err), (0, "\nFound 1 unreserved occupied port(s)\n"))
+        self.assertEqual(self.entries(path), [(self.a + 1, self.a + 1)])
+        self.assertTrue(self.read(path).startswith("# c\n"))
+
+    def test_without_autoexclude_nothing_written(self):
+        before = self.CONFIG % (self.a + 5)
+        path = self.write("trop.yaml", before)
+        rc, _out, _err = self.scan("--autocompact")
+        self.assertEqual(rc, 0)
+        self.assertEqual(self.read(path), before)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "config.yaml")))
+
+
+# --- occupancy-aware allocation (B §7.4) -----------------------------------------
+
+class ReserveOccupancyTest(_ScanCliCase):
+    def setUp(self):
+        super().setUp()
+        self.a = self.free_block(3)
+        self.listen("tcp", "127.0.0.1", self.a)
+
+    def reserve(self, *args):
+        return self.trop("reserve", "--min", self.a, "--max", self.a + 2, *args)
+
+    def test_occupied_port_skipped(self):
+        rc, out, err = self.reserve()
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_occupied_preferred_falls_back(self):
+        rc, out, err = self.reserve("--port", self.a)
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_ignore_occupied_preferred(self):
+        rc, out, err = self.reserve("--ignore-occupied", "--port", self.a)
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+
+    def test_udp_listener_and_skip_flags(self):
+        self.listen("udp", "127.0.0.1", self.a + 1)
+        rc, out, err = self.reserve("--tag", "x")
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 2)), err)
+        rc, out, err = self.reserve("--tag", "y", "--skip-occupancy-check")
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+        rc, out, err = self.reserve("--tag", "z", "--skip-udp")
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_all_occupied_exhausts(self):
+        rc, out, err = self.trop("reserve", "--min", self.a, "--max", self.a, "--disable-autoclean")
+        self.assertEqual((rc, out), (6, ""), err)
+        self.assertIn("exhausted", err)
+        self.assertIn("occupied", err)
+
+
+# --- shell completions (B §3.11) ---------------------------------------------------
+
+class CompletionScriptTest(unittest.TestCase):
+    NASTY = "Data dir: it's `$HOME/.trop` \"quoted\" [x] \\ back $(rm -rf /)"
+    SUBCOMMANDS = ["reserve", "list", "completions", "validate"]
+    FLAGS = ["--verbose", "--data-dir", "--path", "--tag", "--dry-run", "--format"]
+
+    @classmethod
+    def sample_parser(cls):
+        import argparse
+        p = argparse.ArgumentParser(prog="trop")
+        p.add_argument("-v", "--verbose", action="store_true", help="Enable verbose output")
+        p.add_argument("--data-dir", metavar="PATH", help=cls.NASTY)
+        p.add_argument("--hidden-opt", help=argparse.SUPPRESS)
+        sp = p.add_subparsers(dest="command")
+        r = sp.add_parser("reserve", help="Reserve a port [it's: 'x' $y `z`]")
+        r.add_argument("--path", help="Directory path")
+        r.add_argument("--tag", help="Tag: label")
+        r.add_argument("--dry-run", action="store_true", help="Don't write")
+        ls = sp.add_parser("list", help="List reservations")
+        ls.add_argument("--format", choices=["table", "json", "csv", "tsv"], default="table",
+                        help="Output format (default: %(default)s)")
+        c = sp.add_parser("completions", help="Print a completion script")
+        c.add_argument("shell", choices=list(trop.COMPLETION_SHELLS))
+        v = sp.add_parser("validate", help="Validate a config file")
+        v.add_argument("config_path")
+        sp.add_parser("secret", help=argparse.SUPPRESS)
+        return p
+
+    @staticmethod
+    def run_shell(argv, **kw):
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=60, **kw)
+
+    @staticmethod
+    def script_file(test, text, suffix=""):
+        fd, path = tempfile.mkstemp(suffix=suffix)
+        test.addCleanup(os.unlink, path)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return path
+
+    def test_shells(self):
+        self.assertEqual(tuple(trop.COMPLETION_SHELLS), ("bash", "elvish", "fish", "powershell", "zsh"))
+
+    def test_bash_header(self):
+        self.assertEqual(trop.completion_header("bash"), (
+            "# Generating bash completion script\n"
+            "# Run the following command to enable completions:\n"
+            "#   trop completions bash > ~/.local/share/bash-completion/completions/trop\n"
+            "# Or source it directly in ~/.bashrc:\n"
+            '#   eval "$(trop completions bash)"\n\n'))
+
+    def test_elvish_has_no_hints(self):
+        self.assertEqual(trop.completion_header("elvish"),
+                         "# Generating elvish completion script\n"
+                         "# Run the following command to enable completions:\n\n")
+
+    def test_every_shell_header_shape(self):
+        for shell in trop.COMPLETION_SHELLS:
+            h = trop.completion_header(shell)
+            self.assertTrue(h.startswith("# Generating %s completion script\n"
+                                         "# Run the following command to enable completions:\n" % shell))
+            self.assertTrue(h.endswith("\n\n"))
+            self.assertTrue(all(line.startswith("#") for line in h.splitlines() if line))
+
+    def test_all_names_present_and_hidden_skipped(self):
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(self.sample_parser(), shell)
+            with self.subTest(shell=shell):
+                for word in self.SUBCOMMANDS + self.FLAGS:
+                    self.assertIn("-l " + word[2:] if shell == "fish" and word.startswith("--") else word, text)
+                for word in ("table", "tsv", "powershell", "elvish"):
+                    self.assertIn(word, text)
+                self.assertNotIn("hidden-opt", text)
+                self.assertNotIn("secret", text)
+
+    def test_real_parser_names_present(self):
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(trop.build_parser(), shell)
+            with self.subTest(shell=shell):
+                for word in ("reserve", "scan", "port-info", "list-projects", "compact-exclusions"):
+                    self.assertIn(word, text)
+                for flag in ("--include-occupancy", "--check-all-interfaces", "--autoexclude", "--data-dir"):
+                    self.assertIn("-l " + flag[2:] if shell == "fish" else flag, text)
+
+    def test_markers(self):
+        markers = {"bash": "complete -F _trop trop", "zsh": "#compdef trop",
+                   "fish": "__fish_seen_subcommand_from",
+                   "powershell": "Register-ArgumentCompleter -Native -CommandName 'trop'",
+                   "elvish": "set edit:completion:arg-completer['trop'] = {|@words|"}
+        for shell, marker in markers.items():
+            text = trop.completion_script(self.sample_parser(), shell)
+            self.assertIn(marker.replace("trop trop", "trop 'trop'"), text)
+
+    def test_unknown_shell(self):
+        with self.assertRaises(ValueError):
+            trop.completion_script(self.sample_parser(), "tcsh")
+
+    def test_unsafe_choices_dropped_and_huge_choices_not_enumerated(self):
+        import argparse
+        p = argparse.ArgumentParser(prog="trop")
+        x = p.add_subparsers().add_parser("x")
+        x.add_argument("--mode", choices=["ok", "$(evil)", "a b"])
+        x.add_argument("--port", type=int, choices=range(1, 65536))
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(p, shell)
+            self.assertNotIn("evil", text)
+            self.assertNotIn("65535", text)
+            self.assertIn("ok", text)
+
+    def test_zsh_escapes_help(self):
+        text = trop.completion_script(self.sample_parser(), "zsh")
+        self.assertIn(r"""[Data dir\: it'\''s `$HOME/.trop` "quoted" \[x\] \\ back""", text)
+
+    def test_powershell_structure_balanced(self):
+        import re
+        for parser in (self.sample_parser(), trop.build_parser()):
+            text = trop.completion_script(parser, "powershell")
+            body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+            stripped = re.sub(r"'(?:[^']|'')*'", "''", body)
+            self.assertNotIn("'", stripped.replace("''", ""))
+            for o, c in ("()", "{}", "[]"):
+                self.assertEqual(stripped.count(o), stripped.count(c), o + c)
+        self.assertIn("it''s", trop.completion_script(self.sample_parser(), "powershell"))
+
+    def test_edge_parsers_parse(self):
+        import argparse
+        a = argparse.ArgumentParser(prog="my-tool", add_help=False)
+        a.add_argument("-q", action="count")
+        a.add_argument("target", nargs="*")
+        b = argparse.ArgumentParser(prog="my-tool", add_help=False)
+        b.add_subparsers().add_parser("bare", add_help=False)
+        checkers = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-config", "-n"]}
+        for i, parser in enumerate((a, b)):
+            for shell, argv in checkers.items():
+                if not shutil.which(argv[0]):
+                    continue
+                with self.subTest(parser=i, shell=shell):
+                    path = self.script_file(self, trop.completion_script(parser, shell, prog="my-tool"))
+                    res = self.run_shell(argv + [path])
+                    self.assertEqual(res.returncode, 0, res.stderr)
+
+
+@unittest.skipUnless(shutil.which("bash"), "bash not installed")
+class BashCompletionTest(_ScanCliCase):
+    """The real `trop completions bash` output, plus the sample parser's edge cases."""
+
+    def setUp(self):
+        super().setUp()
+        rc, out, err = self.trop("completions", "bash")
+        self.assertEqual((rc, err), (0, trop.completion_header("bash")))
+        self.real = CompletionScriptTest.script_file(self, out, ".bash")
+        self.sample = CompletionScriptTest.script_file(
+            self, trop.completion_script(CompletionScriptTest.sample_parser(), "bash"), ".bash")
+
+    def complete(self, line, script=None):
+        words = line.split(" ")
+        cmd = ("source %s; COMP_WORDS=(%s); COMP_CWORD=%d; _trop; printf '%%s\\n' \"${COMPREPLY[@]}\""
+               % (shlex.quote(script or self.real), " ".join(shlex.quote(w) for w in words), len(words) - 1))
+        res = CompletionScriptTest.run_shell(["bash", "-c", cmd])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        return [w for w in res.stdout.splitlines() if w]
+
+    def test_syntax(self):
+        for path in (self.real, self.sample):
+            res = CompletionScriptTest.run_shell(["bash", "-n", path])
+            self.assertEqual(res.returncode, 0, res.stderr)
+
+    def test_real_completion(self):
+        self.assertIn("--tag", self.complete("trop reserve --t"))
+        self.assertIn("list", self.complete("trop li"))
+        self.assertEqual(sorted(self.complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
+        self.assertIn("--check-all-interfaces", self.complete("trop scan --check"))
+        self.assertIn("--include-occupancy", self.complete("trop port-info --incl"))
+        self.assertIn("scan", self.complete("trop --data-dir /tmp sc"))
+        self.assertEqual(sorted(self.complete("trop completions ")), sorted(trop.COMPLETION_SHELLS))
+
+    def test_sample_completion(self):
+        s = self.sample
+        self.assertIn("--tag", self.complete("trop reserve --t", s))
+        self.assertNotIn("--format", self.complete("trop reserve --", s))
+        self.assertIn("--verbose", self.complete("trop reserve --", s))
+        self.assertEqual(self.complete("trop li", s), ["list"])
+        self.assertEqual(self.complete("trop --data-dir /tmp li", s), ["list"])
+        self.assertEqual(self.complete("trop --data-dir = /tmp li", s), ["list"])
+        self.assertEqual(sorted(self.complete("trop list --format ", s)), ["csv", "json", "table", "tsv"])
+        self.assertEqual(self.complete("trop list --format = j", s), ["json"])
+        self.assertEqual(self.complete("trop completions b", s), ["bash"])
+
+    def test_path_values_complete_files(self):
+        d = self.tmp
+        os.mkdir(os.path.join(d, "subdir"))
+        open(os.path.join(d, "file.yaml"), "w").close()
+        s = self.sample
+        self.assertEqual(self.complete("trop reserve --path %s/fi" % d, s), [d + "/file.yaml"])
+        self.assertEqual(self.complete("trop validate %s/fi" % d, s), [d + "/file.yaml"])
+        self.assertEqual(self.complete("trop --data-dir %s/s" % d, s), [d + "/subdir"])
+        self.assertEqual(self.complete("trop reserve --tag x", s), [])
+
+
+class CompletionsCliTest(_ScanCliCase):
+    def test_every_shell(self):
+        for shell in trop.COMPLETION_SHELLS:
+            with self.subTest(shell=shell):
+                rc, out, err = self.trop("completions", shell)
+                self.assertEqual((rc, err), (0, trop.completion_header(shell)))
+                self.assertEqual(out, trop.completion_script(trop.build_parser(), shell).rstrip("\n") + "\n")
+
+    def test_unknown_shell_usage_error(self):
+        rc, out, err = self.trop("completions", "tcsh")
+        self.assertEqual((rc, out), (2, ""))
+        self.assertIn("usage:", err)
+
+    @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
+    def test_zsh(self):
+        _rc, out, _err = self.trop("completions", "zsh")
+        path = CompletionScriptTest.script_file(self, out)
+        res = CompletionScriptTest.run_shell(["zsh", "-n", path])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        res = CompletionScriptTest.run_shell(["zsh", "-fc", "autoload -U compinit; compinit -u -d /dev/null; "
+                                              "source %s; print -r -- ${_comps[trop]}" % shlex.quote(path)])
+        self.assertEqual((res.returncode, res.stdout.strip()), (0, "_trop"), res.stderr)
+        sample = CompletionScriptTest.script_file(
+            self, trop.completion_script(CompletionScriptTest.sample_parser(), "zsh"))
+        res = CompletionScriptTest.run_shell(["zsh", "-fc", "_arguments() { print -rl -- \"$@\" }; compdef() { : }; "
+                                              "_describe() { print -rl -- \"${(@P)4}\" }; "
+                                              "source %s; _trop; _trop_commands" % shlex.quote(sample)])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("--data-dir=[Data dir\\: it's `$HOME/.trop` \"quoted\" \\[x\\] \\\\ back $(rm -rf /)]:PATH:"
+                      "_files -/", res.stdout.splitlines())
+        self.assertIn("reserve:Reserve a port [it's: 'x' $y `z`]", res.stdout.splitlines())
+
+    @unittest.skipUnless(shutil.which("fish"), "fish not installed")
+    def test_fish(self):
+        _rc, out, _err = self.trop("completions", "fish")
+        path = CompletionScriptTest.script_file(self, out, ".fish")
+        res = CompletionScriptTest.run_shell(["fish", "--no-config", "-n", path])
+        self.assertEqual(res.returncode, 0, res.stderr)
+
+        def complete(line, script=path):
+            r = CompletionScriptTest.run_shell(["fish", "--no-config", "-c", "source %s; complete -C%s"
+                                                % (shlex.quote(script), shlex.quote(line))])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            return [l.split("\t")[0] for l in r.stdout.splitlines()]
+        self.assertIn("--tag", complete("trop reserve --t"))
+        self.assertIn("list", complete("trop li"))
+        self.assertEqual(sorted(complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
+        sample = CompletionScriptTest.script_file(
+            self, trop.completion_script(CompletionScriptTest.sample_parser(), "fish"), ".fish")
+        self.assertEqual(complete("trop reserve --t", sample), ["--tag"])
+        self.assertEqual(complete("trop li", sample), ["list"])
+        r = CompletionScriptTest.run_shell(["fish", "--no-config", "-c", "source %s; complete -C'trop --data'"
+                                            % shlex.quote(sample)])
+        self.assertIn(CompletionScriptTest.NASTY.split(" $(")[0], r.stdout)
+
+    @unittest.skipUnless(shutil.which("elvish"), "elvish not installed")
+    def test_elvish(self):
+        """`edit:` only exists interactively, so run the completer against stubs."""
+        _rc, real, _err = self.trop("completions", "elvish")
+        sample = trop.completion_script(CompletionScriptTest.sample_parser(), "elvish")
+
+        def complete(text, *words):
+            text = (text.replace("set edit:completion:arg-completer", "set completers")
+                    .replace("edit:complex-candidate", "complex-candidate")
+                    .replace("edit:complete-filename", "complete-filename"))
+            prelude = ("var completers = [&]\n"
+                       "fn complex-candidate {|text &display=''| put $text }\n"
+                       "fn complete-filename {|p| put FILES:$p }\n")
+            call = "\nput ($completers['trop'] %s) | each {|x| echo $x }\n" % " ".join(
+                "'" + w.replace("'", "''") + "'" for w in words)
+            path = CompletionScriptTest.script_file(self, prelude + text + call, ".elv")
+            res = CompletionScriptTest.run_shell(["elvish", "-norc", path])
+            self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+            return res.stdout.splitlines()
+        self.assertIn("--tag", complete(real, "trop", "reserve", "--t"))
+        self.assertIn("list", complete(real, "trop", "li"))
+        self.assertIn("--include-occupancy", complete(real, "trop", "port-info", "--inc"))
+        self.assertEqual(complete(sample, "trop", "--data-dir", "/x", "list", "--format", ""),
+                         ["table", "json", "csv", "tsv"])
+        self.assertEqual(complete(sample, "trop", "validate", "c"), ["FILES:c"])
+
+    @unittest.skipUnless(shutil.which("pwsh"), "pwsh not installed")
+    def test_powershell(self):
+        _rc, out, _err = self.trop("completions", "powershell")
+        path = CompletionScriptTest.script_file(self, out, ".ps1")
+        cmd = (". '%s'; (TabExpansion2 -inputScript 'trop reserve --t' -cursorColumn 16).CompletionMatches "
+               "| ForEach-Object CompletionText" % path)
+        res = CompletionScriptTest.run_shell(["pwsh", "-NoProfile", "-NonInteractive", "-Command", cmd])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("--tag", res.stdout.split())
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 # --- Allocation --------------------------------------------------------------

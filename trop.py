@@ -939,8 +939,20 @@ def _mapping(value, problems, line, what, allowed):
 
 
 def parse_exclusion(item, problems=None, line=None):
-    """An exclusion entry (int, "A..B", "N" or {start, end}) as a (start, end) range."""
-    probs = problems or Problems("exclusion")
+    """An exclusion entry (int, "A..B", "N" or {start, end}) as a (start, end) range.
+
+    Problems are collected when a Problems is given, else the first one is raised.
+    """
+    if problems is not None:
+        return _exclusion(item, problems, line)
+    probs = Problems("exclusion")
+    rng = _exclusion(item, probs, line)
+    if probs.items:
+        raise InvalidArguments(probs.items[0][1])
+    return rng
+
+
+def _exclusion(item, probs, line):
     start = end = None
     if _is_int(item):
         start = end = item
@@ -975,8 +987,6 @@ def parse_exclusion(item, problems=None, line=None):
     if end < start:
         probs.add(line, "Invalid range: %d..%d (end < start)" % (start, end))
         return None
-    if problems is None and probs.items:
-        raise InvalidArguments(probs.items[0][1])
     return (start, end)
 
 
@@ -1106,12 +1116,12 @@ def read_config_file(path, kind, problems=None):
     collect = problems is not None
     problems = problems if collect else Problems(path)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except IsADirectoryError:
-        raise ConfigError("%s: is a directory, not a configuration file" % path)
+        data = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror or exc))
+        problems.add(None, "cannot read: %s" % (exc.strerror or exc))
+        if not collect:
+            problems.raise_first()
+        return Layer(path, kind)
     if len(data) > MAX_CONFIG_BYTES:
         problems.add(None, "file is larger than %d bytes; not a trop configuration" % MAX_CONFIG_BYTES)
     else:
@@ -1133,6 +1143,19 @@ def read_config_file(path, kind, problems=None):
     if not collect:
         problems.raise_first()
     return Layer(path, kind)
+
+
+def _read_regular_file(path, limit):
+    """Read at most limit bytes; a directory, FIFO or device is refused before open() can block."""
+    import errno
+    import stat
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise OSError(errno.EISDIR, "is a directory, not a configuration file")
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    with open(path, "rb") as fh:
+        return fh.read(limit)
 
 
 def _env_bool(name, text):
@@ -1320,8 +1343,7 @@ def edit_exclusions(path, kind, change):
     """
     with _DirectoryLock(path):
         try:
-            with open(path, encoding="utf-8", newline="") as fh:
-                text = fh.read()
+            text = _read_regular_file(path, MAX_CONFIG_BYTES + 1).decode("utf-8")
         except FileNotFoundError:
             text = ""
         except (OSError, UnicodeDecodeError) as exc:
@@ -3977,6 +3999,97 @@ CONFIG_TEMPLATE = """\
 """
 
 
+# --- Packaging: a PEP 517 build backend ------------------------------------------
+#
+# pyproject.toml names this module as its own build backend, so `pip install .`
+# needs nothing but the standard library -- also in a fresh venv with no network.
+# Metadata comes from setup.cfg.
+
+def _project_metadata(source_dir="."):
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(source_dir, "setup.cfg"), encoding="utf-8")
+    meta = cfg["metadata"]
+    points = {}
+    for group, text in cfg["options.entry_points"].items():
+        points[group] = [line.strip() for line in text.splitlines() if line.strip()]
+    readme = os.path.join(source_dir, "README.md")
+    with open(readme, encoding="utf-8") as fh:
+        description = fh.read()
+    return {"name": meta["name"], "version": __version__, "summary": meta.get("description", ""),
+            "license": meta.get("license", ""), "requires_python": cfg["options"].get("python_requires", ""),
+            "entry_points": points, "readme": description}
+
+
+def _dist_name(meta):
+    return "%s-%s" % (meta["name"].replace("-", "_"), meta["version"])
+
+
+def _metadata_text(meta):
+    return ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: %s\nLicense: %s\nRequires-Python: %s\n"
+            "Description-Content-Type: text/markdown\n\n%s" % (meta["name"], meta["version"], meta["summary"],
+                                                                meta["license"], meta["requires_python"],
+                                                                meta["readme"]))
+
+
+def _write_wheel(wheel_directory, files):
+    """files: [(archive name, bytes)]; adds the dist-info files and RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+    meta = _project_metadata()
+    dist_info = _dist_name(meta) + ".dist-info"
+    points = "".join("[%s]\n%s\n\n" % (group, "\n".join(lines)) for group, lines in meta["entry_points"].items())
+    files = list(files) + [
+        (dist_info + "/METADATA", _metadata_text(meta).encode("utf-8")),
+        (dist_info + "/WHEEL", b"Wheel-Version: 1.0\nGenerator: trop\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        (dist_info + "/entry_points.txt", points.encode("utf-8")),
+    ]
+    if os.path.exists("LICENSE"):
+        with open("LICENSE", "rb") as fh:
+            files.append((dist_info + "/LICENSE", fh.read()))
+    record = []
+    for name, data in files:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
+        record.append("%s,sha256=%s,%d" % (name, digest, len(data)))
+    record.append(dist_info + "/RECORD,,")
+    files.append((dist_info + "/RECORD", ("\n".join(record) + "\n").encode("utf-8")))
+    filename = _dist_name(meta) + "-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, filename), "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files:
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return filename
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    """PEP 517: a wheel holding trop.py and its console script."""
+    with open("trop.py", "rb") as fh:
+        return _write_wheel(wheel_directory, [("trop.py", fh.read())])
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    """PEP 660: a wheel whose .pth puts this source directory on sys.path."""
+    return _write_wheel(wheel_directory, [("trop_ports.pth", (os.path.abspath(".") + "\n").encode("utf-8"))])
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    """PEP 517: the source files in a .tar.gz."""
+    import io
+    import tarfile
+    meta = _project_metadata()
+    base = _dist_name(meta)
+    filename = base + ".tar.gz"
+    with tarfile.open(os.path.join(sdist_directory, filename), "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        names = ["trop.py", "test_trop.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"]
+        for name in [n for n in names if os.path.exists(n)]:
+            tar.add(name, arcname=base + "/" + name)
+        info = tarfile.TarInfo(base + "/PKG-INFO")
+        data = _metadata_text(meta).encode("utf-8")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return filename
+
+
 # --- Command line --------------------------------------------------------------
 
 def _u32(text):
@@ -4587,14 +4700,14 @@ def cmd_compact_exclusions(args):
         result["before"] = current
         compacted = [(e, e) if isinstance(e, int) else e for e in ExclusionList(current).entries()]
         result["after"] = compacted
-        if not current or compacted == current or args.dry_run:
+        if len(compacted) == len(current) or args.dry_run:     # order alone is not worth a rewrite
             return None
         return compacted
     edit_exclusions(path, config_kind(path), change)
     before, after = result["before"], result["after"]
     if not before:
         _out("No exclusions to compact")
-    elif before == after:
+    elif len(before) == len(after):
         _out("Exclusions already optimal")
     elif args.dry_run:
         _out("Compacted %d exclusions to %d\nDry run - no changes made\nWould save: %s"
