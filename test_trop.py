@@ -1796,181 +1796,6 @@ class TestInitConfigTemplate(_ConfigCliCase):
         self.assertEqual(self.read(cfg), b"# mine\nports: {min: 6000}\n")
 
 
-# --- README: every console line runs ----------------------------------------------
-
-README_PATH = os.path.join(os.path.dirname(os.path.abspath(trop.__file__)), "README.md")
-README_TIMEOUT = 120
-README_SKIPS = (
-    (re.compile(r"^pip3? install\b"), "needs pip (and possibly the network)"),
-    (re.compile(r"^(\w+=\S* )*python3 -m unittest\b"), "runs this test suite itself"),
-    (re.compile(r"^bash \.ci/run\b"), "runs this test suite itself, once per Python"),
-    (re.compile(r"^python3 tools/bench\.py\b"), "a benchmark that takes minutes"),
-)
-_README_EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
-_README_FILE_MARK = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->$")
-_README_FENCE = re.compile(r"^```\s*([A-Za-z0-9_+-]*)\s*$")
-
-
-def readme_blocks(text):
-    """[(language, first line number, [lines], file name or None)] of every fenced block."""
-    blocks, lang, start, body, mark, pending = [], None, 0, [], None, None
-    for number, line in enumerate(text.splitlines(), 1):
-        if lang is None:
-            fence = _README_FENCE.match(line)
-            if fence:
-                lang, start, body, mark, pending = fence.group(1) or "text", number + 1, [], pending, None
-                continue
-            found = _README_FILE_MARK.match(line.strip())
-            if found:
-                pending = found.group(1)
-            elif line.strip():
-                pending = None
-        elif line.strip() == "```":
-            blocks.append((lang, start, body, mark))
-            lang = None
-        else:
-            body.append(line)
-    if lang is not None:
-        raise AssertionError("README.md: code block opened on line %d is never closed" % (start - 1))
-    return blocks
-
-
-def readme_steps(text):
-    """The README as a script: ("file", name, content) and ("run", command, line number, skip reason)."""
-    steps = []
-    for lang, start, body, mark in readme_blocks(text):
-        if mark is not None:
-            steps.append(("file", mark, "\n".join(body) + "\n"))
-        if lang != "console":
-            continue
-        for offset, line in enumerate(body):
-            if not line.startswith("$ "):
-                continue
-            command = line[2:].strip()
-            reason = next((why for pattern, why in README_SKIPS if pattern.search(command)), None)
-            steps.append(("run", command, start + offset, reason))
-    return steps
-
-
-def _readme_write_script(path, text):
-    with open(path, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o755)
-
-
-class TestReadme(unittest.TestCase):
-    maxDiff = None
-
-    def setUp(self):
-        if not os.path.exists(README_PATH):
-            self.fail("README.md is missing next to trop.py (%s)" % README_PATH)
-        with open(README_PATH, encoding="utf-8") as fh:
-            self.text = fh.read()
-        self.root = tempfile.mkdtemp(prefix="trop-readme-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = os.path.join(self.root, "home")
-        self.work = os.path.join(self.root, "work")
-        self.bin = os.path.join(self.root, "bin")
-        for directory in (self.home, self.work, self.bin):
-            os.makedirs(directory)
-        trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
-        quoted_py = "'%s'" % sys.executable.replace("'", "'\\''")
-        quoted_dir = "'%s'" % trop_dir.replace("'", "'\\''")
-        _readme_write_script(os.path.join(self.bin, "trop"),
-                      "#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
-                      "exec %s -m trop \"$@\"\n" % (quoted_dir, quoted_py))
-        _readme_write_script(os.path.join(self.bin, "python3"), "#!/bin/sh\nexec %s \"$@\"\n" % quoted_py)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
-        env.update(HOME=self.home, TROP_DATA_DIR=os.path.join(self.root, "data"), SHELL="/bin/sh",
-                   PATH=self.bin + os.pathsep + env.get("PATH", os.defpath), PYTHONPATH=trop_dir,
-                   PYTHONDONTWRITEBYTECODE="1")
-        self.env = env
-        shutil.copy(os.path.join(trop_dir, "trop.py"), os.path.join(self.work, "trop.py"))
-
-    def _run(self, argv, cwd):
-        return subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, timeout=README_TIMEOUT)
-
-    def test_quick_start_commands(self):
-        commands = [s[1] for s in readme_steps(self.text) if s[0] == "run"]
-        self.assertEqual(commands[:2], ["python3 -m trop reserve", "python3 -m unittest -v"])
-
-    def test_every_command_is_documented(self):
-        for name in trop.COMMANDS:
-            self.assertRegex(self.text, r"\n\| `%s[ `]" % re.escape(name), "no table row for %s" % name)
-
-    def test_console_lines(self):
-        bash = shutil.which("bash")
-        if bash is None:
-            self.skipTest("bash is not available")
-        ran = skipped = 0
-        for step in readme_steps(self.text):
-            if step[0] == "file":
-                target = os.path.join(self.work, step[1])
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "w", encoding="utf-8") as fh:
-                    fh.write(step[2])
-                continue
-            _, command, line, reason = step
-            if reason:
-                skipped += 1
-                continue
-            wanted = _README_EXIT.search(command)
-            expected = int(wanted.group(1)) if wanted else 0
-            proc = self._run([bash, "-c", command], self.work)
-            ran += 1
-            self.assertEqual(proc.returncode, expected,
-                             "README.md line %d: `%s` exited %d, expected %d\n--- stdout:\n%s--- stderr:\n%s"
-                             % (line, command, proc.returncode, expected, proc.stdout, proc.stderr))
-            if expected == 0:
-                self.assertNotIn("Traceback", proc.stderr, "README.md line %d: `%s`" % (line, command))
-        self.assertGreaterEqual(ran, 40, "too few README console lines ran")
-        self.assertGreaterEqual(skipped, 1)
-
-    def test_yaml_examples_validate(self):
-        blocks = [b for b in readme_blocks(self.text) if b[0] in ("yaml", "yml")]
-        self.assertTrue(blocks, "README.md has no YAML example")
-        for number, (_, start, body, mark) in enumerate(blocks):
-            folder = os.path.join(self.root, "yaml-%d" % number)
-            os.makedirs(folder)
-            path = os.path.join(folder, os.path.basename(mark or "trop.yaml"))
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write("\n".join(body) + "\n")
-            proc = self._run([sys.executable, "-m", "trop", "validate", path], folder)
-            self.assertEqual(proc.returncode, 0, "README.md YAML block at line %d:\n%s" % (start, proc.stderr))
-
-    def test_python_examples_run(self):
-        blocks = [b for b in readme_blocks(self.text) if b[0] == "python"]
-        self.assertTrue(blocks, "README.md has no Python example")
-        for number, (_, start, body, _) in enumerate(blocks):
-            with self.subTest(line=start):
-                folder = os.path.join(self.root, "py-%d" % number)
-                os.makedirs(folder)
-                name = "test_readme_example_%d.py" % number
-                with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
-                    fh.write("\n".join(body) + "\n")
-                if "trop_port" in "\n".join(body):
-                    try:
-                        import pytest  # noqa: F401  (only to know whether it is there)
-                    except ImportError:
-                        self.skipTest("pytest is not installed")
-                    argv = [sys.executable, "-m", "pytest", "-q", "-p", "trop", "-p", "no:cacheprovider", name]
-                else:
-                    argv = [sys.executable, name]
-                proc = self._run(argv, folder)
-                self.assertEqual(proc.returncode, 0, "README.md Python block at line %d:\n%s%s"
-                                 % (start, proc.stdout, proc.stderr))
-
-
-if __name__ == "__main__":
-    unittest.main()
-
-
-if __name__ == "__main__":
-    unittest.main()
-
-
 # --- Paths -------------------------------------------------------------------
 
 class TestPaths(TempDirTestCase):
@@ -3614,10 +3439,6 @@ class CompletionsCliTest(_ScanCliCase):
         self.assertIn("--tag", res.stdout.split())
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # --- Allocation --------------------------------------------------------------
 
 def port_set(ports=()):
@@ -3726,6 +3547,1229 @@ class TestPythonAPI(TempDirTestCase):
             trop.reserve(path="/unrelated/x", **self.opts)
         with self.assertRaises(trop.InvalidArguments):
             trop.reserve(port="0", **self.opts)
+
+
+# --- Operations: groups, trop run, cleanup, migrate --------------------------------
+
+class _GroupCliCase(unittest.TestCase):
+    """Runs `python -m trop --data-dir <tmp> ...` with a temp HOME and no inherited TROP_* variables."""
+
+    maxDiff = None
+    DAY = 86400
+
+    @staticmethod
+    def yaml_group(services, project=None, pmin=40000, pmax=40999, base=None, skip=True, excluded=None):
+        """A trop.yaml text; services = [(tag, {offset/preferred/env: value})]."""
+        lines = []
+        if project is not None:
+            lines.append("project: %s" % json.dumps(project))
+        lines += ["ports:", "  min: %d" % pmin, "  max: %d" % pmax]
+        if excluded:
+            lines.append("excluded_ports:")
+            lines += ["  - %s" % json.dumps(e) for e in excluded]
+        if skip:
+            lines += ["occupancy_check:", "  skip: true"]
+        lines.append("reservations:")
+        if base is not None:
+            lines.append("  base: %d" % base)
+        lines.append("  services:" if services else "  services: {}")
+        for tag, body in services:
+            fields = ", ".join("%s: %s" % (k, json.dumps(v, ensure_ascii=False)) for k, v in body.items())
+            lines.append("    %s: {%s}" % (json.dumps(tag, ensure_ascii=False), fields))
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def setUpClass(cls):
+        cls._class_tmp = tempfile.mkdtemp(prefix="trop-gc-class-")
+        cls._template_db = None
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls._class_tmp, True)
+
+    def setUp(self):
+        tmp = tempfile.mkdtemp(prefix="trop-gc-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.root = os.path.realpath(tmp)
+        self.home = os.path.join(self.root, "home")
+        self.data = os.path.join(self.root, "data")
+        os.mkdir(self.home)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
+        env.update(HOME=self.home, PYTHONPATH=os.path.dirname(os.path.abspath(trop.__file__)), SHELL="/bin/bash",
+                   PYTHONIOENCODING="utf-8")
+        self.env = env
+
+    # -- processes --
+
+    def _command(self, args):
+        return [sys.executable, "-m", "trop", "--data-dir", self.data] + [str(a) for a in args]
+
+    def _env(self, env):
+        merged = dict(self.env)
+        for key, value in (env or {}).items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
+
+    def spawn(self, *args, cwd=None, env=None):
+        return subprocess.Popen(self._command(args), cwd=cwd or self.root, env=self._env(env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, encoding="utf-8", errors="replace")
+
+    def trop(self, *args, cwd=None, env=None):
+        proc = self.spawn(*args, cwd=cwd, env=env)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out, err
+
+    @staticmethod
+    def finish(procs):
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            results.append((proc.returncode, out, err))
+        return results
+
+    def run_all(self, calls):
+        """Run independent commands at once; calls = [(args, {"cwd": .., "env": ..}) or args]."""
+        procs = []
+        for call in calls:
+            args, kwargs = call if len(call) == 2 and isinstance(call[1], dict) else (call, {})
+            procs.append(self.spawn(*args, **kwargs))
+        return self.finish(procs)
+
+    def ok(self, *args, **kwargs):
+        rc, out, err = self.trop(*args, **kwargs)
+        self.assertEqual(rc, 0, "trop %s failed: %s" % (" ".join(map(str, args)), err))
+        return out, err
+
+    # -- files and database --
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def mkdir(self, *parts):
+        full = self.path(*parts)
+        os.makedirs(full, exist_ok=True)
+        return full
+
+    def write(self, full, text):
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return full
+
+    def rows(self):
+        db = os.path.join(self.data, "trop.db")
+        if not os.path.exists(db):
+            return []
+        conn = sqlite3.connect(db)
+        try:
+            return [tuple(r) for r in conn.execute(
+                "SELECT path, tag, port, project, task, created_at, last_used_at FROM reservations "
+                "ORDER BY path, tag")]
+        finally:
+            conn.close()
+
+    def sql(self, statement, params=()):
+        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
+        try:
+            conn.execute(statement, params)
+        finally:
+            conn.close()
+
+    def fresh_data(self, name):
+        """Point self.data at a new data directory holding an empty, initialized trop.db."""
+        cls = type(self)
+        if cls._template_db is None:
+            template = os.path.join(cls._class_tmp, "template")
+            saved = self.data
+            self.data = template
+            self.ok("init")
+            self.data = saved
+            cls._template_db = os.path.join(template, "trop.db")
+        self.data = self.path(name)
+        os.makedirs(self.data, exist_ok=True)
+        shutil.copy(cls._template_db, os.path.join(self.data, "trop.db"))
+        return self.data
+
+    def seed(self, *rows):
+        """Insert (path, tag, port[, project, task, created_at, last_used_at]) rows directly."""
+        if not os.path.exists(os.path.join(self.data, "trop.db")):
+            wanted = self.data
+            self.fresh_data(os.path.relpath(wanted, self.root))
+        now = int(time.time())
+        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
+        try:
+            for row in rows:
+                path, tag, port = row[:3]
+                rest = list(row[3:]) + [None, None, now, now][len(row) - 3:]
+                conn.execute("INSERT INTO reservations (path, tag, port, project, task, created_at, "
+                             "last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (path, tag, port) + tuple(rest))
+        finally:
+            conn.close()
+
+    def assert_valid(self):
+        rc, _out, err = self.trop("assert-data-dir", "--validate")
+        self.assertEqual(rc, 0, err)
+
+
+# ============================================================================
+# A. Reservation groups
+# ============================================================================
+
+class GroupFormatTests(_GroupCliCase):
+    SERVICES = [("web", {"offset": 0}), ("api-v2", {"offset": 1}), ("db", {"offset": 2, "env": "DB_PORT"}),
+                ("B", {"offset": 3})]
+
+    def test_formats_shells_and_rows(self):
+        group = self.mkdir("proj")
+        self.write(os.path.join(group, "trop.yaml"), self.yaml_group(self.SERVICES, pmin=40100, pmax=40199))
+        cfg = os.path.join(group, "trop.yaml")
+        rc, out, err = self.trop("reserve-group", cfg)
+        self.assertEqual(rc, 0, err)
+        # sorted by tag bytewise ("B" < "api-v2"), variable names derived or explicit
+        self.assertEqual(out, "export B=40103\nexport API_V2=40101\nexport DB_PORT=40102\nexport WEB=40100\n")
+        self.assertEqual(err, "Reserved 4 ports.\n")
+        self.assertEqual([(r[0], r[1], r[2], r[3], r[4]) for r in self.rows()],
+                         [(group, "B", 40103, None, None), (group, "api-v2", 40101, None, None),
+                          (group, "db", 40102, None, None), (group, "web", 40100, None, None)])
+        expected = {
+            ("json",): '{\n  "B": 40103,\n  "api-v2": 40101,\n  "db": 40102,\n  "web": 40100\n}\n',
+            ("dotenv",): "B=40103\nAPI_V2=40101\nDB_PORT=40102\nWEB=40100\n",
+            ("human",): "Reserved ports:\n  B: 40103\n  api-v2: 40101\n  db: 40102\n  web: 40100\n",
+            ("export", "fish"): "set -x B 40103\nset -x API_V2 40101\nset -x DB_PORT 40102\nset -x WEB 40100\n",
+            ("export", "PWSH"): '$env:B="40103"\n$env:API_V2="40101"\n$env:DB_PORT="40102"\n$env:WEB="40100"\n',
+        }
+        calls = [(("autoreserve", "--format", key[0]) + (("--shell", key[1]) if len(key) > 1 else ()),
+                  {"cwd": group}) for key in expected]
+        for (key, text), (rc, out, err) in zip(expected.items(), self.run_all(calls)):
+            with self.subTest(format=key):
+                self.assertEqual(rc, 0, err)
+                self.assertEqual(out, text)
+                self.assertTrue(err.endswith("Reserved 4 ports.\n"), err)
+        self.assertEqual(len(self.rows()), 4)
+
+    def test_autoreserve_discovers_from_subdirectory(self):
+        group = self.mkdir("proj")
+        deeper = self.mkdir("proj", "sub", "deeper")
+        cfg = self.write(os.path.join(group, "trop.yaml"), self.yaml_group([("web", {})], pmin=40150, pmax=40160))
+        rc, out, err = self.trop("autoreserve", "--format", "dotenv", cwd=deeper)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, "WEB=40150\n")
+        self.assertRegex(err, r'^Discovered config: "?%s"?\nReserved 1 ports\.\n$' % re.escape(cfg))
+        self.assertEqual([r[:3] for r in self.rows()], [(group, "web", 40150)])
+
+    def test_local_file_replaces_whole_group(self):
+        group = self.mkdir("proj")
+        self.write(os.path.join(group, "trop.yaml"), self.yaml_group([("web", {}), ("api", {"offset": 1})],
+                                                                 pmin=40170, pmax=40180))
+        self.write(os.path.join(group, "trop.local.yaml"),
+                   "reservations:\n  services:\n    cache: {offset: 0, env: CACHE_PORT}\n")
+        out, _err = self.ok("autoreserve", cwd=group)
+        self.assertEqual(out, "export CACHE_PORT=40170\n")
+        self.assertEqual([r[:3] for r in self.rows()], [(group, "cache", 40170)])
+
+
+class GroupAllocationTests(_GroupCliCase):
+    def group(self, name, services, **kw):
+        directory = self.mkdir(name)
+        self.write(os.path.join(directory, "trop.yaml"), self.yaml_group(services, **kw))
+        return directory
+
+    def mapping(self, directory):
+        return {r[1]: r[2] for r in self.rows() if r[0] == directory}
+
+    def test_contract_worked_example_preferred_outside_range(self):
+        g = self.group("g", [("web", {"preferred": 40150}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                       pmin=40200, pmax=40299)
+        out, _ = self.ok("reserve-group", os.path.join(g, "trop.yaml"), "--format", "json")
+        self.assertEqual(json.loads(out), {"web": 40150, "api": 40201, "db": 40202})
+        self.assertEqual(self.mapping(g), {"web": 40150, "api": 40201, "db": 40202})
+
+    def test_pinned_preferred_port_is_not_reused_by_the_pattern(self):
+        g = self.group("g", [("web", {"preferred": 40301}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                       pmin=40300, pmax=40399)
+        self.ok("autoreserve", cwd=g)
+        self.assertEqual(self.mapping(g), {"web": 40301, "api": 40302, "db": 40303})
+
+    def test_unavailable_preferred_port_joins_the_offset_pattern(self):
+        self.seed((self.path("other"), "", 40400))
+        g = self.group("g", [("web", {"preferred": 40400}), ("api", {"offset": 1})], pmin=40400, pmax=40499)
+        self.ok("autoreserve", cwd=g)
+        self.assertEqual(self.mapping(g), {"web": 40401, "api": 40402})
+        self.assertIn((self.path("other"), "", 40400), [r[:3] for r in self.rows()])
+
+    def test_whole_pattern_must_avoid_exclusions_and_base_starts_the_scan(self):
+        services = [("web", {}), ("api", {"offset": 1}), ("db", {"offset": 3})]
+        excluded = [40500, "40503..40504"]
+        g = self.group("g", services, pmin=40500, pmax=40599, excluded=excluded)
+        self.ok("autoreserve", cwd=g)
+        self.assertEqual(self.mapping(g), {"web": 40505, "api": 40506, "db": 40508})
+        b = self.group("b", services, pmin=40500, pmax=40599, excluded=excluded, base=40560)
+        self.ok("autoreserve", cwd=b)
+        self.assertEqual(self.mapping(b), {"web": 40560, "api": 40561, "db": 40563})
+        bad = self.group("bad", services, pmin=40500, pmax=40599, base=40700)
+        rc, out, err = self.trop("autoreserve", cwd=bad)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("Base port 40700 must be within port range", err)
+        self.assertEqual(self.mapping(bad), {})
+
+    def test_occupied_ports_are_skipped_unless_occupancy_check_is_skipped(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        if port > 65500:
+            self.skipTest("ephemeral port too high")
+        for candidate in (port + 1, port + 2):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                probe = socket.socket(socket.AF_INET, kind)
+                try:
+                    probe.bind(("127.0.0.1", candidate))
+                except OSError:
+                    self.skipTest("port %d is busy on this host" % candidate)
+                finally:
+                    probe.close()
+        g = self.group("g", [("web", {}), ("api", {"offset": 1})], pmin=port, pmax=port + 20, skip=False)
+        self.ok("autoreserve", "--skip-ipv6", cwd=g)
+        self.assertEqual(self.mapping(g), {"web": port + 1, "api": port + 2})
+        s = self.group("s", [("web", {})], pmin=port, pmax=port + 20, skip=False)
+        self.ok("autoreserve", "--skip-occupancy-check", cwd=s)
+        self.assertEqual(self.mapping(s), {"web": port})
+
+    def test_group_that_cannot_fit_leaves_no_rows(self):
+        self.seed((self.path("other"), "", 40602))
+        before = self.rows()
+        g = self.group("g", [("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2}),
+                             ("d", {"offset": 9, "preferred": 40650})], pmin=40600, pmax=40603)
+        rc, out, err = self.trop("autoreserve", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("Error: group allocation failed after attempting 4 service(s)", err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertEqual(self.rows(), before)
+
+
+class GroupIdempotencyTests(_GroupCliCase):
+    def make(self, name, services, **kw):
+        directory = self.mkdir(name)
+        self.write(os.path.join(directory, "trop.yaml"), self.yaml_group(services, **kw))
+        return directory
+
+    def group_rows(self, directory):
+        return [r for r in self.rows() if r[0] == directory]
+
+    def test_refresh_returns_same_mapping_keeps_created_at_and_refreshes_last_used(self):
+        g = self.make("g", [("web", {}), ("api", {"offset": 1})], pmin=41000, pmax=41099)
+        first, _ = self.ok("reserve-group", os.path.join(g, "trop.yaml"))
+        self.sql("UPDATE reservations SET created_at = 1000, last_used_at = 2000")
+        start = int(time.time())
+        second, err = self.ok("autoreserve", cwd=g)
+        self.assertEqual(second, first)
+        self.assertTrue(err.endswith("Reserved 2 ports.\n"), err)
+        rows = self.group_rows(g)
+        self.assertEqual(len(rows), 2)
+        for row in rows:
+            self.assertEqual(row[5], 1000)
+            self.assertGreaterEqual(row[6], start - 1)
+
+    def test_incompatible_group_fails_untouched_and_force_replaces_atomically(self):
+        self.seed((self.path("blocker"), "", 41100))
+        g = self.make("g", [("web", {}), ("api", {"offset": 1})], pmin=41100, pmax=41199)
+        self.ok("autoreserve", cwd=g)               # web 41101, api 41102
+        self.sql("UPDATE reservations SET created_at = 1000, last_used_at = 2000 WHERE path = ?", (g,))
+        before = self.rows()
+        cases = [([("web", {}), ("api", {"offset": 2})], "stored offset mappings imply different bases"),
+                 ([("web", {}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                  "requested service set does not match stored service set")]
+        for services, reason in cases:
+            with self.subTest(reason=reason):
+                self.write(os.path.join(g, "trop.yaml"), self.yaml_group(services, pmin=41100, pmax=41199))
+                rc, out, err = self.trop("autoreserve", cwd=g)
+                self.assertEqual((rc, out), (6, ""))
+                self.assertIn("reservation conflict: existing group at %s is incompatible: %s" % (g, reason), err)
+                self.assertEqual(self.rows(), before)
+        start = int(time.time())
+        out, _ = self.ok("autoreserve", "--force", "--format", "json", cwd=g)
+        self.assertEqual(json.loads(out), {"web": 41101, "api": 41102, "db": 41103})
+        rows = self.group_rows(g)
+        self.assertEqual({r[1]: r[2] for r in rows}, {"web": 41101, "api": 41102, "db": 41103})
+        self.assertTrue(all(r[5] >= start - 1 for r in rows), rows)
+
+    def test_force_that_cannot_allocate_keeps_the_old_group(self):
+        g = self.make("g", [("a", {}), ("b", {"offset": 1})], pmin=41200, pmax=41202)
+        self.ok("autoreserve", cwd=g)
+        self.seed((self.path("other"), "", 41202))
+        before = self.rows()
+        self.write(os.path.join(g, "trop.yaml"),
+                   self.yaml_group([("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2})], pmin=41200, pmax=41202))
+        rc, out, err = self.trop("autoreserve", "--force", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("group allocation failed", err)
+        self.assertEqual(self.rows(), before)
+
+    def test_tagged_single_reservations_are_the_stored_group_and_untagged_row_survives_force(self):
+        g = self.mkdir("g")
+        self.ok("reserve", "--tag", "web", "--skip-occupancy-check", "--min", "41300", "--max", "41399", cwd=g)
+        self.ok("reserve", "--skip-occupancy-check", "--min", "41300", "--max", "41399", cwd=g)
+        untagged = [r for r in self.rows() if r[1] == ""]
+        self.write(os.path.join(g, "trop.yaml"),
+                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=41300, pmax=41399))
+        rc, out, err = self.trop("autoreserve", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("requested service set does not match stored service set", err)
+        self.ok("autoreserve", "--force", cwd=g)
+        rows = self.group_rows(g)
+        self.assertEqual([r for r in rows if r[1] == ""], untagged)
+        self.assertEqual({r[1]: r[2] for r in rows if r[1]}, {"web": 41302, "api": 41303})
+
+    def test_symlinked_and_relative_spellings_converge_on_one_group(self):
+        real = self.make("real-proj", [("web", {}), ("api", {"offset": 1})], pmin=41400, pmax=41499)
+        link = self.path("link-proj")
+        os.symlink(real, link)
+        outputs = [self.ok("reserve-group", os.path.join(link, "trop.yaml"))[0],
+                   self.ok("reserve-group", os.path.join(real, "trop.yaml"))[0],
+                   self.ok("reserve-group", "link-proj/./sub/../trop.yaml")[0],
+                   self.ok("autoreserve", cwd=link)[0]]
+        self.assertEqual(len(set(outputs)), 1, outputs)
+        self.assertEqual([r[:3] for r in self.rows()], [(real, "api", 41401), (real, "web", 41400)])
+
+    def test_symlinked_config_file_belongs_to_its_own_directory(self):
+        # CONTRACT 7.1: identity = realpath of the config file's *parent directory*
+        shared = self.write(self.path("shared", "group.yaml"), self.yaml_group([("web", {})], pmin=41500, pmax=41599))
+        project = self.mkdir("project")
+        os.symlink(shared, os.path.join(project, "trop.yaml"))
+        auto, _ = self.ok("autoreserve", cwd=project)
+        named, _ = self.ok("reserve-group", os.path.join(project, "trop.yaml"))
+        self.assertEqual(named, auto)
+        self.assertEqual([r[:3] for r in self.rows()], [(project, "web", 41500)])
+
+    def test_sticky_project_and_task(self):
+        g = self.make("g", [("web", {})], project="alpha", pmin=41600, pmax=41699)
+        self.ok("autoreserve", "--task", "t1", cwd=g)
+        self.assertEqual([r[3:5] for r in self.group_rows(g)], [("alpha", "t1")])
+        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], project="beta", pmin=41600, pmax=41699))
+        rc, out, err = self.trop("autoreserve", cwd=g)
+        self.assertEqual((rc, out), (1, ""))
+        self.assertIn("Cannot change group project", err)
+        self.assertIn("--allow-project-change", err)
+        self.ok("autoreserve", "--allow-project-change", cwd=g)
+        self.assertEqual([r[3:5] for r in self.group_rows(g)], [("beta", "t1")])
+        rc, out, err = self.trop("autoreserve", "--task", "t2", cwd=g)
+        self.assertEqual((rc, out), (1, ""))
+        self.assertIn("--allow-task-change", err)
+        self.ok("autoreserve", "--task", "t2", "--allow-task-change", cwd=g)
+        self.ok("autoreserve", cwd=g)                      # no task requested: stored task kept
+        self.assertEqual([r[3:5] for r in self.group_rows(g)], [("beta", "t2")])
+        self.ok("autoreserve", "--allow-change", cwd=g, env={"TROP_TASK": "t3"})
+        self.assertEqual([r[3:5] for r in self.group_rows(g)], [("beta", "t3")])
+
+    def test_force_replacement_inherits_a_uniform_task(self):
+        g = self.make("g", [("web", {})], pmin=41700, pmax=41799)
+        self.ok("autoreserve", "--task", "t1", cwd=g)
+        self.write(os.path.join(g, "trop.yaml"),
+                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=41700, pmax=41799))
+        self.ok("autoreserve", "--force", cwd=g)
+        self.assertEqual({(r[1], r[4]) for r in self.group_rows(g)}, {("web", "t1"), ("api", "t1")})
+
+
+class GroupInputSafetyTests(_GroupCliCase):
+    def attempts(self, groups):
+        """autoreserve each service list in its own directory, all at once: [(dir, (rc, out, err))]."""
+        dirs = []
+        for services in groups:
+            g = self.mkdir("g%d" % len(dirs))
+            self.write(os.path.join(g, "trop.yaml"), self.yaml_group(services, pmin=42000, pmax=42099))
+            dirs.append(g)
+        return list(zip(dirs, self.run_all([(("autoreserve",), {"cwd": g}) for g in dirs])))
+
+    def attempt(self, services):
+        return self.attempts([services])[0][1]
+
+    def assert_config_error(self, directory, result):
+        rc, out, err = result
+        self.assertEqual((rc, out), (7, ""), err)
+        self.assertTrue(err.startswith("Error: "), err)
+        self.assertEqual([r for r in self.rows() if r[0] == directory], [])
+
+    def test_unsafe_tags_without_env_are_configuration_errors(self):
+        tags = ("my web", "it's", 'say"hi', "$(id)", "`id`", "a;b", "caf\u00e9", "\u00fcber")
+        for tag, (g, result) in zip(tags, self.attempts([[(tag, {})] for tag in tags])):
+            with self.subTest(tag=tag):
+                self.assert_config_error(g, result)
+        self.assertEqual(self.rows(), [])
+
+    def test_tag_with_newline_is_rejected_with_a_single_error_line(self):
+        rc, out, err = self.attempt([("a\nb", {})])
+        self.assertEqual((rc, out), (7, ""), err)
+        self.assertEqual(self.rows(), [])
+        # CONTRACT A.2: every failure is ONE line `Error: ...`
+        self.assertEqual(err.count("\n"), 1, repr(err))
+        self.assertTrue(err.startswith("Error: "), err)
+
+    def test_non_ascii_tags_whose_unicode_uppercase_is_ascii_are_rejected(self):
+        # CONTRACT 3.4: derived name = tag uppercased (ASCII); non-ASCII tag without env -> error
+        tags = ("\u00dfweb", "\ufb01le", "\u0131d")          # ß -> SS, ﬁ -> FI, ı -> I under str.upper()
+        for tag, (g, result) in zip(tags, self.attempts([[(tag, {})] for tag in tags])):
+            with self.subTest(tag=tag):
+                self.assert_config_error(g, result)
+
+    def test_unsafe_explicit_env_names_are_rejected(self):
+        names = ("1PORT", "A-B", "A B", "$(id)", "X;Y", "\u00c9T\u00c9", "", "A" * 256)
+        for env, (g, result) in zip(names, self.attempts([[("web", {"env": env})] for env in names])):
+            with self.subTest(env=env[:20]):
+                self.assert_config_error(g, result)
+
+    def test_explicit_env_makes_an_odd_tag_safe(self):
+        rc, out, err = self.attempt([("my web $(x)", {"env": "MY_WEB"}), ("api", {"offset": 1, "env": "A" * 255})])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, "export %s=42001\nexport MY_WEB=42000\n" % ("A" * 255))
+
+    def test_variable_names_colliding_ignoring_case(self):
+        cases = [[("web", {}), ("WEB", {"offset": 1})],
+                 [("web", {"env": "Port"}), ("api", {"offset": 1, "env": "PORT"})],
+                 [("web-x", {}), ("web_x", {"offset": 1})],
+                 [("web", {}), ("api", {"offset": 1, "env": "Web"})]]
+        for services, (g, result) in zip(cases, self.attempts(cases)):
+            with self.subTest(services=services):
+                self.assert_config_error(g, result)
+                self.assertIn("collide", result[2])
+
+    def test_empty_services_map_exit_6(self):
+        rc, out, err = self.attempt([])
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("at least one service", err)
+        self.assertEqual(self.rows(), [])
+
+    def test_reservations_without_services_key_exit_7(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"), "reservations: {}\n")
+        self.assert_config_error(g, self.trop("autoreserve", cwd=g))
+
+    def test_reservations_null_in_local_file_clears_the_group(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        self.write(os.path.join(g, "trop.local.yaml"), "reservations: null\n")
+        rc, out, err = self.trop("autoreserve", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertTrue(err.startswith("Error: "), err)
+        self.assertEqual(self.rows(), [])
+
+    def test_project_file_without_reservations_exit_6(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"), "ports:\n  min: 42000\n  max: 42099\n")
+        rc, out, _err = self.trop("autoreserve", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+
+    def test_config_path_missing_or_directory_exit_4(self):
+        self.mkdir("adir")
+        cases = (("missing.yaml", "Configuration file not found: missing.yaml"), ("adir", "Path is not a file: adir"))
+        results = self.run_all([("reserve-group", arg) for arg, _ in cases])
+        for (arg, message), (rc, out, err) in zip(cases, results):
+            with self.subTest(arg=arg):
+                self.assertEqual((rc, out), (4, ""))
+                self.assertIn(message, err)
+        self.assertFalse(os.path.exists(self.data))
+
+    def test_autoreserve_without_any_config_exit_4(self):
+        start = self.mkdir("empty", "deep")
+        probe = start
+        while probe != os.path.dirname(probe):
+            if any(os.path.exists(os.path.join(probe, n)) for n in ("trop.yaml", "trop.local.yaml")):
+                self.skipTest("a trop.yaml exists above the temp dir")
+            probe = os.path.dirname(probe)
+        rc, out, err = self.trop("autoreserve", cwd=start)
+        self.assertEqual((rc, out), (4, ""))
+        self.assertIn("No trop configuration file found (searched from: %s)" % start, err)
+
+    def test_unknown_shell_exit_6_before_touching_the_database(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        rc, out, err = self.trop("autoreserve", "--shell", "tcsh", cwd=g)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertEqual(err, "Error: validation error for 'shell': unknown shell type 'tcsh': supported shells "
+                              "are bash, zsh, fish, powershell\n")
+        self.assertFalse(os.path.exists(os.path.join(self.data, "trop.db")))
+        out, _ = self.ok("autoreserve", "--shell", "tcsh", "--format", "json", cwd=g)   # ignored for json
+        self.assertEqual(json.loads(out), {"web": 40000})
+
+
+class ShellDetectionTests(_GroupCliCase):
+    def test_detect_shell_matrix(self):
+        cases = [
+            ({}, "bash"), ({"SHELL": "/bin/sh"}, "bash"), ({"SHELL": "/usr/bin/zsh"}, "zsh"),
+            ({"SHELL": "/usr/local/bin/fish"}, "fish"), ({"SHELL": "/opt/microsoft/pwsh"}, "powershell"),
+            ({"SHELL": "/usr/bin/powershell"}, "powershell"), ({"SHELL": "/bin/ksh"}, "bash"),
+            ({"ZSH_VERSION": "5.9", "FISH_VERSION": "3", "PSModulePath": "x", "SHELL": "/bin/fish"}, "zsh"),
+            ({"FISH_VERSION": "3", "PSModulePath": "x", "SHELL": "/bin/zsh"}, "fish"),
+            ({"PSModulePath": "x", "SHELL": "/bin/zsh"}, "powershell"),
+        ]
+        for environ, shell in cases:
+            with self.subTest(environ=environ):
+                self.assertEqual(trop.detect_shell(None, environ), shell)
+        for name, shell in (("bash", "bash"), ("SH", "bash"), ("Zsh", "zsh"), ("fish", "fish"),
+                            ("powershell", "powershell"), ("PWSH", "powershell"), ("ps", "powershell")):
+            with self.subTest(name=name):
+                self.assertEqual(trop.detect_shell(name, {"FISH_VERSION": "3"}), shell)
+
+    def test_cli_autodetection_and_override(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        cases = [({"FISH_VERSION": "3.7"}, [], "set -x WEB 40000\n"),
+                 ({"PSModulePath": "/x"}, [], '$env:WEB="40000"\n'),
+                 ({"SHELL": "/usr/bin/fish"}, [], "set -x WEB 40000\n"),
+                 ({"SHELL": None}, [], "export WEB=40000\n"),
+                 ({"ZSH_VERSION": "5.9", "FISH_VERSION": "3.7"}, [], "export WEB=40000\n"),
+                 ({"FISH_VERSION": "3.7"}, ["--shell", "bash"], "export WEB=40000\n")]
+        self.ok("autoreserve", cwd=g)
+        results = self.run_all([(("autoreserve",) + tuple(extra), {"cwd": g, "env": env}) for env, extra, _ in cases])
+        for (env, extra, expected), (rc, out, err) in zip(cases, results):
+            with self.subTest(env=env, extra=extra):
+                self.assertEqual((rc, out), (0, expected), err)
+
+
+class GroupDryRunAndFlagsTests(_GroupCliCase):
+    def test_dry_run_creates_nothing_and_matches_the_real_run(self):
+        g = self.mkdir("g")
+        self.write(os.path.join(g, "trop.yaml"),
+                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=42100, pmax=42199))
+        rc, out, err = self.trop("autoreserve", "--dry-run", cwd=g)
+        self.assertEqual((rc, out), (0, ""), err)
+        self.assertTrue(err.startswith("Dry run - would perform the following actions:\n"), err)
+        self.assertFalse(os.path.exists(os.path.join(self.data, "trop.db")))
+        self.assertIn("42100", err)
+        self.assertIn("42101", err)
+        self.ok("autoreserve", cwd=g)
+        before = self.rows()
+        self.write(os.path.join(g, "trop.yaml"),
+                   self.yaml_group([("web", {}), ("api", {"offset": 2})], pmin=42100, pmax=42199))
+        rc, out, err = self.trop("reserve-group", os.path.join(g, "trop.yaml"), "--dry-run", "--force")
+        self.assertEqual((rc, out), (0, ""), err)
+        self.assertEqual(self.rows(), before)
+        self.assertIn("Reserve port 42102 for %s:api" % g, err)    # what a real --force then does
+        out, _ = self.ok("reserve-group", os.path.join(g, "trop.yaml"), "--force", "--format", "json")
+        self.assertEqual(json.loads(out), {"web": 42100, "api": 42102})
+
+    def test_path_guard_and_allow_flags(self):
+        g = self.mkdir("proj")
+        elsewhere = self.mkdir("elsewhere")
+        cfg = self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], pmin=42200, pmax=42299))
+        rc, out, err = self.trop("reserve-group", cfg, cwd=elsewhere)
+        self.assertEqual((rc, out), (1, ""))
+        self.assertIn("path relationship violation", err)
+        self.assertEqual(self.rows(), [])
+        self.ok("reserve-group", cfg, "--allow-unrelated-path", cwd=elsewhere)
+        self.ok("reserve-group", cfg, "--force", cwd=elsewhere)
+        self.assertEqual([r[:3] for r in self.rows()], [(g, "web", 42200)])
+
+    def test_task_option_and_environment(self):
+        g = self.mkdir("g")
+        cfg = self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], pmin=42300, pmax=42399))
+        self.ok("reserve-group", cfg, env={"TROP_TASK": "from-env"})
+        self.assertEqual(self.rows()[0][4], "from-env")
+        h = self.mkdir("h")
+        cfg = self.write(os.path.join(h, "trop.yaml"), self.yaml_group([("web", {})], pmin=42300, pmax=42399))
+        self.ok("reserve-group", cfg, "--task", "from-cli", env={"TROP_TASK": "from-env"})
+        self.assertEqual({r[0]: r[4] for r in self.rows()}, {g: "from-env", h: "from-cli"})
+
+
+class RunCommandTests(_GroupCliCase):
+    SCRIPT = "import os, sys; print(os.environ['WEB'], os.environ['API_PORT'], sys.argv[1:]); sys.exit(5)"
+
+    def setUp(self):
+        _GroupCliCase.setUp(self)
+        self.group = self.mkdir("g")
+        self.cfg = self.write(os.path.join(self.group, "trop.yaml"),
+                              self.yaml_group([("web", {}), ("api", {"offset": 1, "env": "API_PORT"})],
+                                          pmin=42400, pmax=42499))
+
+    def test_runs_command_with_variables_and_returns_its_status(self):
+        rc, out, err = self.trop("run", "--", sys.executable, "-c", self.SCRIPT, "$(echo hi)", "`id`;x",
+                                 cwd=self.group)
+        self.assertEqual(rc, 5, err)
+        self.assertEqual(out, "42400 42401 ['$(echo hi)', '`id`;x']\n")
+        self.assertEqual([r[:3] for r in self.rows()], [(self.group, "api", 42401), (self.group, "web", 42400)])
+
+    def test_config_option_and_zero_status(self):
+        other = self.mkdir("other")
+        rc, out, err = self.trop("run", "--config", self.cfg, "--allow-unrelated-path", "--", sys.executable,
+                                 "-c", "import os; print(os.environ['API_PORT'])", cwd=other)
+        self.assertEqual((rc, out), (0, "42401\n"), err)
+
+    def test_missing_command_exit_127(self):
+        rc, out, err = self.trop("run", "--", "no-such-command-for-trop-tests", cwd=self.group)
+        self.assertEqual((rc, out), (127, ""))
+        self.assertRegex(err, r"^Error: .*no-such-command-for-trop-tests.*\n$")
+
+    def test_no_command_is_a_usage_error(self):
+        cases = (("run",), ("run", "--"))
+        for args, (rc, out, err) in zip(cases, self.run_all([(args, {"cwd": self.group}) for args in cases])):
+            with self.subTest(args=args):
+                self.assertEqual((rc, out), (2, ""))
+                self.assertTrue(err.strip(), err)
+
+
+class GroupConcurrencyTests(_GroupCliCase):
+    READER = r"""
+import contextlib, io, json, os, sys, time, trop
+data, group, stop = sys.argv[1:4]
+seen = []
+while True:
+    done = os.path.exists(stop)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = trop.main(["--data-dir", data, "list", "--format", "json"])
+    if rc != 0:
+        seen.append("rc=%s %s" % (rc, err.getvalue().strip()))
+    else:
+        seen.append(sum(1 for r in json.loads(out.getvalue()) if r["path"] == group))
+    if done:
+        break
+    time.sleep(0.005)
+print(json.dumps(seen))
+"""
+
+    def test_ten_concurrent_autoreserves_make_one_group_and_readers_never_see_part(self):
+        services = [("web", {}), ("api", {"offset": 1}), ("db", {"offset": 2}), ("cache", {"offset": 3})]
+        group = self.mkdir("g")
+        self.write(os.path.join(group, "trop.yaml"), self.yaml_group(services, pmin=43000, pmax=43999))
+        for round_no in range(8):
+            self.fresh_data("data-%d" % round_no)
+            stop = self.path("stop-%d" % round_no)
+            reader = subprocess.Popen([sys.executable, "-c", self.READER, self.data, group, stop],
+                                      env=self.env, cwd=self.root, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, universal_newlines=True)
+            writers = [self.spawn("autoreserve", cwd=group) for _ in range(10)]
+            results = self.finish(writers)
+            open(stop, "w").close()
+            seen_out, seen_err = reader.communicate(timeout=60)
+            with self.subTest(round=round_no):
+                self.assertEqual([r[0] for r in results], [0] * 10, [r[2] for r in results])
+                self.assertEqual(len({r[1] for r in results}), 1, [r[1] for r in results])
+                self.assertEqual(results[0][1], "export API=43001\nexport CACHE=43003\nexport DB=43002\n"
+                                                "export WEB=43000\n")
+                self.assertEqual([r[:3] for r in self.rows()],
+                                 [(group, "api", 43001), (group, "cache", 43003), (group, "db", 43002),
+                                  (group, "web", 43000)])
+                self.assertEqual(reader.returncode, 0, seen_err)
+                seen = json.loads(seen_out)
+                self.assertTrue(set(seen) <= {0, 4}, seen)
+                self.assertEqual(seen[-1], 4)
+
+
+# ============================================================================
+# B. Cleanup, automatic cleanup, migration
+# ============================================================================
+
+class InspectPathTests(unittest.TestCase):
+    def verdict_for(self, error):
+        with mock.patch("os.stat", side_effect=error):
+            return trop.inspect_path("/srv/somewhere")
+
+    def test_uninspectable_errors_are_kept_with_a_kind(self):
+        cases = [(PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+                 (OSError(errno.EPERM, "Operation not permitted"), "permission denied"),
+                 (OSError(errno.ELOOP, "Too many levels of symbolic links"), "symlink loop"),
+                 (OSError(errno.EIO, "Input/output error"), "transient I/O error"),
+                 (OSError(errno.ENOSYS, "Function not implemented"), "unsupported filesystem operation"),
+                 (OSError(errno.EBUSY, "Device or resource busy"), "unknown filesystem error")]
+        for error, kind in cases:
+            with self.subTest(kind=kind, errno=error.errno):
+                verdict = self.verdict_for(error)
+                self.assertNotIn(verdict, ("stale", "live"))
+                self.assertEqual(verdict[0], kind)
+
+    def test_certainly_gone_errors_are_stale(self):
+        for code in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            with self.subTest(errno=code):
+                self.assertEqual(self.verdict_for(OSError(code, os.strerror(code))), "stale")
+
+    def test_real_filesystem(self):
+        tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-gc-inspect-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        open(os.path.join(tmp, "file"), "w").close()
+        os.symlink(os.path.join(tmp, "missing"), os.path.join(tmp, "dangling"))
+        os.symlink(tmp, os.path.join(tmp, "dirlink"))
+        os.symlink(os.path.join(tmp, "loop-b"), os.path.join(tmp, "loop-a"))
+        os.symlink(os.path.join(tmp, "loop-a"), os.path.join(tmp, "loop-b"))
+        self.assertEqual(trop.inspect_path(tmp), "live")
+        self.assertEqual(trop.inspect_path(os.path.join(tmp, "dirlink")), "live")
+        for name in ("missing", "file", "dangling", "file/sub"):
+            with self.subTest(name=name):
+                self.assertEqual(trop.inspect_path(os.path.join(tmp, name)), "stale")
+        self.assertEqual(trop.inspect_path(os.path.join(tmp, "loop-a"))[0], "symlink loop")
+
+
+class CleanupCommandTests(_GroupCliCase):
+    LOOP_WARNING = (r"Warning: could not inspect reserved directory %s \(symlink loop: [^)]+\); reservation "
+                    r"preserved by prune\. Repair the symlink loop, then retry\.\n")
+
+    def prune_fixture(self):
+        live = self.mkdir("a-live")
+        self.write(self.path("d-file"), "x")
+        os.symlink(self.path("nowhere"), self.path("c-dangling"))
+        os.symlink(self.path("f-loop-b"), self.path("f-loop-a"))
+        os.symlink(self.path("f-loop-a"), self.path("f-loop-b"))
+        os.symlink(live, self.path("b-link"))
+        self.seed((live, "web", 44001), (self.path("b-link"), "", 44008),
+                  (self.path("c-dangling"), "", 44005), (self.path("d-file"), "", 44004),
+                  (self.path("d-file", "sub"), "", 44006), (self.path("e-gone"), "", 44002, "p1"),
+                  (self.path("e-gone"), "web", 44003), (self.path("f-loop-a"), "", 44007))
+        return live
+
+    def split_warnings(self, err):
+        warnings = [l + "\n" for l in err.splitlines() if l.startswith("Warning: ")]
+        rest = "".join(l + "\n" for l in err.splitlines() if not l.startswith("Warning: "))
+        return warnings, rest
+
+    def test_prune_outputs_and_conservative_staleness(self):
+        self.prune_fixture()
+        before = self.rows()
+        removed = [(44005, "c-dangling", "none", "none"), (44004, "d-file", "none", "none"),
+                   (44006, "d-file/sub", "none", "none"), (44002, "e-gone", "none", '"p1"'),
+                   (44003, "e-gone", '"web"', "none")]
+        detail = "".join("  - Port %d: %s (tag: %s, project: %s)\n" % (p, self.path(n), t, pr)
+                         for p, n, t, pr in removed)
+        loop = self.LOOP_WARNING % re.escape(self.path("f-loop-a"))
+
+        rc, out, err = self.trop("prune", "--dry-run")
+        self.assertEqual((rc, out), (0, ""))
+        warnings, rest = self.split_warnings(err)
+        self.assertEqual(len(warnings), 1)
+        self.assertRegex(warnings[0], "^" + loop + "$")
+        self.assertEqual(rest, "[DRY RUN] Scanning for reservations with non-existent paths...\n"
+                               "[DRY RUN] Would remove 5 reservation(s) for non-existent paths\n")
+        rc, out, err = self.trop("prune", "--dry-run", "--verbose")
+        self.assertEqual(self.split_warnings(err)[1],
+                         "[DRY RUN] Scanning for reservations with non-existent paths...\n"
+                         "[DRY RUN] Would remove 5 reservation(s):\n" + detail)
+        self.assertEqual(self.trop("prune", "--dry-run", "--quiet"), (0, "5\n", ""))
+        self.assertEqual(self.rows(), before)
+
+        rc, out, err = self.trop("prune", "--verbose")
+        self.assertEqual((rc, out), (0, ""))
+        warnings, rest = self.split_warnings(err)
+        self.assertRegex("".join(warnings), "^" + loop + "$")
+        self.assertEqual(rest, "Removed 5 reservation(s):\n" + detail)
+        self.assertEqual([r[:3] for r in self.rows()],
+                         [(self.path("a-live"), "web", 44001), (self.path("b-link"), "", 44008),
+                          (self.path("f-loop-a"), "", 44007)])
+        rc, out, err = self.trop("prune")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(self.split_warnings(err)[1], "Removed 0 reservation(s) for non-existent paths\n")
+        self.assertEqual(self.trop("prune", "--quiet"), (0, "", ""))
+
+    def test_prune_keeps_permission_denied_paths_with_a_warning(self):
+        denied = self.mkdir("denied")
+        self.seed((denied, "", 44100), (self.path("gone"), "", 44101))
+        real_stat = os.stat
+
+        def fake_stat(path, *args, **kwargs):
+            if os.fspath(path) == denied:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_stat(path, *args, **kwargs)
+        env = dict(self.env)
+        out, err = io.StringIO(), io.StringIO()
+        saved = os.getcwd()
+        os.chdir(self.root)
+        try:
+            with mock.patch.dict(os.environ, env, clear=True), mock.patch("os.stat", side_effect=fake_stat), \
+                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = trop.main(["--data-dir", self.data, "prune"])
+        finally:
+            os.chdir(saved)
+        self.assertEqual((rc, out.getvalue()), (0, ""))
+        warnings, rest = self.split_warnings(err.getvalue())
+        self.assertEqual(warnings, ["Warning: could not inspect reserved directory %s (permission denied: Permission "
+                                    "denied); reservation preserved by prune. Restore access to the path and its "
+                                    "parents, then retry.\n" % denied])
+        self.assertEqual(rest, "Removed 1 reservation(s) for non-existent paths\n")
+        self.assertEqual([r[:3] for r in self.rows()], [(denied, "", 44100)])
+
+    def expire_fixture(self):
+        live = self.mkdir("live")
+        now = int(time.time())
+        self.seed((os.path.join(live, "x1"), "", 44201, "p", None, now - 50 * self.DAY, now - 40 * self.DAY),
+                  (os.path.join(live, "x2"), "", 44202, None, None, now - 20 * self.DAY, now - 20 * self.DAY),
+                  (os.path.join(live, "x3"), "", 44203),
+                  (os.path.join(live, "x4"), "", 44204, None, None, now - 10 * self.DAY + 600, now - 10 * self.DAY + 600),
+                  (self.path("gone"), "", 44205))
+        for name in ("x1", "x2", "x3", "x4"):
+            self.mkdir("live", name)
+        os.symlink(self.path("loop-b"), self.path("loop-a"))
+        os.symlink(self.path("loop-a"), self.path("loop-b"))
+        self.seed((self.path("loop-a"), "", 44206))
+        return live
+
+    def test_expire_outputs_and_threshold(self):
+        live = self.expire_fixture()
+        before = self.rows()
+        rc, out, err = self.trop("expire", "--dry-run", "--verbose")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(err, "[DRY RUN] Scanning for reservations unused for 30 days...\n"
+                              "[DRY RUN] Would expire 1 reservation(s) older than 30 days:\n"
+                              "  - Port 44201: %s/x1 (40 days old, project: \"p\")\n" % live)
+        self.assertEqual(self.trop("expire", "--dry-run"),
+                         (0, "", "[DRY RUN] Scanning for reservations unused for 30 days...\n"
+                                 "[DRY RUN] Would expire 1 reservation(s) older than 30 days\n"))
+        self.assertEqual(self.rows(), before)
+        rc, out, err = self.trop("expire", "--days", "10", "--verbose")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(err, "Expired 2 reservation(s) older than 10 days:\n"
+                              "  - Port 44201: %s/x1 (40 days old, project: \"p\")\n"
+                              "  - Port 44202: %s/x2 (20 days old, project: none)\n" % (live, live))
+        self.assertEqual(sorted(r[2] for r in self.rows()), [44203, 44204, 44205, 44206])
+        self.assertEqual(self.trop("expire"), (0, "", "Expired 0 reservation(s) older than 30 days\n"))
+        self.assertEqual(self.trop("expire", "--quiet", "--days", "11"), (0, "", ""))
+
+    def test_expire_default_comes_from_configuration(self):
+        self.expire_fixture()
+        self.write(os.path.join(self.data, "config.yaml"), "cleanup:\n  expire_after_days: 15\n")
+        self.assertEqual(self.trop("expire", "--quiet"), (0, "2\n", ""))
+        self.assertEqual(sorted(r[2] for r in self.rows()), [44203, 44204, 44205, 44206])
+        self.assertEqual(self.trop("expire", "--days", "9", env={"TROP_EXPIRE_AFTER_DAYS": "100"}),
+                         (0, "", "Expired 1 reservation(s) older than 9 days\n"))
+
+    def test_autoclean_counts_a_row_that_is_both_as_pruned(self):
+        live = self.mkdir("live")
+        now = int(time.time())
+        old = now - 40 * self.DAY
+        self.seed((self.path("gone-a"), "", 44301),
+                  (self.path("gone-b"), "web", 44302, None, None, old, old),
+                  (live, "old35", 44303, None, None, now - 35 * self.DAY, now - 35 * self.DAY),
+                  (live, "old45", 44304, None, None, now - 45 * self.DAY, now - 45 * self.DAY),
+                  (live, "recent", 44305))
+        before = self.rows()
+        rc, out, err = self.trop("autoclean", "--dry-run", "--verbose")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(err, "[DRY RUN] Performing combined cleanup...\n"
+                              "[DRY RUN] Would remove 4 total reservation(s):\n"
+                              "  Pruned: 2 (non-existent paths)\n"
+                              "  Expired: 2 (old reservations)\n\n"
+                              "Pruned reservations:\n"
+                              "  - Port 44301: %s\n"
+                              "  - Port 44302: %s\n\n"
+                              "Expired reservations:\n"
+                              "  - Port 44304: %s (45 days old)\n"
+                              "  - Port 44303: %s (35 days old)\n"
+                              % (self.path("gone-a"), self.path("gone-b"), live, live))
+        self.assertEqual(self.rows(), before)
+        self.assertEqual(self.trop("autoclean", "--days", "40", "--dry-run"),
+                         (0, "", "[DRY RUN] Performing combined cleanup...\n"
+                                 "[DRY RUN] Would remove 3 total reservation(s) (pruned: 2, expired: 1)\n"))
+        self.assertEqual(self.trop("autoclean"),
+                         (0, "", "Removed 4 total reservation(s) (pruned: 2, expired: 2)\n"))
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "recent", 44305)])
+        self.assertEqual(self.trop("autoclean", "--quiet"), (0, "", ""))
+
+    def test_bad_days_values(self):
+        self.expire_fixture()
+        before = self.rows()
+        cases = ((("expire", "--days", "0"), 7), (("autoclean", "--days", "0"), 7),
+                 (("expire", "--days", "-1"), 2), (("expire", "--days", "abc"), 2), (("autoclean", "--days", "-1"), 2))
+        for (args, code), (rc, out, err) in zip(cases, self.run_all([args for args, _ in cases])):
+            with self.subTest(args=args):
+                self.assertEqual((rc, out), (code, ""), err)
+                self.assertTrue(err.strip())
+        self.assertEqual(self.rows(), before)
+
+
+class AutomaticCleanupTests(_GroupCliCase):
+    P = 47001
+    RANGE = ("--min", str(P), "--max", str(P), "--skip-occupancy-check")
+
+    def test_stale_holder_is_pruned_and_reserve_warns(self):
+        gone = self.mkdir("gone")
+        self.ok("reserve", "--path", gone, *self.RANGE)
+        os.rmdir(gone)
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
+        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
+        self.assertEqual(err, "Warning: Automatic cleanup after initial port exhaustion pruned 1 and expired 0 "
+                              "reservation(s); allocation succeeded on the single retry.\n")
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
+
+    def test_disabled_autoclean_fails_exhausted_and_deletes_nothing(self):
+        self.seed((self.path("gone"), "", self.P))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoclean", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("port range %d-%d exhausted: cleanup was skipped (automatic pruning and expiration "
+                      "disabled); remaining blockers: reserved" % (self.P, self.P), err)
+        self.assertEqual(self.rows(), before)
+
+    def test_failure_after_cleanup_leaves_the_stale_row(self):
+        holder = self.mkdir("holder")
+        self.seed((holder, "", self.P), (self.path("gone"), "", 47100))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("port range %d-%d exhausted after cleanup: remaining blockers after the single retry: "
+                      "reserved" % (self.P, self.P), err)
+        self.assertIn("automatic cleanup pruned 1 and expired 0 reservation(s); automatic pruning and expiration "
+                      "enabled", err)
+        self.assertEqual(self.rows(), before)
+
+    def test_cleanup_policies(self):
+        now = int(time.time())
+        old = now - 60 * self.DAY
+        holder = self.mkdir("holder")
+        self.seed((holder, "", self.P, None, None, old, old))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoexpire", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("after cleanup", err)
+        self.assertIn("automatic expiration disabled", err)
+        self.assertEqual(self.rows(), before)
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoprune", *self.RANGE)
+        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
+        self.assertIn("pruned 0 and expired 1 reservation(s)", err)
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
+        os.rmdir(live)
+        other = self.mkdir("other")
+        rc, out, err = self.trop("reserve", "--path", other, "--disable-autoprune", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("automatic pruning disabled", err)
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
+
+
+class MigrateTests(_GroupCliCase):
+    def setUp(self):
+        _GroupCliCase.setUp(self)
+        self.w = self.path("w")
+        self.v = self.path("v")
+        self.seed((self.w + "/a", "", 45100, "pa", "ta", 1000, 2000),
+                  (self.w + "/a", "web", 45101, None, None, 1100, 2100),
+                  (self.w + "/a/sub", "api", 45102, None, None, 1500, 2500),
+                  (self.w + "/ab", "", 45103, None, None, 1600, 2600))
+
+    def plan_text(self, src, dst, mode, moves):
+        lines = ["Migration plan:", "  From: %s" % src, "  To:   %s" % dst, "  Mode: %s" % mode, "",
+                 "Reservations to migrate (%d):" % len(moves)] + ["  " + m for m in moves] + [""]
+        return "\n".join(lines) + "\n"
+
+    def test_recursive_dry_run_equals_real_run_and_preserves_everything(self):
+        w, v = self.w, self.v
+        plan = self.plan_text(w + "/a", v + "/a", "recursive",
+                              ["%s/a -> %s/a (port 45100, project: pa)" % (w, v),
+                               "%s/a -> %s/a (port 45101, tag: web)" % (w, v),
+                               "%s/a/sub -> %s/a/sub (port 45102, tag: api)" % (w, v)])
+        before = self.rows()
+        rc, out, err = self.trop("migrate", "--from", w + "/a/", "--to", v + "/./a", "--recursive", "--dry-run")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(err, plan + "Dry run - no changes made.\n")
+        self.assertEqual(self.rows(), before)
+        rc, out, err = self.trop("migrate", "--from", w + "/a", "--to", v + "/a", "--recursive")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertEqual(err, plan + "Migration complete:\n  Migrated: 3 reservation(s)\n")
+        self.assertEqual(self.rows(), [(v + "/a", "", 45100, "pa", "ta", 1000, 2000),
+                                       (v + "/a", "web", 45101, None, None, 1100, 2100),
+                                       (v + "/a/sub", "api", 45102, None, None, 1500, 2500),
+                                       (w + "/ab", "", 45103, None, None, 1600, 2600)])
+        self.assert_valid()
+
+    def test_exact_mode_moves_only_the_path_itself(self):
+        rc, out, err = self.trop("migrate", "--from", "w/a", "--to", "x")
+        self.assertEqual((rc, out), (0, ""), err)
+        self.assertIn("  Mode: exact\n", err)
+        self.assertEqual([r[:3] for r in self.rows()],
+                         [(self.w + "/a/sub", "api", 45102), (self.w + "/ab", "", 45103),
+                          (self.path("x"), "", 45100), (self.path("x"), "web", 45101)])
+
+    def test_conflicts_need_force(self):
+        self.seed((self.v + "/a", "web", 45104))
+        before = self.rows()
+        extras = ((), ("--dry-run",))
+        results = self.run_all([("migrate", "--from", self.w + "/a", "--to", self.v + "/a", "--recursive") + extra
+                                for extra in extras])
+        for extra, (rc, out, err) in zip(extras, results):
+            with self.subTest(extra=extra):
+                self.assertEqual((rc, out), (6, ""))
+                self.assertEqual(err, "Error: reservation conflict: Found 1 conflicting reservation(s) at "
+                                      "destination. Use --force to overwrite.\n")
+        self.assertEqual(self.rows(), before)
+        conflict = "Conflicts at destination (1) (will be overwritten):\n  %s/a\n    (tag: web)\n\n" % self.v
+        rc, out, err = self.trop("migrate", "--from", self.w + "/a", "--to", self.v + "/a", "--recursive",
+                                 "--force", "--dry-run")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertTrue(err.endswith(conflict + "Dry run - no changes made.\n"), err)
+        self.assertEqual(self.rows(), before)
+        rc, out, err = self.trop("migrate", "--from", self.w + "/a", "--to", self.v + "/a", "--recursive", "--force")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertTrue(err.endswith(conflict + "Migration complete:\n  Migrated: 3 reservation(s)\n"
+                                                "  Conflicts resolved: 1\n"), err)
+        self.assertEqual(sorted(r[2] for r in self.rows()), [45100, 45101, 45102, 45103])
+        self.assertIn((self.v + "/a", "web", 45101), [r[:3] for r in self.rows()])
+
+    def test_quiet_prints_destination_only(self):
+        self.assertEqual(self.trop("--quiet", "migrate", "--from", self.w + "/ab", "--to", "ab2", "--dry-run"),
+                         (0, "", ""))
+        self.assertEqual(self.trop("--quiet", "migrate", "--from", self.w + "/ab", "--to", "ab2"),
+                         (0, self.path("ab2") + "\n", ""))
+
+    def test_invalid_requests(self):
+        before = self.rows()
+        cases = [(("--from", self.w + "/a", "--to", self.w + "/a/"), 4),
+                 (("--from", self.w, "--to", self.w + "/a/new", "--recursive"), 4),
+                 (("--from", self.w + "/missing", "--to", self.v), 6)]
+        results = self.run_all([("migrate",) + args for args, _ in cases] +
+                               [("migrate", "--from", self.w + "/missing", "--to", self.v, "--recursive")])
+        for (args, code), (rc, out, err) in zip(cases, results):
+            with self.subTest(args=args):
+                self.assertEqual((rc, out), (code, ""), err)
+                self.assertTrue(err.startswith("Error: "), err)
+        self.assertIn("not found: reservation at %s/missing" % self.w, err)
+        rc, out, err = results[-1]
+        self.assertEqual((rc, out), (0, ""))
+        self.assertTrue(err.endswith("  Mode: recursive\n\nNo reservations to migrate.\n"), err)
+        self.assertEqual(self.rows(), before)
+
+
+# ============================================================================
+# Race scenarios (real processes started together; each round 3x)
+# ============================================================================
+
+class CleanupRaceTests(_GroupCliCase):
+    ROUNDS = 3
+
+    def test_exhaustion_retry_serializes_competing_reserves(self):
+        port = 47501
+        args = ("--min", str(port), "--max", str(port), "--skip-occupancy-check")
+        for n in range(self.ROUNDS):
+            with self.subTest(round=n):
+                self.fresh_data("data-%d" % n)
+                self.seed((self.path("r%d" % n, "stale"), "", port))
+                lives = [self.mkdir("r%d" % n, "live-%d" % i) for i in range(4)]
+                results = self.finish([self.spawn("reserve", "--path", p, *args) for p in lives])
+                winners = [i for i, r in enumerate(results) if r[0] == 0]
+                self.assertEqual(len(winners), 1, results)
+                self.assertEqual(results[winners[0]][1], "%d\n" % port)
+                for i, (rc, out, err) in enumerate(results):
+                    if i != winners[0]:
+                        self.assertEqual((rc, out), (6, ""), err)
+                        self.assertIn("after cleanup", err)
+                self.assertEqual([r[:3] for r in self.rows()], [(lives[winners[0]], "", port)])
+                self.assert_valid()
+
+    def test_cleanup_serializes_with_reserve_and_group_processes(self):
+        for n in range(self.ROUNDS):
+            with self.subTest(round=n):
+                self.fresh_data("data-%d" % n)
+                top = "r%d" % n
+                self.seed(*[(self.path(top, "gone", "stale-%d" % i), "", 5000 + i) for i in range(8)])
+                lives = [self.mkdir(top, "live-%d" % i) for i in range(6)]
+                groups = []
+                for i in range(3):
+                    g = self.mkdir(top, "group-%d" % i)
+                    self.write(os.path.join(g, "trop.yaml"), self.yaml_group(
+                        [("web", {"offset": 0, "env": "WEB_PORT"}), ("api", {"offset": 1, "env": "API_PORT"})],
+                        project="cleanup-race-%d" % i, pmin=10000, pmax=20000, base=12000 + 10 * i))
+                    groups.append(g)
+                procs = [self.spawn("prune" if i % 2 == 0 else "autoclean") for i in range(4)]
+                procs += [self.spawn("reserve", "--path", p, "--skip-occupancy-check") for p in lives]
+                procs += [self.spawn("reserve-group", os.path.join(g, "trop.yaml"), "--allow-unrelated-path")
+                          for g in groups]
+                results = self.finish(procs)
+                self.assertEqual([r[0] for r in results], [0] * 13, [r[2] for r in results])
+                rows = self.rows()
+                self.assertFalse([r for r in rows if "/gone/" in r[0]], rows)
+                for path, (rc, out, err) in zip(lives, results[4:10]):
+                    self.assertIn((path, "", int(out)), [r[:3] for r in rows])
+                for i, g in enumerate(groups):
+                    base = 12000 + 10 * i
+                    self.assertEqual(sorted((r[1], r[2], r[3]) for r in rows if r[0] == g),
+                                     [("api", base + 1, "cleanup-race-%d" % i), ("web", base, "cleanup-race-%d" % i)])
+                    self.assertEqual(results[10 + i][1], "export API_PORT=%d\nexport WEB_PORT=%d\n" % (base + 1, base))
+                self.assertEqual(len(rows), 6 + 6)
+                self.assertEqual(len({r[2] for r in rows}), len(rows))
+                self.assert_valid()
+
+    def test_recursive_release_serializes_with_reserve_processes(self):
+        for n in range(self.ROUNDS):
+            with self.subTest(round=n):
+                self.fresh_data("data-%d" % n)
+                root = self.mkdir("r%d" % n, "root")
+                refresh = self.mkdir("r%d" % n, "root", "refresh")
+                self.seed((root, "", 5100), (root, "fixture", 5101), (refresh, "web", 5102))
+                writer_keys = {(refresh, "web")}
+                procs = [self.spawn("reserve", "--path", refresh, "--tag", "web", "--busy-timeout", "10",
+                                    "--skip-occupancy-check", cwd=root)]
+                for i in range(1, 6):
+                    path = self.mkdir("r%d" % n, "root", "writer-%d" % i)
+                    tag = ("--tag", "service-%d" % i) if i % 2 == 0 else ()
+                    writer_keys.add((path, "service-%d" % i if i % 2 == 0 else ""))
+                    procs.append(self.spawn("reserve", "--path", path, "--busy-timeout", "10",
+                                            "--skip-occupancy-check", *tag, cwd=root))
+                procs.append(self.spawn("release", "--path", root, "--recursive", "--busy-timeout", "10", cwd=root))
+                results = self.finish(procs)
+                self.assertEqual([r[0] for r in results], [0] * 7, [r[2] for r in results])
+                rows = self.rows()
+                self.assertTrue({(r[0], r[1]) for r in rows} <= writer_keys, rows)
+                self.assertFalse([r for r in rows if r[0] == root], rows)
+                self.assertEqual(len({r[2] for r in rows}), len(rows))
+                self.assert_valid()
+
+    def test_autoclean_while_reserving(self):
+        for n in range(self.ROUNDS):
+            with self.subTest(round=n):
+                self.fresh_data("data-%d" % n)
+                self.seed(*[(self.path("r%d" % n, "gone-%d" % i), "", 5000 + i) for i in range(10)])
+                cleaner = self.spawn("autoclean")
+                time.sleep(0.01)
+                lives = [self.mkdir("r%d" % n, "live-%d" % i) for i in range(5)]
+                results = self.finish([self.spawn("reserve", "--path", p, "--skip-occupancy-check") for p in lives])
+                crc, _cout, cerr = self.finish([cleaner])[0]
+                self.assertEqual(crc, 0, cerr)
+                self.assertEqual([r[0] for r in results], [0] * 5, [r[2] for r in results])
+                rows = [r[:3] for r in self.rows()]
+                for path, (_rc, out, _err) in zip(lives, results):
+                    self.assertIn((path, "", int(out)), rows)
+                self.assertEqual(len({r[2] for r in rows}), len(rows))
+
+    def test_migrate_races_reserve_at_the_destination(self):
+        for n in range(self.ROUNDS):
+            with self.subTest(round=n):
+                self.fresh_data("data-%d" % n)
+                src, dst = self.mkdir("r%d" % n, "src"), self.path("r%d" % n, "dst")
+                self.seed((src + "/a", "web", 5200), (src + "/b", "", 5201))
+                procs = [self.spawn("migrate", "--from", src, "--to", dst, "--recursive"),
+                         self.spawn("reserve", "--path", dst + "/a", "--tag", "web", "--skip-occupancy-check",
+                                    "--allow-unrelated-path"),
+                         self.spawn("reserve", "--path", dst + "/c", "--skip-occupancy-check",
+                                    "--allow-unrelated-path"),
+                         self.spawn("reserve", "--path", src + "/d", "--skip-occupancy-check",
+                                    "--allow-unrelated-path")]
+                (mrc, _mo, merr), (arc, aout, aerr), (crc, cout, cerr), (drc, dout, derr) = self.finish(procs)
+                self.assertEqual((arc, crc, drc), (0, 0, 0), (aerr, cerr, derr))
+                rows = self.rows()
+                keys = [(r[0], r[1]) for r in rows]
+                self.assertEqual(len(keys), len(set(keys)))
+                self.assertEqual(len({r[2] for r in rows}), len(rows))
+                by_key = {(r[0], r[1]): r[2] for r in rows}
+                self.assertEqual(by_key.get((dst + "/c", "")), int(cout))
+                d_port = int(dout)
+                self.assertEqual(sorted(p for k, p in by_key.items() if k in ((src + "/d", ""), (dst + "/d", ""))),
+                                 [d_port])
+                if mrc == 0:
+                    self.assertEqual(by_key.get((dst + "/a", "web")), 5200)
+                    self.assertEqual(int(aout), 5200)
+                    self.assertEqual(by_key.get((dst + "/b", "")), 5201)
+                    self.assertFalse([k for k in by_key if k[0].startswith(src + "/") and k[0] != src + "/d"], rows)
+                    self.assertEqual(len(rows), 4)
+                else:
+                    self.assertEqual(mrc, 6, merr)
+                    self.assertIn("conflicting reservation", merr)
+                    self.assertEqual(by_key.get((src + "/a", "web")), 5200)
+                    self.assertEqual(by_key.get((src + "/b", "")), 5201)
+                    self.assertEqual(by_key.get((dst + "/a", "web")), int(aout))
+                    self.assertEqual(len(rows), 5)
+                self.assert_valid()
 
 
 # --- Output ------------------------------------------------------------------
@@ -4411,6 +5455,173 @@ class TestConcurrency(CLITestCase):
         self.assertEqual((proc.returncode, err), (0, ""))
         self.assertGreaterEqual(time.monotonic() - start, 0.5)
         self.assertEqual(db_rows(self.data)[0][:3], (self.proj + "/waiting", "", int(out)))
+
+
+# --- README: every console line runs ----------------------------------------------
+
+README_PATH = os.path.join(os.path.dirname(os.path.abspath(trop.__file__)), "README.md")
+README_TIMEOUT = 120
+README_SKIPS = (
+    (re.compile(r"^pip3? install\b"), "needs pip (and possibly the network)"),
+    (re.compile(r"^(\w+=\S* )*python3 -m unittest\b"), "runs this test suite itself"),
+    (re.compile(r"^bash \.ci/run\b"), "runs this test suite itself, once per Python"),
+    (re.compile(r"^python3 tools/bench\.py\b"), "a benchmark that takes minutes"),
+)
+_README_EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
+_README_FILE_MARK = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->$")
+_README_FENCE = re.compile(r"^```\s*([A-Za-z0-9_+-]*)\s*$")
+
+
+def readme_blocks(text):
+    """[(language, first line number, [lines], file name or None)] of every fenced block."""
+    blocks, lang, start, body, mark, pending = [], None, 0, [], None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        if lang is None:
+            fence = _README_FENCE.match(line)
+            if fence:
+                lang, start, body, mark, pending = fence.group(1) or "text", number + 1, [], pending, None
+                continue
+            found = _README_FILE_MARK.match(line.strip())
+            if found:
+                pending = found.group(1)
+            elif line.strip():
+                pending = None
+        elif line.strip() == "```":
+            blocks.append((lang, start, body, mark))
+            lang = None
+        else:
+            body.append(line)
+    if lang is not None:
+        raise AssertionError("README.md: code block opened on line %d is never closed" % (start - 1))
+    return blocks
+
+
+def readme_steps(text):
+    """The README as a script: ("file", name, content) and ("run", command, line number, skip reason)."""
+    steps = []
+    for lang, start, body, mark in readme_blocks(text):
+        if mark is not None:
+            steps.append(("file", mark, "\n".join(body) + "\n"))
+        if lang != "console":
+            continue
+        for offset, line in enumerate(body):
+            if not line.startswith("$ "):
+                continue
+            command = line[2:].strip()
+            reason = next((why for pattern, why in README_SKIPS if pattern.search(command)), None)
+            steps.append(("run", command, start + offset, reason))
+    return steps
+
+
+def _readme_write_script(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o755)
+
+
+class TestReadme(unittest.TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        if not os.path.exists(README_PATH):
+            self.fail("README.md is missing next to trop.py (%s)" % README_PATH)
+        with open(README_PATH, encoding="utf-8") as fh:
+            self.text = fh.read()
+        self.root = tempfile.mkdtemp(prefix="trop-readme-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.home = os.path.join(self.root, "home")
+        self.work = os.path.join(self.root, "work")
+        self.bin = os.path.join(self.root, "bin")
+        for directory in (self.home, self.work, self.bin):
+            os.makedirs(directory)
+        trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
+        quoted_py = "'%s'" % sys.executable.replace("'", "'\\''")
+        quoted_dir = "'%s'" % trop_dir.replace("'", "'\\''")
+        _readme_write_script(os.path.join(self.bin, "trop"),
+                      "#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
+                      "exec %s -m trop \"$@\"\n" % (quoted_dir, quoted_py))
+        _readme_write_script(os.path.join(self.bin, "python3"), "#!/bin/sh\nexec %s \"$@\"\n" % quoted_py)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
+        env.update(HOME=self.home, TROP_DATA_DIR=os.path.join(self.root, "data"), SHELL="/bin/sh",
+                   PATH=self.bin + os.pathsep + env.get("PATH", os.defpath), PYTHONPATH=trop_dir,
+                   PYTHONDONTWRITEBYTECODE="1")
+        self.env = env
+        shutil.copy(os.path.join(trop_dir, "trop.py"), os.path.join(self.work, "trop.py"))
+
+    def _run(self, argv, cwd):
+        return subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=README_TIMEOUT)
+
+    def test_quick_start_commands(self):
+        commands = [s[1] for s in readme_steps(self.text) if s[0] == "run"]
+        self.assertEqual(commands[:2], ["python3 -m trop reserve", "python3 -m unittest -v"])
+
+    def test_every_command_is_documented(self):
+        for name in trop.COMMANDS:
+            self.assertRegex(self.text, r"\n\| `%s[ `]" % re.escape(name), "no table row for %s" % name)
+
+    def test_console_lines(self):
+        bash = shutil.which("bash")
+        if bash is None:
+            self.skipTest("bash is not available")
+        ran = skipped = 0
+        for step in readme_steps(self.text):
+            if step[0] == "file":
+                target = os.path.join(self.work, step[1])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "w", encoding="utf-8") as fh:
+                    fh.write(step[2])
+                continue
+            _, command, line, reason = step
+            if reason:
+                skipped += 1
+                continue
+            wanted = _README_EXIT.search(command)
+            expected = int(wanted.group(1)) if wanted else 0
+            proc = self._run([bash, "-c", command], self.work)
+            ran += 1
+            self.assertEqual(proc.returncode, expected,
+                             "README.md line %d: `%s` exited %d, expected %d\n--- stdout:\n%s--- stderr:\n%s"
+                             % (line, command, proc.returncode, expected, proc.stdout, proc.stderr))
+            if expected == 0:
+                self.assertNotIn("Traceback", proc.stderr, "README.md line %d: `%s`" % (line, command))
+        self.assertGreaterEqual(ran, 40, "too few README console lines ran")
+        self.assertGreaterEqual(skipped, 1)
+
+    def test_yaml_examples_validate(self):
+        blocks = [b for b in readme_blocks(self.text) if b[0] in ("yaml", "yml")]
+        self.assertTrue(blocks, "README.md has no YAML example")
+        for number, (_, start, body, mark) in enumerate(blocks):
+            folder = os.path.join(self.root, "yaml-%d" % number)
+            os.makedirs(folder)
+            path = os.path.join(folder, os.path.basename(mark or "trop.yaml"))
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(body) + "\n")
+            proc = self._run([sys.executable, "-m", "trop", "validate", path], folder)
+            self.assertEqual(proc.returncode, 0, "README.md YAML block at line %d:\n%s" % (start, proc.stderr))
+
+    def test_python_examples_run(self):
+        blocks = [b for b in readme_blocks(self.text) if b[0] == "python"]
+        self.assertTrue(blocks, "README.md has no Python example")
+        for number, (_, start, body, _) in enumerate(blocks):
+            with self.subTest(line=start):
+                folder = os.path.join(self.root, "py-%d" % number)
+                os.makedirs(folder)
+                name = "test_readme_example_%d.py" % number
+                with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
+                    fh.write("\n".join(body) + "\n")
+                if "trop_port" in "\n".join(body):
+                    try:
+                        import pytest  # noqa: F401  (only to know whether it is there)
+                    except ImportError:
+                        self.skipTest("pytest is not installed")
+                    argv = [sys.executable, "-m", "pytest", "-q", "-p", "trop", "-p", "no:cacheprovider", name]
+                else:
+                    argv = [sys.executable, name]
+                proc = self._run(argv, folder)
+                self.assertEqual(proc.returncode, 0, "README.md Python block at line %d:\n%s%s"
+                                 % (start, proc.stdout, proc.stderr))
 
 
 if __name__ == "__main__":

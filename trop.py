@@ -1884,7 +1884,9 @@ class ServiceSpec:
 
     @property
     def env_name(self):
-        return self.env if self.env is not None else self.tag.upper().replace("-", "_")
+        if self.env is not None:
+            return self.env
+        return "".join(chr(ord(c) - 32) if "a" <= c <= "z" else c for c in self.tag).replace("-", "_")
 
 
 class GroupSpec:
@@ -3089,7 +3091,7 @@ def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
         return port
     rng = req.port_range
     if not (req.autoprune or req.autoexpire):
-        raise LibraryError("no ports available: port range %s exhausted: cleanup was skipped (automatic pruning "
+        raise LibraryError("port range %s exhausted: cleanup was skipped (automatic pruning "
                            "and expiration disabled); remaining blockers: %s%s"
                            % (rng, blockers, _probe_failures(occupancy)))
     cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
@@ -3098,7 +3100,7 @@ def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
     if port is None:
         policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
                   "automatic expiration disabled" if req.autoprune else "automatic pruning disabled")
-        raise LibraryError("no ports available: port range %s exhausted after cleanup: remaining blockers after "
+        raise LibraryError("port range %s exhausted after cleanup: remaining blockers after "
                            "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
                            % (rng, blockers, len(cleanup.pruned), len(cleanup.expired), policy,
                               _probe_failures(occupancy)))
@@ -3314,7 +3316,7 @@ def locate_group_config(cwd, config_path=None):
             raise InvalidArguments("Configuration file not found: %s" % config_path)
         if not os.path.isfile(full):
             raise InvalidArguments("Path is not a file: %s" % config_path)
-        return full, os.path.dirname(os.path.realpath(full))
+        return full, os.path.realpath(os.path.dirname(full))
     start = os.path.realpath(cwd)
     directory = find_project_dir(start)
     if directory is None:
@@ -3887,6 +3889,13 @@ def _guard(func, what="running trop"):
 LIST_COLUMNS = ("port", "path", "tag", "project", "task", "created_at", "last_used_at")
 
 
+def _one_line(text):
+    """An error is one line: control characters (from tags, paths...) are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _out(text=""):
     sys.stdout.write(text + "\n")
 
@@ -4339,12 +4348,13 @@ def _args_autoreserve(p):
 
 
 def _group_command(args, config_path, discovered):
-    opts = vars(args)
+    opts = dict(vars(args))
     task = opts.pop("task", None)
+    source = CLI_SOURCE
     if task is None:
-        task = os.environ.get("TROP_TASK")
+        task, source = os.environ.get("TROP_TASK"), "TROP_TASK"
     if task is not None:
-        task = _check_identifier("task", task, CLI_SOURCE if args.task else "TROP_TASK")
+        task = _check_identifier("task", task, source)
     cwd = current_dir()
     config_file, group_dir = locate_group_config(cwd, config_path)
     if discovered:
@@ -4396,7 +4406,7 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    opts = vars(args)
+    opts = dict(vars(args))
     task = opts.pop("task", None) or os.environ.get("TROP_TASK")
     if task is not None:
         task = _check_identifier("task", task, CLI_SOURCE)
@@ -5522,7 +5532,7 @@ def main(argv=None):
         sys.stdout.flush()
         return status
     except TropError as exc:
-        _err("Error: %s" % exc)
+        _err("Error: %s" % _one_line(str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
         _err("Error: interrupted")
