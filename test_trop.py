@@ -24,6 +24,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -5455,6 +5456,880 @@ class TestConcurrency(CLITestCase):
         self.assertEqual((proc.returncode, err), (0, ""))
         self.assertGreaterEqual(time.monotonic() - start, 0.5)
         self.assertEqual(db_rows(self.data)[0][:3], (self.proj + "/waiting", "", int(out)))
+
+
+# --- Concurrency: seed scenarios, scale, faults, resources, stress ------------------
+
+class _ConcurrencyCase(unittest.TestCase):
+    """Harness: a temporary root with HOME, a data directory, and helpers to run trop processes."""
+
+    TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
+    LOCK_TIMEOUT_1S = "Error: database lock timeout while starting an immediate database transaction after 1s\n"
+    WIDE = ("--min", "20000", "--max", "40000", "--skip-occupancy-check", "--allow-unrelated-path")
+
+    def setUp(self):
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="trop-conc-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.home = self.mkdir("home")
+        self.data = os.path.join(self.root, "data")
+        self.db = os.path.join(self.data, "trop.db")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
+        self.env.update(PYTHONPATH=self.TROP_DIR, HOME=self.home)
+        self._procs = []
+        self.addCleanup(self._reap)
+
+    def _reap(self):
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+    def mkdir(self, *parts):
+        path = os.path.join(self.root, *parts)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _popen(self, argv, cwd=None):
+        proc = subprocess.Popen(argv, cwd=cwd or self.root, env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self._procs.append(proc)
+        return proc
+
+    def start(self, *args, **kw):
+        """`python -m trop --data-dir DATA ARGS` (keywords: data=, cwd=)."""
+        data = kw.get("data") or self.data
+        return self._popen([sys.executable, "-m", "trop", "--data-dir", data] + [str(a) for a in args],
+                           kw.get("cwd"))
+
+    def start_python(self, code, *args):
+        return self._popen([sys.executable, "-c", code] + [str(a) for a in args])
+
+    def finish(self, proc, timeout=180):
+        """(exit code, stdout, stderr); a trop process may never print a traceback."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            self.fail("process %s hung; stderr=%r" % (proc.args[3:8], err))
+        self.assertNotIn("Traceback", err, "traceback from %s" % (proc.args[3:],))
+        return proc.returncode, out, err
+
+    def trop(self, *args, **kw):
+        return self.finish(self.start(*args, **kw))
+
+    def rows(self, data=None):
+        """Every reservation row as (path, tag, port), read directly from trop.db."""
+        conn = sqlite3.connect(os.path.join(data or self.data, "trop.db"))
+        try:
+            return conn.execute("SELECT path, tag, port FROM reservations ORDER BY path, tag").fetchall()
+        finally:
+            conn.close()
+
+    def full_rows(self, data=None):
+        conn = sqlite3.connect(os.path.join(data or self.data, "trop.db"))
+        try:
+            return conn.execute("SELECT path, tag, port, project, task, created_at, last_used_at "
+                                "FROM reservations ORDER BY path, tag").fetchall()
+        finally:
+            conn.close()
+
+    def assert_valid(self, data=None):
+        self.assertEqual(self.trop("assert-data-dir", "--validate", data=data), (0, "", ""))
+
+    def assert_unique_ports(self, rows):
+        ports = [r[2] for r in rows]
+        self.assertEqual(len(ports), len(set(ports)), "duplicate ports in %r" % (rows,))
+
+    def assert_error(self, result, code, contains):
+        """Exit code, empty stdout, exactly one `Error: ...` line that contains the text."""
+        rc, out, err = result
+        self.assertEqual((rc, out), (code, ""), err)
+        self.assertTrue(err.startswith("Error: ") and err.count("\n") == 1 and err.endswith("\n"), err)
+        self.assertIn(contains, err)
+
+    def group_file(self, directory, services, low, high):
+        """<directory>/trop.yaml: services s00.. at offsets 0..services-1, range low..high, no probes."""
+        os.makedirs(directory, exist_ok=True)
+        lines = ["ports: {min: %d, max: %d}" % (low, high), "occupancy_check: {skip: true}",
+                 "reservations:", "  services:"]
+        lines += ["    s%02d: {offset: %d}" % (i, i) for i in range(services)]
+        path = os.path.join(directory, "trop.yaml")
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return path
+
+    def handle(self, data=None):
+        """An in-process Trop handle for fixtures (never used by the processes under test)."""
+        h = trop.Trop(data_dir=data or self.data, allow_unrelated_path=True, skip_occupancy_check=True,
+                      min=20000, max=40000, busy_timeout=30)
+        self.addCleanup(h.close)
+        return h
+
+
+# --- Seed Tasks 1-2: isolation, TOCTOU, configuration churn, atomic groups ---
+
+class TestConcurrentSeedScenarios(_ConcurrencyCase):
+    GROUP_ROUNDS = 20
+
+    # A child that lists in a loop until the stop file exists (then lists once more): through
+    # trop's own `list --format json` and through a raw sqlite3 SELECT, alternately.
+    LISTER = r"""
+import contextlib, io, json, os, sqlite3, sys, time, trop
+data, prefix, stop = sys.argv[1:4]
+conn = sqlite3.connect(os.path.join(data, "trop.db"), isolation_level=None)
+seen, bad, n = set(), [], 0
+while True:
+    done = os.path.exists(stop)
+    if n % 2 == 0:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = trop.main(["--data-dir", data, "list", "--format", "json"])
+        if rc != 0:
+            bad.append("list exited %s" % rc)
+            break
+        paths = [r["path"] for r in json.loads(buf.getvalue())]
+    else:
+        paths = [r[0] for r in conn.execute("SELECT path FROM reservations")]
+    counts = {}
+    for p in paths:
+        if p.startswith(prefix):
+            counts[p] = counts.get(p, 0) + 1
+    for p, c in counts.items():
+        seen.add(c)
+        if c != 10:
+            bad.append("%s: %d rows (%s)" % (p, c, "list" if n % 2 == 0 else "sqlite"))
+    n += 1
+    if done:
+        break
+    time.sleep(0.001)
+print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": counts}))
+"""
+
+    def test_group_of_ten_is_all_or_nothing_for_a_concurrent_lister(self):
+        self.assertEqual(self.trop("init")[0], 0)
+        prefix = self.mkdir("groups") + "/"
+        stop = os.path.join(self.root, "stop")
+        lister = self.start_python(self.LISTER, self.data, prefix, stop)
+        files = [self.group_file(os.path.join(prefix, "g%02d" % r), 10, 30000, 39999)
+                 for r in range(self.GROUP_ROUNDS)]
+        outputs = []
+        for r, path in enumerate(files):
+            # one group writer per round, racing a single reservation for the same lock
+            procs = [self.start("reserve-group", path, "--allow-unrelated-path", "--format", "json"),
+                     self.start("reserve", "--path", self.mkdir("single", str(r)), "--min", 30000, "--max", 39999,
+                                "--skip-occupancy-check", "--allow-unrelated-path")]
+            results = [self.finish(p) for p in procs]
+            self.assertEqual([res[0] for res in results], [0, 0], results)
+            outputs.append(json.loads(results[0][1]))
+        with open(stop, "w"):
+            pass
+        rc, out, err = self.finish(lister)
+        self.assertEqual((rc, err), (0, ""))
+        report = json.loads(out)
+        self.assertEqual(report["bad"], [])
+        self.assertTrue(set(report["seen"]) <= {10}, report)
+        self.assertEqual(report["last"], {os.path.dirname(f): 10 for f in files})
+        self.assertGreaterEqual(report["listings"], 20, report)
+        rows = self.rows()
+        self.assert_unique_ports(rows)
+        for path, mapping in zip(files, outputs):
+            group_dir = os.path.dirname(path)
+            self.assertEqual({r[1]: r[2] for r in rows if r[0] == group_dir}, mapping)
+            base = mapping["s00"]
+            self.assertEqual(mapping, {"s%02d" % i: base + i for i in range(10)})
+        self.assert_valid()
+
+    def test_eleven_port_pool_twenty_racers(self):
+        low = 50000
+        dirs = [self.mkdir("race", "r%02d" % i) for i in range(20)]
+        procs = [self.start("reserve", "--path", d, "--min", low, "--max", low + 10, "--skip-occupancy-check",
+                            "--allow-unrelated-path") for d in dirs]
+        results = [self.finish(p) for p in procs]
+        winners = {d: int(res[1]) for d, res in zip(dirs, results) if res[0] == 0}
+        self.assertEqual(len(winners), 11, results)
+        for d, (rc, out, err) in zip(dirs, results):
+            if rc == 0:
+                self.assertEqual((out, err), ("%d\n" % winners[d], ""))
+            else:
+                self.assert_error((rc, out, err), 6, "exhausted")
+        self.assertEqual(sorted(winners.values()), list(range(low, low + 11)))
+        self.assertEqual(sorted((r[0], r[2]) for r in self.rows()), sorted(winners.items()))
+        self.assert_valid()
+
+    def test_user_config_rewritten_while_reserving(self):
+        os.makedirs(self.data)
+        config = os.path.join(self.data, "config.yaml")
+        texts = ("ports: {min: 10000, max: 20000}\n", "ports: {min: 30000, max: 40000}\n")
+        with open(config, "w") as fh:
+            fh.write(texts[0])
+        self.assertEqual(self.trop("init")[0], 0)
+        rewrites = []
+
+        def rewrite():
+            for i in range(50):
+                tmp = "%s.tmp-%d" % (config, i)
+                with open(tmp, "w") as fh:
+                    fh.write(texts[(i + 1) % 2])
+                os.replace(tmp, config)
+                rewrites.append(i)
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=rewrite)
+        thread.start()
+        try:
+            dirs = [self.mkdir("cfg", "c%02d" % i) for i in range(25)]
+            procs = []
+            for d in dirs:
+                procs.append(self.start("reserve", "--path", d, "--skip-occupancy-check", "--allow-unrelated-path"))
+                time.sleep(0.02)
+            results = [self.finish(p) for p in procs]
+        finally:
+            thread.join()
+        self.assertEqual(len(rewrites), 50)
+        for rc, out, err in results:
+            self.assertEqual((rc, err), (0, ""), out)
+        ports = [int(r[1]) for r in results]
+        for port in ports:
+            self.assertTrue(10000 <= port <= 20000 or 30000 <= port <= 40000, port)
+        self.assertEqual(len(set(ports)), 25)
+        self.assertEqual(sorted((r[0], r[2]) for r in self.rows()), sorted(zip(dirs, ports)))
+        self.assert_valid()
+
+    def test_group_that_cannot_fit_leaves_no_rows(self):
+        low = 52000
+        self.assertEqual(self.trop("reserve", "--path", self.mkdir("frag-1"), "--min", low, "--max", low + 5,
+                                   "--skip-occupancy-check", "--allow-unrelated-path"), (0, "%d\n" % low, ""))
+        before = self.full_rows()
+        impossible = [self.group_file(self.mkdir("big-%d" % i), 3, low + 2, low + 3) for i in range(3)]
+        procs = [self.start("reserve-group", f, "--allow-unrelated-path") for f in impossible]
+        singles = [self.mkdir("frag-more-%d" % i) for i in range(3)]
+        procs += [self.start("reserve", "--path", d, "--min", low, "--max", low + 5, "--skip-occupancy-check",
+                             "--allow-unrelated-path") for d in singles]
+        results = [self.finish(p) for p in procs]
+        for res in results[:3]:
+            self.assert_error(res, 6, "group allocation failed")
+        single_ports = []
+        for rc, out, err in results[3:]:
+            self.assertEqual((rc, err), (0, ""))
+            single_ports.append(int(out))
+        self.assertEqual(sorted(single_ports), [low + 1, low + 2, low + 3])
+        rows = self.full_rows()
+        self.assertFalse([r for r in rows if "/big-" in r[0]], rows)
+        self.assertEqual([r for r in rows if r[0].endswith("/frag-1")], before)
+        self.assertEqual(len(rows), 4)
+        self.assert_valid()
+
+    def test_concurrent_prunes_and_autocleans_remove_each_stale_row_once(self):
+        h = self.handle()
+        stale = [os.path.join(self.root, "gone", "s%02d" % i) for i in range(12)]
+        for path in stale:
+            h.reserve(path)
+        h.close()
+        lives = [self.mkdir("live", "l%d" % i) for i in range(4)]
+        cleaners = [self.start(cmd) for cmd in ("prune", "autoclean", "prune", "autoclean")]
+        writers = [self.start("reserve", "--path", d, *self.WIDE) for d in lives]
+        cleaned = [self.finish(p) for p in cleaners]
+        written = [self.finish(p) for p in writers]
+        removed = 0
+        for rc, out, err in cleaned:
+            self.assertEqual((rc, out), (0, ""), err)
+            match = re.match(r"Removed (\d+) (total )?reservation\(s\)", err)
+            self.assertIsNotNone(match, err)
+            removed += int(match.group(1))
+        self.assertEqual(removed, len(stale))
+        for rc, out, err in written:
+            self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(sorted((r[0], r[2]) for r in self.rows()),
+                         sorted(zip(lives, (int(w[1]) for w in written))))
+        self.assert_valid()
+
+
+# --- Scale: 1, 8, 32, 128 concurrent processes on one data directory ---------
+
+class TestConcurrencyScale(_ConcurrencyCase):
+    SIZES = (1, 8, 32, 128)
+    HANDLE_WORKERS, HANDLE_OPS = 8, 300
+
+    def explained(self, kind, rc, err, elapsed):
+        """Only exhaustion, or a lock timeout after really waiting --busy-timeout 30, may fail."""
+        if rc == 6 and kind == "reserve" and err.startswith("Error: ") and "exhausted" in err:
+            return True
+        return rc == 2 and err.startswith("Error: database lock timeout while ") and elapsed >= 29
+
+    def run_scale(self, n):
+        data = os.path.join(self.root, "data-%d" % n)          # first use: no database yet
+        paths = [self.mkdir("scale-%d" % n, "p%03d" % i) for i in range(n)]
+        opts = self.WIDE + ("--busy-timeout", "30")
+        pending = {}
+        for i in range(min(n // 8, 4)):                       # readers race the first-use creation too
+            pending[("list", i)] = (self.start("list", "--format", "json", data=data), time.monotonic())
+        for i, path in enumerate(paths):
+            pending[("reserve", i)] = (self.start("reserve", "--path", path, *opts, data=data), time.monotonic())
+        results = {}
+        while pending:
+            for key, (proc, started) in list(pending.items()):
+                if proc.poll() is None:
+                    continue
+                del pending[key]
+                elapsed = time.monotonic() - started
+                results[key] = self.finish(proc) + (elapsed,)
+                kind, i = key
+                if kind == "reserve" and i % 4 == 0 and results[key][0] == 0:      # a quarter release again
+                    pending[("release", i)] = (
+                        self.start("release", "--path", paths[i], "--allow-unrelated-path", "--busy-timeout", "30",
+                                   data=data), time.monotonic())
+            time.sleep(0.005)
+        unexplained = [(k, r) for k, r in results.items() if r[0] != 0 and not self.explained(k[0], r[0], r[2], r[3])]
+        self.assertEqual(unexplained, [])
+        reserved = {i: int(r[1]) for (kind, i), r in results.items() if kind == "reserve" and r[0] == 0}
+        released = {i for (kind, i), r in results.items() if kind == "release" and r[0] == 0}
+        for (kind, i), (rc, out, err, _t) in results.items():
+            if rc == 0 and kind == "reserve":
+                self.assertEqual((out, err), ("%d\n" % reserved[i], ""))
+            elif rc == 0 and kind == "list":
+                self.assertEqual(err, "")
+                self.assertIsInstance(json.loads(out), list)
+            elif rc == 0:
+                self.assertEqual((out, err), ("", "Released reservation successfully\n"))
+        kept = {paths[i]: port for i, port in reserved.items() if i not in released}
+        self.assertEqual(len(set(kept.values())), len(kept), "duplicate ports among live reservations")
+        for port in reserved.values():
+            self.assertTrue(20000 <= port <= 40000, port)
+        rows = self.rows(data)
+        self.assertEqual({r[0]: r[2] for r in rows}, kept)       # nothing lost, nothing extra
+        self.assertEqual(len(rows), len(kept))
+        self.assertTrue(all(r[1] == "" for r in rows))
+        self.assert_valid(data)
+        return len(reserved), len(released)
+
+    def test_same_key_from_many_processes_gets_one_port(self):
+        path = self.mkdir("same")
+        procs = [self.start("reserve", "--path", path, "--tag", "web", *self.WIDE) for _ in range(12)]
+        results = [self.finish(p) for p in procs]
+        self.assertEqual({r[0] for r in results}, {0}, results)
+        self.assertEqual({r[2] for r in results}, {""})
+        self.assertEqual(len({r[1] for r in results}), 1, results)
+        self.assertEqual(self.rows(), [(path, "web", int(results[0][1]))])
+        self.assert_valid()
+
+    HANDLE_WORKER = r"""
+import json, os, random, sys, trop
+data, root, w, ops = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng, held, errors, exhausted = random.Random(w), {}, [], 0
+with trop.Trop(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=21000, max=21015,
+               busy_timeout=30) as t:
+    for i in range(ops):
+        path = os.path.join(root, "h%d" % w, "k%d" % rng.randrange(4))
+        if path in held and rng.random() < 0.5:
+            if t.release(path) != 1:
+                errors.append("release of %s did not delete one row" % path)
+            del held[path]
+        else:
+            try:
+                port = t.reserve(path)
+            except trop.TropError as exc:           # 8 workers x 4 keys > 16 ports: exhaustion is expected
+                if exc.exit_code != 6 or "exhausted after cleanup" not in str(exc) or path in held:
+                    errors.append("%s: %s" % (type(exc).__name__, exc))
+                exhausted += 1
+                continue
+            if held.get(path, port) != port:
+                errors.append("port of %s moved from %s to %s" % (path, held[path], port))
+            held[path] = port
+print(json.dumps({"held": held, "errors": errors, "exhausted": exhausted}))
+"""
+
+    def test_long_lived_handles_in_parallel_processes(self):
+        """Handles keep one connection (and a port cache) across calls while others commit."""
+        for w in range(self.HANDLE_WORKERS):
+            for k in range(4):
+                self.mkdir("h%d" % w, "k%d" % k)
+        self.assertEqual(self.trop("init")[0], 0)
+        procs = [self.start_python(self.HANDLE_WORKER, self.data, self.root, w, self.HANDLE_OPS)
+                 for w in range(self.HANDLE_WORKERS)]
+        held = {}
+        for p in procs:
+            rc, out, err = self.finish(p)
+            self.assertEqual((rc, err), (0, ""))
+            report = json.loads(out)
+            self.assertEqual(report["errors"], [])
+            held.update(report["held"])
+        self.assertEqual({r[0]: r[2] for r in self.rows()}, held)
+        self.assertEqual(len(set(held.values())), len(held))
+        self.assert_valid()
+
+    def test_scale_matrix(self):
+        for n in self.SIZES:
+            with self.subTest(processes=n):
+                reserved, released = self.run_scale(n)
+                self.assertEqual((reserved, released), (n, (n + 3) // 4))
+
+
+# --- Faults: SIGKILL at random moments, lock timeouts -------------------------
+
+class TestConcurrencyFaults(_ConcurrencyCase):
+    API_KILL_ROUNDS, CLI_KILL_ROUNDS, FIRST_USE_ROUNDS = 10, 4, 4
+
+    # A writer that loops over every kind of mutating operation until it is killed.  It
+    # prints "ready" once imported, then "<iteration> <operation>" before each operation.
+    HAMMER = r"""
+import os, sys, trop
+data, root, i = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = trop.Trop(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=20000, max=40000,
+              busy_timeout=30)
+groups = [os.path.join(root, "groups", "g%d" % k, "trop.yaml") for k in range(3)]
+rel = [os.path.join(root, "rel", "g%d" % k, "trop.yaml") for k in range(2)]
+mig_a, mig_b = os.path.join(root, "mig", "a"), os.path.join(root, "mig", "b")
+def say(what):
+    sys.stdout.write("%d %s\n" % (i, what))
+    sys.stdout.flush()
+say("ready")
+while True:
+    say("group"); t.reserve_group(groups[i % 3])
+    say("release"); t.release(os.path.dirname(groups[(i + 1) % 3]))
+    say("group"); t.reserve_group(rel[0])
+    say("group"); t.reserve_group(rel[1])
+    say("release-recursive"); t.release(os.path.join(root, "rel"), recursive=True)
+    src, dst = (mig_a, mig_b) if t.list(filter_path=mig_a) else (mig_b, mig_a)
+    say("migrate"); t.migrate(src, dst, recursive=True)
+    say("reserve"); t.reserve(os.path.join(root, "stale", "s%d" % i))
+    say("reserve"); t.reserve(os.path.join(root, "live", "l%d" % (i % 4)), tag="t%d" % (i % 3))
+    if i % 2:
+        say("prune"); t.prune()
+    else:
+        say("autoclean"); t.autoclean()
+    i += 1
+"""
+
+    def make_fixtures(self):
+        """Group files, a migration tree (3 rows under mig/a), live dirs; returns the layout."""
+        groups = [self.group_file(self.mkdir("groups", "g%d" % k), 5, 30000, 39999) for k in range(3)]
+        rel = [self.group_file(self.mkdir("rel", "g%d" % k), 3, 30000, 39999) for k in range(2)]
+        for side in ("a", "b"):
+            for sub in ("", "x", "y"):
+                self.mkdir("mig", side, sub)
+        for k in range(4):
+            self.mkdir("live", "l%d" % k)
+        self.mkdir("stale")
+        h = self.handle()
+        mig_a = os.path.join(self.root, "mig", "a")
+        h.reserve(mig_a)
+        h.reserve(mig_a + "/x", tag="web")
+        h.reserve(mig_a + "/y")
+        h.close()
+        return [os.path.dirname(g) for g in groups], [os.path.dirname(g) for g in rel]
+
+    def check_invariants(self, groups, sizes, rel_dirs):
+        rows = self.rows()
+        self.assert_unique_ports(rows)
+        for g, size in zip(groups, sizes):
+            count = len([r for r in rows if r[0] == g and r[1] != ""])
+            self.assertIn(count, (0, size), "partial group at %s: %r" % (g, rows))
+        if rel_dirs:
+            counts = tuple(len([r for r in rows if r[0] == d]) for d in rel_dirs)
+            self.assertIn(counts, ((0, 0), (3, 0), (3, 3)), "partial recursive release: %r" % (counts,))
+        mig = os.path.join(self.root, "mig")
+        moved = sorted((r[0][len(mig) + 2:], r[1]) for r in rows if r[0].startswith(mig + "/"))
+        self.assertEqual(moved, [("", ""), ("/x", "web"), ("/y", "")], "partial migration: %r" % (rows,))
+        sides = {r[0][len(mig) + 1] for r in rows if r[0].startswith(mig + "/")}
+        self.assertEqual(len(sides), 1, "migration split across a and b: %r" % (rows,))
+        self.assert_valid()
+        return rows
+
+    def test_sigkill_of_an_api_writer_at_random_moments(self):
+        groups, rel = self.make_fixtures()
+        rng = random.Random(os.getpid())
+        last_ops = []
+        for round_no in range(self.API_KILL_ROUNDS):
+            with self.subTest(round=round_no):
+                proc = self.start_python(self.HAMMER, self.data, self.root, round_no * 1000)
+                line = proc.stdout.readline()
+                self.assertEqual(line, "%d ready\n" % (round_no * 1000), proc.stderr.read() if not line else "")
+                time.sleep(rng.uniform(0, 0.06))
+                os.kill(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+                self.assertEqual(proc.returncode, -signal.SIGKILL, err)
+                self.assertEqual(err, "")
+                lines = out.splitlines()
+                last_ops.append(lines[-1] if lines else "ready")
+                self.check_invariants(groups + rel, (5, 5, 5, 3, 3), rel)
+        self.assertTrue([op for op in last_ops if not op.endswith("ready")], last_ops)
+        port = self.trop("reserve", "--path", self.mkdir("after"), *self.WIDE)
+        self.assertEqual(port[0], 0, port)
+        self.assertIn((self.root + "/after", "", int(port[1])), self.rows())
+        self.assert_valid()
+
+    def test_sigkill_of_cli_writers_at_random_moments(self):
+        # Interpreter start-up alone takes ~80 ms, so a fixed 0-60 ms delay would kill nearly every
+        # CLI writer before it opens the database: kill each at a random moment of a window measured
+        # by an unkilled round 0 instead (the API test above kills at 0-60 ms into a busy loop).
+        groups, rel = self.make_fixtures()
+        rng = random.Random(os.getpid() + 1)
+        rel_root = os.path.join(self.root, "rel")
+        mig_a, mig_b = os.path.join(self.root, "mig", "a"), os.path.join(self.root, "mig", "b")
+        window = None
+        for round_no in range(self.CLI_KILL_ROUNDS):
+            with self.subTest(round=round_no):
+                h = self.handle()
+                for g in groups[:2]:
+                    h.release(g)
+                for r in rel:
+                    h.reserve_group(os.path.join(r, "trop.yaml"))
+                for i in range(3):
+                    h.reserve(os.path.join(self.root, "stale", "r%d-%d" % (round_no, i)))
+                src, dst = (mig_a, mig_b) if h.list(filter_path=mig_a) else (mig_b, mig_a)
+                h.close()
+                commands = [("reserve", "--path", self.root + "/live/l%d" % k, "--tag", "r%d" % round_no)
+                            + self.WIDE for k in range(3)]
+                commands += [("reserve-group", os.path.join(g, "trop.yaml"), "--allow-unrelated-path")
+                             for g in groups[:2]]
+                commands += [("prune",), ("autoclean",), ("migrate", "--from", src, "--to", dst, "--recursive"),
+                             ("release", "--path", rel_root, "--recursive", "--allow-unrelated-path")]
+                started = time.monotonic()
+                procs = [self.start(*c) for c in commands]
+                if window is None:            # round 0 measures how long the writers live, unkilled
+                    results = [self.finish(p) for p in procs]
+                    self.assertEqual([r[0] for r in results], [0] * len(procs), results)
+                    window = time.monotonic() - started
+                else:
+                    killers = [threading.Timer(rng.uniform(0, window), self._kill, (p,)) for p in procs]
+                    for k in killers:
+                        k.start()
+                    for k in killers:
+                        k.join()
+                    for p, c in zip(procs, commands):
+                        rc, out, err = self.finish(p)
+                        self.assertIn(rc, (0, -signal.SIGKILL), (c, err))
+                self.check_invariants(groups + rel, (5, 5, 5, 3, 3), None)
+                rows = self.rows()
+                self.assertIn(tuple(len([r for r in rows if r[0] == d]) for d in rel), ((0, 0), (3, 3)))
+        port = self.trop("reserve", "--path", self.mkdir("after"), *self.WIDE)
+        self.assertEqual(port[0], 0, port)
+        self.assert_valid()
+
+    @staticmethod
+    def _kill(proc):
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except OSError:
+            pass
+
+    def test_first_use_killed_then_next_command_works(self):
+        """Writers killed while creating the database: the next command creates or finds a valid one."""
+        rng = random.Random(os.getpid() + 2)
+        for round_no in range(self.FIRST_USE_ROUNDS):
+            with self.subTest(round=round_no):
+                data = os.path.join(self.root, "first-%d" % round_no)
+                procs = [self.start("reserve", "--path", self.mkdir("first", "%d-%d" % (round_no, i)), *self.WIDE,
+                                    data=data) for i in range(4)]
+                time.sleep(0.05 + rng.uniform(0, 0.1))
+                for p in procs:
+                    self._kill(p)
+                for p in procs:
+                    self.finish(p)
+                rc, out, err = self.trop("reserve", "--path", self.mkdir("first", "%d-after" % round_no),
+                                         *self.WIDE, data=data)
+                self.assertEqual((rc, err), (0, ""))
+                self.assertIn((self.root + "/first/%d-after" % round_no, "", int(out)), self.rows(data))
+                self.assert_valid(data)
+
+    def test_every_writer_times_out_while_the_lock_is_held(self):
+        group = self.group_file(self.mkdir("grp"), 2, 30000, 39999)
+        h = self.handle()
+        h.reserve(self.mkdir("old"))
+        h.reserve(self.root + "/gone")
+        h.reserve(self.mkdir("from"))
+        h.close()
+        before = self.full_rows()
+        conn = sqlite3.connect(self.db, isolation_level=None, timeout=0)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        quiet = ("--quiet", "--busy-timeout", "1")
+        commands = [("reserve", "--path", self.root + "/new") + self.WIDE,
+                    ("release", "--path", self.root + "/old", "--allow-unrelated-path"),
+                    ("reserve-group", group, "--allow-unrelated-path"), ("autoreserve",), ("prune",),
+                    ("expire", "--days", "1"), ("autoclean", "--days", "1"),
+                    ("migrate", "--from", self.root + "/from", "--to", self.root + "/to")]
+        started = time.monotonic()
+        procs = [(self.start(*(c + quiet), cwd=os.path.dirname(group)), c) for c in commands]
+        for proc, command in procs:
+            result = self.finish(proc)
+            elapsed = time.monotonic() - started
+            self.assertEqual(result, (2, "", self.LOCK_TIMEOUT_1S), command)
+            self.assertTrue(0.8 <= elapsed < 4.5, "%s: %.2fs" % (command[0], elapsed))
+        self.assertEqual(self.full_rows(), before)
+        conn.execute("ROLLBACK")
+        self.assertEqual(self.trop("reserve", "--path", self.root + "/new", "--busy-timeout", "1", *self.WIDE)[0], 0)
+
+    LOCKER = r"""
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO reservations VALUES ('/uncommitted', '', 29999, NULL, NULL, 0, 0)")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+    def test_lock_of_a_killed_process_is_released(self):
+        self.assertEqual(self.trop("init")[0], 0)
+        locker = self.start_python(self.LOCKER, self.db)
+        self.assertEqual(locker.stdout.readline(), "locked\n")
+        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "1", *self.WIDE)
+        self.assertEqual((rc, out, err), (2, "", self.LOCK_TIMEOUT_1S))
+        os.kill(locker.pid, signal.SIGKILL)
+        locker.communicate()
+        started = time.monotonic()
+        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "5", *self.WIDE)
+        self.assertEqual((rc, err), (0, ""))
+        self.assertLess(time.monotonic() - started, 4.5)
+        self.assertEqual(self.rows(), [(self.root + "/w", "", int(out))])
+        self.assert_valid()
+
+
+# --- The Python API inside one process: threads and fork ------------------------
+
+class TestConcurrencyInOneProcess(_ConcurrencyCase):
+    """Threads and forked children of one program using the API (each run in a child process,
+    so that a crash of the interpreter fails the test instead of the test run)."""
+
+    THREADS = r"""
+import json, os, sys, threading, trop
+data, root, mode, ops = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+opts = dict(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=20000, max=20999,
+            busy_timeout=30)
+shared = trop.Trop(**opts) if mode == "shared" else None
+reserve = shared.reserve if shared else (lambda path: trop.reserve(path, None, **opts))
+release = shared.release if shared else (lambda path: trop.release(path, None, **opts))
+errors, held, lock = [], {}, threading.Lock()
+def work(w):
+    mine = {}
+    for i in range(ops):
+        path = os.path.join(root, "t%d" % w, "k%d" % (i % 3))
+        try:
+            port = reserve(path)
+            if mine.get(path, port) != port:
+                errors.append("port of %s moved from %s to %s" % (path, mine[path], port))
+            mine[path] = port
+            if i % 2:
+                if release(path) != 1:
+                    errors.append("release of %s did not delete one row" % path)
+                del mine[path]
+        except Exception as exc:
+            errors.append("%s: %s" % (type(exc).__name__, exc))
+    with lock:
+        held.update(mine)
+threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"errors": sorted(set(errors))[:6], "error_count": len(errors), "held": held}))
+"""
+
+    def run_threads(self, mode, ops):
+        self.assertEqual(self.trop("init")[0], 0)
+        rc, out, err = self.finish(self.start_python(self.THREADS, self.data, self.root, mode, ops))
+        self.assertEqual((rc, err), (0, ""), "child exit %s (-11 = segmentation fault)" % rc)
+        report = json.loads(out)
+        self.assertEqual((report["error_count"], report["errors"]), (0, []))
+        self.assertEqual({r[0]: r[2] for r in self.rows()}, report["held"])
+        self.assert_valid()
+
+    def test_one_handle_shared_by_threads(self):
+        """A Trop handle used by several threads: every call is still its own transaction."""
+        self.run_threads("shared", 150)
+
+    def test_module_functions_called_from_threads(self):
+        self.run_threads("module", 40)
+
+    FORK = r"""
+import json, multiprocessing, os, sys, trop
+data, root = sys.argv[1], sys.argv[2]
+h = trop.Trop(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=20000, max=20999,
+              busy_timeout=30)
+h.reserve(os.path.join(root, "parent-first"))
+def work(name, queue):
+    mine = {}
+    try:
+        for i in range(60):
+            path = os.path.join(root, name, "k%d" % (i % 3))
+            mine[path] = h.reserve(path)
+            if i % 2:
+                h.release(path)
+                del mine[path]
+        queue.put(mine)
+    except Exception as exc:
+        queue.put("%s: %s" % (type(exc).__name__, exc))
+ctx = multiprocessing.get_context("fork")
+queue = ctx.Queue()
+children = [ctx.Process(target=work, args=("child-%d" % w, queue)) for w in range(3)]
+for c in children:
+    c.start()
+results = []
+work("parent", queue)
+results = [queue.get() for _ in range(4)]
+for c in children:
+    c.join()
+held = {os.path.join(root, "parent-first"): h.list(filter_path=os.path.join(root, "parent-first"))[0].port}
+errors = [r for r in results if not isinstance(r, dict)]
+for r in results:
+    if isinstance(r, dict):
+        held.update(r)
+print(json.dumps({"errors": errors, "exits": [c.exitcode for c in children], "held": held}))
+"""
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "fork start method")
+    def test_handle_inherited_by_forked_children(self):
+        """After fork, parent and children each keep working through the same handle object."""
+        rc, out, err = self.finish(self.start_python(self.FORK, self.data, self.root))
+        self.assertEqual((rc, err), (0, ""))
+        report = json.loads(out)
+        self.assertEqual((report["errors"], report["exits"]), ([], [0, 0, 0]))
+        self.assertEqual({r[0]: r[2] for r in self.rows()}, report["held"])
+        self.assert_valid()
+
+
+# --- Resources: file descriptors and WAL growth of long-running API users -----
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
+class TestResourceUsage(_ConcurrencyCase):
+
+    CHILD = r"""
+import json, os, sys, trop
+data, mode, cycles = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+def wal():
+    path = os.path.join(data, "trop.db-wal")
+    return os.path.getsize(path) if os.path.exists(path) else 0
+opts = dict(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=20000, max=20999)
+paths = [os.path.join(data, "k%d" % k) for k in range(7)]
+if mode == "handle":
+    h = trop.Trop(**opts)
+    reserve, release = h.reserve, h.release
+else:
+    reserve = lambda p, tag: trop.reserve(p, tag, **opts)
+    release = lambda p, tag: trop.release(p, tag, **opts)
+out = {"fd_start": fds()}
+ports = set()
+for i in range(cycles):
+    path, tag = paths[i % 7], ("t%d" % (i % 3) if i % 2 else None)
+    ports.add(reserve(path, tag))
+    if release(path, tag) != 1:
+        raise SystemExit("release of %s:%s did not delete one row" % (path, tag))
+    if i + 1 == 100:
+        out["fd_100"] = fds()
+    if i + 1 == 1000:
+        out["wal_1000"] = wal()
+out["fd_end"] = fds()
+out["wal_end"] = wal()
+if mode == "handle":
+    h.close()
+    out["fd_closed"] = fds()
+out["ports"] = sorted(ports)
+print(json.dumps(out))
+"""
+
+    def measure(self, mode, cycles):
+        h = self.handle()
+        for i in range(40):                       # other rows, so allocation has work to do
+            h.reserve(self.root + "/bg-%d" % i)
+        h.close()
+        # Another process (this one) keeps the database open, as concurrent users do.  Without it
+        # every module-level call is the last connection to close, and SQLite checkpoints and
+        # deletes the WAL on that close: ~1 ms CPU but 2-15 ms of fsync-bound wall time per call.
+        keeper = sqlite3.connect(self.db)
+        self.addCleanup(keeper.close)
+        keeper.execute("SELECT COUNT(*) FROM reservations").fetchone()
+        rc, out, err = self.finish(self.start_python(self.CHILD, self.data, mode, cycles))
+        keeper.close()
+        self.assertEqual((rc, err), (0, ""))
+        result = json.loads(out)
+        self.assertEqual(result["fd_end"], result["fd_100"], result)
+        self.assertLess(result["wal_1000"], 8 * 1024 * 1024)
+        self.assertLess(result["wal_end"], 8 * 1024 * 1024)
+        self.assertTrue(set(result["ports"]) <= set(range(20040, 21000)), result["ports"][:5])
+        self.assertEqual(len(self.rows()), 40)
+        self.assert_valid()
+        return result
+
+    def test_handle_ten_thousand_cycles(self):
+        result = self.measure("handle", 10000)
+        self.assertLessEqual(result["fd_closed"], result["fd_start"], result)
+
+    def test_module_functions_two_thousand_calls(self):
+        result = self.measure("module", 1000)
+        self.assertEqual(result["fd_100"], result["fd_start"], result)
+
+
+# --- Stress (TROP_STRESS=1) -------------------------------------------------------
+
+@unittest.skipUnless(os.environ.get("TROP_STRESS") == "1", "set TROP_STRESS=1 to run the stress tests")
+class TestConcurrencyStress(_ConcurrencyCase):
+
+    WORKER = r"""
+import json, os, sys, trop
+data, root, w = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with trop.Trop(data_dir=data, allow_unrelated_path=True, skip_occupancy_check=True, min=10000, max=40000,
+               busy_timeout=120) as t:
+    ports = [t.reserve(os.path.join(root, "w%03d" % w, "r%03d" % i)) for i in range(100)]
+print(json.dumps(ports))
+"""
+
+    def report(self, text):
+        sys.stderr.write("\n  [stress] %s " % text)
+        sys.stderr.flush()
+
+    def test_ten_thousand_reservations_from_a_hundred_workers(self):
+        self.assertEqual(self.trop("init")[0], 0)
+        started = time.monotonic()
+        workers = [self.start_python(self.WORKER, self.data, self.root, w) for w in range(100)]
+        results = [self.finish(p, timeout=900) for p in workers]
+        elapsed = time.monotonic() - started
+        expected = {}
+        for w, (rc, out, err) in enumerate(results):
+            self.assertEqual((rc, err), (0, ""))
+            for i, port in enumerate(json.loads(out)):
+                expected[os.path.join(self.root, "w%03d" % w, "r%03d" % i)] = port
+        self.assertEqual(len(expected), 10000)
+        self.assertEqual(len(set(expected.values())), 10000)
+        self.assertTrue(all(10000 <= p <= 40000 for p in expected.values()))
+        rows = self.rows()
+        self.assertEqual({r[0]: r[2] for r in rows}, expected)
+        self.assertEqual(len(rows), 10000)
+        self.assert_valid()
+        self.report("10,000 reservations by 100 workers: %.1fs" % elapsed)
+
+    def test_thousand_cli_reserve_release_cycles(self):
+        path = self.mkdir("cycle")
+        started = time.monotonic()
+        ports = set()
+        for i in range(1000):
+            rc, out, err = self.trop("reserve", "--path", path, *self.WIDE)
+            self.assertEqual((rc, err), (0, ""), i)
+            ports.add(int(out))
+            self.assertEqual(self.trop("release", "--path", path, "--quiet", "--allow-unrelated-path"),
+                             (0, "", ""))
+        elapsed = time.monotonic() - started
+        self.assertEqual(ports, {20000})
+        self.assertEqual(self.rows(), [])
+        self.assert_valid()
+        self.report("1,000 CLI reserve/release cycles: %.1fs (%.1f ms per command)" % (elapsed, elapsed / 2))
+
+    def test_list_timing_with_a_thousand_rows(self):
+        h = self.handle()
+        for i in range(1000):
+            h.reserve(self.root + "/perf-%04d" % i)
+        h.close()
+        times = []
+        for _ in range(100):
+            started = time.monotonic()
+            rc, out, err = self.trop("list")
+            times.append(time.monotonic() - started)
+            self.assertEqual((rc, err), (0, ""))
+            self.assertEqual(len(out.splitlines()), 1001)
+        self.report("list at 1,000 rows: mean %.1f ms, max %.1f ms over 100 runs"
+                    % (1000 * sum(times) / len(times), 1000 * max(times)))
 
 
 # --- README: every console line runs ----------------------------------------------

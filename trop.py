@@ -3482,6 +3482,23 @@ def _port_option(name, value):
         raise InvalidArguments("Invalid arguments: invalid --%s value: %s" % (name, exc.message))
 
 
+class _Serialized:
+    """Hold a lock if there is one (a Trop handle shared by threads); otherwise do nothing."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        if self.lock is not None:
+            self.lock.acquire()
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+
+
 class Session:
     """What every command resolves first: working directory, data directory, configuration.
 
@@ -3495,6 +3512,10 @@ class Session:
         self.options = opts
         self.keep_open = keep_open
         self._store = None
+        self._lock = None
+        if keep_open:                       # one shared connection: one call at a time
+            import threading
+            self._lock = threading.RLock()
         self.environ = os.environ if environ is None else environ
         self.cwd = current_dir()
         self.quiet = bool(opts.get("quiet"))
@@ -3555,29 +3576,33 @@ class Session:
             store.close()
 
     def close(self):
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        with _Serialized(self._lock):
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
 
     def write(self, planner, dry_run=False):
         """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back)."""
-        store = self.open_store(dry_run)
-        try:
-            with store.write(dry_run=dry_run):
-                plan = planner(store)
-                if not dry_run:
-                    plan.execute(store)
-        finally:
-            self._done(store)
+        with _Serialized(self._lock):
+            store = self.open_store(dry_run)
+            try:
+                with store.write(dry_run=dry_run):
+                    plan = planner(store)
+                    if not dry_run:
+                        plan.execute(store)
+            finally:
+                self._done(store)
         return plan
 
     def read(self, reader):
         """Read-only access: never takes the write lock."""
-        store = self.open_store()
-        try:
-            return reader(store)
-        finally:
-            self._done(store)
+        with _Serialized(self._lock):
+            store = self.open_store()
+            try:
+                return reader(store)
+            finally:
+                self._done(store)
 
     def explicit_or_cwd(self, path, env_name="TROP_PATH"):
         """--path, else $TROP_PATH (explicit: normalized only), else the canonical cwd."""
