@@ -12,14 +12,20 @@ temporary directories with an isolated HOME and data directory. Run with
 """
 
 import atexit
+import base64
 import calendar
+import configparser
 import contextlib
 import csv
+import email.parser
 import errno
+import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shlex
@@ -29,11 +35,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import types
 import unittest
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -4771,6 +4779,840 @@ class CleanupRaceTests(_GroupCliCase):
                     self.assertEqual(by_key.get((dst + "/a", "web")), int(aout))
                     self.assertEqual(len(rows), 5)
                 self.assert_valid()
+
+
+# --- Python API and packaging ------------------------------------------------------
+
+# Already imported by test_trop.py:
+
+
+# New for these tests:
+
+
+# --- Python API ------------------------------------------------------------------
+
+class _ApiCase(unittest.TestCase):
+    """A temp dir per test: root/proj (the cwd), root/home (HOME), root/data (the data dir
+    passed as an option); os.environ without any TROP_* variable."""
+
+    trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
+
+    def setUp(self):
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="trop-api-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.home = self.mkdir("home")
+        self.proj = self.mkdir("proj")
+        self.data = os.path.join(self.root, "data")
+        self.db = os.path.join(self.data, "trop.db")
+        patcher = mock.patch.dict(os.environ, {"HOME": self.home})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in [k for k in os.environ if k.startswith("TROP_")]:
+            del os.environ[name]
+        self._saved_cwd = os.getcwd()
+        os.chdir(self.proj)
+        self.opts = dict(data_dir=self.data, skip_occupancy_check=True)
+
+    def tearDown(self):
+        os.chdir(self._saved_cwd)
+
+    # -- helpers --
+
+    def mkdir(self, *parts):
+        path = os.path.join(self.root, *parts)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def write(self, path, text):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path
+
+    def rows(self, data_dir=None):
+        db = os.path.join(data_dir or self.data, "trop.db")
+        if not os.path.exists(db):
+            return []
+        conn = sqlite3.connect(db)
+        try:
+            return [tuple(r) for r in conn.execute(
+                "SELECT path, tag, port, project, task FROM reservations ORDER BY path, tag")]
+        finally:
+            conn.close()
+
+    def sql(self, statement, params=()):
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        try:
+            conn.execute(statement, params)
+        finally:
+            conn.close()
+
+    def group_file(self, directory, services=(("web", 0), ("api", 1)), pmin=41000, env=None):
+        lines = ["ports:", "  min: %d" % pmin, "  max: %d" % (pmin + 99), "occupancy_check:", "  skip: true",
+                 "reservations:", "  services:"]
+        for tag, offset in services:
+            extra = ", env: %s" % env[tag] if env and tag in env else ""
+            lines.append("    %s: {offset: %d%s}" % (tag, offset, extra))
+        return self.write(os.path.join(directory, "trop.yaml"), "\n".join(lines) + "\n")
+
+    def assertTropError(self, cls, code, func, *args, **kwargs):
+        """func raises cls (a TropError, never a sqlite3/OS error) whose exit_code is code."""
+        with self.assertRaises(trop.TropError) as ctx:
+            func(*args, **kwargs)
+        exc = ctx.exception
+        self.assertIsInstance(exc, cls, "%s: %s" % (type(exc).__name__, exc))
+        self.assertNotIsInstance(exc, (sqlite3.Error, OSError))
+        self.assertEqual(exc.exit_code, code, str(exc))
+        self.assertTrue(str(exc))
+        return exc
+
+    def child_env(self, **values):
+        """Like test_trop.clean_env: no TROP_* variables, HOME = the temp home, no bytecode next to trop.py.
+        PYTHONPATH is not set unless given (PYTHONPATH=None removes it)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TROP_", "PIP_", "PYTHON")) and k not in ("VIRTUAL_ENV", "PYTEST_ADDOPTS")}
+        env.update(HOME=self.home, PYTHONPYCACHEPREFIX=os.path.join(self.root, "pycache"),
+                   PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1", PIP_CONFIG_FILE=os.devnull,
+                   PYTHONIOENCODING="utf-8")
+        for key, value in values.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def execute(self, argv, cwd=None, env=None, timeout=120):
+        """(exit status, stdout, stderr) of a child process; no traceback may reach stderr."""
+        proc = subprocess.run([str(a) for a in argv], cwd=cwd or self.root, env=env or self.child_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+        self.assertNotIn("Traceback", proc.stderr, "%s:\n%s" % (argv, proc.stderr))
+        return proc.returncode, proc.stdout, proc.stderr
+
+
+class ApiSurfaceTest(unittest.TestCase):
+    def test_all_names_exist(self):
+        self.assertEqual(len(trop.__all__), len(set(trop.__all__)))
+        for name in trop.__all__:
+            self.assertTrue(hasattr(trop, name), name)
+        for name in ("Trop", "reserve", "release", "reserve_group", "autoreserve", "list_reservations",
+                     "list_projects", "port_info", "prune", "expire", "autoclean", "migrate", "data_dir",
+                     "reservation", "TropError", "__version__"):
+            self.assertIn(name, trop.__all__)
+        self.assertTrue(callable(trop.pytest_configure))
+
+    def test_version(self):
+        self.assertIsInstance(trop.__version__, str)
+        self.assertRegex(trop.__version__, r"^\d+\.\d+\.\d+$")
+
+    def test_error_classes_and_exit_codes(self):
+        table = [(trop.SemanticFailure, 1), (trop.LockTimeout, 2), (trop.NoDataDirectory, 3),
+                 (trop.InvalidArguments, 4), (trop.IoFailure, 5), (trop.LibraryError, 6),
+                 (trop.CorruptionError, 6), (trop.ConfigError, 7), (trop.UsageError, 2)]
+        for cls, code in table:
+            self.assertTrue(issubclass(cls, trop.TropError), cls)
+            self.assertTrue(issubclass(cls, Exception), cls)
+            self.assertEqual(cls.exit_code, code, cls)
+        self.assertTrue(issubclass(trop.CorruptionError, trop.LibraryError))
+        self.assertEqual(trop.LockTimeout("doing x", 1).exit_code, 2)
+        self.assertEqual(trop.InvalidArguments("bad").exit_code, 4)
+
+
+class ApiFunctionsTest(_ApiCase):
+    """The module-level functions: exact return values, idempotency, options named like CLI flags."""
+
+    def test_reserve_returns_the_same_int_for_the_same_key(self):
+        port = trop.reserve(**self.opts)
+        self.assertIs(type(port), int)
+        self.assertEqual(port, 5000)
+        self.assertEqual(trop.reserve(**self.opts), 5000)
+        self.assertEqual(trop.reserve(path=self.proj, **self.opts), 5000)         # explicit = cwd
+        self.assertEqual(trop.reserve(path=".", **self.opts), 5000)
+        self.assertEqual(trop.reserve(tag="web", **self.opts), 5001)
+        self.assertEqual(trop.reserve(None, "web", **self.opts), 5001)           # positional path, tag
+        sub = self.mkdir("proj", "sub")
+        self.assertEqual(trop.reserve(path="sub", **self.opts), 5002)
+        self.assertEqual(trop.reserve(path=sub, **self.opts), 5002)
+        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None), (self.proj, "web", 5001, None, None),
+                                       (sub, "", 5002, None, None)])
+
+    def test_reserve_options_like_cli_flags(self):
+        self.assertEqual(trop.reserve(tag="a", min=6100, max=6199, **self.opts), 6100)
+        self.assertEqual(trop.reserve(tag="b", min=6100, max=6199, **self.opts), 6101)
+        self.assertEqual(trop.reserve(tag="c", port=6150, **self.opts), 6150)          # preferred port
+        self.assertEqual(trop.reserve(tag="c", port=6160, overwrite=True, **self.opts), 6160)
+        self.assertEqual(trop.reserve(tag="p", project="app", task="t1", **self.opts), 5000)
+        self.assertEqual(trop.reserve(tag="p", project="app", task="t2", allow_task_change=True, **self.opts), 5000)
+        self.assertIn((self.proj, "p", 5000, "app", "t2"), self.rows())
+        self.assertEqual(trop.reserve(tag="p", clear_task=True, allow_task_change=True, **self.opts), 5000)
+        self.assertIn((self.proj, "p", 5000, "app", None), self.rows())
+
+    def test_reserve_unrelated_path_needs_allow_unrelated_path(self):
+        other = self.mkdir("other")
+        exc = self.assertTropError(trop.SemanticFailure, 1, trop.reserve, path=other, **self.opts)
+        self.assertIn("unrelated", str(exc))
+        self.assertEqual(self.rows(), [])
+        port = trop.reserve(path=other, allow_unrelated_path=True, **self.opts)
+        self.assertEqual(port, 5000)
+        self.assertEqual(trop.reserve(path=other, force=True, **self.opts), 5000)
+        self.assertTropError(trop.SemanticFailure, 1, trop.release, path=other, **self.opts)
+        self.assertEqual(trop.release(path=other, allow_unrelated_path=True, **self.opts), 1)
+
+    def test_dry_run_never_writes(self):
+        self.assertEqual(trop.reserve(dry_run=True, **self.opts), 5000)
+        self.assertFalse(os.path.exists(self.data), "a dry run created the data directory")
+        self.assertEqual(trop.reserve(**self.opts), 5000)
+        self.assertEqual(trop.reserve(tag="web", dry_run=True, **self.opts), 5001)
+        self.assertEqual(trop.release(dry_run=True, **self.opts), 1)
+        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        self.assertEqual(trop.reserve(tag="web", **self.opts), 5001)               # the dry run's answer
+
+    def test_release_counts(self):
+        sub = self.mkdir("proj", "sub")
+        trop.reserve(**self.opts)
+        trop.reserve(tag="a", **self.opts)
+        trop.reserve(tag="b", **self.opts)
+        trop.reserve(path=sub, **self.opts)
+        self.assertEqual(trop.release(tag="a", **self.opts), 1)
+        self.assertEqual(trop.release(tag="a", **self.opts), 0)                 # idempotent
+        self.assertEqual(trop.release(untagged_only=True, **self.opts), 1)
+        self.assertEqual(trop.release(recursive=True, **self.opts), 2)           # b and sub
+        self.assertEqual(trop.release(**self.opts), 0)
+        self.assertEqual(self.rows(), [])
+        self.assertTropError(trop.InvalidArguments, 4, trop.release, tag="x", untagged_only=True, **self.opts)
+
+    def test_list_reservations_and_projects(self):
+        self.assertEqual(trop.list_reservations(**self.opts), [])
+        self.assertEqual(trop.list_projects(**self.opts), [])
+        sub = self.mkdir("proj", "sub")
+        trop.reserve(tag="web", project="zeta", **self.opts)
+        trop.reserve(project="alpha", **self.opts)
+        trop.reserve(path=sub, tag="web", **self.opts)
+        rows = trop.list_reservations(**self.opts)
+        self.assertIsInstance(rows, list)
+        for row in rows:
+            self.assertIsInstance(row, trop.Reservation)
+            self.assertIs(type(row.port), int)
+            self.assertIsInstance(row.created_at, int)
+            self.assertIsInstance(row.last_used_at, int)
+        self.assertEqual([(r.path, r.tag, r.port, r.project) for r in rows],
+                         [(self.proj, None, 5001, "alpha"), (self.proj, "web", 5000, "zeta"), (sub, "web", 5002, None)])
+        self.assertEqual([r.port for r in trop.list_reservations(filter_tag="web", **self.opts)], [5000, 5002])
+        self.assertEqual([r.port for r in trop.list_reservations(filter_project="alpha", **self.opts)], [5001])
+        self.assertEqual([r.port for r in trop.list_reservations(filter_path="sub", **self.opts)], [5002])
+        self.assertEqual(trop.list_projects(**self.opts), ["alpha", "zeta"])
+
+    def test_port_info(self):
+        port = trop.reserve(tag="web", project="app", **self.opts)
+        res = trop.port_info(port, **self.opts)
+        self.assertIsInstance(res, trop.Reservation)
+        self.assertEqual((res.path, res.tag, res.port, res.project), (self.proj, "web", port, "app"))
+        self.assertIsNone(trop.port_info(port + 1, **self.opts))
+        self.assertTropError(trop.InvalidArguments, 4, trop.port_info, 0, **self.opts)
+        self.assertTropError(trop.InvalidArguments, 4, trop.port_info, 65536, **self.opts)
+
+    def test_reserve_group_and_autoreserve_return_tag_port_dicts(self):
+        config = self.group_file(self.proj, env={"api": "API_PORT"})
+        expected = {"web": 41000, "api": 41001}
+        self.assertEqual(trop.reserve_group(config, dry_run=True, **self.opts), expected)
+        self.assertFalse(os.path.exists(self.data), "a dry run created the data directory")
+        result = trop.reserve_group(config, **self.opts)
+        self.assertEqual(result, expected)
+        self.assertTrue(all(type(p) is int for p in result.values()))
+        self.assertEqual(trop.reserve_group("trop.yaml", **self.opts), expected)          # relative to cwd
+        self.assertEqual(trop.autoreserve(**self.opts), expected)
+        self.assertEqual([r[:3] for r in self.rows()], [(self.proj, "api", 41001), (self.proj, "web", 41000)])
+        with trop.Trop(**self.opts) as handle:
+            self.assertEqual(handle.group_environment(), {"WEB": "41000", "API_PORT": "41001"})
+            self.assertEqual(handle.group_environment(config), {"WEB": "41000", "API_PORT": "41001"})
+        self.assertTropError(trop.InvalidArguments, 4, trop.reserve_group, "missing.yaml", **self.opts)
+
+    def test_autoreserve_without_a_config_file(self):
+        lonely = self.mkdir("lonely")
+        os.chdir(lonely)
+        self.assertTropError(trop.InvalidArguments, 4, trop.autoreserve, **self.opts)
+
+    def test_prune_expire_autoclean_return_removed_reservations(self):
+        gone = self.mkdir("proj", "gone")
+        old = self.mkdir("proj", "old")
+        trop.reserve(**self.opts)
+        trop.reserve(path=gone, **self.opts)
+        trop.reserve(path=old, **self.opts)
+        os.rmdir(gone)
+        self.sql("UPDATE reservations SET last_used_at = last_used_at - 10 * 86400 WHERE path = ?", (old,))
+        before = self.rows()
+        for func, kwargs in ((trop.prune, {}), (trop.expire, {"days": 5}), (trop.autoclean, {"days": 5})):
+            removed = func(dry_run=True, **dict(kwargs, **self.opts))
+            self.assertIsInstance(removed, list)
+            self.assertTrue(all(isinstance(r, trop.Reservation) for r in removed))
+            self.assertEqual(self.rows(), before, "dry run of %s wrote" % func.__name__)
+        self.assertEqual([r.path for r in trop.prune(**self.opts)], [gone])
+        self.assertEqual(trop.prune(**self.opts), [])
+        self.assertEqual(trop.expire(days=30, **self.opts), [])
+        self.assertEqual([r.path for r in trop.expire(days=5, **self.opts)], [old])
+        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        self.assertEqual(trop.autoclean(**self.opts), [])
+        self.assertTropError(trop.ConfigError, 7, trop.expire, days=0, **self.opts)
+
+    def test_autoclean_prunes_and_expires_in_one_call(self):
+        gone = self.mkdir("proj", "gone")
+        old = self.mkdir("proj", "old")
+        trop.reserve(path=gone, **self.opts)
+        trop.reserve(path=old, **self.opts)
+        os.rmdir(gone)
+        self.sql("UPDATE reservations SET last_used_at = last_used_at - 10 * 86400 WHERE path = ?", (old,))
+        self.assertEqual(sorted(r.path for r in trop.autoclean(days=5, **self.opts)), [gone, old])
+        self.assertEqual(self.rows(), [])
+
+    def test_migrate_returns_old_new_pairs(self):
+        src = self.mkdir("proj", "a")
+        trop.reserve(path=src, **self.opts)
+        trop.reserve(path=src, tag="web", **self.opts)
+        dst = os.path.join(self.proj, "b")
+        planned = trop.migrate(src, dst, dry_run=True, **self.opts)
+        self.assertEqual([r[0] for r in self.rows()], [src, src])
+        moves = trop.migrate("a", "b", **self.opts)
+        self.assertEqual([(o.path, o.tag, n.path, n.tag, o.port == n.port) for o, n in moves],
+                         [(src, None, dst, None, True), (src, "web", dst, "web", True)])
+        self.assertEqual([(o.path, n.path, n.port) for o, n in planned], [(o.path, n.path, n.port) for o, n in moves])
+        self.assertEqual([r[:3] for r in self.rows()], [(dst, "", 5000), (dst, "web", 5001)])
+        self.assertTropError(trop.LibraryError, 6, trop.migrate, src, dst, **self.opts)     # nothing at src
+
+    def test_data_dir(self):
+        self.assertEqual(trop.data_dir(), os.path.join(self.home, ".trop"))
+        self.assertEqual(trop.data_dir(data_dir="rel/x"), "rel/x")
+        os.environ["TROP_DATA_DIR"] = os.path.join(self.root, "env-data")
+        self.assertEqual(trop.data_dir(), os.path.join(self.root, "env-data"))
+        self.assertEqual(trop.data_dir(data_dir=self.data), self.data)
+
+    def test_environment_and_config_files_apply(self):
+        os.environ["TROP_DATA_DIR"] = self.data
+        os.environ["TROP_SKIP_OCCUPANCY_CHECK"] = "true"
+        self.assertEqual(trop.reserve(), 5000)                                  # TROP_DATA_DIR is used
+        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        os.environ["TROP_PORT_MIN"] = "7000"
+        self.assertEqual(trop.reserve(tag="env"), 7000)
+        del os.environ["TROP_PORT_MIN"]
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports:\n  min: 8000\n  max: 8099\n")
+        self.assertEqual(trop.reserve(tag="yaml"), 8000)
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".trop")))
+
+    def test_path_like_arguments(self):
+        # Python callers pass pathlib.Path (pytest's tmp_path ...): every path argument accepts os.PathLike.
+        sub = pathlib.Path(self.mkdir("proj", "sub"))
+        opts = dict(self.opts, data_dir=pathlib.Path(self.data))
+        self.assertEqual(trop.reserve(path=sub, **opts), 5000)
+        self.assertEqual(trop.port_info(5000, **opts).path, str(sub))
+        self.assertEqual([r.port for r in trop.list_reservations(filter_path=sub, **opts)], [5000])
+        self.assertEqual(len(trop.migrate(sub, pathlib.Path(self.proj, "sub2"), **opts)), 1)
+        self.assertEqual(trop.release(path=pathlib.Path(self.proj, "sub2"), **opts), 1)
+        config = pathlib.Path(self.group_file(self.proj))
+        self.assertEqual(trop.reserve_group(config, **opts), {"web": 41000, "api": 41001})
+
+    def test_unknown_option_is_rejected(self):
+        # A misspelt option (allow_unrelated_paths) must not be silently ignored.
+        with self.assertRaises((TypeError, trop.InvalidArguments)):
+            trop.reserve(path=self.mkdir("other"), allow_unrelated_paths=True, **self.opts)
+        with self.assertRaises((TypeError, trop.InvalidArguments)):
+            trop.Trop(skip_ocupancy_check=True, data_dir=self.data)
+
+
+class ApiErrorsTest(_ApiCase):
+    """Every failure is a TropError with the CLI's exit code, never a sqlite3 or OS error."""
+
+    def test_sticky_project_change(self):
+        trop.reserve(tag="web", project="a", **self.opts)
+        exc = self.assertTropError(trop.SemanticFailure, 1, trop.reserve, tag="web", project="b", **self.opts)
+        self.assertIn("project", str(exc))
+        self.assertEqual(self.rows(), [(self.proj, "web", 5000, "a", None)])
+        self.assertEqual(trop.reserve(tag="web", project="b", allow_project_change=True, **self.opts), 5000)
+        self.assertEqual(self.rows(), [(self.proj, "web", 5000, "b", None)])
+
+    def test_lock_held_by_another_connection(self):
+        trop.reserve(**self.opts)
+        other = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        exc = self.assertTropError(trop.LockTimeout, 2, trop.reserve, tag="x", busy_timeout=0, **self.opts)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertIn("lock timeout", str(exc))
+        self.assertTropError(trop.LockTimeout, 2, trop.release, busy_timeout=0, **self.opts)
+        self.assertTropError(trop.LockTimeout, 2, trop.prune, busy_timeout=0, **self.opts)
+        # readers do not need the write lock
+        self.assertEqual([r.port for r in trop.list_reservations(busy_timeout=0, **self.opts)], [5000])
+        self.assertEqual(trop.port_info(5000, busy_timeout=0, **self.opts).port, 5000)
+        other.execute("ROLLBACK")
+        self.assertEqual(trop.reserve(tag="x", busy_timeout=0, **self.opts), 5001)
+
+    def test_busy_timeout_waits_for_the_lock(self):
+        trop.reserve(**self.opts)
+        other = sqlite3.connect(self.db, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(0.3, other.execute, ("ROLLBACK",))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        self.assertEqual(trop.reserve(tag="x", busy_timeout=10, **self.opts), 5001)
+        timer.join()
+
+    def test_exclusive_lock_on_reads(self):
+        trop.reserve(**self.opts)
+        other = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        self.assertTropError(trop.LockTimeout, 2, trop.list_reservations, busy_timeout=0, **self.opts)
+        self.assertTropError(trop.LockTimeout, 2, trop.port_info, 5000, busy_timeout=0, **self.opts)
+        self.assertTropError(trop.LockTimeout, 2, trop.reserve, busy_timeout=0, **self.opts)
+
+    def test_disable_autoinit_without_database(self):
+        self.assertTropError(trop.NoDataDirectory, 3, trop.reserve, disable_autoinit=True, **self.opts)
+        self.assertTropError(trop.NoDataDirectory, 3, trop.list_reservations, disable_autoinit=True, **self.opts)
+        self.assertFalse(os.path.exists(self.data))
+        trop.reserve(**self.opts)
+        self.assertEqual(trop.reserve(disable_autoinit=True, **self.opts), 5000)
+
+    def test_invalid_arguments(self):
+        for value in (0, "0", 65536, "x"):
+            self.assertTropError(trop.InvalidArguments, 4, trop.reserve, port=value, **self.opts)
+        self.assertTropError(trop.InvalidArguments, 4, trop.reserve, min=0, **self.opts)
+        self.assertTropError(trop.InvalidArguments, 4, trop.reserve, tag="  ", **self.opts)
+        self.assertTropError(trop.InvalidArguments, 4, trop.reserve, busy_timeout=-1, **self.opts)
+        self.assertEqual(self.rows(), [])
+
+    def test_exhausted_range(self):
+        self.assertEqual(trop.reserve(tag="a", min=6000, max=6001, **self.opts), 6000)
+        self.assertEqual(trop.reserve(tag="b", min=6000, max=6001, **self.opts), 6001)
+        exc = self.assertTropError(trop.LibraryError, 6, trop.reserve, tag="c", min=6000, max=6001, **self.opts)
+        self.assertIn("exhausted", str(exc))
+        self.assertEqual(len(self.rows()), 2)
+
+    def test_bad_config_files(self):
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports:\n  min: not-a-port\n")
+        self.assertTropError(trop.ConfigError, 7, trop.reserve, **self.opts)
+        self.assertTropError(trop.ConfigError, 7, trop.Trop, **self.opts)
+        self.assertTropError(trop.ConfigError, 7, trop.list_reservations, **self.opts)
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports:\n\tmin: 6000\n")               # a tab
+        self.assertTropError(trop.ConfigError, 7, trop.reserve, **self.opts)
+        os.remove(os.path.join(self.proj, "trop.yaml"))
+        self.write(os.path.join(self.data, "config.yaml"), "project: not-allowed-here\n")
+        self.assertTropError(trop.ConfigError, 7, trop.reserve, **self.opts)
+        os.remove(os.path.join(self.data, "config.yaml"))
+        self.assertTropError(trop.ConfigError, 7, trop.reserve, busy_timeout=3000000, **self.opts)
+        self.assertTropError(trop.ConfigError, 7, trop.reserve, project="", **self.opts)
+        self.assertEqual(self.rows(), [])
+
+    def test_database_problems_are_trop_errors(self):
+        self.write(self.db, "this is not a database\n" * 200)
+        for func in (trop.reserve, trop.list_reservations, trop.prune, trop.list_projects):
+            self.assertTropError(trop.LibraryError, 6, func, **self.opts)
+        self.assertTropError(trop.LibraryError, 6, trop.port_info, 5000, **self.opts)
+        with open(self.db) as fh:
+            self.assertEqual(fh.read(), "this is not a database\n" * 200)          # untouched
+        not_a_dir = self.write(os.path.join(self.root, "file"), "")
+        self.assertTropError(trop.LibraryError, 6, trop.reserve, data_dir=not_a_dir, skip_occupancy_check=True)
+        self.assertTropError(trop.LibraryError, 6, trop.reserve, data_dir=os.path.join(not_a_dir, "d"),
+                             skip_occupancy_check=True)
+
+
+class TropHandleTest(_ApiCase):
+    """trop.Trop: the same operations as methods, one connection for many calls."""
+
+    def test_methods(self):
+        sub = self.mkdir("proj", "sub")
+        config = self.group_file(self.mkdir("proj", "grp"))
+        with trop.Trop(**self.opts) as handle:
+            self.assertEqual(handle.reserve(), 5000)
+            self.assertEqual(handle.reserve(), 5000)
+            self.assertEqual(handle.reserve(tag="web"), 5001)
+            self.assertEqual(handle.reserve(sub, "web"), 5002)
+            self.assertEqual(handle.reserve(tag="dry", dry_run=True), 5003)
+            self.assertEqual(handle.reserve(tag="p", port=5100), 5100)
+            self.assertEqual(handle.reserve_group(config), {"web": 41000, "api": 41001})
+            self.assertEqual(handle.reserve_group(config, dry_run=True), {"web": 41000, "api": 41001})
+            self.assertEqual([(r.path, r.tag, r.port) for r in handle.list(filter_path="sub")], [(sub, "web", 5002)])
+            self.assertEqual(len(handle.list()), 6)
+            self.assertEqual(handle.projects(), [])
+            self.assertEqual(handle.port_info(5001).tag, "web")
+            self.assertIsNone(handle.port_info(5003))
+            self.assertEqual(handle.prune(), [])
+            self.assertEqual(handle.expire(days=1), [])
+            self.assertEqual(handle.autoclean(), [])
+            moves = handle.migrate(sub, os.path.join(self.proj, "sub2"))
+            self.assertEqual([(o.port, n.path) for o, n in moves], [(5002, os.path.join(self.proj, "sub2"))])
+            self.assertEqual(handle.release(tag="web"), 1)
+            self.assertEqual(handle.release(recursive=True), 5)
+            self.assertEqual(handle.list(), [])
+            self.assertTropError(trop.InvalidArguments, 4, handle.reserve, port=0)
+            self.assertTropError(trop.SemanticFailure, 1, handle.reserve, path=self.mkdir("other"))
+        self.assertIsNone(handle.session._store)                                # closed by the with block
+
+    def test_autoreserve_and_group_environment(self):
+        self.group_file(self.proj, env={"web": "HTTP_PORT"})
+        with trop.Trop(**self.opts) as handle:
+            self.assertEqual(handle.autoreserve(), {"web": 41000, "api": 41001})
+            self.assertEqual(handle.autoreserve(), {"web": 41000, "api": 41001})
+            self.assertEqual(handle.group_environment(), {"HTTP_PORT": "41000", "API": "41001"})
+
+    def test_reuses_one_connection(self):
+        handle = trop.Trop(**self.opts)
+        self.addCleanup(handle.close)
+        handle.reserve()
+        store = handle.session._store
+        self.assertIsNotNone(store)
+        conn = store.conn
+        handle.reserve(tag="a")
+        handle.list()
+        handle.port_info(5000)
+        handle.projects()
+        handle.release(tag="a")
+        handle.prune()
+        self.assertIs(handle.session._store, store)
+        self.assertIs(handle.session._store.conn, conn)
+        handle.close()
+        self.assertIsNone(handle.session._store)
+
+    def test_reopens_after_data_dir_was_recreated(self):
+        handle = trop.Trop(**self.opts)
+        self.addCleanup(handle.close)
+        self.assertEqual(handle.reserve(tag="a"), 5000)
+        store = handle.session._store
+        shutil.rmtree(self.data)
+        self.assertEqual(handle.list(), [])
+        self.assertIsNot(handle.session._store, store)
+        self.assertEqual(handle.reserve(tag="b"), 5000)
+        self.assertEqual(self.rows(), [(self.proj, "b", 5000, None, None)])
+
+    def test_lock_timeout_then_recovery(self):
+        handle = trop.Trop(busy_timeout=0, **self.opts)
+        self.addCleanup(handle.close)
+        self.assertEqual(handle.reserve(), 5000)
+        other = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        self.assertTropError(trop.LockTimeout, 2, handle.reserve, tag="x")
+        self.assertEqual([r.port for r in handle.list()], [5000])
+        other.execute("ROLLBACK")
+        self.assertEqual(handle.reserve(tag="x"), 5001)
+        self.assertFalse(handle.session._store.conn.in_transaction)
+
+    def test_no_descriptor_leak(self):
+        fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+        if not os.path.isdir(fd_dir):
+            self.skipTest("no /proc/self/fd or /dev/fd")
+
+        def count():
+            return len(os.listdir(fd_dir))
+        with trop.Trop(**self.opts) as handle:
+            handle.reserve()
+            handle.list()
+            before = count()
+            for i in range(500):
+                kind = i % 5
+                if kind == 0:
+                    handle.reserve(tag="t%d" % (i % 7))
+                elif kind == 1:
+                    handle.list()
+                elif kind == 2:
+                    handle.port_info(5000)
+                elif kind == 3:
+                    handle.release(tag="t%d" % (i % 7))
+                else:
+                    self.assertRaises(trop.InvalidArguments, handle.reserve, port=0)
+            self.assertEqual(count(), before)
+        trop.reserve(**self.opts)
+        before = count()
+        for i in range(100):
+            trop.reserve(tag="m%d" % (i % 3), **self.opts)
+            trop.port_info(5000, **self.opts)
+        self.assertEqual(count(), before)
+
+
+class ReservationContextTest(_ApiCase):
+    """trop.reservation inside a unittest TestCase."""
+
+    def test_reserved_inside_released_after(self):
+        with trop.reservation(tag="test_server", data_dir=self.data) as port:
+            self.assertIs(type(port), int)
+            res = trop.port_info(port, data_dir=self.data)
+            self.assertIsNotNone(res)
+            self.assertEqual((res.path, res.tag), (self.proj, "test_server"))
+            with socket.socket() as sock:                          # occupancy was checked: the port is free
+                sock.bind(("127.0.0.1", port))
+        self.assertIsNone(trop.port_info(port, data_dir=self.data))
+        self.assertEqual(self.rows(), [])
+
+    def test_released_when_the_block_raises(self):
+        with self.assertRaises(RuntimeError):
+            with trop.reservation(tag="boom", **self.opts) as port:
+                self.assertEqual(trop.port_info(port, **self.opts).tag, "boom")
+                raise RuntimeError("boom")
+        self.assertIsNone(trop.port_info(port, **self.opts))
+        self.assertEqual(self.rows(), [])
+
+    def test_untagged_reservation_leaves_other_tags(self):
+        kept = trop.reserve(tag="kept", **self.opts)
+        with trop.reservation(min=7000, max=7010, **self.opts) as port:
+            self.assertEqual(port, 7000)
+            self.assertEqual(trop.port_info(port, **self.opts).tag, None)
+        self.assertEqual(self.rows(), [(self.proj, "kept", kept, None, None)])
+
+    def test_nested_and_explicit_path(self):
+        other = self.mkdir("other")
+        with trop.reservation(other, "a", allow_unrelated_path=True, **self.opts) as first:
+            with trop.reservation(tag="b", **self.opts) as second:
+                self.assertNotEqual(first, second)
+                self.assertEqual(len(self.rows()), 2)
+            self.assertEqual([r[:2] for r in self.rows()], [(other, "a")])
+        self.assertEqual(self.rows(), [])
+
+    def test_inside_a_test_suite(self):
+        data, rows = self.data, []
+
+        class ServerTest(unittest.TestCase):
+            def test_server(inner):
+                with trop.reservation(tag="test_server", data_dir=data) as port:
+                    rows.append(trop.port_info(port, data_dir=data))
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", port))
+                        inner.assertEqual(sock.getsockname()[1], port)
+
+        result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
+            unittest.defaultTestLoader.loadTestsFromTestCase(ServerTest))
+        self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
+        self.assertEqual([r.tag for r in rows], ["test_server"])
+        self.assertEqual(self.rows(), [])
+
+
+class PytestPluginTest(_ApiCase):
+    TEST_FILE = '''\
+import pytest
+import trop
+
+
+def test_port(trop_port):
+    assert type(trop_port) is int
+    res = trop.port_info(trop_port)
+    assert res is not None and res.tag == "test_fixture.py::test_port", res
+
+
+def test_two_tests_two_ports(trop_port, request):
+    assert trop.port_info(trop_port).tag == request.node.nodeid
+    assert len(trop.list_reservations()) == 1
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True)
+def test_released_after_failure(trop_port):
+    assert trop.port_info(trop_port) is not None
+    raise RuntimeError("expected")
+'''
+
+    def test_import_does_not_import_pytest(self):
+        code = ("import sys, trop; print(sorted(m for m in sys.modules "
+                "if m.split('.')[0] in ('pytest', '_pytest', 'pluggy')))")
+        rc, out, err = self.execute([sys.executable, "-c", code], env=self.child_env(PYTHONPATH=self.trop_dir))
+        self.assertEqual((rc, out, err), (0, "[]\n", ""))
+
+    @unittest.skipIf(importlib.util.find_spec("pytest") is None, "pytest is not installed for this interpreter")
+    def test_trop_port_fixture(self):
+        work = self.mkdir("pytest-run")
+        self.write(os.path.join(work, "test_fixture.py"), self.TEST_FILE)
+        data = os.path.join(self.root, "pytest-data")
+        env = self.child_env(PYTHONPATH=self.trop_dir, TROP_DATA_DIR=data, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        rc, out, err = self.execute([sys.executable, "-m", "pytest", "-p", "trop", "-p", "no:cacheprovider", "-q",
+                                     "test_fixture.py"], cwd=work, env=env)
+        self.assertEqual(rc, 0, out + err)
+        self.assertRegex(out, r"2 passed, 1 xfailed")
+        self.assertEqual(trop.list_reservations(data_dir=data), [])             # every fixture released
+
+
+# --- Packaging -------------------------------------------------------------------
+
+class PackagingTest(_ApiCase):
+    """The in-tree PEP 517 backend, a pip install into a venv, and a zipapp."""
+
+    def setUp(self):
+        _ApiCase.setUp(self)
+        if not os.path.exists(os.path.join(self.trop_dir, "pyproject.toml")):
+            self.skipTest("trop.py is not in its source tree")
+        self.out = self.mkdir("dist")
+
+    def in_source_dir(self):
+        os.chdir(self.trop_dir)                  # PEP 517 hooks run in the source tree; tearDown restores the cwd
+
+    def source(self, name):
+        with open(os.path.join(self.trop_dir, name), "rb") as fh:
+            return fh.read()
+
+    def source_listing(self):
+        return sorted(n for n in os.listdir(self.trop_dir) if n != "__pycache__")
+
+    def check_wheel(self, path, payload):
+        """Checks a wheel's dist-info and RECORD; payload = {archive name: bytes} besides the dist-info."""
+        version = trop.__version__
+        dist_info = "trop_ports-%s.dist-info/" % version
+        self.assertEqual(os.path.basename(path), "trop_ports-%s-py3-none-any.whl" % version)
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            self.assertEqual(len(names), len(set(names)))
+            self.assertIsNone(zf.testzip())
+            contents = {name: zf.read(name) for name in names}
+        for name in names:
+            self.assertFalse(name.startswith("/") or ".." in name.split("/"), name)
+            self.assertTrue(name in payload or name.startswith(dist_info), name)
+        for name, data in payload.items():
+            self.assertEqual(contents.get(name), data, name)
+        meta = email.parser.Parser().parsestr(contents[dist_info + "METADATA"].decode("utf-8"))
+        self.assertEqual(meta["Name"], "trop-ports")
+        self.assertEqual(meta["Version"], version)
+        self.assertEqual(meta["Requires-Python"], ">=3.8")
+        self.assertIn(meta["Metadata-Version"], ("2.1", "2.2", "2.3", "2.4"))
+        self.assertEqual(meta.get_payload(), self.source("README.md").decode("utf-8"))
+        wheel = email.parser.Parser().parsestr(contents[dist_info + "WHEEL"].decode("utf-8"))
+        self.assertEqual((wheel["Wheel-Version"], wheel["Root-Is-Purelib"], wheel["Tag"]),
+                         ("1.0", "true", "py3-none-any"))
+        points = configparser.ConfigParser(delimiters=("=",))
+        points.optionxform = str
+        points.read_string(contents[dist_info + "entry_points.txt"].decode("utf-8"))
+        self.assertEqual(dict(points["console_scripts"]), {"trop": "trop:main"})
+        self.assertEqual(dict(points["pytest11"]), {"trop": "trop"})
+        record = list(csv.reader(io.StringIO(contents[dist_info + "RECORD"].decode("utf-8"))))
+        self.assertEqual(sorted(r[0] for r in record), sorted(names))
+        for name, digest, size in record:
+            if name == dist_info + "RECORD":
+                self.assertEqual((digest, size), ("", ""))
+                continue
+            algorithm, _, value = digest.partition("=")
+            self.assertEqual(algorithm, "sha256", name)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(contents[name]).digest()).rstrip(b"=").decode()
+            self.assertEqual(value, expected, name)
+            self.assertEqual(int(size), len(contents[name]), name)
+        return contents
+
+    def test_build_wheel(self):
+        before = self.source_listing()
+        self.in_source_dir()
+        name = trop.build_wheel(self.out)
+        path = os.path.join(self.out, name)
+        contents = self.check_wheel(path, {"trop.py": self.source("trop.py")})
+        self.assertIn("trop.py", contents)
+        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
+        with open(path, "rb") as fh:
+            first = fh.read()
+        again = self.mkdir("dist2")
+        self.assertEqual(trop.build_wheel(again, {}, None), name)                     # PEP 517 signature
+        with open(os.path.join(again, name), "rb") as fh:
+            self.assertEqual(fh.read(), first, "the wheel is not reproducible")
+
+    def test_build_editable(self):
+        self.in_source_dir()
+        name = trop.build_editable(self.out)
+        with zipfile.ZipFile(os.path.join(self.out, name)) as zf:
+            pth = [n for n in zf.namelist() if n.endswith(".pth")]
+            self.assertEqual(len(pth), 1)
+            self.assertNotIn("/", pth[0])
+            text = zf.read(pth[0]).decode("utf-8")
+        self.assertEqual(os.path.realpath(text.strip()), os.path.realpath(self.trop_dir))
+        self.assertTrue(text.endswith("\n"))
+        contents = self.check_wheel(os.path.join(self.out, name), {pth[0]: text.encode("utf-8")})
+        self.assertNotIn("trop.py", contents)
+
+    def test_build_sdist(self):
+        before = self.source_listing()
+        self.in_source_dir()
+        name = trop.build_sdist(self.out)
+        base = "trop_ports-%s" % trop.__version__
+        self.assertEqual(name, base + ".tar.gz")
+        with tarfile.open(os.path.join(self.out, name), "r:gz") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for member_name, member in members.items():
+                self.assertTrue(member_name.startswith(base + "/"), member_name)
+                self.assertTrue(member.isfile(), member_name)
+            for required in ("trop.py", "setup.cfg", "pyproject.toml", "README.md", "PKG-INFO"):
+                self.assertIn(base + "/" + required, members)
+            for copied in ("trop.py", "setup.cfg", "pyproject.toml", "README.md"):
+                self.assertEqual(tar.extractfile(members[base + "/" + copied]).read(), self.source(copied), copied)
+            pkg_info = email.parser.Parser().parsestr(
+                tar.extractfile(members[base + "/PKG-INFO"]).read().decode("utf-8"))
+            self.assertEqual((pkg_info["Name"], pkg_info["Version"]), ("trop-ports", trop.__version__))
+            unpacked = self.mkdir("unpacked")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(unpacked, filter="data")
+            else:
+                tar.extractall(unpacked)
+        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
+        pyproject = self.source("pyproject.toml").decode("utf-8")
+        self.assertRegex(pyproject, r'(?m)^build-backend\s*=\s*"trop"\s*$')
+        self.assertRegex(pyproject, r'(?m)^backend-path\s*=\s*\[\s*"\."\s*\]\s*$')
+        # the sdist is enough to build the wheel again
+        os.chdir(os.path.join(unpacked, base))
+        rebuilt = self.mkdir("rebuilt")
+        wheel = trop.build_wheel(rebuilt)
+        self.check_wheel(os.path.join(rebuilt, wheel), {"trop.py": self.source("trop.py")})
+
+    def test_pip_install_into_a_venv_gives_the_console_script(self):
+        if importlib.util.find_spec("venv") is None or importlib.util.find_spec("ensurepip") is None:
+            self.skipTest("venv/ensurepip is not available for this interpreter")
+        venv = os.path.join(self.root, "venv")
+        rc, out, err = self.execute([sys.executable, "-m", "venv", venv], timeout=300)
+        if rc != 0 and "ensurepip" in (out + err):
+            self.skipTest("this interpreter cannot create a venv with pip: %s" % err.strip())
+        self.assertEqual(rc, 0, out + err)
+        bin_dir = os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
+        python = os.path.join(bin_dir, "python")
+        before = self.source_listing()
+        rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+                                     "-q", self.trop_dir], timeout=300)
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual(self.source_listing(), before, "pip install wrote into the source tree")
+        code = ("import sys, trop\n"
+                "from importlib import metadata\n"
+                "eps = metadata.entry_points()\n"
+                "sel = (lambda g: eps.select(group=g)) if hasattr(eps, 'select') else (lambda g: eps.get(g, []))\n"
+                "print(trop.__file__.startswith(sys.prefix), metadata.version('trop-ports'))\n"
+                "print(sorted((e.name, e.value) for e in sel('console_scripts') if e.name == 'trop'))\n"
+                "print(sorted((e.name, e.value) for e in sel('pytest11') if e.value == 'trop'))\n")
+        rc, out, err = self.execute([python, "-c", code])
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(out.splitlines(), ["True %s" % trop.__version__, "[('trop', 'trop:main')]",
+                                            "[('trop', 'trop')]"])
+        script = os.path.join(bin_dir, "trop")
+        self.assertEqual(self.execute([script, "--version"]), (0, "trop %s\n" % trop.__version__, ""))
+        data = os.path.join(self.root, "venv-data")
+        target = os.path.join(self.root, "somewhere")
+        self.assertEqual(self.execute([script, "--data-dir", data, "reserve", "--path", target,
+                                       "--allow-unrelated-path", "--skip-occupancy-check"]), (0, "5000\n", ""))
+        rc, out, err = self.execute([script, "--data-dir", data, "assert-port", "1"])
+        self.assertEqual((rc, out), (1, ""))
+        self.assertTrue(err.startswith("Error: "), err)
+        self.assertEqual(self.execute([script, "--data-dir", data, "assert-port", "5000"])[0], 0)
+
+    def test_zipapp(self):
+        src = self.mkdir("pyz")
+        shutil.copy(os.path.join(self.trop_dir, "trop.py"), src)
+        pyz = os.path.join(self.root, "trop.pyz")
+        rc, out, err = self.execute([sys.executable, "-m", "zipapp", src, "-m", "trop:cli", "-o", pyz])
+        self.assertEqual(rc, 0, out + err)
+        os.remove(os.path.join(src, "trop.py"))                  # only the archive can provide trop now
+        data = os.path.join(self.root, "pyz-data")
+        target = os.path.join(self.root, "somewhere")
+
+        def pyz_run(*args):
+            return self.execute([sys.executable, pyz] + list(args))
+        self.assertEqual(pyz_run("--version"), (0, "trop %s\n" % trop.__version__, ""))
+        self.assertEqual(pyz_run("--data-dir", data, "reserve", "--path", target, "--allow-unrelated-path",
+                                 "--skip-occupancy-check"), (0, "5000\n", ""))
+        self.assertEqual(pyz_run("--data-dir", data, "assert-port", "5000")[0], 0)
+        for args, status in ((("assert-port", "1"), 1), (("reserve", "--port", "0", "--path", target,
+                                                           "--allow-unrelated-path"), 4),
+                             (("reserve", "--path", target, "--disable-autoinit", "--data-dir",
+                               os.path.join(self.root, "none")), 3)):
+            rc, out, err = pyz_run("--data-dir", data, *args)
+            self.assertEqual((rc, out), (status, ""), err)
+            self.assertTrue(err.startswith("Error: ") and err.count("\n") == 1, err)
+        rc, out, err = pyz_run("--data-dir", data, "no-such-command")
+        self.assertEqual((rc, out), (2, ""))
 
 
 # --- Output ------------------------------------------------------------------

@@ -1459,6 +1459,7 @@ def normalize_path(path, cwd=None):
     Unlike os.path.normpath, a leading '//' collapses and '..' past the root
     is an error rather than silently dropped.
     """
+    path = _path_text(path)
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -1486,6 +1487,20 @@ def normalize_path(path, cwd=None):
         else:
             parts.append(part)
     return "/" + "/".join(parts)
+
+
+def _path_text(path):
+    """str or os.PathLike (pytest's tmp_path) as text; anything else is a clear error."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InvalidArguments("Invalid arguments: a path must be a string or os.PathLike, got %s"
+                               % type(path).__name__)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if "\0" in path:
+        raise LibraryError("invalid path %r: paths cannot contain NUL" % path)
+    return path
 
 
 def canonical_path(path, warn=True):
@@ -3616,6 +3631,8 @@ class Session:
 def _tag_option(tag, exit_code=EXIT_INVALID_ARGS):
     if tag is None:
         return None
+    if not isinstance(tag, str):
+        raise InvalidArguments("Invalid arguments: a tag must be a string, got %s" % type(tag).__name__)
     text = tag.strip()
     if not text:
         cls = InvalidArguments if exit_code == EXIT_INVALID_ARGS else LibraryError
@@ -3670,6 +3687,13 @@ def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
     return rows
 
 
+API_OPTIONS = frozenset((
+    "data_dir", "busy_timeout", "quiet", "verbose", "project", "task", "min", "max", "days",
+    "disable_autoinit", "disable_autoprune", "disable_autoexpire", "disable_autoclean",
+    "allow_unrelated_path", "allow_project_change", "allow_task_change", "allow_change",
+    "skip_occupancy_check", "skip_tcp", "skip_udp", "skip_ipv4", "skip_ipv6", "check_all_interfaces"))
+
+
 class Trop:
     """A reusable handle for Python programs: configuration resolved once, one connection.
 
@@ -3677,13 +3701,20 @@ class Trop:
     skip_occupancy_check, allow_unrelated_path, busy_timeout, ...).  The
     configuration files and environment are read when the handle is made;
     make a new handle to pick up changes.  Every call is still its own
-    BEGIN IMMEDIATE transaction, so handles in many processes stay consistent.
+    BEGIN IMMEDIATE transaction, so handles in many processes stay consistent,
+    and threads may share a handle (calls take turns).  Close handles before
+    moving or replacing trop.db: SQLite files must not be renamed while open.
 
         with trop.Trop(data_dir="/tmp/d") as t:
             port = t.reserve("/srv/app", tag="web")
     """
 
     def __init__(self, **options):
+        unknown = sorted(set(options) - API_OPTIONS)
+        if unknown:
+            raise TypeError("unexpected option%s %s (options are the CLI's global and configuration "
+                            "flags with underscores: %s)" % ("s" if len(unknown) > 1 else "", ", ".join(unknown),
+                                                           ", ".join(sorted(API_OPTIONS))))
         self._options = options
         self.session = _guard(lambda: Session(options, keep_open=True))
 
