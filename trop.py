@@ -2945,7 +2945,7 @@ def allocate_single(req, taken, occupancy):
     return find_free_port(req.port_range, taken, req.exclusions, occupancy, blockers), blockers
 
 
-# --- Operations: cleanup -----------------------------------------------------
+# --- Operations: stale reservations (the prune and expire rules) ----------------
 
 _STALE_ERRNOS = None
 
@@ -3155,6 +3155,24 @@ def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
     return plan
 
 
+def describe_plan(plan):
+    """Human lines for a dry run, in execution order."""
+    lines = []
+    inserted = {r.key for r in plan.inserts}
+    for res in plan.deletes:
+        if res.key in inserted:
+            continue
+        lines.append("Delete reservation for %s" % res.key)
+    for res in plan.updates:
+        lines.append("Update reservation for %s (port %d, project %s, task %s)"
+                     % (res.key, res.port, _quote(res.project), _quote(res.task)))
+    for key, _ts in plan.touches:
+        lines.append("Refresh reservation for %s (port %d)" % (key, plan.result))
+    for res in plan.inserts:
+        lines.append("Reserve port %d for %s" % (res.port, res.key))
+    return lines
+
+
 # --- Operations: groups --------------------------------------------------------
 
 class GroupRequest:
@@ -3359,6 +3377,8 @@ def run_group(session, config_file, group_dir, task=None, force=False, dry_run=F
     return plan
 
 
+# --- Operations: cleanup commands and migrate ----------------------------------
+
 def plan_cleanup_command(store, prune, expire_days, now=None):
     """prune / expire / autoclean: the rows to delete, chosen inside the transaction."""
     now = int(time.time()) if now is None else now
@@ -3417,24 +3437,6 @@ def run_migrate(session, source, target, recursive=False, force=False, dry_run=F
         raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
                                "recursively" % (dst, src))
     return src, dst, session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
-
-
-def describe_plan(plan):
-    """Human lines for a dry run, in execution order."""
-    lines = []
-    inserted = {r.key for r in plan.inserts}
-    for res in plan.deletes:
-        if res.key in inserted:
-            continue
-        lines.append("Delete reservation for %s" % res.key)
-    for res in plan.updates:
-        lines.append("Update reservation for %s (port %d, project %s, task %s)"
-                     % (res.key, res.port, _quote(res.project), _quote(res.task)))
-    for key, _ts in plan.touches:
-        lines.append("Refresh reservation for %s (port %d)" % (key, plan.result))
-    for res in plan.inserts:
-        lines.append("Reserve port %d for %s" % (res.port, res.key))
-    return lines
 
 
 # --- Operations: sessions and the Python API ---------------------------------
@@ -4153,6 +4155,580 @@ def build_sdist(sdist_directory, config_settings=None):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return filename
+
+
+# --- Shell completions (generated from the argparse model) ---------------------
+
+COMPLETION_SHELLS = ("bash", "elvish", "fish", "powershell", "zsh")
+
+# flags: option strings ([] for positionals); value: takes an argument;
+# choices: completable values or None; kind: 'file' | 'dir' | None;
+# multi: may repeat (append/count or nargs */+)
+_CArg = namedtuple("_CArg", "flags help value choices kind multi name")
+_CSub = namedtuple("_CSub", "names help args")
+
+# Words we embed unquoted in completion word lists (compgen -W, zsh (...),
+# fish -a are expanded by the shell): anything else is dropped, never risked.
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.,+/@=-]+$")
+_HINTS = {
+    "bash": ["#   {p} completions bash > ~/.local/share/bash-completion/completions/{p}",
+             "# Or source it directly in ~/.bashrc:",
+             '#   eval "$({p} completions bash)"'],
+    "zsh": ["#   {p} completions zsh > ~/.zsh/completions/_{p}",
+            "# Make sure ~/.zsh/completions is in your $fpath",
+            "# Or add to ~/.zshrc:",
+            '#   eval "$({p} completions zsh)"'],
+    "fish": ["#   {p} completions fish > ~/.config/fish/completions/{p}.fish",
+             "# Or add to config.fish:",
+             "#   {p} completions fish | source"],
+    "powershell": ["#   {p} completions powershell > $PROFILE",
+                   "# Or run:",
+                   "#   {p} completions powershell | Out-String | Invoke-Expression"],
+    "elvish": [],
+}
+
+
+def completion_header(shell, prog="trop"):
+    """Install hints printed to stderr before the script (none for elvish)."""
+    lines = ["# Generating %s completion script" % shell,
+             "# Run the following command to enable completions:"]
+    lines += [h.format(p=prog) for h in _HINTS.get(shell, [])]
+    return "\n".join(lines) + "\n\n"
+
+
+def completion_script(parser, shell, prog="trop"):
+    """Return the completion script for `shell` ('bash'|'zsh'|'fish'|'powershell'|'elvish').
+
+    Shape supported: `prog [global opts] SUBCOMMAND [opts] [positionals]`.
+    """
+    emit = {"bash": _bash_script, "zsh": _zsh_script, "fish": _fish_script,
+            "powershell": _pwsh_script, "elvish": _elvish_script}.get(shell)
+    if emit is None:
+        raise ValueError("unsupported shell: %r" % (shell,))
+    glob, subs = _completion_model(parser)
+    return emit(prog, glob, subs)
+
+
+# -- model -------------------------------------------------------------------
+def _clean_help(text, action=None, prog=""):
+    """Expand argparse %(...)s placeholders and collapse whitespace to one line."""
+    import argparse
+    text = text or ""
+    if action is not None and "%" in text:
+        params = dict((k, v) for k, v in vars(action).items()
+                      if v is not argparse.SUPPRESS)
+        params["prog"] = prog
+        if params.get("choices") is not None:
+            params["choices"] = ", ".join(map(str, params["choices"]))
+        try:
+            text = text % params
+        except (KeyError, TypeError, ValueError):
+            pass
+    return " ".join(text.split())
+
+
+def _tokens(value):
+    return set(t for t in re.split(r"[^a-z0-9]+", str(value or "").lower()) if t)
+
+
+def _completion_arg(action, prog):
+    import argparse
+    value = action.nargs != 0
+    choices, kind = None, None
+    if value and action.choices is not None:
+        try:
+            if len(action.choices) <= 200:          # never enumerate range(65536)
+                choices = [str(c) for c in action.choices if _SAFE_WORD.match(str(c))]
+        except TypeError:
+            pass
+    if value and choices is None:
+        metavar = action.metavar if isinstance(action.metavar, str) else ""
+        words = _tokens(action.dest) | _tokens(metavar)
+        if words & {"dir", "directory"}:
+            kind = "dir"
+        elif words & {"path", "file", "filename"}:
+            kind = "file"
+    multi = (type(action).__name__ in ("_AppendAction", "_AppendConstAction",
+                                       "_CountAction", "_ExtendAction")
+             or action.nargs in ("*", "+", argparse.REMAINDER))
+    flags = [f for f in action.option_strings if _SAFE_WORD.match(f)]
+    name = action.metavar if isinstance(action.metavar, str) else action.dest
+    return _CArg(flags, _clean_help(action.help, action, prog), value, choices,
+                 kind, multi, str(name or "value").upper() if flags else str(name))
+
+
+def _completion_args(parser):
+    """Visible options and positionals of one parser (subparsers excluded)."""
+    import argparse
+    out = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+            continue
+        arg = _completion_arg(a, parser.prog)
+        if arg.flags or not a.option_strings:
+            out.append(arg)
+    return out
+
+
+def _completion_model(parser):
+    """Flatten the parser into (global args, [_CSub]) so emitters stay simple."""
+    import argparse
+    glob = [a for a in _completion_args(parser) if a.flags]
+    subs = []
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = dict((id(action.choices.get(ca.dest)), ca.help)
+                     for ca in action._choices_actions)
+        seen = {}
+        for name, sub in action.choices.items():
+            if id(sub) in seen:                     # alias of an earlier name
+                if _SAFE_WORD.match(name):
+                    seen[id(sub)].names.append(name)
+                continue
+            help_ = helps.get(id(sub), "")
+            if help_ == argparse.SUPPRESS or not _SAFE_WORD.match(name):
+                continue
+            help_ = _clean_help(help_ or sub.description or "")
+            seen[id(sub)] = _CSub([name], help_, _completion_args(sub))
+            subs.append(seen[id(sub)])
+    return glob, subs
+
+
+def _positionals(args):
+    return [a for a in args if not a.flags]
+
+
+def _with_globals(args, glob):
+    """Subcommand args plus the global options it does not shadow."""
+    own = set(f for a in args for f in a.flags)
+    return args + [g for g in glob if not own.intersection(g.flags)]
+
+
+def _c_ident(prog):
+    return "_" + re.sub(r"[^A-Za-z0-9_]", "_", prog)
+
+
+def _sh_quote(s):
+    """POSIX single quotes (bash, zsh)."""
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# -- bash ----------------------------------------------------------------------
+def _bash_script(prog, glob, subs):
+    fn = _c_ident(prog)
+
+    def pattern(flags):
+        return "|".join(_sh_quote(f) for f in flags)
+
+    def words(ws):
+        return _sh_quote(" ".join(ws))
+
+    def context(args, flags_also, top_words):
+        """Body of one `case "$sub"` branch: option values, then words."""
+        out = ['            case "$prev" in']
+        for a in args:
+            if not (a.flags and a.value):
+                continue
+            if a.choices is not None:
+                act = "COMPREPLY=( $(compgen -W %s -- \"$cur\") )" % words(a.choices)
+            elif a.kind:
+                act = "%s_files %s" % (fn, a.kind)
+            else:
+                act = ":"
+            out.append("                %s) %s; return 0 ;;" % (pattern(a.flags), act))
+        out.append("            esac")
+        pos = _positionals(args)
+        flag_words = [f for a in args if a.flags for f in a.flags]
+        extra = top_words + [c for a in pos for c in (a.choices or [])]
+        files = [a.kind for a in pos if a.kind and a.choices is None]
+        out.append('            case "$cur" in')
+        out.append("                -*) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
+                   % words(flag_words))
+        if extra or files:
+            body = []
+            if files:
+                body.append("%s_files %s" % (fn, "dir" if set(files) == {"dir"} else "file"))
+            if extra:
+                body.append("COMPREPLY+=( $(compgen -W %s -- \"$cur\") )" % words(extra))
+            out.append("                *) %s ;;" % "; ".join(body))
+        elif not flags_also:
+            out.append("                *) ;;")
+        else:
+            out.append("                *) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
+                       % words(flag_words))
+        out.append("            esac")
+        return out
+
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# bash completion for %s (generated)" % prog,
+        "%s_files() {" % fn,
+        "    local IFS=$'\\n'",
+        "    compopt -o filenames 2>/dev/null",
+        "    if [ \"$1\" = dir ]; then",
+        "        COMPREPLY=( $(compgen -d -- \"$cur\") )",
+        "    else",
+        "        COMPREPLY=( $(compgen -f -- \"$cur\") )",
+        "    fi",
+        "}",
+        "",
+        "%s() {" % fn,
+        "    local cur prev sub i w",
+        "    COMPREPLY=()",
+        "    cur=\"${COMP_WORDS[COMP_CWORD]}\"",
+        "    prev=\"\"",
+        "    [ \"$COMP_CWORD\" -gt 0 ] && prev=\"${COMP_WORDS[COMP_CWORD-1]}\"",
+        "    # `--opt=value` is split into three words by COMP_WORDBREAKS",
+        "    if [ \"$cur\" = \"=\" ]; then",
+        "        cur=\"\"",
+        "    elif [ \"$prev\" = \"=\" ] && [ \"$COMP_CWORD\" -gt 1 ]; then",
+        "        prev=\"${COMP_WORDS[COMP_CWORD-2]}\"",
+        "    fi",
+        "    # the subcommand is the first word that is neither an option nor its value",
+        "    sub=\"\"",
+        "    i=1",
+        "    while [ \"$i\" -lt \"$COMP_CWORD\" ]; do",
+        "        w=\"${COMP_WORDS[i]}\"",
+        "        case \"$w\" in",
+    ]
+    if gvalue:
+        lines.append("            %s) i=$((i+1)); [ \"${COMP_WORDS[i]-}\" = \"=\" ] && i=$((i+1)) ;;"
+                     % pattern(gvalue))
+    lines += [
+        "            -*) ;;",
+        "            *) sub=\"$w\"; break ;;",
+        "        esac",
+        "        i=$((i+1))",
+        "    done",
+        "    case \"$sub\" in",
+        "        '')",
+    ]
+    lines += context(glob, False, [n for s in subs for n in s.names])
+    lines.append("            ;;")
+    for s in subs:
+        lines.append("        %s)" % pattern(s.names))
+        lines += context(_with_globals(s.args, glob), True, [])
+        lines.append("            ;;")
+    lines += [
+        "    esac",
+        "    return 0",
+        "}",
+        "",
+        "complete -F %s %s" % (fn, _sh_quote(prog)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- zsh -----------------------------------------------------------------------
+def _zsh_esc(text):
+    """Escape for an _arguments spec field: backslash, brackets, colon."""
+    for ch in ("\\", "[", "]", ":"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _zsh_specs(args):
+    out = []
+    for a in args:
+        if a.choices is not None:
+            action = "(%s)" % " ".join(a.choices)
+        elif a.kind == "dir":
+            action = "_files -/"
+        elif a.kind == "file":
+            action = "_files"
+        else:
+            action = " "
+        if not a.flags:
+            out.append("%s:%s:%s" % ("*" if a.multi else "", _zsh_esc(a.name), action))
+            continue
+        excl = "(%s)" % " ".join(a.flags) if len(a.flags) > 1 and not a.multi else ""
+        for f in a.flags:
+            spec = excl + ("*" if a.multi else "") + f
+            if a.value:
+                spec += "=" if f.startswith("--") else "+"
+            spec += "[%s]" % _zsh_esc(a.help)
+            if a.value:
+                spec += ":%s:%s" % (_zsh_esc(a.name), action)
+            out.append(spec)
+    return [_sh_quote(s) for s in out]
+
+
+def _zsh_script(prog, glob, subs):
+    fn = _c_ident(prog)
+    ind = " " * 8
+    lines = [
+        "#compdef %s" % prog,
+        "",
+        "# zsh completion for %s (generated)" % prog,
+        "%s() {" % fn,
+        "    local curcontext=\"$curcontext\" state line ret=1",
+        "    typeset -A opt_args",
+        "",
+        "    _arguments -C -s -S \\",
+    ]
+    lines += [ind + s + " \\" for s in _zsh_specs(glob)]
+    lines += [
+        ind + "'1: :%s_commands' \\" % fn,
+        ind + "'*:: :->args' && ret=0",
+        "",
+        "    case $state in",
+        "    (args)",
+        "        curcontext=\"${curcontext%%:*:*}:%s-command-$line[1]:\"" % prog,
+        "        case $line[1] in",
+    ]
+    for s in subs:
+        specs = _zsh_specs(_with_globals(s.args, glob))
+        lines.append("        (%s)" % "|".join(_sh_quote(n) for n in s.names))
+        if specs:
+            lines.append("            _arguments -s -S \\")
+            lines += [ind + "    " + sp + " \\" for sp in specs]
+            lines.append(ind + "    && ret=0")
+        else:
+            lines.append("            _message 'no more arguments' && ret=0")
+        lines.append("            ;;")
+    lines += [
+        "        esac",
+        "        ;;",
+        "    esac",
+        "    return ret",
+        "}",
+        "",
+        "%s_commands() {" % fn,
+        "    local -a commands",
+        "    commands=(",
+    ]
+    for s in subs:
+        for n in s.names:
+            lines.append(ind + _sh_quote("%s:%s" % (n.replace(":", "\\:"), s.help)))
+    lines += [
+        "    )",
+        "    _describe -t commands %s commands \"$@\"" % _sh_quote(prog + " command"),
+        "}",
+        "",
+        "if [ \"$funcstack[1]\" = %s ]; then" % _sh_quote(fn),
+        "    %s \"$@\"" % fn,
+        "else",
+        "    compdef %s %s" % (fn, _sh_quote(prog)),
+        "fi",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- fish ----------------------------------------------------------------------
+def _fish_quote(text):
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fish_line(prog, cond, a):
+    parts = ["complete -c", _fish_quote(prog)]
+    if cond:
+        parts += ["-n", _fish_quote(cond)]
+    for f in a.flags:
+        if f.startswith("--"):
+            parts += ["-l", f[2:]]
+        elif len(f) == 2:
+            parts += ["-s", f[1:]]
+        else:
+            parts += ["-o", f[1:]]
+    if a.value or not a.flags:
+        if a.choices is not None:
+            parts += ["-r" if a.flags else "", "-f", "-a", _fish_quote(" ".join(a.choices))]
+        elif a.kind == "dir":
+            parts += ["-r" if a.flags else "", "-f", "-a",
+                      "'(__fish_complete_directories (commandline -ct))'"]
+        elif a.kind == "file":
+            parts += ["-r", "-F"]
+        elif a.flags:
+            parts += ["-x"]
+    if a.help:
+        parts += ["-d", _fish_quote(a.help)]
+    return " ".join(p for p in parts if p)
+
+
+def _fish_script(prog, glob, subs):
+    lines = ["# fish completion for %s (generated)" % prog,
+             "complete -c %s -n '__fish_use_subcommand' -f" % _fish_quote(prog)]
+    lines += [_fish_line(prog, None, a) for a in glob]      # valid everywhere
+    for s in subs:
+        for n in s.names:
+            line = "complete -c %s -n '__fish_use_subcommand' -f -a %s" % (
+                _fish_quote(prog), _fish_quote(n))
+            lines.append(line + (" -d %s" % _fish_quote(s.help) if s.help else ""))
+    for s in subs:
+        cond = "__fish_seen_subcommand_from " + " ".join(s.names)
+        pos = _positionals(s.args)
+        if not any(a.kind == "file" and a.choices is None for a in pos):
+            lines.append("complete -c %s -n %s -f" % (_fish_quote(prog), _fish_quote(cond)))
+        lines += [_fish_line(prog, cond, a) for a in s.args
+                  if a.flags or a.choices is not None or a.kind == "dir"]
+    return "\n".join(lines) + "\n"
+
+
+# -- PowerShell ----------------------------------------------------------------
+def _ps_quote(text):
+    """Single-quoted PowerShell string; typographic single quotes also delimit."""
+    return "'" + re.sub("(['\u2018\u2019\u201a\u201b])", r"\1\1", text) + "'"
+
+
+def _ps_list(items):
+    return "@(%s)" % ", ".join(_ps_quote(i) for i in items)
+
+
+def _ps_result(text, kind, tip):
+    return "[CompletionResult]::new(%s, %s, [CompletionResultType]::%s, %s)" % (
+        _ps_quote(text), _ps_quote(text), kind, _ps_quote(tip or text))
+
+
+def _ps_context(args, top_subs):
+    ind = " " * 12
+    out = []
+    for a in args:
+        if a.flags and a.value:
+            vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in a.choices or [])
+            out.append(ind + "if (%s -contains $prev) { %s%sbreak }"
+                       % (_ps_list(a.flags), vals, "; " if vals else ""))
+    pos = _positionals(args)
+    choices = [c for a in pos for c in (a.choices or [])]
+    if choices or any(a.kind for a in pos):
+        vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in choices)
+        out.append(ind + "if (-not $wordToComplete.StartsWith('-')) { %s%sbreak }"
+                   % (vals, "; " if vals else ""))
+    for a in args:
+        for f in a.flags:
+            out.append(ind + _ps_result(f, "ParameterName", a.help))
+    for s in top_subs:
+        for n in s.names:
+            out.append(ind + _ps_result(n, "ParameterValue", s.help))
+    out.append(ind + "break")
+    return out
+
+
+def _pwsh_script(prog, glob, subs):
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# PowerShell completion for %s (generated)" % prog,
+        "using namespace System.Management.Automation",
+        "using namespace System.Management.Automation.Language",
+        "",
+        "Register-ArgumentCompleter -Native -CommandName %s -ScriptBlock {" % _ps_quote(prog),
+        "    param($wordToComplete, $commandAst, $cursorPosition)",
+        "",
+        "    # words before the one under the cursor",
+        "    $words = @($commandAst.CommandElements |",
+        "        Where-Object { $_.Extent.EndOffset -lt $cursorPosition } |",
+        "        ForEach-Object { $_.Extent.Text })",
+        "    $globalValueOpts = %s" % _ps_list(gvalue),
+        "    $sub = ''",
+        "    for ($i = 1; $i -lt $words.Count; $i++) {",
+        "        if ($globalValueOpts -contains $words[$i]) { $i++; continue }",
+        "        if ($words[$i].StartsWith('-')) { continue }",
+        "        $sub = $words[$i]; break",
+        "    }",
+        "    $prev = if ($words.Count -gt 1) { $words[-1] } else { '' }",
+        "",
+        "    $completions = @(switch ($sub) {",
+        "        '' {",
+    ]
+    lines += _ps_context(glob, subs)
+    lines.append("        }")
+    for s in subs:
+        lines.append("        { %s -contains $_ } {" % _ps_list(s.names))
+        lines += _ps_context(_with_globals(s.args, glob), [])
+        lines.append("        }")
+    lines += [
+        "    })",
+        "",
+        "    $completions |",
+        "        Where-Object { $_.CompletionText.StartsWith($wordToComplete, "
+        "[StringComparison]::OrdinalIgnoreCase) } |",
+        "        Sort-Object -Property ListItemText",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- elvish --------------------------------------------------------------------
+def _elv_quote(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _elv_list(items):
+    return "[%s]" % " ".join(_elv_quote(i) for i in items)
+
+
+def _elv_context(args, top_subs):
+    ind = " " * 8
+    branches = []
+    for a in args:
+        if a.flags and a.value:
+            if a.choices is not None:
+                body = "put %s" % " ".join(_elv_quote(c) for c in a.choices)
+            elif a.kind:
+                body = "edit:complete-filename $cur"
+            else:
+                body = "nop"
+            branches.append(("(has-value %s $prev)" % _elv_list(a.flags), body))
+    pos = _positionals(args)
+    choices = [c for a in pos for c in (a.choices or [])]
+    if choices or any(a.kind for a in pos):
+        body = []
+        if any(a.kind and a.choices is None for a in pos):
+            body.append("edit:complete-filename $cur")
+        if choices:
+            body.append("put %s" % " ".join(_elv_quote(c) for c in choices))
+        branches.append(("(not (str:has-prefix $cur -))", "; ".join(body)))
+    cands = ["cand %s %s" % (_elv_quote(f), _elv_quote(a.help or f))
+             for a in args for f in a.flags]
+    cands += ["cand %s %s" % (_elv_quote(n), _elv_quote(s.help or n))
+              for s in top_subs for n in s.names]
+    out = []
+    for i, (cond, body) in enumerate(branches):
+        out.append(ind + ("if " if i == 0 else "} elif ") + cond + " {")
+        out.append(ind + "    " + body)
+    if branches:
+        out.append(ind + "} else {")
+        out += [ind + "    " + c for c in cands or ["nop"]]
+        out.append(ind + "}")
+    else:
+        out += [ind + c for c in cands or ["nop"]]
+    return out
+
+
+def _elvish_script(prog, glob, subs):
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    lines = [
+        "# elvish completion for %s (generated)" % prog,
+        "use str",
+        "",
+        "set edit:completion:arg-completer[%s] = {|@words|" % _elv_quote(prog),
+        "    fn cand {|text desc|",
+        "        edit:complex-candidate $text &display=$text' -- '$desc",
+        "    }",
+        "    var cur = $words[-1]",
+        "    var prev = ''",
+        "    if (> (count $words) 2) { set prev = $words[-2] }",
+        "    # the subcommand is the first word that is neither an option nor its value",
+        "    var sub = ''",
+        "    var skip = $false",
+        "    for w $words[1..-1] {",
+        "        if $skip { set skip = $false; continue }",
+        "        if (has-value %s $w) { set skip = $true; continue }" % _elv_list(gvalue),
+        "        if (str:has-prefix $w -) { continue }",
+        "        set sub = $w",
+        "        break",
+        "    }",
+        "    if (eq $sub '') {",
+    ]
+    lines += _elv_context(glob, subs)
+    for s in subs:
+        lines.append("    } elif (has-value %s $sub) {" % _elv_list(s.names))
+        lines += _elv_context(_with_globals(s.args, glob), [])
+    lines += ["    }", "}", ""]
+    return "\n".join(lines)
 
 
 # --- Command line --------------------------------------------------------------
@@ -4902,584 +5478,6 @@ def write_file_atomic(path, text):
         except OSError:
             pass
         raise IoFailure("%s: %s" % (path, exc.strerror or exc))
-
-
-# --- Shell completions (generated from the argparse model) ---------------------
-
-COMPLETION_SHELLS = ("bash", "elvish", "fish", "powershell", "zsh")
-
-# flags: option strings ([] for positionals); value: takes an argument;
-# choices: completable values or None; kind: 'file' | 'dir' | None;
-# multi: may repeat (append/count or nargs */+)
-_CArg = namedtuple("_CArg", "flags help value choices kind multi name")
-_CSub = namedtuple("_CSub", "names help args")
-
-# Words we embed unquoted in completion word lists (compgen -W, zsh (...),
-# fish -a are expanded by the shell): anything else is dropped, never risked.
-_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.,+/@=-]+$")
-_HINTS = {
-    "bash": ["#   {p} completions bash > ~/.local/share/bash-completion/completions/{p}",
-             "# Or source it directly in ~/.bashrc:",
-             '#   eval "$({p} completions bash)"'],
-    "zsh": ["#   {p} completions zsh > ~/.zsh/completions/_{p}",
-            "# Make sure ~/.zsh/completions is in your $fpath",
-            "# Or add to ~/.zshrc:",
-            '#   eval "$({p} completions zsh)"'],
-    "fish": ["#   {p} completions fish > ~/.config/fish/completions/{p}.fish",
-             "# Or add to config.fish:",
-             "#   {p} completions fish | source"],
-    "powershell": ["#   {p} completions powershell > $PROFILE",
-                   "# Or run:",
-                   "#   {p} completions powershell | Out-String | Invoke-Expression"],
-    "elvish": [],
-}
-
-
-def completion_header(shell, prog="trop"):
-    """Install hints printed to stderr before the script (none for elvish)."""
-    lines = ["# Generating %s completion script" % shell,
-             "# Run the following command to enable completions:"]
-    lines += [h.format(p=prog) for h in _HINTS.get(shell, [])]
-    return "\n".join(lines) + "\n\n"
-
-
-def completion_script(parser, shell, prog="trop"):
-    """Return the completion script for `shell` ('bash'|'zsh'|'fish'|'powershell'|'elvish').
-
-    Shape supported: `prog [global opts] SUBCOMMAND [opts] [positionals]`.
-    """
-    emit = {"bash": _bash_script, "zsh": _zsh_script, "fish": _fish_script,
-            "powershell": _pwsh_script, "elvish": _elvish_script}.get(shell)
-    if emit is None:
-        raise ValueError("unsupported shell: %r" % (shell,))
-    glob, subs = _completion_model(parser)
-    return emit(prog, glob, subs)
-
-
-# -- model -------------------------------------------------------------------
-def _clean_help(text, action=None, prog=""):
-    """Expand argparse %(...)s placeholders and collapse whitespace to one line."""
-    import argparse
-    text = text or ""
-    if action is not None and "%" in text:
-        params = dict((k, v) for k, v in vars(action).items()
-                      if v is not argparse.SUPPRESS)
-        params["prog"] = prog
-        if params.get("choices") is not None:
-            params["choices"] = ", ".join(map(str, params["choices"]))
-        try:
-            text = text % params
-        except (KeyError, TypeError, ValueError):
-            pass
-    return " ".join(text.split())
-
-
-def _tokens(value):
-    return set(t for t in re.split(r"[^a-z0-9]+", str(value or "").lower()) if t)
-
-
-def _completion_arg(action, prog):
-    import argparse
-    value = action.nargs != 0
-    choices, kind = None, None
-    if value and action.choices is not None:
-        try:
-            if len(action.choices) <= 200:          # never enumerate range(65536)
-                choices = [str(c) for c in action.choices if _SAFE_WORD.match(str(c))]
-        except TypeError:
-            pass
-    if value and choices is None:
-        metavar = action.metavar if isinstance(action.metavar, str) else ""
-        words = _tokens(action.dest) | _tokens(metavar)
-        if words & {"dir", "directory"}:
-            kind = "dir"
-        elif words & {"path", "file", "filename"}:
-            kind = "file"
-    multi = (type(action).__name__ in ("_AppendAction", "_AppendConstAction",
-                                       "_CountAction", "_ExtendAction")
-             or action.nargs in ("*", "+", argparse.REMAINDER))
-    flags = [f for f in action.option_strings if _SAFE_WORD.match(f)]
-    name = action.metavar if isinstance(action.metavar, str) else action.dest
-    return _CArg(flags, _clean_help(action.help, action, prog), value, choices,
-                 kind, multi, str(name or "value").upper() if flags else str(name))
-
-
-def _completion_args(parser):
-    """Visible options and positionals of one parser (subparsers excluded)."""
-    import argparse
-    out = []
-    for a in parser._actions:
-        if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
-            continue
-        arg = _completion_arg(a, parser.prog)
-        if arg.flags or not a.option_strings:
-            out.append(arg)
-    return out
-
-
-def _completion_model(parser):
-    """Flatten the parser into (global args, [_CSub]) so emitters stay simple."""
-    import argparse
-    glob = [a for a in _completion_args(parser) if a.flags]
-    subs = []
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        helps = dict((id(action.choices.get(ca.dest)), ca.help)
-                     for ca in action._choices_actions)
-        seen = {}
-        for name, sub in action.choices.items():
-            if id(sub) in seen:                     # alias of an earlier name
-                if _SAFE_WORD.match(name):
-                    seen[id(sub)].names.append(name)
-                continue
-            help_ = helps.get(id(sub), "")
-            if help_ == argparse.SUPPRESS or not _SAFE_WORD.match(name):
-                continue
-            help_ = _clean_help(help_ or sub.description or "")
-            seen[id(sub)] = _CSub([name], help_, _completion_args(sub))
-            subs.append(seen[id(sub)])
-    return glob, subs
-
-
-def _opts(args):
-    return [a for a in args if a.flags]
-
-
-def _positionals(args):
-    return [a for a in args if not a.flags]
-
-
-def _with_globals(args, glob):
-    """Subcommand args plus the global options it does not shadow."""
-    own = set(f for a in args for f in a.flags)
-    return args + [g for g in glob if not own.intersection(g.flags)]
-
-
-def _c_ident(prog):
-    return "_" + re.sub(r"[^A-Za-z0-9_]", "_", prog)
-
-
-def _sh_quote(s):
-    """POSIX single quotes (bash, zsh)."""
-    return "'" + s.replace("'", "'\\''") + "'"
-
-
-# -- bash ----------------------------------------------------------------------
-def _bash_script(prog, glob, subs):
-    fn = _c_ident(prog)
-
-    def pattern(flags):
-        return "|".join(_sh_quote(f) for f in flags)
-
-    def words(ws):
-        return _sh_quote(" ".join(ws))
-
-    def context(args, flags_also, top_words):
-        """Body of one `case "$sub"` branch: option values, then words."""
-        out = ['            case "$prev" in']
-        for a in args:
-            if not (a.flags and a.value):
-                continue
-            if a.choices is not None:
-                act = "COMPREPLY=( $(compgen -W %s -- \"$cur\") )" % words(a.choices)
-            elif a.kind:
-                act = "%s_files %s" % (fn, a.kind)
-            else:
-                act = ":"
-            out.append("                %s) %s; return 0 ;;" % (pattern(a.flags), act))
-        out.append("            esac")
-        pos = _positionals(args)
-        flag_words = [f for a in args if a.flags for f in a.flags]
-        extra = top_words + [c for a in pos for c in (a.choices or [])]
-        files = [a.kind for a in pos if a.kind and a.choices is None]
-        out.append('            case "$cur" in')
-        out.append("                -*) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
-                   % words(flag_words))
-        if extra or files:
-            body = []
-            if files:
-                body.append("%s_files %s" % (fn, "dir" if set(files) == {"dir"} else "file"))
-            if extra:
-                body.append("COMPREPLY+=( $(compgen -W %s -- \"$cur\") )" % words(extra))
-            out.append("                *) %s ;;" % "; ".join(body))
-        elif not flags_also:
-            out.append("                *) ;;")
-        else:
-            out.append("                *) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
-                       % words(flag_words))
-        out.append("            esac")
-        return out
-
-    gvalue = [f for a in glob if a.value for f in a.flags]
-    lines = [
-        "# bash completion for %s (generated)" % prog,
-        "%s_files() {" % fn,
-        "    local IFS=$'\\n'",
-        "    compopt -o filenames 2>/dev/null",
-        "    if [ \"$1\" = dir ]; then",
-        "        COMPREPLY=( $(compgen -d -- \"$cur\") )",
-        "    else",
-        "        COMPREPLY=( $(compgen -f -- \"$cur\") )",
-        "    fi",
-        "}",
-        "",
-        "%s() {" % fn,
-        "    local cur prev sub i w",
-        "    COMPREPLY=()",
-        "    cur=\"${COMP_WORDS[COMP_CWORD]}\"",
-        "    prev=\"\"",
-        "    [ \"$COMP_CWORD\" -gt 0 ] && prev=\"${COMP_WORDS[COMP_CWORD-1]}\"",
-        "    # `--opt=value` is split into three words by COMP_WORDBREAKS",
-        "    if [ \"$cur\" = \"=\" ]; then",
-        "        cur=\"\"",
-        "    elif [ \"$prev\" = \"=\" ] && [ \"$COMP_CWORD\" -gt 1 ]; then",
-        "        prev=\"${COMP_WORDS[COMP_CWORD-2]}\"",
-        "    fi",
-        "    # the subcommand is the first word that is neither an option nor its value",
-        "    sub=\"\"",
-        "    i=1",
-        "    while [ \"$i\" -lt \"$COMP_CWORD\" ]; do",
-        "        w=\"${COMP_WORDS[i]}\"",
-        "        case \"$w\" in",
-    ]
-    if gvalue:
-        lines.append("            %s) i=$((i+1)); [ \"${COMP_WORDS[i]-}\" = \"=\" ] && i=$((i+1)) ;;"
-                     % pattern(gvalue))
-    lines += [
-        "            -*) ;;",
-        "            *) sub=\"$w\"; break ;;",
-        "        esac",
-        "        i=$((i+1))",
-        "    done",
-        "    case \"$sub\" in",
-        "        '')",
-    ]
-    lines += context(glob, False, [n for s in subs for n in s.names])
-    lines.append("            ;;")
-    for s in subs:
-        lines.append("        %s)" % pattern(s.names))
-        lines += context(_with_globals(s.args, glob), True, [])
-        lines.append("            ;;")
-    lines += [
-        "    esac",
-        "    return 0",
-        "}",
-        "",
-        "complete -F %s %s" % (fn, _sh_quote(prog)),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# -- zsh -----------------------------------------------------------------------
-def _zsh_esc(text):
-    """Escape for an _arguments spec field: backslash, brackets, colon."""
-    for ch in ("\\", "[", "]", ":"):
-        text = text.replace(ch, "\\" + ch)
-    return text
-
-
-def _zsh_specs(args):
-    out = []
-    for a in args:
-        if a.choices is not None:
-            action = "(%s)" % " ".join(a.choices)
-        elif a.kind == "dir":
-            action = "_files -/"
-        elif a.kind == "file":
-            action = "_files"
-        else:
-            action = " "
-        if not a.flags:
-            out.append("%s:%s:%s" % ("*" if a.multi else "", _zsh_esc(a.name), action))
-            continue
-        excl = "(%s)" % " ".join(a.flags) if len(a.flags) > 1 and not a.multi else ""
-        for f in a.flags:
-            spec = excl + ("*" if a.multi else "") + f
-            if a.value:
-                spec += "=" if f.startswith("--") else "+"
-            spec += "[%s]" % _zsh_esc(a.help)
-            if a.value:
-                spec += ":%s:%s" % (_zsh_esc(a.name), action)
-            out.append(spec)
-    return [_sh_quote(s) for s in out]
-
-
-def _zsh_script(prog, glob, subs):
-    fn = _c_ident(prog)
-    ind = " " * 8
-    lines = [
-        "#compdef %s" % prog,
-        "",
-        "# zsh completion for %s (generated)" % prog,
-        "%s() {" % fn,
-        "    local curcontext=\"$curcontext\" state line ret=1",
-        "    typeset -A opt_args",
-        "",
-        "    _arguments -C -s -S \\",
-    ]
-    lines += [ind + s + " \\" for s in _zsh_specs(glob)]
-    lines += [
-        ind + "'1: :%s_commands' \\" % fn,
-        ind + "'*:: :->args' && ret=0",
-        "",
-        "    case $state in",
-        "    (args)",
-        "        curcontext=\"${curcontext%%:*:*}:%s-command-$line[1]:\"" % prog,
-        "        case $line[1] in",
-    ]
-    for s in subs:
-        specs = _zsh_specs(_with_globals(s.args, glob))
-        lines.append("        (%s)" % "|".join(_sh_quote(n) for n in s.names))
-        if specs:
-            lines.append("            _arguments -s -S \\")
-            lines += [ind + "    " + sp + " \\" for sp in specs]
-            lines.append(ind + "    && ret=0")
-        else:
-            lines.append("            _message 'no more arguments' && ret=0")
-        lines.append("            ;;")
-    lines += [
-        "        esac",
-        "        ;;",
-        "    esac",
-        "    return ret",
-        "}",
-        "",
-        "%s_commands() {" % fn,
-        "    local -a commands",
-        "    commands=(",
-    ]
-    for s in subs:
-        for n in s.names:
-            lines.append(ind + _sh_quote("%s:%s" % (n.replace(":", "\\:"), s.help)))
-    lines += [
-        "    )",
-        "    _describe -t commands %s commands \"$@\"" % _sh_quote(prog + " command"),
-        "}",
-        "",
-        "if [ \"$funcstack[1]\" = %s ]; then" % _sh_quote(fn),
-        "    %s \"$@\"" % fn,
-        "else",
-        "    compdef %s %s" % (fn, _sh_quote(prog)),
-        "fi",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# -- fish ----------------------------------------------------------------------
-def _fish_quote(text):
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _fish_line(prog, cond, a):
-    parts = ["complete -c", _fish_quote(prog)]
-    if cond:
-        parts += ["-n", _fish_quote(cond)]
-    for f in a.flags:
-        if f.startswith("--"):
-            parts += ["-l", f[2:]]
-        elif len(f) == 2:
-            parts += ["-s", f[1:]]
-        else:
-            parts += ["-o", f[1:]]
-    if a.value or not a.flags:
-        if a.choices is not None:
-            parts += ["-r" if a.flags else "", "-f", "-a", _fish_quote(" ".join(a.choices))]
-        elif a.kind == "dir":
-            parts += ["-r" if a.flags else "", "-f", "-a",
-                      "'(__fish_complete_directories (commandline -ct))'"]
-        elif a.kind == "file":
-            parts += ["-r", "-F"]
-        elif a.flags:
-            parts += ["-x"]
-    if a.help:
-        parts += ["-d", _fish_quote(a.help)]
-    return " ".join(p for p in parts if p)
-
-
-def _fish_script(prog, glob, subs):
-    lines = ["# fish completion for %s (generated)" % prog,
-             "complete -c %s -n '__fish_use_subcommand' -f" % _fish_quote(prog)]
-    lines += [_fish_line(prog, None, a) for a in glob]      # valid everywhere
-    for s in subs:
-        for n in s.names:
-            line = "complete -c %s -n '__fish_use_subcommand' -f -a %s" % (
-                _fish_quote(prog), _fish_quote(n))
-            lines.append(line + (" -d %s" % _fish_quote(s.help) if s.help else ""))
-    for s in subs:
-        cond = "__fish_seen_subcommand_from " + " ".join(s.names)
-        pos = _positionals(s.args)
-        if not any(a.kind == "file" and a.choices is None for a in pos):
-            lines.append("complete -c %s -n %s -f" % (_fish_quote(prog), _fish_quote(cond)))
-        lines += [_fish_line(prog, cond, a) for a in s.args
-                  if a.flags or a.choices is not None or a.kind == "dir"]
-    return "\n".join(lines) + "\n"
-
-
-# -- PowerShell ----------------------------------------------------------------
-def _ps_quote(text):
-    """Single-quoted PowerShell string; typographic single quotes also delimit."""
-    return "'" + re.sub("(['\u2018\u2019\u201a\u201b])", r"\1\1", text) + "'"
-
-
-def _ps_list(items):
-    return "@(%s)" % ", ".join(_ps_quote(i) for i in items)
-
-
-def _ps_result(text, kind, tip):
-    return "[CompletionResult]::new(%s, %s, [CompletionResultType]::%s, %s)" % (
-        _ps_quote(text), _ps_quote(text), kind, _ps_quote(tip or text))
-
-
-def _ps_context(args, top_subs):
-    ind = " " * 12
-    out = []
-    for a in args:
-        if a.flags and a.value:
-            vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in a.choices or [])
-            out.append(ind + "if (%s -contains $prev) { %s%sbreak }"
-                       % (_ps_list(a.flags), vals, "; " if vals else ""))
-    pos = _positionals(args)
-    choices = [c for a in pos for c in (a.choices or [])]
-    if choices or any(a.kind for a in pos):
-        vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in choices)
-        out.append(ind + "if (-not $wordToComplete.StartsWith('-')) { %s%sbreak }"
-                   % (vals, "; " if vals else ""))
-    for a in args:
-        for f in a.flags:
-            out.append(ind + _ps_result(f, "ParameterName", a.help))
-    for s in top_subs:
-        for n in s.names:
-            out.append(ind + _ps_result(n, "ParameterValue", s.help))
-    out.append(ind + "break")
-    return out
-
-
-def _pwsh_script(prog, glob, subs):
-    gvalue = [f for a in glob if a.value for f in a.flags]
-    lines = [
-        "# PowerShell completion for %s (generated)" % prog,
-        "using namespace System.Management.Automation",
-        "using namespace System.Management.Automation.Language",
-        "",
-        "Register-ArgumentCompleter -Native -CommandName %s -ScriptBlock {" % _ps_quote(prog),
-        "    param($wordToComplete, $commandAst, $cursorPosition)",
-        "",
-        "    # words before the one under the cursor",
-        "    $words = @($commandAst.CommandElements |",
-        "        Where-Object { $_.Extent.EndOffset -lt $cursorPosition } |",
-        "        ForEach-Object { $_.Extent.Text })",
-        "    $globalValueOpts = %s" % _ps_list(gvalue),
-        "    $sub = ''",
-        "    for ($i = 1; $i -lt $words.Count; $i++) {",
-        "        if ($globalValueOpts -contains $words[$i]) { $i++; continue }",
-        "        if ($words[$i].StartsWith('-')) { continue }",
-        "        $sub = $words[$i]; break",
-        "    }",
-        "    $prev = if ($words.Count -gt 1) { $words[-1] } else { '' }",
-        "",
-        "    $completions = @(switch ($sub) {",
-        "        '' {",
-    ]
-    lines += _ps_context(glob, subs)
-    lines.append("        }")
-    for s in subs:
-        lines.append("        { %s -contains $_ } {" % _ps_list(s.names))
-        lines += _ps_context(_with_globals(s.args, glob), [])
-        lines.append("        }")
-    lines += [
-        "    })",
-        "",
-        "    $completions |",
-        "        Where-Object { $_.CompletionText.StartsWith($wordToComplete, "
-        "[StringComparison]::OrdinalIgnoreCase) } |",
-        "        Sort-Object -Property ListItemText",
-        "}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# -- elvish --------------------------------------------------------------------
-def _elv_quote(text):
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _elv_list(items):
-    return "[%s]" % " ".join(_elv_quote(i) for i in items)
-
-
-def _elv_context(args, top_subs):
-    ind = " " * 8
-    branches = []
-    for a in args:
-        if a.flags and a.value:
-            if a.choices is not None:
-                body = "put %s" % " ".join(_elv_quote(c) for c in a.choices)
-            elif a.kind:
-                body = "edit:complete-filename $cur"
-            else:
-                body = "nop"
-            branches.append(("(has-value %s $prev)" % _elv_list(a.flags), body))
-    pos = _positionals(args)
-    choices = [c for a in pos for c in (a.choices or [])]
-    if choices or any(a.kind for a in pos):
-        body = []
-        if any(a.kind and a.choices is None for a in pos):
-            body.append("edit:complete-filename $cur")
-        if choices:
-            body.append("put %s" % " ".join(_elv_quote(c) for c in choices))
-        branches.append(("(not (str:has-prefix $cur -))", "; ".join(body)))
-    cands = ["cand %s %s" % (_elv_quote(f), _elv_quote(a.help or f))
-             for a in args for f in a.flags]
-    cands += ["cand %s %s" % (_elv_quote(n), _elv_quote(s.help or n))
-              for s in top_subs for n in s.names]
-    out = []
-    for i, (cond, body) in enumerate(branches):
-        out.append(ind + ("if " if i == 0 else "} elif ") + cond + " {")
-        out.append(ind + "    " + body)
-    if branches:
-        out.append(ind + "} else {")
-        out += [ind + "    " + c for c in cands or ["nop"]]
-        out.append(ind + "}")
-    else:
-        out += [ind + c for c in cands or ["nop"]]
-    return out
-
-
-def _elvish_script(prog, glob, subs):
-    gvalue = [f for a in glob if a.value for f in a.flags]
-    lines = [
-        "# elvish completion for %s (generated)" % prog,
-        "use str",
-        "",
-        "set edit:completion:arg-completer[%s] = {|@words|" % _elv_quote(prog),
-        "    fn cand {|text desc|",
-        "        edit:complex-candidate $text &display=$text' -- '$desc",
-        "    }",
-        "    var cur = $words[-1]",
-        "    var prev = ''",
-        "    if (> (count $words) 2) { set prev = $words[-2] }",
-        "    # the subcommand is the first word that is neither an option nor its value",
-        "    var sub = ''",
-        "    var skip = $false",
-        "    for w $words[1..-1] {",
-        "        if $skip { set skip = $false; continue }",
-        "        if (has-value %s $w) { set skip = $true; continue }" % _elv_list(gvalue),
-        "        if (str:has-prefix $w -) { continue }",
-        "        set sub = $w",
-        "        break",
-        "    }",
-        "    if (eq $sub '') {",
-    ]
-    lines += _elv_context(glob, subs)
-    for s in subs:
-        lines.append("    } elif (has-value %s $sub) {" % _elv_list(s.names))
-        lines += _elv_context(_with_globals(s.args, glob), [])
-    lines += ["    }", "}", ""]
-    return "\n".join(lines)
 
 
 def _suppress():
