@@ -197,8 +197,8 @@ for _yaml_s in (".nan", ".NaN", ".NAN"):
     _YAML_SPECIAL_FLOATS[_yaml_s] = float("nan")
 del _yaml_s
 _YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v",
-            "f": "\f", "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\",
-            "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+                 "f": "\f", "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\",
+                 "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
 _YAML_NO_PLAIN_START = "&*!|>%@`,[]{}#"      # characters that cannot start a plain scalar
 _YAML_INDICATOR_ERRORS = {
     "&": "anchors (&name) are not supported",
@@ -2766,8 +2766,8 @@ def _not_applicable(errno_value):
     global _NOT_APPLICABLE
     if _NOT_APPLICABLE is None:
         import errno
-        _NOT_APPLICABLE = {getattr(errno, n) for n in ("EAFNOSUPPORT", "EADDRNOTAVAIL", "EPROTONOSUPPORT",
-                                                        "EPFNOSUPPORT", "ESOCKTNOSUPPORT") if hasattr(errno, n)}
+        names = ("EAFNOSUPPORT", "EADDRNOTAVAIL", "EPROTONOSUPPORT", "EPFNOSUPPORT", "ESOCKTNOSUPPORT")
+        _NOT_APPLICABLE = {getattr(errno, n) for n in names if hasattr(errno, n)}
     return errno_value in _NOT_APPLICABLE
 
 
@@ -3445,10 +3445,9 @@ def resolve_data_dir(explicit=None, environ=None):
     """--data-dir > TROP_DATA_DIR > $HOME/.trop > $USERPROFILE/.trop (verbatim, not normalized)."""
     environ = os.environ if environ is None else environ
     if explicit:
-        return explicit
-    for name in ("TROP_DATA_DIR",):
-        if environ.get(name):
-            return environ[name]
+        return os.fspath(explicit)
+    if environ.get("TROP_DATA_DIR"):
+        return environ["TROP_DATA_DIR"]
     home = environ.get("HOME") or environ.get("USERPROFILE")
     if not home:
         raise ConfigError("cannot determine the data directory: HOME is not set; "
@@ -3537,7 +3536,7 @@ class Session:
         self.cwd = current_dir()
         self.quiet = bool(opts.get("quiet"))
         self.verbose = bool(opts.get("verbose")) and not self.quiet
-        self._data_dir = opts.get("data_dir")
+        self._data_dir = resolve_data_dir(opts["data_dir"]) if opts.get("data_dir") else None
         self.config = None
         self.project_dir = None
         if scope is None:
@@ -3573,7 +3572,7 @@ class Session:
         """The store to plan against; a dry run never creates a missing database.
 
         With keep_open (the Python API's Trop handle) one connection serves every
-        call; it is reopened after a fork or when trop.db was replaced.
+        call; it is reopened after a fork, or when trop.db is another file (a recreated data directory).
         """
         if dry_run and not self.db_exists():
             return Store.open_empty()
@@ -3597,7 +3596,6 @@ class Session:
             if self._store is not None:
                 self._store.close()
                 self._store = None
-
 
     def write(self, planner, dry_run=False):
         """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back)."""
@@ -3714,9 +3712,9 @@ class Trop:
     def __init__(self, **options):
         unknown = sorted(set(options) - API_OPTIONS)
         if unknown:
-            raise TypeError("unexpected option%s %s (options are the CLI's global and configuration "
-                            "flags with underscores: %s)" % ("s" if len(unknown) > 1 else "", ", ".join(unknown),
-                                                           ", ".join(sorted(API_OPTIONS))))
+            raise TypeError("unexpected option%s %s (options are the CLI's global and configuration flags "
+                            "with underscores: %s)"
+                            % ("s" if len(unknown) > 1 else "", ", ".join(unknown), ", ".join(sorted(API_OPTIONS))))
         self._options = options
         self.session = _guard(lambda: Session(options, keep_open=True))
 
@@ -4093,10 +4091,10 @@ def _dist_name(meta):
 
 
 def _metadata_text(meta):
+    fields = (meta["name"], meta["version"], meta["summary"], meta["license"], meta["requires_python"],
+              meta["readme"])
     return ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: %s\nLicense: %s\nRequires-Python: %s\n"
-            "Description-Content-Type: text/markdown\n\n%s" % (meta["name"], meta["version"], meta["summary"],
-                                                                meta["license"], meta["requires_python"],
-                                                                meta["readme"]))
+            "Description-Content-Type: text/markdown\n\n%s" % fields)
 
 
 def _write_wheel(wheel_directory, files):
@@ -5141,8 +5139,8 @@ def _cleanup_command(args, prune, expire):
     else:
         if dry:
             _err("[DRY RUN] Scanning for reservations unused for %d days..." % days)
-        head = "%s %d reservation(s) older than %d days" % ("[DRY RUN] Would expire" if dry else "Expired",
-                                                           total, days)
+        head = "%s %d reservation(s) older than %d days" % (
+            "[DRY RUN] Would expire" if dry else "Expired", total, days)
         if session.verbose:
             _err(head + ":")
             for r in cleanup.expired:
