@@ -1,21 +1,24 @@
-"""Tests for trop.py: errors and exit codes, path normalization and the path
-guard, git inference, the reservation models, the SQLite store (schema v2,
-v1 -> v2 migration, corruption and unsupported-schema handling), occupancy
-probes, port allocation, and the commands init, show-data-dir, show-path,
-reserve, release, list, list-projects, assert-reservation, assert-port,
-assert-data-dir and port-info with their global options, environment
-variables and exact output, plus multi-process concurrency. Unit tests call
-the library (``import trop``); command-line tests run ``python -m trop`` in
-temporary directories with an isolated HOME and data directory. Run with
-``python3 -m unittest`` from the directory holding trop.py; set
-``TROP_STRESS=1`` to also run the stress tests.
+"""Tests for trop.py, in the order of its sections: errors and exit codes; the YAML reader and the
+exclusion writer; configuration (schema, layers, validate, exclude, compact-exclusions); paths and git
+inference; the reservation models; the SQLite store (schema v2, v1 -> v2 migration, corruption, unsupported
+schemas); occupancy (probes, socket owners, scan, port-info); allocation; the operations (cleanup rules,
+reserve and release, reservation groups and `trop run`, the cleanup commands and migrate, the Python API and
+its pytest plugin); output formats; packaging (the PEP 517 backend, pip install, zipapp); shell completions;
+every command of the command line with its options, environment variables and exact output; multi-process
+and multi-thread concurrency; and the README's commands and examples.
+
+Unit tests call the library (``import trop``); the others run ``python -m trop`` (or the library) in a
+temporary tree with its own HOME and data directory (see TropTestCase).  Run them from the directory holding
+trop.py with ``python3 -m unittest -v``; ``TROP_STRESS=1`` adds the stress tests.
 """
 
+import argparse
 import atexit
 import base64
 import calendar
 import configparser
 import contextlib
+import copy
 import csv
 import email.parser
 import errno
@@ -26,6 +29,8 @@ import json
 import math
 import os
 import pathlib
+import pickle
+import pwd
 import random
 import re
 import shlex
@@ -48,7 +53,11 @@ from unittest import mock
 import trop
 
 TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
-STRESS = os.environ.get("TROP_STRESS") == "1"        # gates stress tests: @unittest.skipUnless(STRESS, ...)
+STRESS = os.environ.get("TROP_STRESS") == "1"        # gates the stress tests
+TIMEOUT = 180                                         # seconds a child process may take by default
+LINUX_PROC = os.path.isdir("/proc/net") and os.path.exists("/proc/self/comm")
+DAY = 86400
+SKIP_PROBES = {"TROP_SKIP_OCCUPANCY_CHECK": "1"}
 
 # 2024-01-15 10:30:45 UTC and 2024-02-01 00:00:00 UTC
 T1 = calendar.timegm((2024, 1, 15, 10, 30, 45))
@@ -77,9 +86,10 @@ V1_SQL = (
 ) + INDEX_SQL
 COLUMNS = "path, tag, port, project, task, created_at, last_used_at"
 LOCK_TIMEOUT_1S = "Error: database lock timeout while starting an immediate database transaction after 1s\n"
+WIDE = ("--min", "20000", "--max", "40000", "--skip-occupancy-check", "--allow-unrelated-path")   # any path, no probes
 
 
-# --- helpers -----------------------------------------------------------------
+# --- Helpers -----------------------------------------------------------------
 
 _PYCACHE = []
 
@@ -92,11 +102,9 @@ def _pycache_dir():
     return _PYCACHE[0]
 
 
-def clean_env(**values):
-    """The inherited environment without TROP_* variables, plus PYTHONPATH and the given values."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_") and k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = TROP_DIR
-    env["PYTHONPYCACHEPREFIX"] = _pycache_dir()
+def updated(env, values):
+    """A copy of env with values set; a value None removes the variable."""
+    env = dict(env)
     for key, value in values.items():
         if value is None:
             env.pop(key, None)
@@ -105,20 +113,75 @@ def clean_env(**values):
     return env
 
 
-def run(*args, cwd=None, env=None):
+def clean_env(**values):
+    """The inherited environment without TROP_* variables or a shell's own (ZSH_VERSION, FISH_VERSION,
+    PSModulePath), with SHELL=/bin/bash, UTF-8 standard streams and PYTHONPATH = trop.py's directory, plus
+    the given values (None removes one)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("TROP_") and k not in ("PYTHONDONTWRITEBYTECODE", "ZSH_VERSION", "FISH_VERSION",
+                                                      "PSModulePath")}
+    env.update(PYTHONPATH=TROP_DIR, PYTHONPYCACHEPREFIX=_pycache_dir(), PYTHONIOENCODING="utf-8",
+               SHELL="/bin/bash")
+    return updated(env, values)
+
+
+def spawn(argv, cwd=None, env=None):
+    """Start a program with UTF-8 text streams and no standard input."""
+    return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+
+
+def popen(args, cwd=None, env=None):
+    """Start `python -m trop ARGS`, by default with clean_env()."""
+    return spawn([sys.executable, "-m", "trop"] + list(args), cwd, clean_env() if env is None else env)
+
+
+def finish(proc, timeout=TIMEOUT, allow_traceback=False):
+    """(exit code, stdout, stderr) of a started process; the exit code is None if the process had to be
+    killed after timeout seconds.  No stderr may hold a traceback unless allowed."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        rc = None
+    if "Traceback" in err and not allow_traceback:
+        raise AssertionError("traceback in stderr of %s:\n%s" % (" ".join(proc.args), err))
+    return rc, out, err
+
+
+def run(*args, cwd=None, env=None, timeout=TIMEOUT):
     """Run `python -m trop ARGS`; returns (exit code, stdout, stderr). No stderr may hold a traceback."""
-    proc = subprocess.run([sys.executable, "-m", "trop"] + [str(a) for a in args], cwd=cwd,
-                          env=clean_env() if env is None else env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    if "Traceback" in proc.stderr:
-        raise AssertionError("traceback in stderr of trop %s:\n%s" % (" ".join(map(str, args)), proc.stderr))
-    return proc.returncode, proc.stdout, proc.stderr
+    return finish(popen(args, cwd, env), timeout)
 
 
-def popen(args, cwd, env):
-    return subprocess.Popen([sys.executable, "-m", "trop"] + [str(a) for a in args], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
+def trop_main(*args):
+    """In-process `trop.main(ARGS)`: (exit code, stdout, stderr); much faster than a child process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = trop.main([str(a) for a in args])
+        except SystemExit as exc:
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _rmtree(path):
+    for root, dirs, _files in os.walk(path):             # undo chmod 000 before removing
+        for name in dirs:
+            try:
+                os.chmod(os.path.join(root, name), 0o700)
+            except OSError:
+                pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def temp_dir(test, prefix="trop-test-"):
+    """A fresh real (symlink-free) temporary directory, removed when the test ends."""
+    path = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(_rmtree, path)
+    return path
 
 
 def make_v2_db(data_dir, rows=()):
@@ -152,74 +215,316 @@ def insert_rows(conn, rows):
     conn.executemany("INSERT INTO reservations (%s) VALUES (?, ?, ?, ?, ?, ?, ?)" % COLUMNS, list(rows))
 
 
-def db_rows(data_dir):
-    conn = sqlite3.connect(os.path.join(data_dir, "trop.db"))
+def db_rows(data_dir, width=7):
+    """The reservations of <data_dir>/trop.db ordered by path and tag, each the tuple of its first `width`
+    columns (path, tag, port, project, task, created_at, last_used_at); [] without a database."""
+    db = os.path.join(data_dir, "trop.db")
+    if not os.path.exists(db):
+        return []
+    conn = sqlite3.connect(db)
     try:
-        return conn.execute("SELECT %s FROM reservations ORDER BY path, tag" % COLUMNS).fetchall()
+        return [tuple(r[:width]) for r in conn.execute("SELECT %s FROM reservations ORDER BY path, tag" % COLUMNS)]
     finally:
         conn.close()
 
 
-def read_bytes(path):
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def write_file(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
 def sql_tokens(sql):
     """Upper-cased tokens of a CREATE statement, ignoring whitespace and `IF NOT EXISTS`."""
-    import re
     tokens = [t.upper() for t in re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+|>=|\S", sql)]
     if tokens[2:5] == ["IF", "NOT", "EXISTS"]:
         del tokens[2:5]
     return tokens
 
 
-class TempDirTestCase(unittest.TestCase):
-    """A fresh real (symlink-free) temporary directory per test."""
+def group_yaml(services, project=None, pmin=40000, pmax=40999, base=None, skip=True, excluded=None):
+    """A trop.yaml text; services = [(tag, {offset/preferred/env: value})]."""
+    lines = []
+    if project is not None:
+        lines.append("project: %s" % json.dumps(project))
+    lines += ["ports:", "  min: %d" % pmin, "  max: %d" % pmax]
+    if excluded:
+        lines.append("excluded_ports:")
+        lines += ["  - %s" % json.dumps(e) for e in excluded]
+    if skip:
+        lines += ["occupancy_check:", "  skip: true"]
+    lines.append("reservations:")
+    if base is not None:
+        lines.append("  base: %d" % base)
+    lines.append("  services:" if services else "  services: {}")
+    for tag, body in services:
+        fields = ", ".join("%s: %s" % (k, json.dumps(v, ensure_ascii=False)) for k, v in body.items())
+        lines.append("    %s: {%s}" % (json.dumps(tag, ensure_ascii=False), fields))
+    return "\n".join(lines) + "\n"
+
+
+def numbered_services(count):
+    """Services s00, s01, ... at offsets 0, 1, ..."""
+    return [("s%02d" % i, {"offset": i}) for i in range(count)]
+
+
+def port_free(port):
+    """Independent of trop: can TCP and UDP bind the IPv4 (and IPv6) wildcard?"""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            try:
+                s = socket.socket(family, kind)
+            except OSError:
+                continue
+            try:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE or family == socket.AF_INET:
+                    return False
+            finally:
+                s.close()
+    return True
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def this_process_owner():
+    """(pid, process name, user) trop must report for this process's sockets."""
+    with open("/proc/self/comm") as fh:
+        return os.getpid(), fh.read().strip(), user_name(os.getuid())
+
+
+def run_shell(argv, **kw):
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=60, **kw)
+
+
+def script_file(test, text, suffix=""):
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    test.addCleanup(os.unlink, path)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return path
+
+
+class TropTestCase(unittest.TestCase):
+    """A temporary tree per test, and trop run there as a command (or as the library, IN_PROCESS).
+
+    self.root is a fresh symlink-free temporary directory, removed after the test; self.home (root/home, the
+    HOME of everything run) and self.proj (root/proj) exist, self.data (root/data; self.db is its trop.db) is
+    left for trop to create.  Commands run in self.proj (self.root if RUN_IN_ROOT) with self.env (clean_env()
+    with HOME and the class's ENV) plus TROP_DATA_DIR = self.data as it is when the command starts; a call's
+    env adds variables (None removes one).  IN_PROCESS tests get the same HOME and no TROP_* variable in
+    os.environ, the cwd self.proj, and self.opts for the library's calls.
+    """
+
+    ENV = {}                    # variables every command of the class gets
+    RUN_IN_ROOT = False         # commands run in self.root, not self.proj
+    IN_PROCESS = False          # the test calls the library in this process
+    maxDiff = None
+    _template_db = None         # fresh_data's initialized trop.db, one per class
 
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="trop-test-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temp_dir(self)
+        self.home = self.mkdir("home")
+        self.proj = self.mkdir("proj")
+        self.data = self.path("data")
+        self.db = os.path.join(self.data, "trop.db")
+        self.env = clean_env(HOME=self.home, **self.ENV)
+        if self.IN_PROCESS:
+            patcher = mock.patch.dict(os.environ, {"HOME": self.home})
+            patcher.start()
+            self.addCleanup(patcher.stop)
+            for name in [k for k in os.environ if k.startswith("TROP_")]:
+                del os.environ[name]
+            self.chdir(self.proj)
+            self.opts = dict(data_dir=self.data, skip_occupancy_check=True)
+
+    # -- files ---------------------------------------------------------------
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
 
     def mkdir(self, *parts):
-        path = os.path.join(self.root, *parts)
+        path = self.path(*parts)
         os.makedirs(path, exist_ok=True)
         return path
 
     def chdir(self, path):
-        old = os.getcwd()
+        self.addCleanup(os.chdir, os.getcwd())
         os.chdir(path)
-        self.addCleanup(os.chdir, old)
 
+    def write(self, path, content):
+        """Writes text (as UTF-8) or bytes to path (absolute, or relative to self.root); returns the path."""
+        path = self.path(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+        return path
 
-class CLITestCase(TempDirTestCase):
-    """Black-box tests: cwd = <tmp>/proj, HOME = <tmp>/home, TROP_DATA_DIR = <tmp>/data."""
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as fh:
+            return fh.read()
 
-    def setUp(self):
-        TempDirTestCase.setUp(self)
-        self.home = self.mkdir("home")
-        self.proj = self.mkdir("proj")
-        self.data = os.path.join(self.root, "data")
-        self.db = os.path.join(self.data, "trop.db")
-        self.env = clean_env(HOME=self.home, TROP_DATA_DIR=self.data, TROP_SKIP_OCCUPANCY_CHECK="1")
+    def exclusions(self, path):
+        """The excluded_ports of a configuration file, as (start, end) pairs."""
+        doc = trop.parse_yaml(self.read(path).decode("utf-8"))
+        return [trop.parse_exclusion(item) for item in doc.get("excluded_ports") or []]
 
-    def trop(self, *args, **kw):
-        """run() with this test's cwd and environment; keyword TROP_X=... adds (None removes) variables."""
-        cwd = kw.pop("cwd", self.proj)
-        env = dict(kw.pop("env", self.env))
-        for key, value in kw.items():
-            if value is None:
-                env.pop(key, None)
-            else:
-                env[key] = value
-        return run(*args, cwd=cwd, env=env)
+    def group_file(self, directory, services, **kw):
+        """<directory>/trop.yaml holding a reservation group (group_yaml's keywords); returns its path."""
+        return self.write(os.path.join(directory, "trop.yaml"), group_yaml(services, **kw))
 
+    def group_dir(self, name, services, **kw):
+        """root/NAME holding a trop.yaml (see group_file); returns the directory."""
+        return os.path.dirname(self.group_file(self.path(name), services, **kw))
+
+    # -- processes -----------------------------------------------------------
+    def environment(self, env=None):
+        return updated(dict(self.env, TROP_DATA_DIR=self.data), env or {})
+
+    def _started(self, proc):
+        def reap():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        self.addCleanup(reap)
+        return proc
+
+    def _cwd(self, cwd=None):
+        return cwd or (self.root if self.RUN_IN_ROOT else self.proj)
+
+    def start(self, *args, cwd=None, env=None):
+        """Start `python -m trop ARGS`; finish(proc) waits for its (exit code, stdout, stderr)."""
+        return self._started(popen(args, self._cwd(cwd), self.environment(env)))
+
+    def start_python(self, code, *args):
+        """Start `python -c CODE ARGS` in self.root with self.env."""
+        return self._started(spawn([sys.executable, "-c", code] + list(args), self.root, self.env))
+
+    def trop(self, *args, cwd=None, env=None):
+        """`python -m trop ARGS` run to its end: (exit code, stdout, stderr)."""
+        return run(*args, cwd=self._cwd(cwd), env=self.environment(env))
+
+    def trop_many(self, calls):
+        """Start every command at once, then wait for all; calls = [args or (args, {"cwd": .., "env": ..})]."""
+        procs = []
+        for call in calls:
+            args, kwargs = call if len(call) == 2 and isinstance(call[1], dict) else (call, {})
+            procs.append(self.start(*args, **kwargs))
+        return [finish(p) for p in procs]
+
+    def ok(self, *args, **kwargs):
+        """(stdout, stderr) of a command that must succeed."""
+        rc, out, err = self.trop(*args, **kwargs)
+        self.assertEqual(rc, 0, "trop %s failed: %s" % (" ".join(map(str, args)), err))
+        return out, err
+
+    def reserve_port(self, *args, **kw):
+        rc, out, err = self.trop("reserve", *args, **kw)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(err, "")
+        return int(out)
+
+    def child_env(self, **values):
+        """The environment of a program that must not see this checkout: no TROP_*, PIP_* or PYTHON*
+        variables, HOME = the temporary home, no bytecode written; PYTHONPATH only if given."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TROP_", "PIP_", "PYTHON")) and k not in ("VIRTUAL_ENV", "PYTEST_ADDOPTS")}
+        env.update(HOME=self.home, PYTHONPYCACHEPREFIX=self.path("pycache"), PYTHONDONTWRITEBYTECODE="1",
+                   PYTHONNOUSERSITE="1", PIP_CONFIG_FILE=os.devnull, PYTHONIOENCODING="utf-8")
+        return updated(env, values)
+
+    def execute(self, argv, cwd=None, env=None, timeout=120, allow_traceback=False):
+        """(exit status, stdout, stderr) of any program, by default in self.root with child_env()."""
+        proc = self._started(spawn(argv, cwd or self.root, env or self.child_env()))
+        return finish(proc, timeout, allow_traceback)
+
+    def handle(self, data=None):
+        """An in-process Trop handle for fixtures (never used by the processes under test)."""
+        h = trop.Trop(data_dir=data or self.data, allow_unrelated_path=True, skip_occupancy_check=True,
+                      min=20000, max=40000, busy_timeout=30)
+        self.addCleanup(h.close)
+        return h
+
+    # -- the database --------------------------------------------------------
+    def rows(self, width=7, data=None):
+        """db_rows of the data directory (self.data unless given)."""
+        return db_rows(data or self.data, width)
+
+    def sql(self, statement, params=()):
+        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
+        try:
+            conn.execute(statement, params)
+        finally:
+            conn.close()
+
+    def fresh_data(self, name):
+        """Point self.data at root/NAME holding an empty, initialized trop.db (a copy of one per class)."""
+        cls = type(self)
+        if cls._template_db is None:
+            template = tempfile.mkdtemp(prefix="trop-test-template-")
+            cls.addClassCleanup(shutil.rmtree, template, True)
+            saved, self.data = self.data, template
+            self.ok("init")
+            self.data = saved
+            cls._template_db = os.path.join(template, "trop.db")
+        self.data = self.mkdir(name)
+        shutil.copy(cls._template_db, os.path.join(self.data, "trop.db"))
+        return self.data
+
+    def seed(self, *rows):
+        """Insert (path, tag, port[, project, task, created_at, last_used_at]) rows directly; missing
+        timestamps are now."""
+        if not os.path.exists(os.path.join(self.data, "trop.db")):
+            self.fresh_data(os.path.relpath(self.data, self.root))
+        now = int(time.time())
+        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
+        try:
+            insert_rows(conn, [tuple(row) + (None, None, now, now)[len(row) - 3:] for row in rows])
+        finally:
+            conn.close()
+
+    # -- ports -----------------------------------------------------------------
+    def free_block(self, n=6):
+        """n consecutive free ports, above the ephemeral range when possible."""
+        low, high = 42000, 60000
+        try:
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+                eph_high = int(fh.read().split()[1])
+            if eph_high < 64000:
+                low, high = eph_high + 1, 65500
+        except (OSError, ValueError, IndexError):
+            pass
+        rng = random.Random()
+        for _ in range(200):
+            start = rng.randrange(low, high - n)
+            if all(port_free(p) for p in range(start, start + n)):
+                return start
+        self.skipTest("no block of %d free ports found" % n)
+
+    def listening_block(self, n, *protos):
+        """The first of n consecutive free ports, the first len(protos) of them then held on 127.0.0.1, one
+        listener a port, by the protocols given ("tcp" or "udp")."""
+        start = self.free_block(n)
+        for offset, proto in enumerate(protos):
+            self.listen(proto, "127.0.0.1", start + offset)
+        return start
+
+    def listen(self, proto, address, port=0):
+        """A socket bound to (address, port), listening if TCP; closed when the test ends."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((address, port))
+        if proto == "tcp":
+            s.listen(5)
+        return s
+
+    # -- assertions ------------------------------------------------------------
     def assertError(self, result, code, message=None, startswith=None, contains=None):
         """Exit code, empty stdout, exactly one `Error: ...` line on stderr."""
         rc, out, err = result
@@ -238,11 +543,28 @@ class CLITestCase(TempDirTestCase):
         rc, out, err = result
         self.assertEqual((rc, out, err), (0, "%d\n" % port, ""))
 
-    def reserve_port(self, *args, **kw):
-        rc, out, err = self.trop("reserve", *args, **kw)
-        self.assertEqual(rc, 0, err)
-        self.assertEqual(err, "")
-        return int(out)
+    def assertNoTraceback(self, err, what=""):
+        self.assertNotIn("Traceback", err, what)
+        self.assertNotIn("internal error", err, what)
+
+    def assertTropError(self, cls, code, func, *args, **kwargs):
+        """func raises cls (a TropError, never a sqlite3/OS error) whose exit_code is code."""
+        with self.assertRaises(trop.TropError) as ctx:
+            func(*args, **kwargs)
+        exc = ctx.exception
+        self.assertIsInstance(exc, cls, "%s: %s" % (type(exc).__name__, exc))
+        self.assertNotIsInstance(exc, (sqlite3.Error, OSError))
+        self.assertEqual(exc.exit_code, code, str(exc))
+        self.assertTrue(str(exc))
+        return exc
+
+    def assertDataDirValid(self, data=None):
+        self.assertEqual(self.trop("assert-data-dir", "--validate", env={"TROP_DATA_DIR": data or self.data}),
+                         (0, "", ""))
+
+    def assertUniquePorts(self, rows):
+        ports = [r[2] for r in rows]
+        self.assertEqual(len(ports), len(set(ports)), "duplicate ports in %r" % (rows,))
 
 
 # --- Errors ------------------------------------------------------------------
@@ -272,15 +594,13 @@ class TestErrors(unittest.TestCase):
         self.assertEqual(str(trop.SemanticFailure("Assertion failed: x")), "Assertion failed: x")
 
     def test_unexpected_exception_is_one_error_line(self):
-        out, err = io.StringIO(), io.StringIO()
         with mock.patch.object(trop, "resolve_data_dir", side_effect=RuntimeError("boom")), \
-                mock.patch.dict(os.environ, {"TROP_DEBUG": ""}), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = trop.main(["show-data-dir"])
-        self.assertEqual((code, out.getvalue()), (6, ""))
-        self.assertTrue(err.getvalue().startswith("Error: internal error: "), err.getvalue())
-        self.assertIn("boom", err.getvalue())
-        self.assertEqual(err.getvalue().count("\n"), 1)
+                mock.patch.dict(os.environ, {"TROP_DEBUG": ""}):
+            code, out, err = trop_main("show-data-dir")
+        self.assertEqual((code, out), (6, ""))
+        self.assertTrue(err.startswith("Error: internal error: "), err)
+        self.assertIn("boom", err)
+        self.assertEqual(err.count("\n"), 1)
 
     def test_corruption_error_is_a_library_error(self):
         err = trop.CorruptionError("table=reservations, field=port, key=path=\"/a\", tag=<untagged>: bad")
@@ -288,166 +608,7 @@ class TestErrors(unittest.TestCase):
         self.assertTrue(str(err).startswith("database corruption detected: table=reservations, field=port"))
 
 
-class TestCommandLineBasics(CLITestCase):
-    def test_version(self):
-        self.assertEqual(self.trop("--version"), (0, "trop 0.2.0\n", ""))
-
-    def test_no_subcommand_is_a_usage_error(self):
-        rc, out, err = self.trop()
-        self.assertEqual((rc, out), (2, ""))
-        self.assertIn("usage", err.lower())
-
-    def test_unknown_flag_is_a_usage_error(self):
-        rc, out, _err = self.trop("reserve", "--bogus")
-        self.assertEqual((rc, out), (2, ""))
-        self.assertFalse(os.path.exists(self.data))
-
-
-# --- Configuration (environment layer) ---------------------------------------
-
-class TestConfiguration(unittest.TestCase):
-    def config(self, environ):
-        return trop.Config([trop.env_layer(environ)]).validate()
-
-    def test_builtin_defaults(self):
-        config = self.config({})
-        self.assertEqual(config.port_range, trop.PortRange(5000, 7000))
-        self.assertEqual(config["maximum_lock_wait_seconds"], 5)
-        self.assertEqual(config["output_format"], "table")
-        self.assertFalse(config.allow("unrelated_path"))
-
-    def test_boolean_syntax(self):
-        for text in ("true", "TRUE", "1", "yes", "On"):
-            self.assertTrue(self.config({"TROP_ALLOW_UNRELATED_PATH": text})["allow_unrelated_path"], text)
-        for text in ("false", "0", "No", "OFF"):
-            self.assertFalse(self.config({"TROP_ALLOW_UNRELATED_PATH": text})["allow_unrelated_path"], text)
-
-    def test_invalid_boolean(self):
-        with self.assertRaises(trop.ConfigError) as ctx:
-            self.config({"TROP_ALLOW_UNRELATED_PATH": "maybe"})
-        self.assertEqual(ctx.exception.exit_code, 7)
-        self.assertIn("validation error for 'TROP_ALLOW_UNRELATED_PATH': Invalid boolean value: 'maybe' "
-                      "(expected true/false/1/0/yes/no/on/off)", str(ctx.exception))
-
-    def test_port_range_from_environment(self):
-        config = self.config({"TROP_PORT_MIN": "6000", "TROP_PORT_MAX": "6010"})
-        self.assertEqual(config.port_range, trop.PortRange(6000, 6010))
-        with self.assertRaises(trop.ConfigError):
-            self.config({"TROP_PORT_MIN": "8000"})          # default max 7000 < min
-
-    def test_busy_timeout_canonical_name_wins(self):
-        config = self.config({"TROP_BUSY_TIMEOUT": "3", "TROP_MAXIMUM_LOCK_WAIT_SECONDS": "9"})
-        self.assertEqual(config["maximum_lock_wait_seconds"], 3)
-        self.assertEqual(self.config({"TROP_MAXIMUM_LOCK_WAIT_SECONDS": "9"})["maximum_lock_wait_seconds"], 9)
-
-    def test_project_and_task_are_trimmed_and_non_empty(self):
-        config = self.config({"TROP_PROJECT": "  app ", "TROP_TASK": "t1"})
-        self.assertEqual((config["project"], config["task"]), ("app", "t1"))
-        for name in ("TROP_PROJECT", "TROP_TASK"):
-            with self.assertRaises(trop.ConfigError):
-                self.config({name: "   "})
-
-    def test_output_format(self):
-        self.assertEqual(self.config({"TROP_OUTPUT_FORMAT": "JSON"})["output_format"], "json")
-        with self.assertRaises(trop.ConfigError):
-            self.config({"TROP_OUTPUT_FORMAT": "xml"})
-
-
-# --- Configuration files: YAML reader, schema, layers, writers ---------------
-
-class _ConfigCliCase(unittest.TestCase):
-    """Runs `python -m trop` in a sandbox: temp HOME, temp data dir, no inherited TROP_* variables."""
-
-    TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
-
-    def setUp(self):
-        self.tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-cfg-"))
-        self.addCleanup(self._rmtree, self.tmp)
-        self.home = self.mkdir("home")
-        self.data = os.path.join(self.tmp, "data")          # created by trop when needed
-        self.work = self.mkdir("work")
-
-    @staticmethod
-    def _rmtree(path):
-        for root, dirs, files in os.walk(path):             # undo chmod 000 before removing
-            for name in dirs:
-                try:
-                    os.chmod(os.path.join(root, name), 0o700)
-                except OSError:
-                    pass
-        shutil.rmtree(path, ignore_errors=True)
-
-    def mkdir(self, *parts):
-        path = os.path.join(self.tmp, *parts)
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    def write(self, path, content):
-        path = os.path.join(self.tmp, path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
-        return path
-
-    @staticmethod
-    def read(path):
-        with open(path, "rb") as fh:
-            return fh.read()
-
-    def environment(self, env=None):
-        out = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
-        out["HOME"] = self.home
-        out["PYTHONPATH"] = self.TROP_DIR
-        out.pop("PWD", None)
-        for key, value in (env or {}).items():
-            if value is None:
-                out.pop(key, None)
-            else:
-                out[key] = value
-        return out
-
-    def start(self, *args, cwd=None, env=None):
-        return subprocess.Popen([sys.executable, "-m", "trop"] + [str(a) for a in args],
-                                cwd=cwd or self.work, env=self.environment(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def finish(self, proc, timeout=60):
-        """(rc, stdout, stderr); rc is None if the process had to be killed after timeout seconds."""
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            rc = None
-        return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-
-    def trop(self, *args, cwd=None, env=None):
-        return self.finish(self.start(*args, cwd=cwd, env=env))
-
-    def trop_main(self, *args):
-        """In-process `trop.main(args)` for cwd- and environment-independent commands (validate): much faster."""
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = trop.main([str(a) for a in args])
-            except SystemExit as exc:
-                rc = exc.code
-        return rc, out.getvalue(), err.getvalue()
-
-    def trop_many(self, calls, timeout=60):
-        """Run several (args, cwd, env) calls in parallel; results in the same order."""
-        procs = [self.start(*args, cwd=cwd, env=env) for args, cwd, env in calls]
-        return [self.finish(p, timeout) for p in procs]
-
-    def assertNoTraceback(self, err, what=""):
-        self.assertNotIn("Traceback", err, what)
-        self.assertNotIn("internal error", err, what)
-
-
-# --------------------------------------------------------------------------------------------------
-# The YAML reader (A.5)
-# --------------------------------------------------------------------------------------------------
+# --- YAML reader -------------------------------------------------------------
 
 class TestYamlReader(unittest.TestCase):
     SAMPLE = """\
@@ -705,8 +866,6 @@ maximum_lock_wait_seconds: 5
         doc = trop.parse_yaml(self.SAMPLE)
         self.assertIsInstance(doc, dict)
         self.assertIsInstance(doc["excluded_ports"], list)
-        import copy
-        import pickle
         self.assertEqual(copy.deepcopy(doc), doc)
         self.assertEqual(pickle.loads(pickle.dumps(doc)), doc)
 
@@ -930,9 +1089,55 @@ class TestExclusionWriter(unittest.TestCase):
                 trop.replace_excluded_ports("a: 1\n", bad)
 
 
-# --------------------------------------------------------------------------------------------------
-# Schema and validation (B §5), in-process
-# --------------------------------------------------------------------------------------------------
+# --- Configuration -----------------------------------------------------------
+
+class TestConfiguration(unittest.TestCase):
+    def config(self, environ):
+        return trop.Config([trop.env_layer(environ)]).validate()
+
+    def test_builtin_defaults(self):
+        config = self.config({})
+        self.assertEqual(config.port_range, trop.PortRange(5000, 7000))
+        self.assertEqual(config["maximum_lock_wait_seconds"], 5)
+        self.assertEqual(config["output_format"], "table")
+        self.assertFalse(config.allow("unrelated_path"))
+
+    def test_boolean_syntax(self):
+        for text in ("true", "TRUE", "1", "yes", "On"):
+            self.assertTrue(self.config({"TROP_ALLOW_UNRELATED_PATH": text})["allow_unrelated_path"], text)
+        for text in ("false", "0", "No", "OFF"):
+            self.assertFalse(self.config({"TROP_ALLOW_UNRELATED_PATH": text})["allow_unrelated_path"], text)
+
+    def test_invalid_boolean(self):
+        with self.assertRaises(trop.ConfigError) as ctx:
+            self.config({"TROP_ALLOW_UNRELATED_PATH": "maybe"})
+        self.assertEqual(ctx.exception.exit_code, 7)
+        self.assertIn("validation error for 'TROP_ALLOW_UNRELATED_PATH': Invalid boolean value: 'maybe' "
+                      "(expected true/false/1/0/yes/no/on/off)", str(ctx.exception))
+
+    def test_port_range_from_environment(self):
+        config = self.config({"TROP_PORT_MIN": "6000", "TROP_PORT_MAX": "6010"})
+        self.assertEqual(config.port_range, trop.PortRange(6000, 6010))
+        with self.assertRaises(trop.ConfigError):
+            self.config({"TROP_PORT_MIN": "8000"})          # default max 7000 < min
+
+    def test_busy_timeout_canonical_name_wins(self):
+        config = self.config({"TROP_BUSY_TIMEOUT": "3", "TROP_MAXIMUM_LOCK_WAIT_SECONDS": "9"})
+        self.assertEqual(config["maximum_lock_wait_seconds"], 3)
+        self.assertEqual(self.config({"TROP_MAXIMUM_LOCK_WAIT_SECONDS": "9"})["maximum_lock_wait_seconds"], 9)
+
+    def test_project_and_task_are_trimmed_and_non_empty(self):
+        config = self.config({"TROP_PROJECT": "  app ", "TROP_TASK": "t1"})
+        self.assertEqual((config["project"], config["task"]), ("app", "t1"))
+        for name in ("TROP_PROJECT", "TROP_TASK"):
+            with self.assertRaises(trop.ConfigError):
+                self.config({name: "   "})
+
+    def test_output_format(self):
+        self.assertEqual(self.config({"TROP_OUTPUT_FORMAT": "JSON"})["output_format"], "json")
+        with self.assertRaises(trop.ConfigError):
+            self.config({"TROP_OUTPUT_FORMAT": "xml"})
+
 
 class TestConfigSchema(unittest.TestCase):
     FULL_PROJECT = TestYamlReader.SAMPLE
@@ -1115,9 +1320,7 @@ output_format: null
         self.assertEqual(sorted(line for line, _ in items), [1, 3, 4, 6, 7])
 
     def test_read_config_file_names_file_and_line(self):
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp, True)
-        path = os.path.join(tmp, "trop.yaml")
+        path = os.path.join(temp_dir(self), "trop.yaml")
         with open(path, "w") as fh:
             fh.write("ports:\n  min: 5000\n  bogus: 1\n")
         with self.assertRaises(trop.ConfigError) as cm:
@@ -1125,10 +1328,6 @@ output_format: null
         self.assertIn(path + ":3:", str(cm.exception))
         self.assertEqual(cm.exception.exit_code, 7)
 
-
-# --------------------------------------------------------------------------------------------------
-# Layering (B §4 / §5 merge rules), in-process
-# --------------------------------------------------------------------------------------------------
 
 class TestConfigMerge(unittest.TestCase):
     def layer(self, text, kind="project", source=None):
@@ -1234,15 +1433,9 @@ class TestConfigMerge(unittest.TestCase):
         self.assertEqual(tags(self.config(user, proj)), ["api", "web"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Layering end to end through the CLI
-# --------------------------------------------------------------------------------------------------
-
-class TestConfigLayersCli(_ConfigCliCase):
-    SKIP = {"TROP_SKIP_OCCUPANCY_CHECK": "1"}
-
+class TestConfigLayersCLI(TropTestCase):
     def reserve(self, tag, *extra, cwd=None, env=None):
-        environment = dict(self.SKIP, **(env or {}))
+        environment = dict(SKIP_PROBES, **(env or {}))
         rc, out, err = self.trop("--data-dir", self.data, "reserve", "--tag", tag, *extra, cwd=cwd, env=environment)
         self.assertNoTraceback(err)
         self.assertEqual(rc, 0, err)
@@ -1250,8 +1443,8 @@ class TestConfigLayersCli(_ConfigCliCase):
 
     def test_precedence_chain(self):
         # level i adds one more source over level i-1; each level in its own tree, run in parallel
-        env = dict(self.SKIP, TROP_PORT_MIN="44000", TROP_PORT_MAX="44009")
-        levels = [([], self.SKIP), ([], self.SKIP), ([], self.SKIP), ([], env),
+        env = dict(SKIP_PROBES, TROP_PORT_MIN="44000", TROP_PORT_MAX="44009")
+        levels = [([], SKIP_PROBES), ([], SKIP_PROBES), ([], SKIP_PROBES), ([], env),
                   (["--min", "45000", "--max", "45009"], env)]
         calls = []
         for i, (extra, environment) in enumerate(levels):
@@ -1260,8 +1453,8 @@ class TestConfigLayersCli(_ConfigCliCase):
                 self.write("p%d/trop.yaml" % i, "ports:\n  min: 42000\n  max: 42009\n")
             if i >= 2:
                 self.write("p%d/trop.local.yaml" % i, "ports:\n  min: 43000\n  max: 43009\n")
-            calls.append((["--data-dir", os.path.join(self.tmp, "d%d" % i), "reserve"] + extra,
-                          self.mkdir("p%d" % i, "sub"), environment))
+            calls.append((["--data-dir", os.path.join(self.root, "d%d" % i), "reserve"] + extra,
+                          {"cwd": self.mkdir("p%d" % i, "sub"), "env": environment}))
         results = self.trop_many(calls)
         for (rc, out, err) in results:
             self.assertNoTraceback(err)
@@ -1294,7 +1487,7 @@ class TestConfigLayersCli(_ConfigCliCase):
         self.write("a/trop.yaml", "ports: {min: 48000, max: 48009}\n")
         self.write("b/trop.yaml", "ports: {min: 49000, max: 49009}\n")
         inner = self.mkdir("b", "inner")
-        link = os.path.join(self.tmp, "a", "link")
+        link = os.path.join(self.root, "a", "link")
         os.symlink(inner, link)
         self.assertEqual(self.reserve("s", cwd=link, env={"PWD": link}), 49000)
 
@@ -1308,8 +1501,8 @@ class TestConfigLayersCli(_ConfigCliCase):
             self.write("p%d/trop.yaml" % i, group)
             if local is not None:
                 self.write("p%d/trop.local.yaml" % i, local)
-            calls.append((["--data-dir", os.path.join(self.tmp, "d%d" % i), "autoreserve", "--format", "json"],
-                          self.mkdir("p%d" % i), self.SKIP))
+            calls.append((["--data-dir", os.path.join(self.root, "d%d" % i), "autoreserve", "--format", "json"],
+                          {"cwd": self.mkdir("p%d" % i), "env": SKIP_PROBES}))
         results = self.trop_many(calls)
         parsed = [(rc, json.loads(out) if rc == 0 else out) for rc, out, err in results]
         errors = [err for _, _, err in results]
@@ -1326,10 +1519,10 @@ class TestConfigLayersCli(_ConfigCliCase):
             ["reserve"], ["release"], ["list"], ["autoreserve"], ["prune"], ["expire"], ["autoclean"],
             ["assert-reservation"], ["assert-port", "5000"], ["port-info", "5000"],
             ["scan", "--min", "5000", "--max", "5001"], ["exclude", "5000"], ["list-projects"],
-            ["migrate", "--from", proj, "--to", os.path.join(self.tmp, "elsewhere")],
+            ["migrate", "--from", proj, "--to", os.path.join(self.root, "elsewhere")],
             ["assert-data-dir", "--validate"], ["reserve-group", bad],
         ]
-        results = self.trop_many([(["--data-dir", self.data] + cmd, proj, None) for cmd in commands])
+        results = self.trop_many([(["--data-dir", self.data] + cmd, {"cwd": proj}) for cmd in commands])
         for cmd, (rc, out, err) in zip(commands, results):
             self.assertNoTraceback(err, cmd)
             self.assertEqual(rc, 7, "%s: %s" % (cmd, err))
@@ -1344,7 +1537,7 @@ class TestConfigLayersCli(_ConfigCliCase):
         calls = [["reserve"], ["list"], ["exclude", "9000"], ["port-info", "5000"],
                  ["show-data-dir"], ["show-path"], ["completions", "bash"],
                  ["validate", self.write("good.yaml", "ports: {min: 1, max: 2}\n")]]
-        results = self.trop_many([(["--data-dir", self.data] + c, self.work, None) for c in calls])
+        results = self.trop_many([(["--data-dir", self.data] + c, {"cwd": self.proj}) for c in calls])
         for cmd, (rc, out, err) in zip(calls[:4], results[:4]):
             self.assertEqual(rc, 7, (cmd, err))
             self.assertIn(user + ":3:", err, cmd)
@@ -1361,7 +1554,7 @@ class TestConfigLayersCli(_ConfigCliCase):
     def test_bad_environment_values_exit_7(self):
         envs = [{"TROP_PORT_MIN": "abc"}, {"TROP_PORT_MAX": "70000"}, {"TROP_SKIP_TCP": "maybe"},
                 {"TROP_OUTPUT_FORMAT": "xml"}, {"TROP_EXCLUDED_PORTS": "9..8"}, {"TROP_EXCLUDED_PORTS": "80,abc"}]
-        results = self.trop_many([(["--data-dir", self.data, "reserve", "--skip-occupancy-check"], None, env)
+        results = self.trop_many([(["--data-dir", self.data, "reserve", "--skip-occupancy-check"], {"env": env})
                                   for env in envs])
         for env, (rc, out, err) in zip(envs, results):
             self.assertNoTraceback(err, env)
@@ -1370,11 +1563,7 @@ class TestConfigLayersCli(_ConfigCliCase):
             self.assertEqual(out, "", env)
 
 
-# --------------------------------------------------------------------------------------------------
-# Bad input: each a clear error (file, line), exit 7 when loaded, exit 1 from validate
-# --------------------------------------------------------------------------------------------------
-
-class TestConfigBadInput(_ConfigCliCase):
+class TestConfigBadInput(TropTestCase):
     SERVICES = "reservations:\n  services:\n"
     CASES = [
         # name, file content, acceptable lines, fragment (lower-case) of the message
@@ -1400,12 +1589,12 @@ class TestConfigBadInput(_ConfigCliCase):
             proj = self.mkdir("p%d" % i)
             path = self.write("p%d/trop.yaml" % i, content)
             paths.append(path)
-            data = os.path.join(self.tmp, "d%d" % i)
-            calls.append((["--data-dir", data, "list"], proj, None))
+            data = os.path.join(self.root, "d%d" % i)
+            calls.append((["--data-dir", data, "list"], {"cwd": proj}))
         results = self.trop_many(calls)
         for i, (name, content, lines, fragment) in enumerate(self.CASES):
             path = paths[i]
-            (rc, out, err), (vrc, vout, verr) = results[i], self.trop_main("validate", path)
+            (rc, out, err), (vrc, vout, verr) = results[i], trop_main("validate", path)
             self.assertNoTraceback(err, name)
             self.assertNoTraceback(verr, name)
             self.assertEqual(rc, 7, "%s: %s" % (name, err))
@@ -1421,8 +1610,8 @@ class TestConfigBadInput(_ConfigCliCase):
 
     def test_project_key_in_user_config(self):
         user = self.write("data/config.yaml", "# user\nproject: nope\n")
-        rc, out, err = self.trop("--data-dir", self.data, "reserve", env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
-        vrc, vout, verr = self.trop_main("validate", user)
+        rc, out, err = self.trop("--data-dir", self.data, "reserve", env=SKIP_PROBES)
+        vrc, vout, verr = trop_main("validate", user)
         self.assertEqual(rc, 7, err)
         self.assertIn(user + ":2:", err)
         self.assertIn("project is only valid in trop.yaml/trop.local.yaml, not user config.yaml", err)
@@ -1434,7 +1623,7 @@ class TestConfigBadInput(_ConfigCliCase):
         proj = self.mkdir("proj")
         path = self.mkdir("proj", "trop.yaml")
         rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
-        vrc, vout, verr = self.trop_main("validate", path)
+        vrc, vout, verr = trop_main("validate", path)
         self.assertEqual(rc, 7, err)
         self.assertIn(path, err)
         self.assertIn("directory", err)
@@ -1450,7 +1639,7 @@ class TestConfigBadInput(_ConfigCliCase):
         os.mkfifo(path)
         procs = [self.start("--data-dir", self.data, "list", cwd=proj), self.start("validate", path, cwd=proj)]
         deadline = time.time() + 3
-        (rc, out, err), (vrc, vout, verr) = [self.finish(p, max(0.1, deadline - time.time())) for p in procs]
+        (rc, out, err), (vrc, vout, verr) = [finish(p, max(0.1, deadline - time.time())) for p in procs]
         self.assertIsNotNone(rc, "`list` hung reading a FIFO trop.yaml")
         self.assertIsNotNone(vrc, "`validate` hung reading a FIFO")
         self.assertEqual(rc, 7, err)
@@ -1462,9 +1651,9 @@ class TestConfigBadInput(_ConfigCliCase):
     def test_dangling_symlink(self):
         proj = self.mkdir("proj")
         path = os.path.join(proj, "trop.yaml")
-        os.symlink(os.path.join(self.tmp, "missing.yaml"), path)
+        os.symlink(os.path.join(self.root, "missing.yaml"), path)
         rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
-        vrc, vout, verr = self.trop_main("validate", path)
+        vrc, vout, verr = trop_main("validate", path)
         self.assertEqual(rc, 7, err)
         self.assertIn(path, err)
         self.assertEqual(vrc, 4, verr)                                  # validate: missing file -> 4
@@ -1477,7 +1666,7 @@ class TestConfigBadInput(_ConfigCliCase):
         path = self.write("proj/trop.yaml", "project: x\n")
         os.chmod(path, 0)
         rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
-        vrc, vout, verr = self.trop_main("validate", path)
+        vrc, vout, verr = trop_main("validate", path)
         self.assertEqual(rc, 7, err)
         self.assertIn(path, err)
         self.assertIn(vrc, (1,), verr)
@@ -1489,7 +1678,7 @@ class TestConfigBadInput(_ConfigCliCase):
         path = self.write("proj/trop.yaml", b"# padding\n" * (1024 * 1024))
         self.assertGreaterEqual(os.path.getsize(path), 10 * 1024 * 1024)
         rc, out, err = self.trop("--data-dir", self.data, "list", cwd=proj)
-        vrc, vout, verr = self.trop_main("validate", path)
+        vrc, vout, verr = trop_main("validate", path)
         self.assertEqual(rc, 7, err)
         self.assertIn(path, err)
         self.assertEqual(vrc, 1, verr)
@@ -1498,23 +1687,19 @@ class TestConfigBadInput(_ConfigCliCase):
         self.assertNoTraceback(err + verr)
 
 
-# --------------------------------------------------------------------------------------------------
-# validate FILE
-# --------------------------------------------------------------------------------------------------
-
-class TestValidateCommand(_ConfigCliCase):
+class TestValidateCommand(TropTestCase):
     def test_valid_files(self):
         files = [self.write("full.yaml", TestYamlReader.SAMPLE), self.write("empty.yaml", ""),
                  self.write("comments.yaml", "# nothing\n"), self.write("j.json", '{"ports": {"min": 6000}}'),
                  self.write("u/config.yaml", "ports: {min: 6000, max: 6100}\nreservations: null\n")]
         for path in files:
-            self.assertEqual(self.trop_main("validate", path), (0, "Configuration is valid\n", ""), path)
+            self.assertEqual(trop_main("validate", path), (0, "Configuration is valid\n", ""), path)
 
     def test_reference_written_file_is_valid(self):
         user = self.write("u/config.yaml", TestConfigSchema.REFERENCE_WRITTEN)
         proj = self.write("p/trop.yaml", TestConfigSchema.REFERENCE_WRITTEN)
         for path in (user, proj):
-            rc, out, err = self.trop_main("validate", path)
+            rc, out, err = trop_main("validate", path)
             self.assertEqual((rc, out), (0, "Configuration is valid\n"), err)
 
     def test_lists_every_problem_in_file_line_form(self):
@@ -1530,7 +1715,7 @@ class TestValidateCommand(_ConfigCliCase):
         self.assertNoTraceback(err)
 
     def test_relative_path_reported_as_given(self):
-        self.write("work/rel.yaml", "ports:\n  min: 5000\n  maximum: 1\n")
+        self.write("proj/rel.yaml", "ports:\n  min: 5000\n  maximum: 1\n")
         rc, out, err = self.trop("validate", "rel.yaml")
         self.assertEqual(rc, 1)
         self.assertTrue(err.startswith("rel.yaml:3: "), err)
@@ -1538,25 +1723,21 @@ class TestValidateCommand(_ConfigCliCase):
     def test_rules_chosen_by_basename(self):
         text = "project: x\nreservations:\n  services:\n    web: {}\n"
         user, other = self.write("a/config.yaml", text), self.write("a/other.yaml", text)
-        (urc, uout, uerr), (orc, oout, oerr) = self.trop_main("validate", user), self.trop_main("validate", other)
+        (urc, _, uerr), (orc, oout, oerr) = trop_main("validate", user), trop_main("validate", other)
         self.assertEqual(urc, 1, uerr)
         self.assertIn(user + ":1: ", uerr)
         self.assertIn(user + ":2: ", uerr)
         self.assertEqual((orc, oout), (0, "Configuration is valid\n"), oerr)
 
     def test_missing_file(self):
-        path = os.path.join(self.tmp, "nope.yaml")
+        path = os.path.join(self.root, "nope.yaml")
         rc, out, err = self.trop("validate", path)
         self.assertEqual((rc, out), (4, ""))
         self.assertIn(path, err)
         self.assertTrue(err.startswith("Error: "), err)
 
 
-# --------------------------------------------------------------------------------------------------
-# exclude PORT|A..B [--global] [--force]
-# --------------------------------------------------------------------------------------------------
-
-class TestExcludeCommand(_ConfigCliCase):
+class TestExcludeCommand(TropTestCase):
     PREFIX = ("# Team ports \u2014 don't touch   \n"
               "project:   'shop'    # quoted, odd spacing\n"
               "ports: {min: 41000, max: 41999}   # flow\n"
@@ -1570,10 +1751,6 @@ class TestExcludeCommand(_ConfigCliCase):
               "    expire_after_days: 9   # four-space indent\n"
               "occupancy_check: {skip_udp: true}\n"
               "# end, no newline at EOF")
-
-    def exclusions(self, path):
-        doc = trop.parse_yaml(self.read(path).decode("utf-8"))
-        return [trop.parse_exclusion(item) for item in doc.get("excluded_ports") or []]
 
     def assertOnlyExclusionsChanged(self, path, expected):
         new = self.read(path).decode("utf-8")
@@ -1629,14 +1806,14 @@ class TestExcludeCommand(_ConfigCliCase):
         self.assertEqual(self.exclusions(local), [(7003, 7003)])
         # and the written exclusions are honoured by reserve
         rc, out, err = self.trop("--data-dir", self.data, "reserve", "--min", "7001", "--max", "7010", cwd=proj,
-                                 env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
+                                 env=SKIP_PROBES)
         self.assertEqual((rc, out), (0, "7005\n"), err)
 
     def test_invalid_input_exit_4_and_nothing_written(self):
         path = self.write("proj/trop.yaml", self.PREFIX + self.BLOCK + self.SUFFIX)
         before = self.read(path)
         bad = ["0", "0..5", "9..8", "70000", "1..70000", "abc", ""]
-        results = self.trop_many([(["--data-dir", self.data, "exclude", "--", b], self.mkdir("proj"), None)
+        results = self.trop_many([(["--data-dir", self.data, "exclude", "--", b], {"cwd": self.mkdir("proj")})
                                   for b in bad])
         for arg, (rc, out, err) in zip(bad, results):
             self.assertEqual(rc, 4, (arg, err))
@@ -1650,7 +1827,7 @@ class TestExcludeCommand(_ConfigCliCase):
         proj = self.mkdir("proj")
         path = self.write("proj/trop.yaml", "# keep\n")
         rc, out, err = self.trop("--data-dir", self.data, "reserve", "--min", "50000", "--max", "50009", cwd=proj,
-                                 env={"TROP_SKIP_OCCUPANCY_CHECK": "1"})
+                                 env=SKIP_PROBES)
         self.assertEqual((rc, out), (0, "50000\n"), err)
         rc, out, err = self.trop("--data-dir", self.data, "exclude", "49990..50005", cwd=proj)
         self.assertEqual((rc, out), (4, ""))
@@ -1676,7 +1853,7 @@ class TestExcludeCommand(_ConfigCliCase):
         expected = [(41001, 41001), (41010, 41012)]
         for round_, count in enumerate((2, 4)):
             ports = [str(42000 + 10 * round_ + i) for i in range(count)]
-            results = self.trop_many([(["--data-dir", self.data, "exclude", p], proj, None) for p in ports])
+            results = self.trop_many([(["--data-dir", self.data, "exclude", p], {"cwd": proj}) for p in ports])
             for p, (rc, out, err) in zip(ports, results):
                 self.assertEqual((rc, out), (0, "Added exclusion to %s\n" % path), (p, err))
             expected += [(int(p), int(p)) for p in ports]
@@ -1685,17 +1862,9 @@ class TestExcludeCommand(_ConfigCliCase):
         self.assertEqual(sorted(os.listdir(proj)), ["trop.yaml"])
 
 
-# --------------------------------------------------------------------------------------------------
-# compact-exclusions FILE [--dry-run]
-# --------------------------------------------------------------------------------------------------
-
-class TestCompactExclusions(_ConfigCliCase):
+class TestCompactExclusions(TropTestCase):
     HEAD = "# head comment\nproject: p   # keep\n"
     TAIL = "# tail comment\ncleanup:\n  expire_after_days: 3  # keep too\n"
-
-    def exclusions(self, path):
-        doc = trop.parse_yaml(self.read(path).decode("utf-8"))
-        return [trop.parse_exclusion(item) for item in doc.get("excluded_ports") or []]
 
     def test_merges_overlapping_and_adjacent(self):
         body = ('excluded_ports:\n  - 5\n  - 3\n  - 4\n  - "1..2"\n  - {start: 10, end: 12}\n  - 11\n'
@@ -1718,7 +1887,7 @@ class TestCompactExclusions(_ConfigCliCase):
             entries.append(str(a) if a == b else '"%d..%d"' % (a, b))
             ports.update(range(a, b + 1))
         path = self.write("x.yaml", "excluded_ports:\n" + "".join("  - %s\n" % e for e in entries))
-        rc, out, err = self.trop_main("compact-exclusions", path)
+        rc, out, err = trop_main("compact-exclusions", path)
         self.assertEqual(rc, 0, err)
         got = self.exclusions(path)
         covered = set()
@@ -1732,7 +1901,7 @@ class TestCompactExclusions(_ConfigCliCase):
     def test_dry_run_writes_nothing(self):
         path = self.write("trop.yaml", self.HEAD + "excluded_ports: [1, 2, 3]\n" + self.TAIL)
         before = self.read(path)
-        rc, out, err = self.trop_main("compact-exclusions", path, "--dry-run")
+        rc, out, err = trop_main("compact-exclusions", path, "--dry-run")
         self.assertEqual(rc, 0, err)
         self.assertTrue(out.startswith("Compacted 3 exclusions to 1\nDry run - no changes made\n"), out)
         self.assertIn("Would save:", out)
@@ -1746,16 +1915,16 @@ class TestCompactExclusions(_ConfigCliCase):
                  "none.yaml": (self.HEAD + self.TAIL, "No exclusions to compact\n"),
                  "null.yaml": (self.HEAD + "excluded_ports: null\n" + self.TAIL, "No exclusions to compact\n")}
         paths = {name: self.write(name, text) for name, (text, _) in cases.items()}
-        results = [self.trop_main("compact-exclusions", paths[n]) for n in cases]
+        results = [trop_main("compact-exclusions", paths[n]) for n in cases]
         for name, (rc, out, err) in zip(cases, results):
             self.assertEqual((rc, out), (0, cases[name][1]), (name, err))
             self.assertEqual(self.read(paths[name]), cases[name][0].encode(), name)
 
     def test_errors(self):
-        missing = os.path.join(self.tmp, "missing.yaml")
+        missing = os.path.join(self.root, "missing.yaml")
         bad = self.write("bad.yaml", "# c\nexcluded_ports: [1, 2]\nx: &y 1\n")
         invalid = self.write("inv.yaml", "excluded_ports: [3, 0]\n")
-        (mrc, _, merr), (brc, _, berr), (irc, _, ierr) = [self.trop_main("compact-exclusions", p)
+        (mrc, _, merr), (brc, _, berr), (irc, _, ierr) = [trop_main("compact-exclusions", p)
                                                           for p in (missing, bad, invalid)]
         self.assertEqual(mrc, 4, merr)
         self.assertIn(missing, merr)
@@ -1767,11 +1936,7 @@ class TestCompactExclusions(_ConfigCliCase):
         self.assertEqual(self.read(bad), b"# c\nexcluded_ports: [1, 2]\nx: &y 1\n")
 
 
-# --------------------------------------------------------------------------------------------------
-# init --with-config
-# --------------------------------------------------------------------------------------------------
-
-class TestInitConfigTemplate(_ConfigCliCase):
+class TestInitConfigTemplate(TropTestCase):
     KEYS = ("project", "ports", "min", "max", "max_offset", "excluded_ports", "cleanup", "expire_after_days",
             "occupancy_check", "skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces",
             "reservations", "disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
@@ -1791,8 +1956,7 @@ class TestInitConfigTemplate(_ConfigCliCase):
         self.assertIn("ports:", examples)
         uncommented = self.write("uncommented/config.yaml", examples)
         (rc1, out1, err1), (rc2, out2, err2), (rc3, out3, err3) = self.trop_many([
-            (["validate", cfg], None, None), (["validate", uncommented], None, None),
-            (["--data-dir", self.data, "list"], None, None)])
+            ["validate", cfg], ["validate", uncommented], ["--data-dir", self.data, "list"]])
         self.assertEqual((rc1, out1), (0, "Configuration is valid\n"), err1)
         self.assertEqual((rc2, out2), (0, "Configuration is valid\n"), err2 + examples)
         self.assertEqual(rc3, 0, err3)
@@ -1807,7 +1971,7 @@ class TestInitConfigTemplate(_ConfigCliCase):
 
 # --- Paths -------------------------------------------------------------------
 
-class TestPaths(TempDirTestCase):
+class TestPaths(TropTestCase):
     def test_normalize_absolute(self):
         n = trop.normalize_path
         self.assertEqual(n("/"), "/")
@@ -1878,10 +2042,10 @@ class TestPaths(TempDirTestCase):
             self.assertEqual(trop.shorten_home("/srv"), "/srv")
 
 
-class TestGitInference(TempDirTestCase):
+class TestGitInference(TropTestCase):
     def repo(self, name, head="ref: refs/heads/main\n"):
         gitdir = self.mkdir(name, ".git")
-        write_file(os.path.join(gitdir, "HEAD"), head)
+        self.write(os.path.join(gitdir, "HEAD"), head)
         return os.path.dirname(gitdir)
 
     def test_normal_repository_with_branch(self):
@@ -1901,17 +2065,17 @@ class TestGitInference(TempDirTestCase):
     def test_linked_worktree(self):
         main = self.repo("mainrepo")
         wt_gitdir = self.mkdir("mainrepo", ".git", "worktrees", "feature-wt")
-        write_file(os.path.join(wt_gitdir, "HEAD"), "ref: refs/heads/topic\n")
-        write_file(os.path.join(wt_gitdir, "commondir"), "../..\n")
+        self.write(os.path.join(wt_gitdir, "HEAD"), "ref: refs/heads/topic\n")
+        self.write(os.path.join(wt_gitdir, "commondir"), "../..\n")
         worktree = self.mkdir("feature-wt")
-        write_file(os.path.join(worktree, ".git"), "gitdir: %s\n" % wt_gitdir)
+        self.write(os.path.join(worktree, ".git"), "gitdir: %s\n" % wt_gitdir)
         self.assertEqual(trop.infer_git_metadata(worktree), ("mainrepo", "feature-wt"))
         self.assertEqual(trop.infer_git_metadata(self.mkdir("feature-wt", "deep")), ("mainrepo", "feature-wt"))
         self.assertEqual(trop.infer_git_metadata(main), ("mainrepo", "main"))
 
     def test_bare_repository(self):
         bare = self.mkdir("x.git")
-        write_file(os.path.join(bare, "HEAD"), "ref: refs/heads/main\n")
+        self.write(os.path.join(bare, "HEAD"), "ref: refs/heads/main\n")
         self.mkdir("x.git", "objects")
         self.mkdir("x.git", "refs")
         project, task = trop.infer_git_metadata(bare)
@@ -2022,7 +2186,9 @@ class TestModels(unittest.TestCase):
 
 # --- Store -------------------------------------------------------------------
 
-class TestStore(CLITestCase):
+class TestStore(TropTestCase):
+    ENV = SKIP_PROBES
+
     def open_conn(self):
         conn = sqlite3.connect(self.db, isolation_level=None)
         self.addCleanup(conn.close)
@@ -2071,9 +2237,9 @@ class TestStore(CLITestCase):
                                ("/w/a", "web", 5001, None, "t", T1, T1),
                                ("/w/b", None, 5002, None, None, T2, T2)])
         trop.Store.open(self.data).close()
-        self.assertEqual(db_rows(self.data), [("/w/a", "", 5000, "p", None, T1, T2),
-                                              ("/w/a", "web", 5001, None, "t", T1, T1),
-                                              ("/w/b", "", 5002, None, None, T2, T2)])
+        self.assertEqual(self.rows(), [("/w/a", "", 5000, "p", None, T1, T2),
+                                       ("/w/a", "web", 5001, None, "t", T1, T1),
+                                       ("/w/b", "", 5002, None, None, T2, T2)])
         conn = self.open_conn()
         self.assertEqual(conn.execute("SELECT value FROM metadata WHERE key = 'schema_version'").fetchone()[0], "2")
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
@@ -2083,15 +2249,15 @@ class TestStore(CLITestCase):
     def test_v1_with_duplicate_keys_is_blocked_and_untouched(self):
         make_v1_db(self.data, [("/w/a", None, 5000, None, None, T1, T2),
                                ("/w/a", None, 5001, None, None, T1, T2)])
-        before = read_bytes(self.db)
+        before = self.read(self.db)
         self.assertError(self.trop("list"), 6, contains=["blocked", "duplicate"])
-        self.assertTrue(read_bytes(self.db) == before, "trop.db was modified")
+        self.assertTrue(self.read(self.db) == before, "trop.db was modified")
 
     def test_validate_does_not_migrate_v1(self):
         make_v1_db(self.data, [("/w/a", None, 5000, None, None, T1, T2)])
-        before = read_bytes(self.db)
+        before = self.read(self.db)
         self.assertError(self.trop("assert-data-dir", "--validate"), 6, contains="migration required")
-        self.assertTrue(read_bytes(self.db) == before, "trop.db was modified")
+        self.assertTrue(self.read(self.db) == before, "trop.db was modified")
 
     def test_schema_version_3_is_unsupported(self):
         make_v2_db(self.data, [("/w/a", "", 5000, None, None, T1, T2)])
@@ -2099,18 +2265,16 @@ class TestStore(CLITestCase):
         conn.execute("UPDATE metadata SET value = '3' WHERE key = 'schema_version'")
         self.assertError(self.trop("reserve"), 6, "unsupported schema version: expected 2, found 3")
         self.assertEqual(conn.execute("SELECT value FROM metadata").fetchall(), [("3",)])
-        self.assertEqual(db_rows(self.data), [("/w/a", "", 5000, None, None, T1, T2)])
+        self.assertEqual(self.rows(), [("/w/a", "", 5000, None, None, T1, T2)])
 
     def test_not_a_database(self):
-        os.makedirs(self.data)
         content = b"this is not an SQLite database\n" * 100
-        with open(self.db, "wb") as fh:
-            fh.write(content)
+        self.write(self.db, content)
         for args in (("reserve",), ("list",), ("assert-data-dir", "--validate")):
             result = self.trop(*args)
             self.assertError(result, 6)
             self.assertNotIn("lock timeout", result[2])
-            self.assertTrue(read_bytes(self.db) == content, "trop.db was modified by %s" % (args,))
+            self.assertTrue(self.read(self.db) == content, "trop.db was modified by %s" % (args,))
 
     def test_corrupt_row_is_reported(self):
         make_v2_db(self.data, [("relative/x", "", 5000, None, None, T1, T2)])
@@ -2120,12 +2284,9 @@ class TestStore(CLITestCase):
 
 # --- Occupancy ---------------------------------------------------------------
 
-class TestOccupancy(unittest.TestCase):
+class TestOccupancy(TropTestCase):
     def test_listening_tcp_socket_is_occupied(self):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
+        sock = self.listen("tcp", "127.0.0.1")
         port = sock.getsockname()[1]
         self.assertTrue(trop.Occupancy(trop.OccupancyPolicy()).occupied(port))
         self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip=True)).occupied(port))
@@ -2134,125 +2295,12 @@ class TestOccupancy(unittest.TestCase):
         self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip_udp=True)).occupied(port))
 
     def test_bound_udp_socket_is_occupied(self):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        port = self.listen("udp", "127.0.0.1").getsockname()[1]
         self.assertTrue(trop.Occupancy(trop.OccupancyPolicy(skip_tcp=True)).occupied(port))
         self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip_udp=True, skip_ip6=True)).occupied(port))
 
 
-# --- Occupancy: probes, owners, scan, port-info, completions --------------------
-
-class _ScanCliCase(unittest.TestCase):
-    """Temp HOME / data dir / work dir, the `trop` CLI in a subprocess, real listeners on free ports."""
-
-    # B §3.5, in this order
-    FIELDS = ("port", "status", "reserved", "protocol", "address_family", "scope", "address",
-              "process_id", "process_name", "user", "owner_status")
-    WIDTHS = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
-    LINUX_PROC = os.path.isdir("/proc/net") and os.path.exists("/proc/self/comm")
-
-    def setUp(self):
-        self.tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-occ-"))
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.home = os.path.join(self.tmp, "home")
-        self.data_dir = os.path.join(self.tmp, "data")
-        self.work = os.path.join(self.tmp, "work")
-        os.mkdir(self.home)
-        os.mkdir(self.work)
-
-    def trop(self, *args, cwd=None, env=None):
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
-        environ["HOME"] = self.home
-        environ["PYTHONPATH"] = os.path.dirname(os.path.abspath(trop.__file__))
-        environ.update(env or {})
-        res = subprocess.run([sys.executable, "-m", "trop", "--data-dir", self.data_dir] + [str(a) for a in args],
-                             cwd=cwd or self.work, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True, timeout=60)
-        return res.returncode, res.stdout, res.stderr
-
-    # -- ports and listeners ---------------------------------------------------
-    def port_free(self, port):
-        """Independent of trop: can TCP and UDP bind the IPv4 (and IPv6) wildcard?"""
-        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                try:
-                    s = socket.socket(family, kind)
-                except OSError:
-                    continue
-                try:
-                    if family == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s.bind((address, port))
-                except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE or family == socket.AF_INET:
-                        return False
-                finally:
-                    s.close()
-        return True
-
-    def free_block(self, n=6):
-        """n consecutive free ports, above the ephemeral range when possible."""
-        low, high = 42000, 60000
-        try:
-            with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
-                eph_high = int(fh.read().split()[1])
-            if eph_high < 64000:
-                low, high = eph_high + 1, 65500
-        except (OSError, ValueError, IndexError):
-            pass
-        rng = random.Random()
-        for _ in range(200):
-            start = rng.randrange(low, high - n)
-            if all(self.port_free(p) for p in range(start, start + n)):
-                return start
-        self.skipTest("no block of %d free ports found" % n)
-
-    def listen(self, proto, address, port):
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-        self.addCleanup(s.close)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((address, port))
-        if proto == "tcp":
-            s.listen(5)
-        return s
-
-    # -- expectations ----------------------------------------------------------
-    def me(self):
-        """(pid, process name, user) trop must report for this process's sockets."""
-        import pwd
-        try:
-            user = pwd.getpwuid(os.getuid()).pw_name
-        except KeyError:
-            user = str(os.getuid())
-        with open("/proc/self/comm") as fh:
-            return os.getpid(), fh.read().strip(), user
-
-    def row(self, port, proto, family="ipv4", scope="localhost", address="127.0.0.1", reserved=False):
-        pid, name, user = self.me() if self.LINUX_PROC else (None, None, None)
-        return {"port": port, "status": "occupied (reserved)" if reserved else "occupied", "reserved": reserved,
-                "protocol": proto, "address_family": family, "scope": scope, "address": address,
-                "process_id": pid, "process_name": name, "user": user,
-                "owner_status": "available" if self.LINUX_PROC else None}
-
-    def comparable(self, rows):
-        if self.LINUX_PROC:
-            return rows
-        owner = ("process_id", "process_name", "user", "owner_status")
-        return [{k: v for k, v in r.items() if k not in owner} for r in rows]
-
-    def scan_json(self, *args, **kw):
-        rc, out, err = self.trop("scan", "--format", "json", *args, **kw)
-        self.assertEqual(rc, 0, err)
-        return json.loads(out), err
-
-
-# --- owners (OwnerTable / owner_status) ----------------------------------------
-
-class OwnerStatusTest(unittest.TestCase):
+class TestOwnerStatus(unittest.TestCase):
     def test_status(self):
         self.assertEqual(trop.owner_status(1, "x", "u"), "available")
         self.assertEqual(trop.owner_status(None, None, None), "unavailable")
@@ -2261,15 +2309,14 @@ class OwnerStatusTest(unittest.TestCase):
         self.assertEqual(trop.owner_status(0, "", "u"), "available")   # falsy but known
 
 
-class FakeProcOwnerTest(unittest.TestCase):
+class TestFakeProcOwners(unittest.TestCase):
     """OwnerTable over a throwaway /proc tree: net tables, per-pid comm and fd links."""
 
     HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
               "retrnsmt   uid  timeout inode\n")
 
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="fakeproc")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temp_dir(self, "fakeproc")
         os.mkdir(os.path.join(self.root, "net"))
 
     @staticmethod
@@ -2292,13 +2339,6 @@ class FakeProcOwnerTest(unittest.TestCase):
                 os.symlink("socket:[%d]" % ino, os.path.join(d, "fd", str(i + 3)))
             os.symlink("/dev/null", os.path.join(d, "fd", "0"))
 
-    def user_name(self, uid):
-        import pwd
-        try:
-            return pwd.getpwuid(uid).pw_name
-        except KeyError:
-            return str(uid)
-
     @staticmethod
     def unreadable_fds():
         """chmod is useless as root: make every <pid>/fd listing fail with EACCES."""
@@ -2317,7 +2357,7 @@ class FakeProcOwnerTest(unittest.TestCase):
         self.proc(42, "worker", [500])
         self.proc(7, "server", [500, 9])
         t = trop.OwnerTable(self.root)
-        self.assertEqual(t.lookup("tcp", "ipv4", 8080), (7, "server", self.user_name(uid)))
+        self.assertEqual(t.lookup("tcp", "ipv4", 8080), (7, "server", user_name(uid)))
         self.assertEqual(t.lookup("tcp", "ipv4", 8081), (None, None, None))
         self.assertEqual(t.lookup("udp", "ipv4", 8080), (None, None, None))
 
@@ -2344,7 +2384,7 @@ class FakeProcOwnerTest(unittest.TestCase):
         self.net("tcp", self.net_line(7000, uid=0, inode=10))
         self.proc(1, "init", fd_dir=False)
         pid, name, user = trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7000)
-        self.assertEqual((pid, name, user), (None, None, self.user_name(0)))
+        self.assertEqual((pid, name, user), (None, None, user_name(0)))
         self.assertEqual(trop.owner_status(pid, name, user), "partial")
 
     def test_permission_denied_fd_dir_gives_partial(self):
@@ -2352,7 +2392,7 @@ class FakeProcOwnerTest(unittest.TestCase):
         self.proc(3, "secret", [11])
         with self.unreadable_fds():
             res = trop.OwnerTable(self.root).lookup("tcp", "ipv4", 7001)
-        self.assertEqual(res, (None, None, self.user_name(0)))
+        self.assertEqual(res, (None, None, user_name(0)))
         self.assertEqual(trop.owner_status(*res), "partial")
 
     def test_unknown_uid_falls_back_to_number(self):
@@ -2403,7 +2443,7 @@ class FakeProcOwnerTest(unittest.TestCase):
         self.assertEqual(t.lookup("tcp", "ipv4", 80), (None, None, None))
 
 
-class LsofParseTest(unittest.TestCase):
+class TestLsofParse(unittest.TestCase):
     SAMPLE = "\n".join([
         "p100", "cnginx", "u0", "Lroot",
         "f6", "tIPv4", "PTCP", "n*:8080", "TST=LISTEN", "TQR=0",
@@ -2426,33 +2466,28 @@ class LsofParseTest(unittest.TestCase):
         self.assertEqual(t.lookup("tcp", "ipv4", 1), (None, None, None))
 
 
-@unittest.skipUnless(_ScanCliCase.LINUX_PROC, "needs Linux /proc")
-class RealProcOwnerTest(_ScanCliCase):
-    def bind(self, family, kind, addr):
-        s = socket.socket(family, kind)
-        self.addCleanup(s.close)
-        s.bind((addr, 0))
-        if kind == socket.SOCK_STREAM:
-            s.listen(1)
-        return s.getsockname()[1]
+@unittest.skipUnless(LINUX_PROC, "needs Linux /proc")
+class TestRealProcOwners(TropTestCase):
+    def bind(self, proto, address):
+        return self.listen(proto, address).getsockname()[1]
 
     def test_own_sockets(self):
-        cases = [("tcp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")),
-                 ("tcp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0")),
-                 ("udp", "ipv4", self.bind(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"))]
+        cases = [("tcp", "ipv4", self.bind("tcp", "127.0.0.1")),
+                 ("tcp", "ipv4", self.bind("tcp", "0.0.0.0")),
+                 ("udp", "ipv4", self.bind("udp", "127.0.0.1"))]
         try:
-            cases.append(("tcp", "ipv6", self.bind(socket.AF_INET6, socket.SOCK_STREAM, "::1")))
+            cases.append(("tcp", "ipv6", self.bind("tcp", "::1")))
         except OSError:
             pass   # IPv6 unavailable: that case only
         t = trop.OwnerTable()
         for protocol, family, port in cases:
             with self.subTest(protocol=protocol, family=family, port=port):
                 res = t.lookup(protocol, family, port)
-                self.assertEqual(res, self.me())
+                self.assertEqual(res, this_process_owner())
                 self.assertEqual(trop.owner_status(*res), "available")
 
     def test_fast_enough(self):
-        port = self.bind(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+        port = self.bind("tcp", "127.0.0.1")
         start = time.perf_counter()
         t = trop.OwnerTable()
         base = max(1, min(port - 1000, 65535 - 2000))
@@ -2464,17 +2499,16 @@ class RealProcOwnerTest(_ScanCliCase):
         self.assertLess(elapsed, 1.0, "took %.3fs" % elapsed)
 
 
-class ScanOwnersDegradeTest(_ScanCliCase):
+class TestScanOwnersDegrade(TropTestCase):
     """/proc absent or unreadable, or another user's socket: owners degrade, scan rows stay right."""
 
     def setUp(self):
         super().setUp()
-        self.port = self.free_block(2)
-        self.listen("tcp", "127.0.0.1", self.port)
+        self.port = self.listening_block(2, "tcp")
         self.policy = trop.OccupancyPolicy(skip_ip6=True)
 
     def test_missing_proc_root_owners_unavailable(self):
-        owners = trop.OwnerTable(proc_root=os.path.join(self.tmp, "no-proc"), use_lsof=False)
+        owners = trop.OwnerTable(proc_root=os.path.join(self.root, "no-proc"), use_lsof=False)
         rows = trop.scan_ports(trop.PortRange(self.port, self.port + 1), self.policy, set(), owners)
         self.assertEqual(rows, [{"port": self.port, "status": "occupied", "reserved": False, "protocol": "tcp",
                                  "address_family": "ipv4", "scope": "localhost", "address": "127.0.0.1",
@@ -2490,17 +2524,13 @@ class ScanOwnersDegradeTest(_ScanCliCase):
                                       "    User: unavailable", "    Owner metadata: unavailable"])
 
     def test_other_users_process_is_partial(self):
-        root = os.path.join(self.tmp, "proc")
-        os.makedirs(os.path.join(root, "net"))
-        os.makedirs(os.path.join(root, "4242", "fd"))
-        with open(os.path.join(root, "4242", "comm"), "w") as fh:
-            fh.write("someone-else\n")
-        os.symlink("socket:[31337]", os.path.join(root, "4242", "fd", "3"))
-        with open(os.path.join(root, "net", "tcp"), "w") as fh:
-            fh.write(FakeProcOwnerTest.HEADER + FakeProcOwnerTest.net_line(self.port, uid=0, inode=31337))
-        import pwd
-        root_name = pwd.getpwuid(0).pw_name
-        with FakeProcOwnerTest.unreadable_fds():
+        root = self.path("proc")
+        self.write(os.path.join(root, "4242", "comm"), "someone-else\n")
+        os.symlink("socket:[31337]", os.path.join(self.mkdir("proc", "4242", "fd"), "3"))
+        self.write(os.path.join(root, "net", "tcp"),
+                   TestFakeProcOwners.HEADER + TestFakeProcOwners.net_line(self.port, uid=0, inode=31337))
+        root_name = user_name(0)
+        with TestFakeProcOwners.unreadable_fds():
             owners = trop.OwnerTable(proc_root=root, use_lsof=False)
             rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
             lines = trop.format_occupancy(self.port, self.policy, owners)
@@ -2511,7 +2541,7 @@ class ScanOwnersDegradeTest(_ScanCliCase):
         self.assertEqual(lines[-1], "    Owner metadata: partial")
 
     def test_owner_table_exception_never_breaks_scan(self):
-        owners = trop.OwnerTable(proc_root=os.path.join(self.tmp, "no-proc"), use_lsof=False)
+        owners = trop.OwnerTable(proc_root=os.path.join(self.root, "no-proc"), use_lsof=False)
         with mock.patch.object(trop.OwnerTable, "_user", side_effect=RuntimeError("boom")):
             owners._sockets[("tcp", "ipv4", self.port)] = [(0, 0, None, 1)]
             rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
@@ -2519,9 +2549,7 @@ class ScanOwnersDegradeTest(_ScanCliCase):
                          [(self.port, "occupied", "unavailable")])
 
 
-# --- probes (bind only; A.4 / B §7.5) --------------------------------------------
-
-class ProbeTest(unittest.TestCase):
+class TestProbes(unittest.TestCase):
     ALL = trop.OccupancyPolicy(check_all_interfaces=True).probes()
 
     def fake_sockets(self, fail):
@@ -2618,8 +2646,7 @@ class ProbeTest(unittest.TestCase):
         self.assertEqual(port, 41001)
 
     def test_exhaustion_by_failed_probes_names_them(self):
-        tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-occ-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = temp_dir(self, "trop-occ-")
         self.addCleanup(os.chdir, os.getcwd())
         os.chdir(tmp)
         patcher, _ = self.fake_sockets(
@@ -2680,10 +2707,9 @@ class ProbeTest(unittest.TestCase):
         self.assertEqual(trop.unreserved_occupied(rows), [41001, 41002])
 
 
-class RealProbeTest(_ScanCliCase):
+class TestRealProbe(TropTestCase):
     def test_real_listener_probe(self):
-        port = self.free_block(2)
-        self.listen("tcp", "127.0.0.1", port)
+        port = self.listening_block(2, "tcp")
         found, failed = trop.probe_port(port, trop.OccupancyPolicy().probes())
         self.assertEqual((found, failed), ([("tcp", "ipv4", "localhost", "127.0.0.1")], []))
         self.assertTrue(trop.Occupancy(trop.OccupancyPolicy()).occupied(port))
@@ -2691,16 +2717,17 @@ class RealProbeTest(_ScanCliCase):
         self.assertFalse(trop.Occupancy(trop.OccupancyPolicy(skip_tcp=True)).occupied(port))
 
 
-# --- scan (B §3.5) --------------------------------------------------------------
-
-class ScanCliTest(_ScanCliCase):
+class TestScanCLI(TropTestCase):
     """Listeners: A = TCP 127.0.0.1, A+1 = UDP 127.0.0.1; A+2 and A+3 free."""
+
+    # B §3.5, in this order
+    FIELDS = ("port", "status", "reserved", "protocol", "address_family", "scope", "address",
+              "process_id", "process_name", "user", "owner_status")
+    WIDTHS = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
 
     def setUp(self):
         super().setUp()
-        self.a = self.free_block(6)
-        self.listen("tcp", "127.0.0.1", self.a)
-        self.listen("udp", "127.0.0.1", self.a + 1)
+        self.a = self.listening_block(6, "tcp", "udp")
         self.expected = [self.row(self.a, "tcp"), self.row(self.a + 1, "udp")]
         self.found = "\nFound 2 unreserved occupied port(s)\n"
 
@@ -2715,8 +2742,27 @@ class ScanCliTest(_ScanCliCase):
             out.append(cells)
         return out
 
+    def row(self, port, proto, family="ipv4", scope="localhost", address="127.0.0.1", reserved=False):
+        pid, name, user = this_process_owner() if LINUX_PROC else (None, None, None)
+        return {"port": port, "status": "occupied (reserved)" if reserved else "occupied", "reserved": reserved,
+                "protocol": proto, "address_family": family, "scope": scope, "address": address,
+                "process_id": pid, "process_name": name, "user": user,
+                "owner_status": "available" if LINUX_PROC else None}
+
+    @staticmethod
+    def comparable(rows):
+        if LINUX_PROC:
+            return rows
+        owner = ("process_id", "process_name", "user", "owner_status")
+        return [{k: v for k, v in r.items() if k not in owner} for r in rows]
+
     def scan(self, *args):
         return self.trop("scan", "--min", self.a, "--max", self.a + 3, *args)
+
+    def scan_json(self, *args, **kw):
+        rc, out, err = self.trop("scan", "--format", "json", *args, **kw)
+        self.assertEqual(rc, 0, err)
+        return json.loads(out), err
 
     def test_table(self):
         rc, out, err = self.scan()
@@ -2731,7 +2777,7 @@ class ScanCliTest(_ScanCliCase):
         self.assertEqual(lines[1], "-" * 145)
         expected = [" ".join(c.ljust(w) for c, w in zip(cells, self.WIDTHS)) + " " + cells[-1]
                     for cells in self.text_rows()]
-        if self.LINUX_PROC:
+        if LINUX_PROC:
             self.assertEqual(lines[2:], expected)
         else:
             self.assertEqual([l[:120] for l in lines[2:]], [l[:120] for l in expected])
@@ -2746,7 +2792,7 @@ class ScanCliTest(_ScanCliCase):
         rows = json.loads(out)
         self.assertEqual(self.comparable(rows), self.comparable(self.expected))
         self.assertIs(rows[0]["reserved"], False)
-        if self.LINUX_PROC:
+        if LINUX_PROC:
             self.assertIsInstance(rows[0]["process_id"], int)
 
     def test_csv_and_tsv(self):
@@ -2758,7 +2804,7 @@ class ScanCliTest(_ScanCliCase):
                 table = list(csv.reader(io.StringIO(out), delimiter=delim))
                 self.assertEqual(table[0], list(self.FIELDS))
                 self.assertEqual(out.splitlines()[0], delim.join(self.FIELDS))
-                if self.LINUX_PROC:
+                if LINUX_PROC:
                     self.assertEqual(table[1:], self.text_rows())
                 else:
                     self.assertEqual([r[:7] for r in table[1:]], [r[:7] for r in self.text_rows()])
@@ -2805,16 +2851,14 @@ class ScanCliTest(_ScanCliCase):
         self.assertEqual(len(out.splitlines()), 3)
 
     def test_range_from_config_and_cli_override(self):
-        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
-            fh.write("ports:\n  min: %d\n  max: %d\n" % (self.a, self.a + 3))
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports:\n  min: %d\n  max: %d\n" % (self.a, self.a + 3))
         rows, _err = self.scan_json()
         self.assertEqual([r["port"] for r in rows], [self.a, self.a + 1])
         rows, _err = self.scan_json("--min", self.a + 1)
         self.assertEqual([r["port"] for r in rows], [self.a + 1])
 
     def test_scan_ignores_max_offset(self):
-        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
-            fh.write("ports:\n  min: %d\n  max_offset: 1\n" % self.a)
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports:\n  min: %d\n  max_offset: 1\n" % self.a)
         rows, _err = self.scan_json("--max", self.a + 3)
         self.assertEqual([r["port"] for r in rows], [self.a, self.a + 1])
 
@@ -2843,8 +2887,8 @@ class ScanCliTest(_ScanCliCase):
                 wildcard = [r for r in rows if r["scope"] == "wildcard"]
                 self.assertEqual([(str(r["port"]), r["protocol"], r["address_family"], r["address"])
                                   for r in wildcard], [(str(port), "tcp", "ipv4", "0.0.0.0")])
-                if self.LINUX_PROC:
-                    pid, name, user = self.me()
+                if LINUX_PROC:
+                    pid, name, user = this_process_owner()
                     self.assertEqual((str(wildcard[0]["process_id"]), wildcard[0]["process_name"],
                                       wildcard[0]["user"], wildcard[0]["owner_status"]),
                                      (str(pid), name, user, "available"))
@@ -2868,14 +2912,14 @@ class ScanCliTest(_ScanCliCase):
                     delim = {"csv": ",", "tsv": "\t"}.get(fmt)
                     row = (out.splitlines()[2].split() if fmt == "table"
                            else list(csv.reader(io.StringIO(out), delimiter=delim))[1])
-                    n = 11 if self.LINUX_PROC else 7
+                    n = 11 if LINUX_PROC else 7
                     self.assertEqual(row[:n], [("false" if v is False else str(v))
                                                for v in (expected[k] for k in self.FIELDS)][:n])
         rc, out, _err = self.trop("port-info", port, "--include-occupancy", "--skip-ipv4")
         self.assertIn("  - TCP IPv6 localhost at ::1\n", out)
 
 
-class ScanBadInputTest(_ScanCliCase):
+class TestScanBadInput(TropTestCase):
     def assert_fails(self, code, *args):
         rc, out, err = self.trop("scan", *args)
         self.assertEqual((rc, out), (code, ""), err)
@@ -2892,7 +2936,7 @@ class ScanBadInputTest(_ScanCliCase):
     def test_min_greater_than_max_exit_4(self):
         err = self.assert_fails(4, "--min", "50001", "--max", "50000")
         self.assertTrue(err.startswith("Error: "), err)
-        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "trop.db")))
+        self.assertFalse(os.path.exists(os.path.join(self.data, "trop.db")))
 
     def test_unknown_format_exit_2(self):
         for fmt in ("xml", "JSON", "Table", ""):
@@ -2900,8 +2944,7 @@ class ScanBadInputTest(_ScanCliCase):
                 self.assertIn("usage:", self.assert_fails(2, "--format", fmt))
 
     def test_invalid_project_config_exit_7(self):
-        with open(os.path.join(self.work, "trop.yaml"), "w") as fh:
-            fh.write("ports: [\n")
+        self.write(os.path.join(self.proj, "trop.yaml"), "ports: [\n")
         err = self.assert_fails(7, "--min", "50000", "--max", "50001")
         self.assertTrue(err.startswith("Error: ") and "trop.yaml" in err, err)
 
@@ -2909,16 +2952,13 @@ class ScanBadInputTest(_ScanCliCase):
         self.assert_fails(2, "--skip-occupancy-check")
 
 
-# --- port-info --include-occupancy (B §3.6) -------------------------------------
-
-class PortInfoOccupancyTest(_ScanCliCase):
+class TestPortInfoOccupancy(TropTestCase):
     def setUp(self):
         super().setUp()
-        self.a = self.free_block(3)
-        self.listen("tcp", "127.0.0.1", self.a)
+        self.a = self.listening_block(3, "tcp")
 
     def owner_lines(self):
-        pid, name, user = self.me()
+        pid, name, user = this_process_owner()
         return ["    Process ID: %d" % pid, "    Process: %s" % name, "    User: %s" % user,
                 "    Owner metadata: available"]
 
@@ -2928,11 +2968,11 @@ class PortInfoOccupancyTest(_ScanCliCase):
         lines = out.split("\n")
         self.assertEqual(lines[:5], ["Port %d is not reserved" % self.a, "", "Occupancy status:",
                                      "  Port is currently in use", "  - TCP IPv4 localhost at 127.0.0.1"])
-        if self.LINUX_PROC:
+        if LINUX_PROC:
             self.assertEqual(lines[5:], self.owner_lines() + [""])
 
     def test_check_all_interfaces_lists_each_probe(self):
-        if not self.LINUX_PROC:
+        if not LINUX_PROC:
             self.skipTest("needs Linux /proc")
         rc, out, _err = self.trop("port-info", self.a, "--include-occupancy", "--check-all-interfaces")
         self.assertEqual(rc, 0)
@@ -2969,7 +3009,7 @@ class PortInfoOccupancyTest(_ScanCliCase):
         rc, out, _err = self.trop("port-info", self.a, "--include-occupancy")
         self.assertEqual(rc, 0)
         lines = out.split("\n")
-        self.assertEqual(lines[:3], ["Port: %d" % self.a, "Path: %s" % self.work, "Tag: web"])
+        self.assertEqual(lines[:3], ["Port: %d" % self.a, "Path: %s" % self.proj, "Tag: web"])
         i = lines.index("Path exists: yes")
         self.assertEqual(lines[i + 1:i + 5], ["", "Occupancy status:", "  Port is currently in use",
                                               "  - TCP IPv4 localhost at 127.0.0.1"])
@@ -2988,9 +3028,7 @@ class PortInfoOccupancyTest(_ScanCliCase):
         self.assertEqual((rc, out), (4, ""), err)
 
 
-# --- scan --autoexclude / --autocompact (B §5.2, A.5) -----------------------------
-
-class ScanAutoexcludeTest(_ScanCliCase):
+class TestScanAutoexclude(TropTestCase):
     CONFIG = ("# project settings -- keep me\n"
               "project: demo   # inline project comment\n"
               "\n"
@@ -3004,24 +3042,14 @@ class ScanAutoexcludeTest(_ScanCliCase):
 
     def setUp(self):
         super().setUp()
-        self.a = self.free_block(6)
-        self.listen("tcp", "127.0.0.1", self.a)
-        self.listen("udp", "127.0.0.1", self.a + 1)
-        self.project = os.path.join(self.work, "proj")
-        os.mkdir(self.project)
+        self.a = self.listening_block(6, "tcp", "udp")
+        self.project = self.mkdir("proj", "proj")
 
-    def write(self, name, text):
-        path = os.path.join(self.project, name)
-        with open(path, "w") as fh:
-            fh.write(text)
-        return path
-
-    def read(self, path):
-        with open(path) as fh:
-            return fh.read()
+    def text(self, path):
+        return self.read(path).decode("utf-8")
 
     def entries(self, path):
-        return trop.config_entries(trop.parse_yaml(self.read(path)))
+        return trop.config_entries(trop.parse_yaml(self.text(path)))
 
     def scan(self, *args):
         return self.trop("scan", "--min", self.a, "--max", self.a + 3, *args, cwd=self.project)
@@ -3033,12 +3061,12 @@ class ScanAutoexcludeTest(_ScanCliCase):
 
     def test_writes_trop_yaml_and_keeps_comments(self):
         before = self.CONFIG % (self.a + 5)
-        path = self.write("trop.yaml", before)
+        path = self.write(os.path.join(self.project, "trop.yaml"), before)
         rc, out, err = self.scan("--autoexclude")
         self.assertEqual(rc, 0, err)
         self.assertEqual(len(out.splitlines()), 4)
         self.assertEqual(err, "Added 2 exclusions to %s\n\nFound 2 unreserved occupied port(s)\n" % path)
-        after = self.read(path)
+        after = self.text(path)
         self.assert_comments_kept(before, after)
         self.assertEqual(self.entries(path), [(self.a + 5, self.a + 5), (self.a, self.a), (self.a + 1, self.a + 1)])
         rc, out, err = self.trop("validate", path)
@@ -3053,37 +3081,37 @@ class ScanAutoexcludeTest(_ScanCliCase):
                   "  # databases\n"
                   "  - %d  # postgres\n"
                   "  - %d  # redis\n" % (self.a + 4, self.a + 5))
-        path = self.write("trop.yaml", before)
+        path = self.write(os.path.join(self.project, "trop.yaml"), before)
         rc, _out, err = self.scan("--autoexclude")
         self.assertEqual(rc, 0, err)
-        after = self.read(path)
+        after = self.text(path)
         for comment in ("# databases", "# postgres", "# redis"):
             self.assertIn(comment, after)
 
     def test_prefers_trop_local_yaml(self):
-        main = self.write("trop.yaml", "# main\nports: {min: 1000, max: 65000}\n")
-        local = self.write("trop.local.yaml", "# local comment\nexcluded_ports: []\n")
+        main = self.write(os.path.join(self.project, "trop.yaml"), "# main\nports: {min: 1000, max: 65000}\n")
+        local = self.write(os.path.join(self.project, "trop.local.yaml"), "# local comment\nexcluded_ports: []\n")
         rc, _out, err = self.scan("--autoexclude")
         self.assertEqual(rc, 0, err)
-        self.assertEqual(self.read(main), "# main\nports: {min: 1000, max: 65000}\n")
-        self.assertIn("# local comment", self.read(local))
+        self.assertEqual(self.text(main), "# main\nports: {min: 1000, max: 65000}\n")
+        self.assertIn("# local comment", self.text(local))
         self.assertEqual(self.entries(local), [(self.a, self.a), (self.a + 1, self.a + 1)])
         self.assertIn("Added 2 exclusions to %s\n" % local, err)
 
     def test_falls_back_to_user_config(self):
         rc, _out, err = self.trop("scan", "--min", self.a, "--max", self.a + 3, "--autoexclude")
         self.assertEqual(rc, 0, err)
-        user = os.path.join(self.data_dir, "config.yaml")
+        user = os.path.join(self.data, "config.yaml")
         self.assertEqual(self.entries(user), [(self.a, self.a), (self.a + 1, self.a + 1)])
-        self.assertEqual(sorted(os.listdir(self.work)), ["proj"])
+        self.assertEqual(sorted(os.listdir(self.proj)), ["proj"])
         self.assertIn("Added 2 exclusions to %s\n" % user, err)
 
     def test_autocompact_after_adding(self):
         before = self.CONFIG % (self.a + 2)
-        path = self.write("trop.yaml", before)
+        path = self.write(os.path.join(self.project, "trop.yaml"), before)
         rc, _out, err = self.scan("--autoexclude", "--autocompact")
         self.assertEqual(rc, 0, err)
-        after = self.read(path)
+        after = self.text(path)
         self.assert_comments_kept(before, after)
         self.assertEqual(self.entries(path), [(self.a, self.a + 2)])
         rc, _out, err = self.trop("validate", path)
@@ -3091,361 +3119,29 @@ class ScanAutoexcludeTest(_ScanCliCase):
 
     def test_autocompact_only_when_something_added(self):
         before = "# c\nexcluded_ports:\n  - %d\n  - %d\n" % (self.a + 4, self.a + 5)
-        path = self.write("trop.yaml", before)
+        path = self.write(os.path.join(self.project, "trop.yaml"), before)
         rc, _out, err = self.trop("scan", "--min", self.a + 2, "--max", self.a + 3, "--autoexclude",
                                   "--autocompact", cwd=self.project)
         self.assertEqual((rc, err), (0, ""))
-        self.assertEqual(self.read(path), before)
+        self.assertEqual(self.text(path), before)
 
     def test_reserved_ports_not_excluded_and_quiet(self):
-        path = self.write("trop.yaml", "# c\n")
+        path = self.write(os.path.join(self.project, "trop.yaml"), "# c\n")
         rc, out, err = self.trop("reserve", "--port", self.a, "--min", self.a, "--max", self.a,
                                  "--ignore-occupied", cwd=self.project)
         self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
         rc, _out, err = self.scan("--autoexclude", "--quiet")
         self.assertEqual((rc, err), (0, "\nFound 1 unreserved occupied port(s)\n"))
         self.assertEqual(self.entries(path), [(self.a + 1, self.a + 1)])
-        self.assertTrue(self.read(path).startswith("# c\n"))
+        self.assertTrue(self.text(path).startswith("# c\n"))
 
     def test_without_autoexclude_nothing_written(self):
         before = self.CONFIG % (self.a + 5)
-        path = self.write("trop.yaml", before)
+        path = self.write(os.path.join(self.project, "trop.yaml"), before)
         rc, _out, _err = self.scan("--autocompact")
         self.assertEqual(rc, 0)
-        self.assertEqual(self.read(path), before)
-        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "config.yaml")))
-
-
-# --- occupancy-aware allocation (B §7.4) -----------------------------------------
-
-class ReserveOccupancyTest(_ScanCliCase):
-    def setUp(self):
-        super().setUp()
-        self.a = self.free_block(3)
-        self.listen("tcp", "127.0.0.1", self.a)
-
-    def reserve(self, *args):
-        return self.trop("reserve", "--min", self.a, "--max", self.a + 2, *args)
-
-    def test_occupied_port_skipped(self):
-        rc, out, err = self.reserve()
-        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
-
-    def test_occupied_preferred_falls_back(self):
-        rc, out, err = self.reserve("--port", self.a)
-        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
-
-    def test_ignore_occupied_preferred(self):
-        rc, out, err = self.reserve("--ignore-occupied", "--port", self.a)
-        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
-
-    def test_udp_listener_and_skip_flags(self):
-        self.listen("udp", "127.0.0.1", self.a + 1)
-        rc, out, err = self.reserve("--tag", "x")
-        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 2)), err)
-        rc, out, err = self.reserve("--tag", "y", "--skip-occupancy-check")
-        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
-        rc, out, err = self.reserve("--tag", "z", "--skip-udp")
-        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
-
-    def test_all_occupied_exhausts(self):
-        rc, out, err = self.trop("reserve", "--min", self.a, "--max", self.a, "--disable-autoclean")
-        self.assertEqual((rc, out), (6, ""), err)
-        self.assertIn("exhausted", err)
-        self.assertIn("occupied", err)
-
-
-# --- shell completions (B §3.11) ---------------------------------------------------
-
-class CompletionScriptTest(unittest.TestCase):
-    NASTY = "Data dir: it's `$HOME/.trop` \"quoted\" [x] \\ back $(rm -rf /)"
-    SUBCOMMANDS = ["reserve", "list", "completions", "validate"]
-    FLAGS = ["--verbose", "--data-dir", "--path", "--tag", "--dry-run", "--format"]
-
-    @classmethod
-    def sample_parser(cls):
-        import argparse
-        p = argparse.ArgumentParser(prog="trop")
-        p.add_argument("-v", "--verbose", action="store_true", help="Enable verbose output")
-        p.add_argument("--data-dir", metavar="PATH", help=cls.NASTY)
-        p.add_argument("--hidden-opt", help=argparse.SUPPRESS)
-        sp = p.add_subparsers(dest="command")
-        r = sp.add_parser("reserve", help="Reserve a port [it's: 'x' $y `z`]")
-        r.add_argument("--path", help="Directory path")
-        r.add_argument("--tag", help="Tag: label")
-        r.add_argument("--dry-run", action="store_true", help="Don't write")
-        ls = sp.add_parser("list", help="List reservations")
-        ls.add_argument("--format", choices=["table", "json", "csv", "tsv"], default="table",
-                        help="Output format (default: %(default)s)")
-        c = sp.add_parser("completions", help="Print a completion script")
-        c.add_argument("shell", choices=list(trop.COMPLETION_SHELLS))
-        v = sp.add_parser("validate", help="Validate a config file")
-        v.add_argument("config_path")
-        sp.add_parser("secret", help=argparse.SUPPRESS)
-        return p
-
-    @staticmethod
-    def run_shell(argv, **kw):
-        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                              timeout=60, **kw)
-
-    @staticmethod
-    def script_file(test, text, suffix=""):
-        fd, path = tempfile.mkstemp(suffix=suffix)
-        test.addCleanup(os.unlink, path)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        return path
-
-    def test_shells(self):
-        self.assertEqual(tuple(trop.COMPLETION_SHELLS), ("bash", "elvish", "fish", "powershell", "zsh"))
-
-    def test_bash_header(self):
-        self.assertEqual(trop.completion_header("bash"), (
-            "# Generating bash completion script\n"
-            "# Run the following command to enable completions:\n"
-            "#   trop completions bash > ~/.local/share/bash-completion/completions/trop\n"
-            "# Or source it directly in ~/.bashrc:\n"
-            '#   eval "$(trop completions bash)"\n\n'))
-
-    def test_elvish_has_no_hints(self):
-        self.assertEqual(trop.completion_header("elvish"),
-                         "# Generating elvish completion script\n"
-                         "# Run the following command to enable completions:\n\n")
-
-    def test_every_shell_header_shape(self):
-        for shell in trop.COMPLETION_SHELLS:
-            h = trop.completion_header(shell)
-            self.assertTrue(h.startswith("# Generating %s completion script\n"
-                                         "# Run the following command to enable completions:\n" % shell))
-            self.assertTrue(h.endswith("\n\n"))
-            self.assertTrue(all(line.startswith("#") for line in h.splitlines() if line))
-
-    def test_all_names_present_and_hidden_skipped(self):
-        for shell in trop.COMPLETION_SHELLS:
-            text = trop.completion_script(self.sample_parser(), shell)
-            with self.subTest(shell=shell):
-                for word in self.SUBCOMMANDS + self.FLAGS:
-                    self.assertIn("-l " + word[2:] if shell == "fish" and word.startswith("--") else word, text)
-                for word in ("table", "tsv", "powershell", "elvish"):
-                    self.assertIn(word, text)
-                self.assertNotIn("hidden-opt", text)
-                self.assertNotIn("secret", text)
-
-    def test_real_parser_names_present(self):
-        for shell in trop.COMPLETION_SHELLS:
-            text = trop.completion_script(trop.build_parser(), shell)
-            with self.subTest(shell=shell):
-                for word in ("reserve", "scan", "port-info", "list-projects", "compact-exclusions"):
-                    self.assertIn(word, text)
-                for flag in ("--include-occupancy", "--check-all-interfaces", "--autoexclude", "--data-dir"):
-                    self.assertIn("-l " + flag[2:] if shell == "fish" else flag, text)
-
-    def test_markers(self):
-        markers = {"bash": "complete -F _trop trop", "zsh": "#compdef trop",
-                   "fish": "__fish_seen_subcommand_from",
-                   "powershell": "Register-ArgumentCompleter -Native -CommandName 'trop'",
-                   "elvish": "set edit:completion:arg-completer['trop'] = {|@words|"}
-        for shell, marker in markers.items():
-            text = trop.completion_script(self.sample_parser(), shell)
-            self.assertIn(marker.replace("trop trop", "trop 'trop'"), text)
-
-    def test_unknown_shell(self):
-        with self.assertRaises(ValueError):
-            trop.completion_script(self.sample_parser(), "tcsh")
-
-    def test_unsafe_choices_dropped_and_huge_choices_not_enumerated(self):
-        import argparse
-        p = argparse.ArgumentParser(prog="trop")
-        x = p.add_subparsers().add_parser("x")
-        x.add_argument("--mode", choices=["ok", "$(evil)", "a b"])
-        x.add_argument("--port", type=int, choices=range(1, 65536))
-        for shell in trop.COMPLETION_SHELLS:
-            text = trop.completion_script(p, shell)
-            self.assertNotIn("evil", text)
-            self.assertNotIn("65535", text)
-            self.assertIn("ok", text)
-
-    def test_zsh_escapes_help(self):
-        text = trop.completion_script(self.sample_parser(), "zsh")
-        self.assertIn(r"""[Data dir\: it'\''s `$HOME/.trop` "quoted" \[x\] \\ back""", text)
-
-    def test_powershell_structure_balanced(self):
-        import re
-        for parser in (self.sample_parser(), trop.build_parser()):
-            text = trop.completion_script(parser, "powershell")
-            body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
-            stripped = re.sub(r"'(?:[^']|'')*'", "''", body)
-            self.assertNotIn("'", stripped.replace("''", ""))
-            for o, c in ("()", "{}", "[]"):
-                self.assertEqual(stripped.count(o), stripped.count(c), o + c)
-        self.assertIn("it''s", trop.completion_script(self.sample_parser(), "powershell"))
-
-    def test_edge_parsers_parse(self):
-        import argparse
-        a = argparse.ArgumentParser(prog="my-tool", add_help=False)
-        a.add_argument("-q", action="count")
-        a.add_argument("target", nargs="*")
-        b = argparse.ArgumentParser(prog="my-tool", add_help=False)
-        b.add_subparsers().add_parser("bare", add_help=False)
-        checkers = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-config", "-n"]}
-        for i, parser in enumerate((a, b)):
-            for shell, argv in checkers.items():
-                if not shutil.which(argv[0]):
-                    continue
-                with self.subTest(parser=i, shell=shell):
-                    path = self.script_file(self, trop.completion_script(parser, shell, prog="my-tool"))
-                    res = self.run_shell(argv + [path])
-                    self.assertEqual(res.returncode, 0, res.stderr)
-
-
-@unittest.skipUnless(shutil.which("bash"), "bash not installed")
-class BashCompletionTest(_ScanCliCase):
-    """The real `trop completions bash` output, plus the sample parser's edge cases."""
-
-    def setUp(self):
-        super().setUp()
-        rc, out, err = self.trop("completions", "bash")
-        self.assertEqual((rc, err), (0, trop.completion_header("bash")))
-        self.real = CompletionScriptTest.script_file(self, out, ".bash")
-        self.sample = CompletionScriptTest.script_file(
-            self, trop.completion_script(CompletionScriptTest.sample_parser(), "bash"), ".bash")
-
-    def complete(self, line, script=None):
-        words = line.split(" ")
-        cmd = ("source %s; COMP_WORDS=(%s); COMP_CWORD=%d; _trop; printf '%%s\\n' \"${COMPREPLY[@]}\""
-               % (shlex.quote(script or self.real), " ".join(shlex.quote(w) for w in words), len(words) - 1))
-        res = CompletionScriptTest.run_shell(["bash", "-c", cmd])
-        self.assertEqual(res.returncode, 0, res.stderr)
-        return [w for w in res.stdout.splitlines() if w]
-
-    def test_syntax(self):
-        for path in (self.real, self.sample):
-            res = CompletionScriptTest.run_shell(["bash", "-n", path])
-            self.assertEqual(res.returncode, 0, res.stderr)
-
-    def test_real_completion(self):
-        self.assertIn("--tag", self.complete("trop reserve --t"))
-        self.assertIn("list", self.complete("trop li"))
-        self.assertEqual(sorted(self.complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
-        self.assertIn("--check-all-interfaces", self.complete("trop scan --check"))
-        self.assertIn("--include-occupancy", self.complete("trop port-info --incl"))
-        self.assertIn("scan", self.complete("trop --data-dir /tmp sc"))
-        self.assertEqual(sorted(self.complete("trop completions ")), sorted(trop.COMPLETION_SHELLS))
-
-    def test_sample_completion(self):
-        s = self.sample
-        self.assertIn("--tag", self.complete("trop reserve --t", s))
-        self.assertNotIn("--format", self.complete("trop reserve --", s))
-        self.assertIn("--verbose", self.complete("trop reserve --", s))
-        self.assertEqual(self.complete("trop li", s), ["list"])
-        self.assertEqual(self.complete("trop --data-dir /tmp li", s), ["list"])
-        self.assertEqual(self.complete("trop --data-dir = /tmp li", s), ["list"])
-        self.assertEqual(sorted(self.complete("trop list --format ", s)), ["csv", "json", "table", "tsv"])
-        self.assertEqual(self.complete("trop list --format = j", s), ["json"])
-        self.assertEqual(self.complete("trop completions b", s), ["bash"])
-
-    def test_path_values_complete_files(self):
-        d = self.tmp
-        os.mkdir(os.path.join(d, "subdir"))
-        open(os.path.join(d, "file.yaml"), "w").close()
-        s = self.sample
-        self.assertEqual(self.complete("trop reserve --path %s/fi" % d, s), [d + "/file.yaml"])
-        self.assertEqual(self.complete("trop validate %s/fi" % d, s), [d + "/file.yaml"])
-        self.assertEqual(self.complete("trop --data-dir %s/s" % d, s), [d + "/subdir"])
-        self.assertEqual(self.complete("trop reserve --tag x", s), [])
-
-
-class CompletionsCliTest(_ScanCliCase):
-    def test_every_shell(self):
-        for shell in trop.COMPLETION_SHELLS:
-            with self.subTest(shell=shell):
-                rc, out, err = self.trop("completions", shell)
-                self.assertEqual((rc, err), (0, trop.completion_header(shell)))
-                self.assertEqual(out, trop.completion_script(trop.build_parser(), shell).rstrip("\n") + "\n")
-
-    def test_unknown_shell_usage_error(self):
-        rc, out, err = self.trop("completions", "tcsh")
-        self.assertEqual((rc, out), (2, ""))
-        self.assertIn("usage:", err)
-
-    @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
-    def test_zsh(self):
-        _rc, out, _err = self.trop("completions", "zsh")
-        path = CompletionScriptTest.script_file(self, out)
-        res = CompletionScriptTest.run_shell(["zsh", "-n", path])
-        self.assertEqual(res.returncode, 0, res.stderr)
-        res = CompletionScriptTest.run_shell(["zsh", "-fc", "autoload -U compinit; compinit -u -d /dev/null; "
-                                              "source %s; print -r -- ${_comps[trop]}" % shlex.quote(path)])
-        self.assertEqual((res.returncode, res.stdout.strip()), (0, "_trop"), res.stderr)
-        sample = CompletionScriptTest.script_file(
-            self, trop.completion_script(CompletionScriptTest.sample_parser(), "zsh"))
-        res = CompletionScriptTest.run_shell(["zsh", "-fc", "_arguments() { print -rl -- \"$@\" }; compdef() { : }; "
-                                              "_describe() { print -rl -- \"${(@P)4}\" }; "
-                                              "source %s; _trop; _trop_commands" % shlex.quote(sample)])
-        self.assertEqual(res.returncode, 0, res.stderr)
-        self.assertIn("--data-dir=[Data dir\\: it's `$HOME/.trop` \"quoted\" \\[x\\] \\\\ back $(rm -rf /)]:PATH:"
-                      "_files -/", res.stdout.splitlines())
-        self.assertIn("reserve:Reserve a port [it's: 'x' $y `z`]", res.stdout.splitlines())
-
-    @unittest.skipUnless(shutil.which("fish"), "fish not installed")
-    def test_fish(self):
-        _rc, out, _err = self.trop("completions", "fish")
-        path = CompletionScriptTest.script_file(self, out, ".fish")
-        res = CompletionScriptTest.run_shell(["fish", "--no-config", "-n", path])
-        self.assertEqual(res.returncode, 0, res.stderr)
-
-        def complete(line, script=path):
-            r = CompletionScriptTest.run_shell(["fish", "--no-config", "-c", "source %s; complete -C%s"
-                                                % (shlex.quote(script), shlex.quote(line))])
-            self.assertEqual(r.returncode, 0, r.stderr)
-            return [l.split("\t")[0] for l in r.stdout.splitlines()]
-        self.assertIn("--tag", complete("trop reserve --t"))
-        self.assertIn("list", complete("trop li"))
-        self.assertEqual(sorted(complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
-        sample = CompletionScriptTest.script_file(
-            self, trop.completion_script(CompletionScriptTest.sample_parser(), "fish"), ".fish")
-        self.assertEqual(complete("trop reserve --t", sample), ["--tag"])
-        self.assertEqual(complete("trop li", sample), ["list"])
-        r = CompletionScriptTest.run_shell(["fish", "--no-config", "-c", "source %s; complete -C'trop --data'"
-                                            % shlex.quote(sample)])
-        self.assertIn(CompletionScriptTest.NASTY.split(" $(")[0], r.stdout)
-
-    @unittest.skipUnless(shutil.which("elvish"), "elvish not installed")
-    def test_elvish(self):
-        """`edit:` only exists interactively, so run the completer against stubs."""
-        _rc, real, _err = self.trop("completions", "elvish")
-        sample = trop.completion_script(CompletionScriptTest.sample_parser(), "elvish")
-
-        def complete(text, *words):
-            text = (text.replace("set edit:completion:arg-completer", "set completers")
-                    .replace("edit:complex-candidate", "complex-candidate")
-                    .replace("edit:complete-filename", "complete-filename"))
-            prelude = ("var completers = [&]\n"
-                       "fn complex-candidate {|text &display=''| put $text }\n"
-                       "fn complete-filename {|p| put FILES:$p }\n")
-            call = "\nput ($completers['trop'] %s) | each {|x| echo $x }\n" % " ".join(
-                "'" + w.replace("'", "''") + "'" for w in words)
-            path = CompletionScriptTest.script_file(self, prelude + text + call, ".elv")
-            res = CompletionScriptTest.run_shell(["elvish", "-norc", path])
-            self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
-            return res.stdout.splitlines()
-        self.assertIn("--tag", complete(real, "trop", "reserve", "--t"))
-        self.assertIn("list", complete(real, "trop", "li"))
-        self.assertIn("--include-occupancy", complete(real, "trop", "port-info", "--inc"))
-        self.assertEqual(complete(sample, "trop", "--data-dir", "/x", "list", "--format", ""),
-                         ["table", "json", "csv", "tsv"])
-        self.assertEqual(complete(sample, "trop", "validate", "c"), ["FILES:c"])
-
-    @unittest.skipUnless(shutil.which("pwsh"), "pwsh not installed")
-    def test_powershell(self):
-        _rc, out, _err = self.trop("completions", "powershell")
-        path = CompletionScriptTest.script_file(self, out, ".ps1")
-        cmd = (". '%s'; (TabExpansion2 -inputScript 'trop reserve --t' -cursorColumn 16).CompletionMatches "
-               "| ForEach-Object CompletionText" % path)
-        res = CompletionScriptTest.run_shell(["pwsh", "-NoProfile", "-NonInteractive", "-Command", cmd])
-        self.assertEqual(res.returncode, 0, res.stderr)
-        self.assertIn("--tag", res.stdout.split())
+        self.assertEqual(self.text(path), before)
+        self.assertFalse(os.path.exists(os.path.join(self.data, "config.yaml")))
 
 
 # --- Allocation --------------------------------------------------------------
@@ -3509,233 +3205,156 @@ class TestAllocation(unittest.TestCase):
         self.assertEqual(self.allocate(None, busy={5000}, ignore_occupied=True), 5001)
 
 
-# --- Operations and API -------------------------------------------------------
-
-class TestDataDirResolution(unittest.TestCase):
-    def test_order(self):
-        r = trop.resolve_data_dir
-        self.assertEqual(r("rel/dir", {"TROP_DATA_DIR": "/e", "HOME": "/h"}), "rel/dir")
-        self.assertEqual(r(None, {"TROP_DATA_DIR": "/e", "HOME": "/h"}), "/e")
-        self.assertEqual(r(None, {"HOME": "/h"}), "/h/.trop")
-        self.assertEqual(r(None, {"USERPROFILE": "/u"}), "/u/.trop")
-
-    def test_no_home_is_a_configuration_error(self):
-        with self.assertRaises(trop.TropError) as ctx:
-            trop.resolve_data_dir(None, {})
-        self.assertEqual(ctx.exception.exit_code, 7)
-
-
-class TestPythonAPI(TempDirTestCase):
+class TestReserveOccupancy(TropTestCase):
     def setUp(self):
-        TempDirTestCase.setUp(self)
-        patcher = mock.patch.dict(os.environ, {"HOME": self.mkdir("home")})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in [k for k in os.environ if k.startswith("TROP_")]:
-            del os.environ[name]
-        self.chdir(self.mkdir("proj"))
-        self.opts = dict(data_dir=os.path.join(self.root, "data"), skip_occupancy_check=True)
+        super().setUp()
+        self.a = self.listening_block(3, "tcp")
 
-    def test_reserve_release_list(self):
-        proj = os.path.join(self.root, "proj")
-        port = trop.reserve(**self.opts)
-        self.assertEqual(port, 5000)
-        self.assertEqual(trop.reserve(**self.opts), 5000)
-        self.assertEqual(trop.reserve(tag="web", project="app", **self.opts), 5001)
-        rows = trop.list_reservations(**self.opts)
-        self.assertEqual([(r.path, r.tag, r.port, r.project) for r in rows],
-                         [(proj, None, 5000, None), (proj, "web", 5001, "app")])
-        self.assertEqual(trop.list_projects(**self.opts), ["app"])
-        self.assertEqual(trop.port_info(5001, **self.opts).tag, "web")
-        self.assertIsNone(trop.port_info(5002, **self.opts))
-        self.assertEqual(trop.release(**self.opts), 2)
-        self.assertEqual(trop.release(**self.opts), 0)
+    def reserve(self, *args):
+        return self.trop("reserve", "--min", self.a, "--max", self.a + 2, *args)
 
-    def test_errors_are_trop_errors(self):
-        with self.assertRaises(trop.SemanticFailure):
-            trop.reserve(path="/unrelated/x", **self.opts)
-        with self.assertRaises(trop.InvalidArguments):
-            trop.reserve(port="0", **self.opts)
+    def test_occupied_port_skipped(self):
+        rc, out, err = self.reserve()
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_occupied_preferred_falls_back(self):
+        rc, out, err = self.reserve("--port", self.a)
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_ignore_occupied_preferred(self):
+        rc, out, err = self.reserve("--ignore-occupied", "--port", self.a)
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+
+    def test_udp_listener_and_skip_flags(self):
+        self.listen("udp", "127.0.0.1", self.a + 1)
+        rc, out, err = self.reserve("--tag", "x")
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 2)), err)
+        rc, out, err = self.reserve("--tag", "y", "--skip-occupancy-check")
+        self.assertEqual((rc, out), (0, "%d\n" % self.a), err)
+        rc, out, err = self.reserve("--tag", "z", "--skip-udp")
+        self.assertEqual((rc, out), (0, "%d\n" % (self.a + 1)), err)
+
+    def test_all_occupied_exhausts(self):
+        rc, out, err = self.trop("reserve", "--min", self.a, "--max", self.a, "--disable-autoclean")
+        self.assertEqual((rc, out), (6, ""), err)
+        self.assertIn("exhausted", err)
+        self.assertIn("occupied", err)
 
 
-# --- Operations: groups, trop run, cleanup, migrate --------------------------------
+# --- Operations: cleanup rules -----------------------------------------------
 
-class _GroupCliCase(unittest.TestCase):
-    """Runs `python -m trop --data-dir <tmp> ...` with a temp HOME and no inherited TROP_* variables."""
+class TestInspectPath(unittest.TestCase):
+    def verdict_for(self, error):
+        with mock.patch("os.stat", side_effect=error):
+            return trop.inspect_path("/srv/somewhere")
 
-    maxDiff = None
-    DAY = 86400
+    def test_uninspectable_errors_are_kept_with_a_kind(self):
+        cases = [(PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+                 (OSError(errno.EPERM, "Operation not permitted"), "permission denied"),
+                 (OSError(errno.ELOOP, "Too many levels of symbolic links"), "symlink loop"),
+                 (OSError(errno.EIO, "Input/output error"), "transient I/O error"),
+                 (OSError(errno.ENOSYS, "Function not implemented"), "unsupported filesystem operation"),
+                 (OSError(errno.EBUSY, "Device or resource busy"), "unknown filesystem error")]
+        for error, kind in cases:
+            with self.subTest(kind=kind, errno=error.errno):
+                verdict = self.verdict_for(error)
+                self.assertNotIn(verdict, ("stale", "live"))
+                self.assertEqual(verdict[0], kind)
 
-    @staticmethod
-    def yaml_group(services, project=None, pmin=40000, pmax=40999, base=None, skip=True, excluded=None):
-        """A trop.yaml text; services = [(tag, {offset/preferred/env: value})]."""
-        lines = []
-        if project is not None:
-            lines.append("project: %s" % json.dumps(project))
-        lines += ["ports:", "  min: %d" % pmin, "  max: %d" % pmax]
-        if excluded:
-            lines.append("excluded_ports:")
-            lines += ["  - %s" % json.dumps(e) for e in excluded]
-        if skip:
-            lines += ["occupancy_check:", "  skip: true"]
-        lines.append("reservations:")
-        if base is not None:
-            lines.append("  base: %d" % base)
-        lines.append("  services:" if services else "  services: {}")
-        for tag, body in services:
-            fields = ", ".join("%s: %s" % (k, json.dumps(v, ensure_ascii=False)) for k, v in body.items())
-            lines.append("    %s: {%s}" % (json.dumps(tag, ensure_ascii=False), fields))
-        return "\n".join(lines) + "\n"
+    def test_certainly_gone_errors_are_stale(self):
+        for code in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            with self.subTest(errno=code):
+                self.assertEqual(self.verdict_for(OSError(code, os.strerror(code))), "stale")
 
-    @classmethod
-    def setUpClass(cls):
-        cls._class_tmp = tempfile.mkdtemp(prefix="trop-gc-class-")
-        cls._template_db = None
+    def test_real_filesystem(self):
+        tmp = temp_dir(self, "trop-gc-inspect-")
+        open(os.path.join(tmp, "file"), "w").close()
+        os.symlink(os.path.join(tmp, "missing"), os.path.join(tmp, "dangling"))
+        os.symlink(tmp, os.path.join(tmp, "dirlink"))
+        os.symlink(os.path.join(tmp, "loop-b"), os.path.join(tmp, "loop-a"))
+        os.symlink(os.path.join(tmp, "loop-a"), os.path.join(tmp, "loop-b"))
+        self.assertEqual(trop.inspect_path(tmp), "live")
+        self.assertEqual(trop.inspect_path(os.path.join(tmp, "dirlink")), "live")
+        for name in ("missing", "file", "dangling", "file/sub"):
+            with self.subTest(name=name):
+                self.assertEqual(trop.inspect_path(os.path.join(tmp, name)), "stale")
+        self.assertEqual(trop.inspect_path(os.path.join(tmp, "loop-a"))[0], "symlink loop")
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls._class_tmp, True)
 
-    def setUp(self):
-        tmp = tempfile.mkdtemp(prefix="trop-gc-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        self.root = os.path.realpath(tmp)
-        self.home = os.path.join(self.root, "home")
-        self.data = os.path.join(self.root, "data")
-        os.mkdir(self.home)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
-        env.update(HOME=self.home, PYTHONPATH=os.path.dirname(os.path.abspath(trop.__file__)), SHELL="/bin/bash",
-                   PYTHONIOENCODING="utf-8")
-        self.env = env
+# --- Operations: reserve and release -----------------------------------------
 
-    # -- processes --
+class TestAutomaticCleanup(TropTestCase):
+    RUN_IN_ROOT = True
+    P = 47001
+    RANGE = ("--min", str(P), "--max", str(P), "--skip-occupancy-check")
 
-    def _command(self, args):
-        return [sys.executable, "-m", "trop", "--data-dir", self.data] + [str(a) for a in args]
+    def test_stale_holder_is_pruned_and_reserve_warns(self):
+        gone = self.mkdir("gone")
+        self.ok("reserve", "--path", gone, *self.RANGE)
+        os.rmdir(gone)
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
+        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
+        self.assertEqual(err, "Warning: Automatic cleanup after initial port exhaustion pruned 1 and expired 0 "
+                              "reservation(s); allocation succeeded on the single retry.\n")
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
 
-    def _env(self, env):
-        merged = dict(self.env)
-        for key, value in (env or {}).items():
-            if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        return merged
+    def test_disabled_autoclean_fails_exhausted_and_deletes_nothing(self):
+        self.seed((self.path("gone"), "", self.P))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoclean", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("port range %d-%d exhausted: cleanup was skipped (automatic pruning and expiration "
+                      "disabled); remaining blockers: reserved" % (self.P, self.P), err)
+        self.assertEqual(self.rows(), before)
 
-    def spawn(self, *args, cwd=None, env=None):
-        return subprocess.Popen(self._command(args), cwd=cwd or self.root, env=self._env(env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True, encoding="utf-8", errors="replace")
+    def test_failure_after_cleanup_leaves_the_stale_row(self):
+        holder = self.mkdir("holder")
+        self.seed((holder, "", self.P), (self.path("gone"), "", 47100))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("port range %d-%d exhausted after cleanup: remaining blockers after the single retry: "
+                      "reserved" % (self.P, self.P), err)
+        self.assertIn("automatic cleanup pruned 1 and expired 0 reservation(s); automatic pruning and expiration "
+                      "enabled", err)
+        self.assertEqual(self.rows(), before)
 
-    def trop(self, *args, cwd=None, env=None):
-        proc = self.spawn(*args, cwd=cwd, env=env)
-        out, err = proc.communicate(timeout=60)
-        return proc.returncode, out, err
-
-    @staticmethod
-    def finish(procs):
-        results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=60)
-            results.append((proc.returncode, out, err))
-        return results
-
-    def run_all(self, calls):
-        """Run independent commands at once; calls = [(args, {"cwd": .., "env": ..}) or args]."""
-        procs = []
-        for call in calls:
-            args, kwargs = call if len(call) == 2 and isinstance(call[1], dict) else (call, {})
-            procs.append(self.spawn(*args, **kwargs))
-        return self.finish(procs)
-
-    def ok(self, *args, **kwargs):
-        rc, out, err = self.trop(*args, **kwargs)
-        self.assertEqual(rc, 0, "trop %s failed: %s" % (" ".join(map(str, args)), err))
-        return out, err
-
-    # -- files and database --
-
-    def path(self, *parts):
-        return os.path.join(self.root, *parts)
-
-    def mkdir(self, *parts):
-        full = self.path(*parts)
-        os.makedirs(full, exist_ok=True)
-        return full
-
-    def write(self, full, text):
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        with open(full, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        return full
-
-    def rows(self):
-        db = os.path.join(self.data, "trop.db")
-        if not os.path.exists(db):
-            return []
-        conn = sqlite3.connect(db)
-        try:
-            return [tuple(r) for r in conn.execute(
-                "SELECT path, tag, port, project, task, created_at, last_used_at FROM reservations "
-                "ORDER BY path, tag")]
-        finally:
-            conn.close()
-
-    def sql(self, statement, params=()):
-        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
-        try:
-            conn.execute(statement, params)
-        finally:
-            conn.close()
-
-    def fresh_data(self, name):
-        """Point self.data at a new data directory holding an empty, initialized trop.db."""
-        cls = type(self)
-        if cls._template_db is None:
-            template = os.path.join(cls._class_tmp, "template")
-            saved = self.data
-            self.data = template
-            self.ok("init")
-            self.data = saved
-            cls._template_db = os.path.join(template, "trop.db")
-        self.data = self.path(name)
-        os.makedirs(self.data, exist_ok=True)
-        shutil.copy(cls._template_db, os.path.join(self.data, "trop.db"))
-        return self.data
-
-    def seed(self, *rows):
-        """Insert (path, tag, port[, project, task, created_at, last_used_at]) rows directly."""
-        if not os.path.exists(os.path.join(self.data, "trop.db")):
-            wanted = self.data
-            self.fresh_data(os.path.relpath(wanted, self.root))
+    def test_cleanup_policies(self):
         now = int(time.time())
-        conn = sqlite3.connect(os.path.join(self.data, "trop.db"), isolation_level=None)
-        try:
-            for row in rows:
-                path, tag, port = row[:3]
-                rest = list(row[3:]) + [None, None, now, now][len(row) - 3:]
-                conn.execute("INSERT INTO reservations (path, tag, port, project, task, created_at, "
-                             "last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (path, tag, port) + tuple(rest))
-        finally:
-            conn.close()
+        old = now - 60 * DAY
+        holder = self.mkdir("holder")
+        self.seed((holder, "", self.P, None, None, old, old))
+        before = self.rows()
+        live = self.mkdir("live")
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoexpire", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("after cleanup", err)
+        self.assertIn("automatic expiration disabled", err)
+        self.assertEqual(self.rows(), before)
+        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoprune", *self.RANGE)
+        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
+        self.assertIn("pruned 0 and expired 1 reservation(s)", err)
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
+        os.rmdir(live)
+        other = self.mkdir("other")
+        rc, out, err = self.trop("reserve", "--path", other, "--disable-autoprune", *self.RANGE)
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("automatic pruning disabled", err)
+        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
 
-    def assert_valid(self):
-        rc, _out, err = self.trop("assert-data-dir", "--validate")
-        self.assertEqual(rc, 0, err)
 
+# --- Operations: groups ------------------------------------------------------
 
-# ============================================================================
-# A. Reservation groups
-# ============================================================================
-
-class GroupFormatTests(_GroupCliCase):
+class TestGroupFormats(TropTestCase):
+    RUN_IN_ROOT = True
     SERVICES = [("web", {"offset": 0}), ("api-v2", {"offset": 1}), ("db", {"offset": 2, "env": "DB_PORT"}),
                 ("B", {"offset": 3})]
 
     def test_formats_shells_and_rows(self):
-        group = self.mkdir("proj")
-        self.write(os.path.join(group, "trop.yaml"), self.yaml_group(self.SERVICES, pmin=40100, pmax=40199))
+        group = self.group_dir("proj", self.SERVICES, pmin=40100, pmax=40199)
         cfg = os.path.join(group, "trop.yaml")
         rc, out, err = self.trop("reserve-group", cfg)
         self.assertEqual(rc, 0, err)
@@ -3754,7 +3373,7 @@ class GroupFormatTests(_GroupCliCase):
         }
         calls = [(("autoreserve", "--format", key[0]) + (("--shell", key[1]) if len(key) > 1 else ()),
                   {"cwd": group}) for key in expected]
-        for (key, text), (rc, out, err) in zip(expected.items(), self.run_all(calls)):
+        for (key, text), (rc, out, err) in zip(expected.items(), self.trop_many(calls)):
             with self.subTest(format=key):
                 self.assertEqual(rc, 0, err)
                 self.assertEqual(out, text)
@@ -3764,7 +3383,7 @@ class GroupFormatTests(_GroupCliCase):
     def test_autoreserve_discovers_from_subdirectory(self):
         group = self.mkdir("proj")
         deeper = self.mkdir("proj", "sub", "deeper")
-        cfg = self.write(os.path.join(group, "trop.yaml"), self.yaml_group([("web", {})], pmin=40150, pmax=40160))
+        cfg = self.group_file(group, [("web", {})], pmin=40150, pmax=40160)
         rc, out, err = self.trop("autoreserve", "--format", "dotenv", cwd=deeper)
         self.assertEqual(rc, 0, err)
         self.assertEqual(out, "WEB=40150\n")
@@ -3772,9 +3391,7 @@ class GroupFormatTests(_GroupCliCase):
         self.assertEqual([r[:3] for r in self.rows()], [(group, "web", 40150)])
 
     def test_local_file_replaces_whole_group(self):
-        group = self.mkdir("proj")
-        self.write(os.path.join(group, "trop.yaml"), self.yaml_group([("web", {}), ("api", {"offset": 1})],
-                                                                 pmin=40170, pmax=40180))
+        group = self.group_dir("proj", [("web", {}), ("api", {"offset": 1})], pmin=40170, pmax=40180)
         self.write(os.path.join(group, "trop.local.yaml"),
                    "reservations:\n  services:\n    cache: {offset: 0, env: CACHE_PORT}\n")
         out, _err = self.ok("autoreserve", cwd=group)
@@ -3782,31 +3399,28 @@ class GroupFormatTests(_GroupCliCase):
         self.assertEqual([r[:3] for r in self.rows()], [(group, "cache", 40170)])
 
 
-class GroupAllocationTests(_GroupCliCase):
-    def group(self, name, services, **kw):
-        directory = self.mkdir(name)
-        self.write(os.path.join(directory, "trop.yaml"), self.yaml_group(services, **kw))
-        return directory
+class TestGroupAllocation(TropTestCase):
+    RUN_IN_ROOT = True
 
     def mapping(self, directory):
         return {r[1]: r[2] for r in self.rows() if r[0] == directory}
 
     def test_contract_worked_example_preferred_outside_range(self):
-        g = self.group("g", [("web", {"preferred": 40150}), ("api", {"offset": 1}), ("db", {"offset": 2})],
-                       pmin=40200, pmax=40299)
+        g = self.group_dir("g", [("web", {"preferred": 40150}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                           pmin=40200, pmax=40299)
         out, _ = self.ok("reserve-group", os.path.join(g, "trop.yaml"), "--format", "json")
         self.assertEqual(json.loads(out), {"web": 40150, "api": 40201, "db": 40202})
         self.assertEqual(self.mapping(g), {"web": 40150, "api": 40201, "db": 40202})
 
     def test_pinned_preferred_port_is_not_reused_by_the_pattern(self):
-        g = self.group("g", [("web", {"preferred": 40301}), ("api", {"offset": 1}), ("db", {"offset": 2})],
-                       pmin=40300, pmax=40399)
+        g = self.group_dir("g", [("web", {"preferred": 40301}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                           pmin=40300, pmax=40399)
         self.ok("autoreserve", cwd=g)
         self.assertEqual(self.mapping(g), {"web": 40301, "api": 40302, "db": 40303})
 
     def test_unavailable_preferred_port_joins_the_offset_pattern(self):
         self.seed((self.path("other"), "", 40400))
-        g = self.group("g", [("web", {"preferred": 40400}), ("api", {"offset": 1})], pmin=40400, pmax=40499)
+        g = self.group_dir("g", [("web", {"preferred": 40400}), ("api", {"offset": 1})], pmin=40400, pmax=40499)
         self.ok("autoreserve", cwd=g)
         self.assertEqual(self.mapping(g), {"web": 40401, "api": 40402})
         self.assertIn((self.path("other"), "", 40400), [r[:3] for r in self.rows()])
@@ -3814,13 +3428,13 @@ class GroupAllocationTests(_GroupCliCase):
     def test_whole_pattern_must_avoid_exclusions_and_base_starts_the_scan(self):
         services = [("web", {}), ("api", {"offset": 1}), ("db", {"offset": 3})]
         excluded = [40500, "40503..40504"]
-        g = self.group("g", services, pmin=40500, pmax=40599, excluded=excluded)
+        g = self.group_dir("g", services, pmin=40500, pmax=40599, excluded=excluded)
         self.ok("autoreserve", cwd=g)
         self.assertEqual(self.mapping(g), {"web": 40505, "api": 40506, "db": 40508})
-        b = self.group("b", services, pmin=40500, pmax=40599, excluded=excluded, base=40560)
+        b = self.group_dir("b", services, pmin=40500, pmax=40599, excluded=excluded, base=40560)
         self.ok("autoreserve", cwd=b)
         self.assertEqual(self.mapping(b), {"web": 40560, "api": 40561, "db": 40563})
-        bad = self.group("bad", services, pmin=40500, pmax=40599, base=40700)
+        bad = self.group_dir("bad", services, pmin=40500, pmax=40599, base=40700)
         rc, out, err = self.trop("autoreserve", cwd=bad)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("Base port 40700 must be within port range", err)
@@ -3843,18 +3457,18 @@ class GroupAllocationTests(_GroupCliCase):
                     self.skipTest("port %d is busy on this host" % candidate)
                 finally:
                     probe.close()
-        g = self.group("g", [("web", {}), ("api", {"offset": 1})], pmin=port, pmax=port + 20, skip=False)
+        g = self.group_dir("g", [("web", {}), ("api", {"offset": 1})], pmin=port, pmax=port + 20, skip=False)
         self.ok("autoreserve", "--skip-ipv6", cwd=g)
         self.assertEqual(self.mapping(g), {"web": port + 1, "api": port + 2})
-        s = self.group("s", [("web", {})], pmin=port, pmax=port + 20, skip=False)
+        s = self.group_dir("s", [("web", {})], pmin=port, pmax=port + 20, skip=False)
         self.ok("autoreserve", "--skip-occupancy-check", cwd=s)
         self.assertEqual(self.mapping(s), {"web": port})
 
     def test_group_that_cannot_fit_leaves_no_rows(self):
         self.seed((self.path("other"), "", 40602))
         before = self.rows()
-        g = self.group("g", [("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2}),
-                             ("d", {"offset": 9, "preferred": 40650})], pmin=40600, pmax=40603)
+        g = self.group_dir("g", [("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2}),
+                                 ("d", {"offset": 9, "preferred": 40650})], pmin=40600, pmax=40603)
         rc, out, err = self.trop("autoreserve", cwd=g)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("Error: group allocation failed after attempting 4 service(s)", err)
@@ -3862,17 +3476,14 @@ class GroupAllocationTests(_GroupCliCase):
         self.assertEqual(self.rows(), before)
 
 
-class GroupIdempotencyTests(_GroupCliCase):
-    def make(self, name, services, **kw):
-        directory = self.mkdir(name)
-        self.write(os.path.join(directory, "trop.yaml"), self.yaml_group(services, **kw))
-        return directory
+class TestGroupIdempotency(TropTestCase):
+    RUN_IN_ROOT = True
 
     def group_rows(self, directory):
         return [r for r in self.rows() if r[0] == directory]
 
     def test_refresh_returns_same_mapping_keeps_created_at_and_refreshes_last_used(self):
-        g = self.make("g", [("web", {}), ("api", {"offset": 1})], pmin=41000, pmax=41099)
+        g = self.group_dir("g", [("web", {}), ("api", {"offset": 1})], pmin=41000, pmax=41099)
         first, _ = self.ok("reserve-group", os.path.join(g, "trop.yaml"))
         self.sql("UPDATE reservations SET created_at = 1000, last_used_at = 2000")
         start = int(time.time())
@@ -3887,7 +3498,7 @@ class GroupIdempotencyTests(_GroupCliCase):
 
     def test_incompatible_group_fails_untouched_and_force_replaces_atomically(self):
         self.seed((self.path("blocker"), "", 41100))
-        g = self.make("g", [("web", {}), ("api", {"offset": 1})], pmin=41100, pmax=41199)
+        g = self.group_dir("g", [("web", {}), ("api", {"offset": 1})], pmin=41100, pmax=41199)
         self.ok("autoreserve", cwd=g)               # web 41101, api 41102
         self.sql("UPDATE reservations SET created_at = 1000, last_used_at = 2000 WHERE path = ?", (g,))
         before = self.rows()
@@ -3896,7 +3507,7 @@ class GroupIdempotencyTests(_GroupCliCase):
                   "requested service set does not match stored service set")]
         for services, reason in cases:
             with self.subTest(reason=reason):
-                self.write(os.path.join(g, "trop.yaml"), self.yaml_group(services, pmin=41100, pmax=41199))
+                self.group_file(g, services, pmin=41100, pmax=41199)
                 rc, out, err = self.trop("autoreserve", cwd=g)
                 self.assertEqual((rc, out), (6, ""))
                 self.assertIn("reservation conflict: existing group at %s is incompatible: %s" % (g, reason), err)
@@ -3909,12 +3520,11 @@ class GroupIdempotencyTests(_GroupCliCase):
         self.assertTrue(all(r[5] >= start - 1 for r in rows), rows)
 
     def test_force_that_cannot_allocate_keeps_the_old_group(self):
-        g = self.make("g", [("a", {}), ("b", {"offset": 1})], pmin=41200, pmax=41202)
+        g = self.group_dir("g", [("a", {}), ("b", {"offset": 1})], pmin=41200, pmax=41202)
         self.ok("autoreserve", cwd=g)
         self.seed((self.path("other"), "", 41202))
         before = self.rows()
-        self.write(os.path.join(g, "trop.yaml"),
-                   self.yaml_group([("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2})], pmin=41200, pmax=41202))
+        self.group_file(g, [("a", {}), ("b", {"offset": 1}), ("c", {"offset": 2})], pmin=41200, pmax=41202)
         rc, out, err = self.trop("autoreserve", "--force", cwd=g)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("group allocation failed", err)
@@ -3925,8 +3535,7 @@ class GroupIdempotencyTests(_GroupCliCase):
         self.ok("reserve", "--tag", "web", "--skip-occupancy-check", "--min", "41300", "--max", "41399", cwd=g)
         self.ok("reserve", "--skip-occupancy-check", "--min", "41300", "--max", "41399", cwd=g)
         untagged = [r for r in self.rows() if r[1] == ""]
-        self.write(os.path.join(g, "trop.yaml"),
-                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=41300, pmax=41399))
+        self.group_file(g, [("web", {}), ("api", {"offset": 1})], pmin=41300, pmax=41399)
         rc, out, err = self.trop("autoreserve", cwd=g)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("requested service set does not match stored service set", err)
@@ -3936,7 +3545,7 @@ class GroupIdempotencyTests(_GroupCliCase):
         self.assertEqual({r[1]: r[2] for r in rows if r[1]}, {"web": 41302, "api": 41303})
 
     def test_symlinked_and_relative_spellings_converge_on_one_group(self):
-        real = self.make("real-proj", [("web", {}), ("api", {"offset": 1})], pmin=41400, pmax=41499)
+        real = self.group_dir("real-proj", [("web", {}), ("api", {"offset": 1})], pmin=41400, pmax=41499)
         link = self.path("link-proj")
         os.symlink(real, link)
         outputs = [self.ok("reserve-group", os.path.join(link, "trop.yaml"))[0],
@@ -3948,7 +3557,7 @@ class GroupIdempotencyTests(_GroupCliCase):
 
     def test_symlinked_config_file_belongs_to_its_own_directory(self):
         # CONTRACT 7.1: identity = realpath of the config file's *parent directory*
-        shared = self.write(self.path("shared", "group.yaml"), self.yaml_group([("web", {})], pmin=41500, pmax=41599))
+        shared = self.write(self.path("shared", "group.yaml"), group_yaml([("web", {})], pmin=41500, pmax=41599))
         project = self.mkdir("project")
         os.symlink(shared, os.path.join(project, "trop.yaml"))
         auto, _ = self.ok("autoreserve", cwd=project)
@@ -3957,10 +3566,10 @@ class GroupIdempotencyTests(_GroupCliCase):
         self.assertEqual([r[:3] for r in self.rows()], [(project, "web", 41500)])
 
     def test_sticky_project_and_task(self):
-        g = self.make("g", [("web", {})], project="alpha", pmin=41600, pmax=41699)
+        g = self.group_dir("g", [("web", {})], project="alpha", pmin=41600, pmax=41699)
         self.ok("autoreserve", "--task", "t1", cwd=g)
         self.assertEqual([r[3:5] for r in self.group_rows(g)], [("alpha", "t1")])
-        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], project="beta", pmin=41600, pmax=41699))
+        self.group_file(g, [("web", {})], project="beta", pmin=41600, pmax=41699)
         rc, out, err = self.trop("autoreserve", cwd=g)
         self.assertEqual((rc, out), (1, ""))
         self.assertIn("Cannot change group project", err)
@@ -3977,23 +3586,22 @@ class GroupIdempotencyTests(_GroupCliCase):
         self.assertEqual([r[3:5] for r in self.group_rows(g)], [("beta", "t3")])
 
     def test_force_replacement_inherits_a_uniform_task(self):
-        g = self.make("g", [("web", {})], pmin=41700, pmax=41799)
+        g = self.group_dir("g", [("web", {})], pmin=41700, pmax=41799)
         self.ok("autoreserve", "--task", "t1", cwd=g)
-        self.write(os.path.join(g, "trop.yaml"),
-                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=41700, pmax=41799))
+        self.group_file(g, [("web", {}), ("api", {"offset": 1})], pmin=41700, pmax=41799)
         self.ok("autoreserve", "--force", cwd=g)
         self.assertEqual({(r[1], r[4]) for r in self.group_rows(g)}, {("web", "t1"), ("api", "t1")})
 
 
-class GroupInputSafetyTests(_GroupCliCase):
+class TestGroupInputSafety(TropTestCase):
+    RUN_IN_ROOT = True
+
     def attempts(self, groups):
         """autoreserve each service list in its own directory, all at once: [(dir, (rc, out, err))]."""
         dirs = []
         for services in groups:
-            g = self.mkdir("g%d" % len(dirs))
-            self.write(os.path.join(g, "trop.yaml"), self.yaml_group(services, pmin=42000, pmax=42099))
-            dirs.append(g)
-        return list(zip(dirs, self.run_all([(("autoreserve",), {"cwd": g}) for g in dirs])))
+            dirs.append(self.group_dir("g%d" % len(dirs), services, pmin=42000, pmax=42099))
+        return list(zip(dirs, self.trop_many([(("autoreserve",), {"cwd": g}) for g in dirs])))
 
     def attempt(self, services):
         return self.attempts([services])[0][1]
@@ -4059,8 +3667,7 @@ class GroupInputSafetyTests(_GroupCliCase):
         self.assert_config_error(g, self.trop("autoreserve", cwd=g))
 
     def test_reservations_null_in_local_file_clears_the_group(self):
-        g = self.mkdir("g")
-        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        g = self.group_dir("g", [("web", {})])
         self.write(os.path.join(g, "trop.local.yaml"), "reservations: null\n")
         rc, out, err = self.trop("autoreserve", cwd=g)
         self.assertEqual((rc, out), (6, ""))
@@ -4076,7 +3683,7 @@ class GroupInputSafetyTests(_GroupCliCase):
     def test_config_path_missing_or_directory_exit_4(self):
         self.mkdir("adir")
         cases = (("missing.yaml", "Configuration file not found: missing.yaml"), ("adir", "Path is not a file: adir"))
-        results = self.run_all([("reserve-group", arg) for arg, _ in cases])
+        results = self.trop_many([("reserve-group", arg) for arg, _ in cases])
         for (arg, message), (rc, out, err) in zip(cases, results):
             with self.subTest(arg=arg):
                 self.assertEqual((rc, out), (4, ""))
@@ -4095,8 +3702,7 @@ class GroupInputSafetyTests(_GroupCliCase):
         self.assertIn("No trop configuration file found (searched from: %s)" % start, err)
 
     def test_unknown_shell_exit_6_before_touching_the_database(self):
-        g = self.mkdir("g")
-        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        g = self.group_dir("g", [("web", {})])
         rc, out, err = self.trop("autoreserve", "--shell", "tcsh", cwd=g)
         self.assertEqual((rc, out), (6, ""))
         self.assertEqual(err, "Error: validation error for 'shell': unknown shell type 'tcsh': supported shells "
@@ -4106,7 +3712,9 @@ class GroupInputSafetyTests(_GroupCliCase):
         self.assertEqual(json.loads(out), {"web": 40000})
 
 
-class ShellDetectionTests(_GroupCliCase):
+class TestShellDetection(TropTestCase):
+    RUN_IN_ROOT = True
+
     def test_detect_shell_matrix(self):
         cases = [
             ({}, "bash"), ({"SHELL": "/bin/sh"}, "bash"), ({"SHELL": "/usr/bin/zsh"}, "zsh"),
@@ -4125,8 +3733,7 @@ class ShellDetectionTests(_GroupCliCase):
                 self.assertEqual(trop.detect_shell(name, {"FISH_VERSION": "3"}), shell)
 
     def test_cli_autodetection_and_override(self):
-        g = self.mkdir("g")
-        self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})]))
+        g = self.group_dir("g", [("web", {})])
         cases = [({"FISH_VERSION": "3.7"}, [], "set -x WEB 40000\n"),
                  ({"PSModulePath": "/x"}, [], '$env:WEB="40000"\n'),
                  ({"SHELL": "/usr/bin/fish"}, [], "set -x WEB 40000\n"),
@@ -4134,17 +3741,17 @@ class ShellDetectionTests(_GroupCliCase):
                  ({"ZSH_VERSION": "5.9", "FISH_VERSION": "3.7"}, [], "export WEB=40000\n"),
                  ({"FISH_VERSION": "3.7"}, ["--shell", "bash"], "export WEB=40000\n")]
         self.ok("autoreserve", cwd=g)
-        results = self.run_all([(("autoreserve",) + tuple(extra), {"cwd": g, "env": env}) for env, extra, _ in cases])
+        results = self.trop_many([(("autoreserve",) + tuple(extra), {"cwd": g, "env": env}) for env, extra, _ in cases])
         for (env, extra, expected), (rc, out, err) in zip(cases, results):
             with self.subTest(env=env, extra=extra):
                 self.assertEqual((rc, out), (0, expected), err)
 
 
-class GroupDryRunAndFlagsTests(_GroupCliCase):
+class TestGroupDryRunAndFlags(TropTestCase):
+    RUN_IN_ROOT = True
+
     def test_dry_run_creates_nothing_and_matches_the_real_run(self):
-        g = self.mkdir("g")
-        self.write(os.path.join(g, "trop.yaml"),
-                   self.yaml_group([("web", {}), ("api", {"offset": 1})], pmin=42100, pmax=42199))
+        g = self.group_dir("g", [("web", {}), ("api", {"offset": 1})], pmin=42100, pmax=42199)
         rc, out, err = self.trop("autoreserve", "--dry-run", cwd=g)
         self.assertEqual((rc, out), (0, ""), err)
         self.assertTrue(err.startswith("Dry run - would perform the following actions:\n"), err)
@@ -4153,8 +3760,7 @@ class GroupDryRunAndFlagsTests(_GroupCliCase):
         self.assertIn("42101", err)
         self.ok("autoreserve", cwd=g)
         before = self.rows()
-        self.write(os.path.join(g, "trop.yaml"),
-                   self.yaml_group([("web", {}), ("api", {"offset": 2})], pmin=42100, pmax=42199))
+        self.group_file(g, [("web", {}), ("api", {"offset": 2})], pmin=42100, pmax=42199)
         rc, out, err = self.trop("reserve-group", os.path.join(g, "trop.yaml"), "--dry-run", "--force")
         self.assertEqual((rc, out), (0, ""), err)
         self.assertEqual(self.rows(), before)
@@ -4165,7 +3771,7 @@ class GroupDryRunAndFlagsTests(_GroupCliCase):
     def test_path_guard_and_allow_flags(self):
         g = self.mkdir("proj")
         elsewhere = self.mkdir("elsewhere")
-        cfg = self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], pmin=42200, pmax=42299))
+        cfg = self.group_file(g, [("web", {})], pmin=42200, pmax=42299)
         rc, out, err = self.trop("reserve-group", cfg, cwd=elsewhere)
         self.assertEqual((rc, out), (1, ""))
         self.assertIn("path relationship violation", err)
@@ -4176,24 +3782,24 @@ class GroupDryRunAndFlagsTests(_GroupCliCase):
 
     def test_task_option_and_environment(self):
         g = self.mkdir("g")
-        cfg = self.write(os.path.join(g, "trop.yaml"), self.yaml_group([("web", {})], pmin=42300, pmax=42399))
+        cfg = self.group_file(g, [("web", {})], pmin=42300, pmax=42399)
         self.ok("reserve-group", cfg, env={"TROP_TASK": "from-env"})
         self.assertEqual(self.rows()[0][4], "from-env")
         h = self.mkdir("h")
-        cfg = self.write(os.path.join(h, "trop.yaml"), self.yaml_group([("web", {})], pmin=42300, pmax=42399))
+        cfg = self.group_file(h, [("web", {})], pmin=42300, pmax=42399)
         self.ok("reserve-group", cfg, "--task", "from-cli", env={"TROP_TASK": "from-env"})
         self.assertEqual({r[0]: r[4] for r in self.rows()}, {g: "from-env", h: "from-cli"})
 
 
-class RunCommandTests(_GroupCliCase):
+class TestRunCommand(TropTestCase):
+    RUN_IN_ROOT = True
     SCRIPT = "import os, sys; print(os.environ['WEB'], os.environ['API_PORT'], sys.argv[1:]); sys.exit(5)"
 
     def setUp(self):
-        _GroupCliCase.setUp(self)
+        super().setUp()
         self.group = self.mkdir("g")
-        self.cfg = self.write(os.path.join(self.group, "trop.yaml"),
-                              self.yaml_group([("web", {}), ("api", {"offset": 1, "env": "API_PORT"})],
-                                          pmin=42400, pmax=42499))
+        self.cfg = self.group_file(self.group, [("web", {}), ("api", {"offset": 1, "env": "API_PORT"})],
+                                   pmin=42400, pmax=42499)
 
     def test_runs_command_with_variables_and_returns_its_status(self):
         rc, out, err = self.trop("run", "--", sys.executable, "-c", self.SCRIPT, "$(echo hi)", "`id`;x",
@@ -4215,13 +3821,15 @@ class RunCommandTests(_GroupCliCase):
 
     def test_no_command_is_a_usage_error(self):
         cases = (("run",), ("run", "--"))
-        for args, (rc, out, err) in zip(cases, self.run_all([(args, {"cwd": self.group}) for args in cases])):
+        for args, (rc, out, err) in zip(cases, self.trop_many([(args, {"cwd": self.group}) for args in cases])):
             with self.subTest(args=args):
                 self.assertEqual((rc, out), (2, ""))
                 self.assertTrue(err.strip(), err)
 
 
-class GroupConcurrencyTests(_GroupCliCase):
+class TestGroupConcurrency(TropTestCase):
+    RUN_IN_ROOT = True
+
     READER = r"""
 import contextlib, io, json, os, sys, time, trop
 data, group, stop = sys.argv[1:4]
@@ -4243,18 +3851,15 @@ print(json.dumps(seen))
 
     def test_ten_concurrent_autoreserves_make_one_group_and_readers_never_see_part(self):
         services = [("web", {}), ("api", {"offset": 1}), ("db", {"offset": 2}), ("cache", {"offset": 3})]
-        group = self.mkdir("g")
-        self.write(os.path.join(group, "trop.yaml"), self.yaml_group(services, pmin=43000, pmax=43999))
+        group = self.group_dir("g", services, pmin=43000, pmax=43999)
         for round_no in range(8):
             self.fresh_data("data-%d" % round_no)
             stop = self.path("stop-%d" % round_no)
-            reader = subprocess.Popen([sys.executable, "-c", self.READER, self.data, group, stop],
-                                      env=self.env, cwd=self.root, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, universal_newlines=True)
-            writers = [self.spawn("autoreserve", cwd=group) for _ in range(10)]
-            results = self.finish(writers)
+            reader = self.start_python(self.READER, self.data, group, stop)
+            writers = [self.start("autoreserve", cwd=group) for _ in range(10)]
+            results = [finish(p) for p in writers]
             open(stop, "w").close()
-            seen_out, seen_err = reader.communicate(timeout=60)
+            _rc, seen_out, seen_err = finish(reader)
             with self.subTest(round=round_no):
                 self.assertEqual([r[0] for r in results], [0] * 10, [r[2] for r in results])
                 self.assertEqual(len({r[1] for r in results}), 1, [r[1] for r in results])
@@ -4269,50 +3874,10 @@ print(json.dumps(seen))
                 self.assertEqual(seen[-1], 4)
 
 
-# ============================================================================
-# B. Cleanup, automatic cleanup, migration
-# ============================================================================
+# --- Operations: cleanup commands and migrate --------------------------------
 
-class InspectPathTests(unittest.TestCase):
-    def verdict_for(self, error):
-        with mock.patch("os.stat", side_effect=error):
-            return trop.inspect_path("/srv/somewhere")
-
-    def test_uninspectable_errors_are_kept_with_a_kind(self):
-        cases = [(PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
-                 (OSError(errno.EPERM, "Operation not permitted"), "permission denied"),
-                 (OSError(errno.ELOOP, "Too many levels of symbolic links"), "symlink loop"),
-                 (OSError(errno.EIO, "Input/output error"), "transient I/O error"),
-                 (OSError(errno.ENOSYS, "Function not implemented"), "unsupported filesystem operation"),
-                 (OSError(errno.EBUSY, "Device or resource busy"), "unknown filesystem error")]
-        for error, kind in cases:
-            with self.subTest(kind=kind, errno=error.errno):
-                verdict = self.verdict_for(error)
-                self.assertNotIn(verdict, ("stale", "live"))
-                self.assertEqual(verdict[0], kind)
-
-    def test_certainly_gone_errors_are_stale(self):
-        for code in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            with self.subTest(errno=code):
-                self.assertEqual(self.verdict_for(OSError(code, os.strerror(code))), "stale")
-
-    def test_real_filesystem(self):
-        tmp = os.path.realpath(tempfile.mkdtemp(prefix="trop-gc-inspect-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
-        open(os.path.join(tmp, "file"), "w").close()
-        os.symlink(os.path.join(tmp, "missing"), os.path.join(tmp, "dangling"))
-        os.symlink(tmp, os.path.join(tmp, "dirlink"))
-        os.symlink(os.path.join(tmp, "loop-b"), os.path.join(tmp, "loop-a"))
-        os.symlink(os.path.join(tmp, "loop-a"), os.path.join(tmp, "loop-b"))
-        self.assertEqual(trop.inspect_path(tmp), "live")
-        self.assertEqual(trop.inspect_path(os.path.join(tmp, "dirlink")), "live")
-        for name in ("missing", "file", "dangling", "file/sub"):
-            with self.subTest(name=name):
-                self.assertEqual(trop.inspect_path(os.path.join(tmp, name)), "stale")
-        self.assertEqual(trop.inspect_path(os.path.join(tmp, "loop-a"))[0], "symlink loop")
-
-
-class CleanupCommandTests(_GroupCliCase):
+class TestCleanupCommands(TropTestCase):
+    RUN_IN_ROOT = True
     LOOP_WARNING = (r"Warning: could not inspect reserved directory %s \(symlink loop: [^)]+\); reservation "
                     r"preserved by prune\. Repair the symlink loop, then retry\.\n")
 
@@ -4380,18 +3945,11 @@ class CleanupCommandTests(_GroupCliCase):
             if os.fspath(path) == denied:
                 raise PermissionError(errno.EACCES, "Permission denied", path)
             return real_stat(path, *args, **kwargs)
-        env = dict(self.env)
-        out, err = io.StringIO(), io.StringIO()
-        saved = os.getcwd()
-        os.chdir(self.root)
-        try:
-            with mock.patch.dict(os.environ, env, clear=True), mock.patch("os.stat", side_effect=fake_stat), \
-                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                rc = trop.main(["--data-dir", self.data, "prune"])
-        finally:
-            os.chdir(saved)
-        self.assertEqual((rc, out.getvalue()), (0, ""))
-        warnings, rest = self.split_warnings(err.getvalue())
+        self.chdir(self.root)
+        with mock.patch.dict(os.environ, self.env, clear=True), mock.patch("os.stat", side_effect=fake_stat):
+            rc, out, err = trop_main("--data-dir", self.data, "prune")
+        self.assertEqual((rc, out), (0, ""))
+        warnings, rest = self.split_warnings(err)
         self.assertEqual(warnings, ["Warning: could not inspect reserved directory %s (permission denied: Permission "
                                     "denied); reservation preserved by prune. Restore access to the path and its "
                                     "parents, then retry.\n" % denied])
@@ -4401,10 +3959,10 @@ class CleanupCommandTests(_GroupCliCase):
     def expire_fixture(self):
         live = self.mkdir("live")
         now = int(time.time())
-        self.seed((os.path.join(live, "x1"), "", 44201, "p", None, now - 50 * self.DAY, now - 40 * self.DAY),
-                  (os.path.join(live, "x2"), "", 44202, None, None, now - 20 * self.DAY, now - 20 * self.DAY),
+        self.seed((os.path.join(live, "x1"), "", 44201, "p", None, now - 50 * DAY, now - 40 * DAY),
+                  (os.path.join(live, "x2"), "", 44202, None, None, now - 20 * DAY, now - 20 * DAY),
                   (os.path.join(live, "x3"), "", 44203),
-                  (os.path.join(live, "x4"), "", 44204, None, None, now - 10 * self.DAY + 600, now - 10 * self.DAY + 600),
+                  (os.path.join(live, "x4"), "", 44204, None, None, now - 10 * DAY + 600, now - 10 * DAY + 600),
                   (self.path("gone"), "", 44205))
         for name in ("x1", "x2", "x3", "x4"):
             self.mkdir("live", name)
@@ -4445,11 +4003,11 @@ class CleanupCommandTests(_GroupCliCase):
     def test_autoclean_counts_a_row_that_is_both_as_pruned(self):
         live = self.mkdir("live")
         now = int(time.time())
-        old = now - 40 * self.DAY
+        old = now - 40 * DAY
         self.seed((self.path("gone-a"), "", 44301),
                   (self.path("gone-b"), "web", 44302, None, None, old, old),
-                  (live, "old35", 44303, None, None, now - 35 * self.DAY, now - 35 * self.DAY),
-                  (live, "old45", 44304, None, None, now - 45 * self.DAY, now - 45 * self.DAY),
+                  (live, "old35", 44303, None, None, now - 35 * DAY, now - 35 * DAY),
+                  (live, "old45", 44304, None, None, now - 45 * DAY, now - 45 * DAY),
                   (live, "recent", 44305))
         before = self.rows()
         rc, out, err = self.trop("autoclean", "--dry-run", "--verbose")
@@ -4479,78 +4037,18 @@ class CleanupCommandTests(_GroupCliCase):
         before = self.rows()
         cases = ((("expire", "--days", "0"), 7), (("autoclean", "--days", "0"), 7),
                  (("expire", "--days", "-1"), 2), (("expire", "--days", "abc"), 2), (("autoclean", "--days", "-1"), 2))
-        for (args, code), (rc, out, err) in zip(cases, self.run_all([args for args, _ in cases])):
+        for (args, code), (rc, out, err) in zip(cases, self.trop_many([args for args, _ in cases])):
             with self.subTest(args=args):
                 self.assertEqual((rc, out), (code, ""), err)
                 self.assertTrue(err.strip())
         self.assertEqual(self.rows(), before)
 
 
-class AutomaticCleanupTests(_GroupCliCase):
-    P = 47001
-    RANGE = ("--min", str(P), "--max", str(P), "--skip-occupancy-check")
+class TestMigrate(TropTestCase):
+    RUN_IN_ROOT = True
 
-    def test_stale_holder_is_pruned_and_reserve_warns(self):
-        gone = self.mkdir("gone")
-        self.ok("reserve", "--path", gone, *self.RANGE)
-        os.rmdir(gone)
-        live = self.mkdir("live")
-        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
-        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
-        self.assertEqual(err, "Warning: Automatic cleanup after initial port exhaustion pruned 1 and expired 0 "
-                              "reservation(s); allocation succeeded on the single retry.\n")
-        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
-
-    def test_disabled_autoclean_fails_exhausted_and_deletes_nothing(self):
-        self.seed((self.path("gone"), "", self.P))
-        before = self.rows()
-        live = self.mkdir("live")
-        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoclean", *self.RANGE)
-        self.assertEqual((rc, out), (6, ""))
-        self.assertIn("port range %d-%d exhausted: cleanup was skipped (automatic pruning and expiration "
-                      "disabled); remaining blockers: reserved" % (self.P, self.P), err)
-        self.assertEqual(self.rows(), before)
-
-    def test_failure_after_cleanup_leaves_the_stale_row(self):
-        holder = self.mkdir("holder")
-        self.seed((holder, "", self.P), (self.path("gone"), "", 47100))
-        before = self.rows()
-        live = self.mkdir("live")
-        rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
-        self.assertEqual((rc, out), (6, ""))
-        self.assertIn("port range %d-%d exhausted after cleanup: remaining blockers after the single retry: "
-                      "reserved" % (self.P, self.P), err)
-        self.assertIn("automatic cleanup pruned 1 and expired 0 reservation(s); automatic pruning and expiration "
-                      "enabled", err)
-        self.assertEqual(self.rows(), before)
-
-    def test_cleanup_policies(self):
-        now = int(time.time())
-        old = now - 60 * self.DAY
-        holder = self.mkdir("holder")
-        self.seed((holder, "", self.P, None, None, old, old))
-        before = self.rows()
-        live = self.mkdir("live")
-        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoexpire", *self.RANGE)
-        self.assertEqual((rc, out), (6, ""))
-        self.assertIn("after cleanup", err)
-        self.assertIn("automatic expiration disabled", err)
-        self.assertEqual(self.rows(), before)
-        rc, out, err = self.trop("reserve", "--path", live, "--disable-autoprune", *self.RANGE)
-        self.assertEqual((rc, out), (0, "%d\n" % self.P), err)
-        self.assertIn("pruned 0 and expired 1 reservation(s)", err)
-        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
-        os.rmdir(live)
-        other = self.mkdir("other")
-        rc, out, err = self.trop("reserve", "--path", other, "--disable-autoprune", *self.RANGE)
-        self.assertEqual((rc, out), (6, ""))
-        self.assertIn("automatic pruning disabled", err)
-        self.assertEqual([r[:3] for r in self.rows()], [(live, "", self.P)])
-
-
-class MigrateTests(_GroupCliCase):
     def setUp(self):
-        _GroupCliCase.setUp(self)
+        super().setUp()
         self.w = self.path("w")
         self.v = self.path("v")
         self.seed((self.w + "/a", "", 45100, "pa", "ta", 1000, 2000),
@@ -4581,7 +4079,7 @@ class MigrateTests(_GroupCliCase):
                                        (v + "/a", "web", 45101, None, None, 1100, 2100),
                                        (v + "/a/sub", "api", 45102, None, None, 1500, 2500),
                                        (w + "/ab", "", 45103, None, None, 1600, 2600)])
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_exact_mode_moves_only_the_path_itself(self):
         rc, out, err = self.trop("migrate", "--from", "w/a", "--to", "x")
@@ -4595,8 +4093,8 @@ class MigrateTests(_GroupCliCase):
         self.seed((self.v + "/a", "web", 45104))
         before = self.rows()
         extras = ((), ("--dry-run",))
-        results = self.run_all([("migrate", "--from", self.w + "/a", "--to", self.v + "/a", "--recursive") + extra
-                                for extra in extras])
+        results = self.trop_many([("migrate", "--from", self.w + "/a", "--to", self.v + "/a", "--recursive") + extra
+                                  for extra in extras])
         for extra, (rc, out, err) in zip(extras, results):
             with self.subTest(extra=extra):
                 self.assertEqual((rc, out), (6, ""))
@@ -4627,8 +4125,8 @@ class MigrateTests(_GroupCliCase):
         cases = [(("--from", self.w + "/a", "--to", self.w + "/a/"), 4),
                  (("--from", self.w, "--to", self.w + "/a/new", "--recursive"), 4),
                  (("--from", self.w + "/missing", "--to", self.v), 6)]
-        results = self.run_all([("migrate",) + args for args, _ in cases] +
-                               [("migrate", "--from", self.w + "/missing", "--to", self.v, "--recursive")])
+        results = self.trop_many([("migrate",) + args for args, _ in cases] +
+                                 [("migrate", "--from", self.w + "/missing", "--to", self.v, "--recursive")])
         for (args, code), (rc, out, err) in zip(cases, results):
             with self.subTest(args=args):
                 self.assertEqual((rc, out), (code, ""), err)
@@ -4640,11 +4138,8 @@ class MigrateTests(_GroupCliCase):
         self.assertEqual(self.rows(), before)
 
 
-# ============================================================================
-# Race scenarios (real processes started together; each round 3x)
-# ============================================================================
-
-class CleanupRaceTests(_GroupCliCase):
+class TestCleanupRaces(TropTestCase):
+    RUN_IN_ROOT = True
     ROUNDS = 3
 
     def test_exhaustion_retry_serializes_competing_reserves(self):
@@ -4655,7 +4150,7 @@ class CleanupRaceTests(_GroupCliCase):
                 self.fresh_data("data-%d" % n)
                 self.seed((self.path("r%d" % n, "stale"), "", port))
                 lives = [self.mkdir("r%d" % n, "live-%d" % i) for i in range(4)]
-                results = self.finish([self.spawn("reserve", "--path", p, *args) for p in lives])
+                results = [finish(self.start("reserve", "--path", p, *args)) for p in lives]
                 winners = [i for i, r in enumerate(results) if r[0] == 0]
                 self.assertEqual(len(winners), 1, results)
                 self.assertEqual(results[winners[0]][1], "%d\n" % port)
@@ -4664,7 +4159,7 @@ class CleanupRaceTests(_GroupCliCase):
                         self.assertEqual((rc, out), (6, ""), err)
                         self.assertIn("after cleanup", err)
                 self.assertEqual([r[:3] for r in self.rows()], [(lives[winners[0]], "", port)])
-                self.assert_valid()
+                self.assertDataDirValid()
 
     def test_cleanup_serializes_with_reserve_and_group_processes(self):
         for n in range(self.ROUNDS):
@@ -4675,16 +4170,15 @@ class CleanupRaceTests(_GroupCliCase):
                 lives = [self.mkdir(top, "live-%d" % i) for i in range(6)]
                 groups = []
                 for i in range(3):
-                    g = self.mkdir(top, "group-%d" % i)
-                    self.write(os.path.join(g, "trop.yaml"), self.yaml_group(
+                    groups.append(self.group_dir(
+                        os.path.join(top, "group-%d" % i),
                         [("web", {"offset": 0, "env": "WEB_PORT"}), ("api", {"offset": 1, "env": "API_PORT"})],
                         project="cleanup-race-%d" % i, pmin=10000, pmax=20000, base=12000 + 10 * i))
-                    groups.append(g)
-                procs = [self.spawn("prune" if i % 2 == 0 else "autoclean") for i in range(4)]
-                procs += [self.spawn("reserve", "--path", p, "--skip-occupancy-check") for p in lives]
-                procs += [self.spawn("reserve-group", os.path.join(g, "trop.yaml"), "--allow-unrelated-path")
+                procs = [self.start("prune" if i % 2 == 0 else "autoclean") for i in range(4)]
+                procs += [self.start("reserve", "--path", p, "--skip-occupancy-check") for p in lives]
+                procs += [self.start("reserve-group", os.path.join(g, "trop.yaml"), "--allow-unrelated-path")
                           for g in groups]
-                results = self.finish(procs)
+                results = [finish(p) for p in procs]
                 self.assertEqual([r[0] for r in results], [0] * 13, [r[2] for r in results])
                 rows = self.rows()
                 self.assertFalse([r for r in rows if "/gone/" in r[0]], rows)
@@ -4697,7 +4191,7 @@ class CleanupRaceTests(_GroupCliCase):
                     self.assertEqual(results[10 + i][1], "export API_PORT=%d\nexport WEB_PORT=%d\n" % (base + 1, base))
                 self.assertEqual(len(rows), 6 + 6)
                 self.assertEqual(len({r[2] for r in rows}), len(rows))
-                self.assert_valid()
+                self.assertDataDirValid()
 
     def test_recursive_release_serializes_with_reserve_processes(self):
         for n in range(self.ROUNDS):
@@ -4707,33 +4201,34 @@ class CleanupRaceTests(_GroupCliCase):
                 refresh = self.mkdir("r%d" % n, "root", "refresh")
                 self.seed((root, "", 5100), (root, "fixture", 5101), (refresh, "web", 5102))
                 writer_keys = {(refresh, "web")}
-                procs = [self.spawn("reserve", "--path", refresh, "--tag", "web", "--busy-timeout", "10",
+                procs = [self.start("reserve", "--path", refresh, "--tag", "web", "--busy-timeout", "10",
                                     "--skip-occupancy-check", cwd=root)]
                 for i in range(1, 6):
                     path = self.mkdir("r%d" % n, "root", "writer-%d" % i)
                     tag = ("--tag", "service-%d" % i) if i % 2 == 0 else ()
                     writer_keys.add((path, "service-%d" % i if i % 2 == 0 else ""))
-                    procs.append(self.spawn("reserve", "--path", path, "--busy-timeout", "10",
+                    procs.append(self.start("reserve", "--path", path, "--busy-timeout", "10",
                                             "--skip-occupancy-check", *tag, cwd=root))
-                procs.append(self.spawn("release", "--path", root, "--recursive", "--busy-timeout", "10", cwd=root))
-                results = self.finish(procs)
+                procs.append(self.start("release", "--path", root, "--recursive", "--busy-timeout", "10", cwd=root))
+                results = [finish(p) for p in procs]
                 self.assertEqual([r[0] for r in results], [0] * 7, [r[2] for r in results])
                 rows = self.rows()
                 self.assertTrue({(r[0], r[1]) for r in rows} <= writer_keys, rows)
                 self.assertFalse([r for r in rows if r[0] == root], rows)
                 self.assertEqual(len({r[2] for r in rows}), len(rows))
-                self.assert_valid()
+                self.assertDataDirValid()
 
     def test_autoclean_while_reserving(self):
         for n in range(self.ROUNDS):
             with self.subTest(round=n):
                 self.fresh_data("data-%d" % n)
                 self.seed(*[(self.path("r%d" % n, "gone-%d" % i), "", 5000 + i) for i in range(10)])
-                cleaner = self.spawn("autoclean")
+                cleaner = self.start("autoclean")
                 time.sleep(0.01)
                 lives = [self.mkdir("r%d" % n, "live-%d" % i) for i in range(5)]
-                results = self.finish([self.spawn("reserve", "--path", p, "--skip-occupancy-check") for p in lives])
-                crc, _cout, cerr = self.finish([cleaner])[0]
+                writers = [self.start("reserve", "--path", p, "--skip-occupancy-check") for p in lives]
+                results = [finish(p) for p in writers]
+                crc, _cout, cerr = finish(cleaner)
                 self.assertEqual(crc, 0, cerr)
                 self.assertEqual([r[0] for r in results], [0] * 5, [r[2] for r in results])
                 rows = [r[:3] for r in self.rows()]
@@ -4747,14 +4242,14 @@ class CleanupRaceTests(_GroupCliCase):
                 self.fresh_data("data-%d" % n)
                 src, dst = self.mkdir("r%d" % n, "src"), self.path("r%d" % n, "dst")
                 self.seed((src + "/a", "web", 5200), (src + "/b", "", 5201))
-                procs = [self.spawn("migrate", "--from", src, "--to", dst, "--recursive"),
-                         self.spawn("reserve", "--path", dst + "/a", "--tag", "web", "--skip-occupancy-check",
+                procs = [self.start("migrate", "--from", src, "--to", dst, "--recursive"),
+                         self.start("reserve", "--path", dst + "/a", "--tag", "web", "--skip-occupancy-check",
                                     "--allow-unrelated-path"),
-                         self.spawn("reserve", "--path", dst + "/c", "--skip-occupancy-check",
+                         self.start("reserve", "--path", dst + "/c", "--skip-occupancy-check",
                                     "--allow-unrelated-path"),
-                         self.spawn("reserve", "--path", src + "/d", "--skip-occupancy-check",
+                         self.start("reserve", "--path", src + "/d", "--skip-occupancy-check",
                                     "--allow-unrelated-path")]
-                (mrc, _mo, merr), (arc, aout, aerr), (crc, cout, cerr), (drc, dout, derr) = self.finish(procs)
+                (mrc, _mo, merr), (arc, aout, aerr), (crc, cout, cerr), (drc, dout, derr) = [finish(p) for p in procs]
                 self.assertEqual((arc, crc, drc), (0, 0, 0), (aerr, cerr, derr))
                 rows = self.rows()
                 keys = [(r[0], r[1]) for r in rows]
@@ -4778,119 +4273,51 @@ class CleanupRaceTests(_GroupCliCase):
                     self.assertEqual(by_key.get((src + "/b", "")), 5201)
                     self.assertEqual(by_key.get((dst + "/a", "web")), int(aout))
                     self.assertEqual(len(rows), 5)
-                self.assert_valid()
+                self.assertDataDirValid()
 
 
-# --- Python API and packaging ------------------------------------------------------
+# --- Operations: the Python API ----------------------------------------------
 
-# Already imported by test_trop.py:
+class TestDataDirResolution(unittest.TestCase):
+    def test_order(self):
+        r = trop.resolve_data_dir
+        self.assertEqual(r("rel/dir", {"TROP_DATA_DIR": "/e", "HOME": "/h"}), "rel/dir")
+        self.assertEqual(r(None, {"TROP_DATA_DIR": "/e", "HOME": "/h"}), "/e")
+        self.assertEqual(r(None, {"HOME": "/h"}), "/h/.trop")
+        self.assertEqual(r(None, {"USERPROFILE": "/u"}), "/u/.trop")
 
-
-# New for these tests:
-
-
-# --- Python API ------------------------------------------------------------------
-
-class _ApiCase(unittest.TestCase):
-    """A temp dir per test: root/proj (the cwd), root/home (HOME), root/data (the data dir
-    passed as an option); os.environ without any TROP_* variable."""
-
-    trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
-
-    def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="trop-api-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = self.mkdir("home")
-        self.proj = self.mkdir("proj")
-        self.data = os.path.join(self.root, "data")
-        self.db = os.path.join(self.data, "trop.db")
-        patcher = mock.patch.dict(os.environ, {"HOME": self.home})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in [k for k in os.environ if k.startswith("TROP_")]:
-            del os.environ[name]
-        self._saved_cwd = os.getcwd()
-        os.chdir(self.proj)
-        self.opts = dict(data_dir=self.data, skip_occupancy_check=True)
-
-    def tearDown(self):
-        os.chdir(self._saved_cwd)
-
-    # -- helpers --
-
-    def mkdir(self, *parts):
-        path = os.path.join(self.root, *parts)
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    def write(self, path, text):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        return path
-
-    def rows(self, data_dir=None):
-        db = os.path.join(data_dir or self.data, "trop.db")
-        if not os.path.exists(db):
-            return []
-        conn = sqlite3.connect(db)
-        try:
-            return [tuple(r) for r in conn.execute(
-                "SELECT path, tag, port, project, task FROM reservations ORDER BY path, tag")]
-        finally:
-            conn.close()
-
-    def sql(self, statement, params=()):
-        conn = sqlite3.connect(self.db, isolation_level=None)
-        try:
-            conn.execute(statement, params)
-        finally:
-            conn.close()
-
-    def group_file(self, directory, services=(("web", 0), ("api", 1)), pmin=41000, env=None):
-        lines = ["ports:", "  min: %d" % pmin, "  max: %d" % (pmin + 99), "occupancy_check:", "  skip: true",
-                 "reservations:", "  services:"]
-        for tag, offset in services:
-            extra = ", env: %s" % env[tag] if env and tag in env else ""
-            lines.append("    %s: {offset: %d%s}" % (tag, offset, extra))
-        return self.write(os.path.join(directory, "trop.yaml"), "\n".join(lines) + "\n")
-
-    def assertTropError(self, cls, code, func, *args, **kwargs):
-        """func raises cls (a TropError, never a sqlite3/OS error) whose exit_code is code."""
+    def test_no_home_is_a_configuration_error(self):
         with self.assertRaises(trop.TropError) as ctx:
-            func(*args, **kwargs)
-        exc = ctx.exception
-        self.assertIsInstance(exc, cls, "%s: %s" % (type(exc).__name__, exc))
-        self.assertNotIsInstance(exc, (sqlite3.Error, OSError))
-        self.assertEqual(exc.exit_code, code, str(exc))
-        self.assertTrue(str(exc))
-        return exc
-
-    def child_env(self, **values):
-        """Like test_trop.clean_env: no TROP_* variables, HOME = the temp home, no bytecode next to trop.py.
-        PYTHONPATH is not set unless given (PYTHONPATH=None removes it)."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TROP_", "PIP_", "PYTHON")) and k not in ("VIRTUAL_ENV", "PYTEST_ADDOPTS")}
-        env.update(HOME=self.home, PYTHONPYCACHEPREFIX=os.path.join(self.root, "pycache"),
-                   PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1", PIP_CONFIG_FILE=os.devnull,
-                   PYTHONIOENCODING="utf-8")
-        for key, value in values.items():
-            if value is None:
-                env.pop(key, None)
-            else:
-                env[key] = value
-        return env
-
-    def execute(self, argv, cwd=None, env=None, timeout=120):
-        """(exit status, stdout, stderr) of a child process; no traceback may reach stderr."""
-        proc = subprocess.run([str(a) for a in argv], cwd=cwd or self.root, env=env or self.child_env(),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=timeout)
-        self.assertNotIn("Traceback", proc.stderr, "%s:\n%s" % (argv, proc.stderr))
-        return proc.returncode, proc.stdout, proc.stderr
+            trop.resolve_data_dir(None, {})
+        self.assertEqual(ctx.exception.exit_code, 7)
 
 
-class ApiSurfaceTest(unittest.TestCase):
+class TestPythonAPI(TropTestCase):
+    IN_PROCESS = True
+
+    def test_reserve_release_list(self):
+        proj = os.path.join(self.root, "proj")
+        port = trop.reserve(**self.opts)
+        self.assertEqual(port, 5000)
+        self.assertEqual(trop.reserve(**self.opts), 5000)
+        self.assertEqual(trop.reserve(tag="web", project="app", **self.opts), 5001)
+        rows = trop.list_reservations(**self.opts)
+        self.assertEqual([(r.path, r.tag, r.port, r.project) for r in rows],
+                         [(proj, None, 5000, None), (proj, "web", 5001, "app")])
+        self.assertEqual(trop.list_projects(**self.opts), ["app"])
+        self.assertEqual(trop.port_info(5001, **self.opts).tag, "web")
+        self.assertIsNone(trop.port_info(5002, **self.opts))
+        self.assertEqual(trop.release(**self.opts), 2)
+        self.assertEqual(trop.release(**self.opts), 0)
+
+    def test_errors_are_trop_errors(self):
+        with self.assertRaises(trop.SemanticFailure):
+            trop.reserve(path="/unrelated/x", **self.opts)
+        with self.assertRaises(trop.InvalidArguments):
+            trop.reserve(port="0", **self.opts)
+
+
+class TestApiSurface(unittest.TestCase):
     def test_all_names_exist(self):
         self.assertEqual(len(trop.__all__), len(set(trop.__all__)))
         for name in trop.__all__:
@@ -4918,8 +4345,9 @@ class ApiSurfaceTest(unittest.TestCase):
         self.assertEqual(trop.InvalidArguments("bad").exit_code, 4)
 
 
-class ApiFunctionsTest(_ApiCase):
+class TestApiFunctions(TropTestCase):
     """The module-level functions: exact return values, idempotency, options named like CLI flags."""
+    IN_PROCESS = True
 
     def test_reserve_returns_the_same_int_for_the_same_key(self):
         port = trop.reserve(**self.opts)
@@ -4933,8 +4361,8 @@ class ApiFunctionsTest(_ApiCase):
         sub = self.mkdir("proj", "sub")
         self.assertEqual(trop.reserve(path="sub", **self.opts), 5002)
         self.assertEqual(trop.reserve(path=sub, **self.opts), 5002)
-        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None), (self.proj, "web", 5001, None, None),
-                                       (sub, "", 5002, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "", 5000, None, None), (self.proj, "web", 5001, None, None),
+                                        (sub, "", 5002, None, None)])
 
     def test_reserve_options_like_cli_flags(self):
         self.assertEqual(trop.reserve(tag="a", min=6100, max=6199, **self.opts), 6100)
@@ -4943,9 +4371,9 @@ class ApiFunctionsTest(_ApiCase):
         self.assertEqual(trop.reserve(tag="c", port=6160, overwrite=True, **self.opts), 6160)
         self.assertEqual(trop.reserve(tag="p", project="app", task="t1", **self.opts), 5000)
         self.assertEqual(trop.reserve(tag="p", project="app", task="t2", allow_task_change=True, **self.opts), 5000)
-        self.assertIn((self.proj, "p", 5000, "app", "t2"), self.rows())
+        self.assertIn((self.proj, "p", 5000, "app", "t2"), self.rows(5))
         self.assertEqual(trop.reserve(tag="p", clear_task=True, allow_task_change=True, **self.opts), 5000)
-        self.assertIn((self.proj, "p", 5000, "app", None), self.rows())
+        self.assertIn((self.proj, "p", 5000, "app", None), self.rows(5))
 
     def test_reserve_unrelated_path_needs_allow_unrelated_path(self):
         other = self.mkdir("other")
@@ -4964,7 +4392,7 @@ class ApiFunctionsTest(_ApiCase):
         self.assertEqual(trop.reserve(**self.opts), 5000)
         self.assertEqual(trop.reserve(tag="web", dry_run=True, **self.opts), 5001)
         self.assertEqual(trop.release(dry_run=True, **self.opts), 1)
-        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "", 5000, None, None)])
         self.assertEqual(trop.reserve(tag="web", **self.opts), 5001)               # the dry run's answer
 
     def test_release_counts(self):
@@ -5012,7 +4440,8 @@ class ApiFunctionsTest(_ApiCase):
         self.assertTropError(trop.InvalidArguments, 4, trop.port_info, 65536, **self.opts)
 
     def test_reserve_group_and_autoreserve_return_tag_port_dicts(self):
-        config = self.group_file(self.proj, env={"api": "API_PORT"})
+        config = self.group_file(self.proj, [("web", {"offset": 0}), ("api", {"offset": 1, "env": "API_PORT"})],
+                                 pmin=41000, pmax=41099)
         expected = {"web": 41000, "api": 41001}
         self.assertEqual(trop.reserve_group(config, dry_run=True, **self.opts), expected)
         self.assertFalse(os.path.exists(self.data), "a dry run created the data directory")
@@ -5040,17 +4469,17 @@ class ApiFunctionsTest(_ApiCase):
         trop.reserve(path=old, **self.opts)
         os.rmdir(gone)
         self.sql("UPDATE reservations SET last_used_at = last_used_at - 10 * 86400 WHERE path = ?", (old,))
-        before = self.rows()
+        before = self.rows(5)
         for func, kwargs in ((trop.prune, {}), (trop.expire, {"days": 5}), (trop.autoclean, {"days": 5})):
             removed = func(dry_run=True, **dict(kwargs, **self.opts))
             self.assertIsInstance(removed, list)
             self.assertTrue(all(isinstance(r, trop.Reservation) for r in removed))
-            self.assertEqual(self.rows(), before, "dry run of %s wrote" % func.__name__)
+            self.assertEqual(self.rows(5), before, "dry run of %s wrote" % func.__name__)
         self.assertEqual([r.path for r in trop.prune(**self.opts)], [gone])
         self.assertEqual(trop.prune(**self.opts), [])
         self.assertEqual(trop.expire(days=30, **self.opts), [])
         self.assertEqual([r.path for r in trop.expire(days=5, **self.opts)], [old])
-        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "", 5000, None, None)])
         self.assertEqual(trop.autoclean(**self.opts), [])
         self.assertTropError(trop.ConfigError, 7, trop.expire, days=0, **self.opts)
 
@@ -5089,7 +4518,7 @@ class ApiFunctionsTest(_ApiCase):
         os.environ["TROP_DATA_DIR"] = self.data
         os.environ["TROP_SKIP_OCCUPANCY_CHECK"] = "true"
         self.assertEqual(trop.reserve(), 5000)                                  # TROP_DATA_DIR is used
-        self.assertEqual(self.rows(), [(self.proj, "", 5000, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "", 5000, None, None)])
         os.environ["TROP_PORT_MIN"] = "7000"
         self.assertEqual(trop.reserve(tag="env"), 7000)
         del os.environ["TROP_PORT_MIN"]
@@ -5106,7 +4535,8 @@ class ApiFunctionsTest(_ApiCase):
         self.assertEqual([r.port for r in trop.list_reservations(filter_path=sub, **opts)], [5000])
         self.assertEqual(len(trop.migrate(sub, pathlib.Path(self.proj, "sub2"), **opts)), 1)
         self.assertEqual(trop.release(path=pathlib.Path(self.proj, "sub2"), **opts), 1)
-        config = pathlib.Path(self.group_file(self.proj))
+        config = pathlib.Path(self.group_file(self.proj, [("web", {"offset": 0}), ("api", {"offset": 1})],
+                                              pmin=41000, pmax=41099))
         self.assertEqual(trop.reserve_group(config, **opts), {"web": 41000, "api": 41001})
 
     def test_unknown_option_is_rejected(self):
@@ -5117,16 +4547,17 @@ class ApiFunctionsTest(_ApiCase):
             trop.Trop(skip_ocupancy_check=True, data_dir=self.data)
 
 
-class ApiErrorsTest(_ApiCase):
+class TestApiErrors(TropTestCase):
     """Every failure is a TropError with the CLI's exit code, never a sqlite3 or OS error."""
+    IN_PROCESS = True
 
     def test_sticky_project_change(self):
         trop.reserve(tag="web", project="a", **self.opts)
         exc = self.assertTropError(trop.SemanticFailure, 1, trop.reserve, tag="web", project="b", **self.opts)
         self.assertIn("project", str(exc))
-        self.assertEqual(self.rows(), [(self.proj, "web", 5000, "a", None)])
+        self.assertEqual(self.rows(5), [(self.proj, "web", 5000, "a", None)])
         self.assertEqual(trop.reserve(tag="web", project="b", allow_project_change=True, **self.opts), 5000)
-        self.assertEqual(self.rows(), [(self.proj, "web", 5000, "b", None)])
+        self.assertEqual(self.rows(5), [(self.proj, "web", 5000, "b", None)])
 
     def test_lock_held_by_another_connection(self):
         trop.reserve(**self.opts)
@@ -5216,12 +4647,14 @@ class ApiErrorsTest(_ApiCase):
                              skip_occupancy_check=True)
 
 
-class TropHandleTest(_ApiCase):
+class TestTropHandle(TropTestCase):
     """trop.Trop: the same operations as methods, one connection for many calls."""
+    IN_PROCESS = True
 
     def test_methods(self):
         sub = self.mkdir("proj", "sub")
-        config = self.group_file(self.mkdir("proj", "grp"))
+        config = self.group_file(self.mkdir("proj", "grp"), [("web", {"offset": 0}), ("api", {"offset": 1})],
+                                 pmin=41000, pmax=41099)
         with trop.Trop(**self.opts) as handle:
             self.assertEqual(handle.reserve(), 5000)
             self.assertEqual(handle.reserve(), 5000)
@@ -5249,7 +4682,8 @@ class TropHandleTest(_ApiCase):
         self.assertIsNone(handle.session._store)                                # closed by the with block
 
     def test_autoreserve_and_group_environment(self):
-        self.group_file(self.proj, env={"web": "HTTP_PORT"})
+        self.group_file(self.proj, [("web", {"offset": 0, "env": "HTTP_PORT"}), ("api", {"offset": 1})],
+                        pmin=41000, pmax=41099)
         with trop.Trop(**self.opts) as handle:
             self.assertEqual(handle.autoreserve(), {"web": 41000, "api": 41001})
             self.assertEqual(handle.autoreserve(), {"web": 41000, "api": 41001})
@@ -5282,7 +4716,7 @@ class TropHandleTest(_ApiCase):
         self.assertEqual(handle.list(), [])
         self.assertIsNot(handle.session._store, store)
         self.assertEqual(handle.reserve(tag="b"), 5000)
-        self.assertEqual(self.rows(), [(self.proj, "b", 5000, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "b", 5000, None, None)])
 
     def test_lock_timeout_then_recovery(self):
         handle = trop.Trop(busy_timeout=0, **self.opts)
@@ -5329,8 +4763,9 @@ class TropHandleTest(_ApiCase):
         self.assertEqual(count(), before)
 
 
-class ReservationContextTest(_ApiCase):
+class TestReservationContext(TropTestCase):
     """trop.reservation inside a unittest TestCase."""
+    IN_PROCESS = True
 
     def test_reserved_inside_released_after(self):
         with trop.reservation(tag="test_server", data_dir=self.data) as port:
@@ -5356,7 +4791,7 @@ class ReservationContextTest(_ApiCase):
         with trop.reservation(min=7000, max=7010, **self.opts) as port:
             self.assertEqual(port, 7000)
             self.assertEqual(trop.port_info(port, **self.opts).tag, None)
-        self.assertEqual(self.rows(), [(self.proj, "kept", kept, None, None)])
+        self.assertEqual(self.rows(5), [(self.proj, "kept", kept, None, None)])
 
     def test_nested_and_explicit_path(self):
         other = self.mkdir("other")
@@ -5385,7 +4820,9 @@ class ReservationContextTest(_ApiCase):
         self.assertEqual(self.rows(), [])
 
 
-class PytestPluginTest(_ApiCase):
+class TestPytestPlugin(TropTestCase):
+    IN_PROCESS = True
+
     TEST_FILE = '''\
 import pytest
 import trop
@@ -5411,7 +4848,7 @@ def test_released_after_failure(trop_port):
     def test_import_does_not_import_pytest(self):
         code = ("import sys, trop; print(sorted(m for m in sys.modules "
                 "if m.split('.')[0] in ('pytest', '_pytest', 'pluggy')))")
-        rc, out, err = self.execute([sys.executable, "-c", code], env=self.child_env(PYTHONPATH=self.trop_dir))
+        rc, out, err = self.execute([sys.executable, "-c", code], env=self.child_env(PYTHONPATH=TROP_DIR))
         self.assertEqual((rc, out, err), (0, "[]\n", ""))
 
     @unittest.skipIf(importlib.util.find_spec("pytest") is None, "pytest is not installed for this interpreter")
@@ -5419,7 +4856,7 @@ def test_released_after_failure(trop_port):
         work = self.mkdir("pytest-run")
         self.write(os.path.join(work, "test_fixture.py"), self.TEST_FILE)
         data = os.path.join(self.root, "pytest-data")
-        env = self.child_env(PYTHONPATH=self.trop_dir, TROP_DATA_DIR=data, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        env = self.child_env(PYTHONPATH=TROP_DIR, TROP_DATA_DIR=data, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         rc, out, err = self.execute([sys.executable, "-m", "pytest", "-p", "trop", "-p", "no:cacheprovider", "-q",
                                      "test_fixture.py"], cwd=work, env=env)
         self.assertEqual(rc, 0, out + err)
@@ -5427,26 +4864,56 @@ def test_released_after_failure(trop_port):
         self.assertEqual(trop.list_reservations(data_dir=data), [])             # every fixture released
 
 
-# --- Packaging -------------------------------------------------------------------
+# --- Output ------------------------------------------------------------------
 
-class PackagingTest(_ApiCase):
+class TestOutput(unittest.TestCase):
+    def rows(self, **fields):
+        values = dict(path="/w/a", tag="", port=5000, project=None, task=None, created_at=T1, last_used_at=T2)
+        values.update(fields)
+        return [trop.Reservation.from_row(tuple(values[k] for k in COLUMNS.split(", ")))]
+
+    def test_timestamps_are_utc(self):
+        self.assertEqual(trop.format_timestamp(T1), S1)
+        self.assertEqual(trop.format_timestamp(0), "1970-01-01 00:00:00")
+
+    def test_csv_quotes_only_when_needed(self):
+        out = trop.format_reservations(self.rows(path="/w/a,b", tag='say "hi"', project="a b"), "csv")
+        self.assertEqual(out.rstrip("\n").split("\n")[1],
+                         '5000,"/w/a,b","say ""hi""",a b,,%s,%s' % (S1, S2))
+
+    def test_csv_and_tsv_quote_carriage_return_and_newline(self):
+        for fmt, sep in (("csv", ","), ("tsv", "\t")):
+            for tag in ("a\rb", "a\nb"):
+                out = trop.format_reservations(self.rows(tag=tag), fmt)
+                expected = sep.join(["5000", "/w/a", '"%s"' % tag, "", "", S1, S2])
+                self.assertEqual(out.rstrip("\n").split("\n", 1)[1], expected, "%s %r" % (fmt, tag))
+
+    def test_tsv_quotes_tabs(self):
+        out = trop.format_reservations(self.rows(tag="a\tb"), "tsv")
+        self.assertEqual(out.rstrip("\n").split("\n")[1], '5000\t/w/a\t"a\tb"\t\t\t%s\t%s' % (S1, S2))
+
+
+# --- Packaging ---------------------------------------------------------------
+
+class TestPackaging(TropTestCase):
     """The in-tree PEP 517 backend, a pip install into a venv, and a zipapp."""
+    IN_PROCESS = True
 
     def setUp(self):
-        _ApiCase.setUp(self)
-        if not os.path.exists(os.path.join(self.trop_dir, "pyproject.toml")):
+        super().setUp()
+        if not os.path.exists(os.path.join(TROP_DIR, "pyproject.toml")):
             self.skipTest("trop.py is not in its source tree")
         self.out = self.mkdir("dist")
 
     def in_source_dir(self):
-        os.chdir(self.trop_dir)                  # PEP 517 hooks run in the source tree; tearDown restores the cwd
+        os.chdir(TROP_DIR)                  # PEP 517 hooks run in the source tree; restored when the test ends
 
     def source(self, name):
-        with open(os.path.join(self.trop_dir, name), "rb") as fh:
+        with open(os.path.join(TROP_DIR, name), "rb") as fh:
             return fh.read()
 
     def source_listing(self):
-        return sorted(n for n in os.listdir(self.trop_dir) if n != "__pycache__")
+        return sorted(n for n in os.listdir(TROP_DIR) if n != "__pycache__")
 
     def check_wheel(self, path, payload):
         """Checks a wheel's dist-info and RECORD; payload = {archive name: bytes} besides the dist-info."""
@@ -5513,7 +4980,7 @@ class PackagingTest(_ApiCase):
             self.assertEqual(len(pth), 1)
             self.assertNotIn("/", pth[0])
             text = zf.read(pth[0]).decode("utf-8")
-        self.assertEqual(os.path.realpath(text.strip()), os.path.realpath(self.trop_dir))
+        self.assertEqual(os.path.realpath(text.strip()), os.path.realpath(TROP_DIR))
         self.assertTrue(text.endswith("\n"))
         contents = self.check_wheel(os.path.join(self.out, name), {pth[0]: text.encode("utf-8")})
         self.assertNotIn("trop.py", contents)
@@ -5563,7 +5030,7 @@ class PackagingTest(_ApiCase):
         python = os.path.join(bin_dir, "python")
         before = self.source_listing()
         rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
-                                     "-q", self.trop_dir], timeout=300)
+                                     "-q", TROP_DIR], timeout=300)
         self.assertEqual(rc, 0, out + err)
         self.assertEqual(self.source_listing(), before, "pip install wrote into the source tree")
         code = ("import sys, trop\n"
@@ -5590,7 +5057,7 @@ class PackagingTest(_ApiCase):
 
     def test_zipapp(self):
         src = self.mkdir("pyz")
-        shutil.copy(os.path.join(self.trop_dir, "trop.py"), src)
+        shutil.copy(os.path.join(TROP_DIR, "trop.py"), src)
         pyz = os.path.join(self.root, "trop.pyz")
         rc, out, err = self.execute([sys.executable, "-m", "zipapp", src, "-m", "trop:cli", "-o", pyz])
         self.assertEqual(rc, 0, out + err)
@@ -5615,45 +5082,308 @@ class PackagingTest(_ApiCase):
         self.assertEqual((rc, out), (2, ""))
 
 
-# --- Output ------------------------------------------------------------------
+# --- Shell completions -------------------------------------------------------
 
-class TestOutput(unittest.TestCase):
-    def rows(self, **fields):
-        values = dict(path="/w/a", tag="", port=5000, project=None, task=None, created_at=T1, last_used_at=T2)
-        values.update(fields)
-        return [trop.Reservation.from_row(tuple(values[k] for k in COLUMNS.split(", ")))]
+class TestCompletionScripts(unittest.TestCase):
+    NASTY = "Data dir: it's `$HOME/.trop` \"quoted\" [x] \\ back $(rm -rf /)"
+    SUBCOMMANDS = ["reserve", "list", "completions", "validate"]
+    FLAGS = ["--verbose", "--data-dir", "--path", "--tag", "--dry-run", "--format"]
 
-    def test_timestamps_are_utc(self):
-        self.assertEqual(trop.format_timestamp(T1), S1)
-        self.assertEqual(trop.format_timestamp(0), "1970-01-01 00:00:00")
+    @classmethod
+    def sample_parser(cls):
+        p = argparse.ArgumentParser(prog="trop")
+        p.add_argument("-v", "--verbose", action="store_true", help="Enable verbose output")
+        p.add_argument("--data-dir", metavar="PATH", help=cls.NASTY)
+        p.add_argument("--hidden-opt", help=argparse.SUPPRESS)
+        sp = p.add_subparsers(dest="command")
+        r = sp.add_parser("reserve", help="Reserve a port [it's: 'x' $y `z`]")
+        r.add_argument("--path", help="Directory path")
+        r.add_argument("--tag", help="Tag: label")
+        r.add_argument("--dry-run", action="store_true", help="Don't write")
+        ls = sp.add_parser("list", help="List reservations")
+        ls.add_argument("--format", choices=["table", "json", "csv", "tsv"], default="table",
+                        help="Output format (default: %(default)s)")
+        c = sp.add_parser("completions", help="Print a completion script")
+        c.add_argument("shell", choices=list(trop.COMPLETION_SHELLS))
+        v = sp.add_parser("validate", help="Validate a config file")
+        v.add_argument("config_path")
+        sp.add_parser("secret", help=argparse.SUPPRESS)
+        return p
 
-    def test_csv_quotes_only_when_needed(self):
-        out = trop.format_reservations(self.rows(path="/w/a,b", tag='say "hi"', project="a b"), "csv")
-        self.assertEqual(out.rstrip("\n").split("\n")[1],
-                         '5000,"/w/a,b","say ""hi""",a b,,%s,%s' % (S1, S2))
+    def test_shells(self):
+        self.assertEqual(tuple(trop.COMPLETION_SHELLS), ("bash", "elvish", "fish", "powershell", "zsh"))
 
-    def test_csv_and_tsv_quote_carriage_return_and_newline(self):
-        for fmt, sep in (("csv", ","), ("tsv", "\t")):
-            for tag in ("a\rb", "a\nb"):
-                out = trop.format_reservations(self.rows(tag=tag), fmt)
-                expected = sep.join(["5000", "/w/a", '"%s"' % tag, "", "", S1, S2])
-                self.assertEqual(out.rstrip("\n").split("\n", 1)[1], expected, "%s %r" % (fmt, tag))
+    def test_bash_header(self):
+        self.assertEqual(trop.completion_header("bash"), (
+            "# Generating bash completion script\n"
+            "# Run the following command to enable completions:\n"
+            "#   trop completions bash > ~/.local/share/bash-completion/completions/trop\n"
+            "# Or source it directly in ~/.bashrc:\n"
+            '#   eval "$(trop completions bash)"\n\n'))
 
-    def test_tsv_quotes_tabs(self):
-        out = trop.format_reservations(self.rows(tag="a\tb"), "tsv")
-        self.assertEqual(out.rstrip("\n").split("\n")[1], '5000\t/w/a\t"a\tb"\t\t\t%s\t%s' % (S1, S2))
+    def test_elvish_has_no_hints(self):
+        self.assertEqual(trop.completion_header("elvish"),
+                         "# Generating elvish completion script\n"
+                         "# Run the following command to enable completions:\n\n")
+
+    def test_every_shell_header_shape(self):
+        for shell in trop.COMPLETION_SHELLS:
+            h = trop.completion_header(shell)
+            self.assertTrue(h.startswith("# Generating %s completion script\n"
+                                         "# Run the following command to enable completions:\n" % shell))
+            self.assertTrue(h.endswith("\n\n"))
+            self.assertTrue(all(line.startswith("#") for line in h.splitlines() if line))
+
+    def test_all_names_present_and_hidden_skipped(self):
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(self.sample_parser(), shell)
+            with self.subTest(shell=shell):
+                for word in self.SUBCOMMANDS + self.FLAGS:
+                    self.assertIn("-l " + word[2:] if shell == "fish" and word.startswith("--") else word, text)
+                for word in ("table", "tsv", "powershell", "elvish"):
+                    self.assertIn(word, text)
+                self.assertNotIn("hidden-opt", text)
+                self.assertNotIn("secret", text)
+
+    def test_real_parser_names_present(self):
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(trop.build_parser(), shell)
+            with self.subTest(shell=shell):
+                for word in ("reserve", "scan", "port-info", "list-projects", "compact-exclusions"):
+                    self.assertIn(word, text)
+                for flag in ("--include-occupancy", "--check-all-interfaces", "--autoexclude", "--data-dir"):
+                    self.assertIn("-l " + flag[2:] if shell == "fish" else flag, text)
+
+    def test_markers(self):
+        markers = {"bash": "complete -F _trop trop", "zsh": "#compdef trop",
+                   "fish": "__fish_seen_subcommand_from",
+                   "powershell": "Register-ArgumentCompleter -Native -CommandName 'trop'",
+                   "elvish": "set edit:completion:arg-completer['trop'] = {|@words|"}
+        for shell, marker in markers.items():
+            text = trop.completion_script(self.sample_parser(), shell)
+            self.assertIn(marker.replace("trop trop", "trop 'trop'"), text)
+
+    def test_unknown_shell(self):
+        with self.assertRaises(ValueError):
+            trop.completion_script(self.sample_parser(), "tcsh")
+
+    def test_unsafe_choices_dropped_and_huge_choices_not_enumerated(self):
+        p = argparse.ArgumentParser(prog="trop")
+        x = p.add_subparsers().add_parser("x")
+        x.add_argument("--mode", choices=["ok", "$(evil)", "a b"])
+        x.add_argument("--port", type=int, choices=range(1, 65536))
+        for shell in trop.COMPLETION_SHELLS:
+            text = trop.completion_script(p, shell)
+            self.assertNotIn("evil", text)
+            self.assertNotIn("65535", text)
+            self.assertIn("ok", text)
+
+    def test_zsh_escapes_help(self):
+        text = trop.completion_script(self.sample_parser(), "zsh")
+        self.assertIn(r"""[Data dir\: it'\''s `$HOME/.trop` "quoted" \[x\] \\ back""", text)
+
+    def test_powershell_structure_balanced(self):
+        for parser in (self.sample_parser(), trop.build_parser()):
+            text = trop.completion_script(parser, "powershell")
+            body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+            stripped = re.sub(r"'(?:[^']|'')*'", "''", body)
+            self.assertNotIn("'", stripped.replace("''", ""))
+            for o, c in ("()", "{}", "[]"):
+                self.assertEqual(stripped.count(o), stripped.count(c), o + c)
+        self.assertIn("it''s", trop.completion_script(self.sample_parser(), "powershell"))
+
+    def test_edge_parsers_parse(self):
+        a = argparse.ArgumentParser(prog="my-tool", add_help=False)
+        a.add_argument("-q", action="count")
+        a.add_argument("target", nargs="*")
+        b = argparse.ArgumentParser(prog="my-tool", add_help=False)
+        b.add_subparsers().add_parser("bare", add_help=False)
+        checkers = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-config", "-n"]}
+        for i, parser in enumerate((a, b)):
+            for shell, argv in checkers.items():
+                if not shutil.which(argv[0]):
+                    continue
+                with self.subTest(parser=i, shell=shell):
+                    path = script_file(self, trop.completion_script(parser, shell, prog="my-tool"))
+                    res = run_shell(argv + [path])
+                    self.assertEqual(res.returncode, 0, res.stderr)
 
 
-# --- Command line: reserve -------------------------------------------------------
+@unittest.skipUnless(shutil.which("bash"), "bash not installed")
+class TestBashCompletion(TropTestCase):
+    """The real `trop completions bash` output, plus the sample parser's edge cases."""
 
-class TestReserveCLI(CLITestCase):
+    def setUp(self):
+        super().setUp()
+        rc, out, err = self.trop("completions", "bash")
+        self.assertEqual((rc, err), (0, trop.completion_header("bash")))
+        self.real = script_file(self, out, ".bash")
+        self.sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "bash"), ".bash")
+
+    def complete(self, line, script=None):
+        words = line.split(" ")
+        cmd = ("source %s; COMP_WORDS=(%s); COMP_CWORD=%d; _trop; printf '%%s\\n' \"${COMPREPLY[@]}\""
+               % (shlex.quote(script or self.real), " ".join(shlex.quote(w) for w in words), len(words) - 1))
+        res = run_shell(["bash", "-c", cmd])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        return [w for w in res.stdout.splitlines() if w]
+
+    def test_syntax(self):
+        for path in (self.real, self.sample):
+            res = run_shell(["bash", "-n", path])
+            self.assertEqual(res.returncode, 0, res.stderr)
+
+    def test_real_completion(self):
+        self.assertIn("--tag", self.complete("trop reserve --t"))
+        self.assertIn("list", self.complete("trop li"))
+        self.assertEqual(sorted(self.complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
+        self.assertIn("--check-all-interfaces", self.complete("trop scan --check"))
+        self.assertIn("--include-occupancy", self.complete("trop port-info --incl"))
+        self.assertIn("scan", self.complete("trop --data-dir /tmp sc"))
+        self.assertEqual(sorted(self.complete("trop completions ")), sorted(trop.COMPLETION_SHELLS))
+
+    def test_sample_completion(self):
+        s = self.sample
+        self.assertIn("--tag", self.complete("trop reserve --t", s))
+        self.assertNotIn("--format", self.complete("trop reserve --", s))
+        self.assertIn("--verbose", self.complete("trop reserve --", s))
+        self.assertEqual(self.complete("trop li", s), ["list"])
+        self.assertEqual(self.complete("trop --data-dir /tmp li", s), ["list"])
+        self.assertEqual(self.complete("trop --data-dir = /tmp li", s), ["list"])
+        self.assertEqual(sorted(self.complete("trop list --format ", s)), ["csv", "json", "table", "tsv"])
+        self.assertEqual(self.complete("trop list --format = j", s), ["json"])
+        self.assertEqual(self.complete("trop completions b", s), ["bash"])
+
+    def test_path_values_complete_files(self):
+        d = self.root
+        os.mkdir(os.path.join(d, "subdir"))
+        open(os.path.join(d, "file.yaml"), "w").close()
+        s = self.sample
+        self.assertEqual(self.complete("trop reserve --path %s/fi" % d, s), [d + "/file.yaml"])
+        self.assertEqual(self.complete("trop validate %s/fi" % d, s), [d + "/file.yaml"])
+        self.assertEqual(self.complete("trop --data-dir %s/s" % d, s), [d + "/subdir"])
+        self.assertEqual(self.complete("trop reserve --tag x", s), [])
+
+
+class TestCompletionsCLI(TropTestCase):
+    def test_every_shell(self):
+        for shell in trop.COMPLETION_SHELLS:
+            with self.subTest(shell=shell):
+                rc, out, err = self.trop("completions", shell)
+                self.assertEqual((rc, err), (0, trop.completion_header(shell)))
+                self.assertEqual(out, trop.completion_script(trop.build_parser(), shell).rstrip("\n") + "\n")
+
+    def test_unknown_shell_usage_error(self):
+        rc, out, err = self.trop("completions", "tcsh")
+        self.assertEqual((rc, out), (2, ""))
+        self.assertIn("usage:", err)
+
+    @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
+    def test_zsh(self):
+        _rc, out, _err = self.trop("completions", "zsh")
+        path = script_file(self, out)
+        res = run_shell(["zsh", "-n", path])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        res = run_shell(["zsh", "-fc", "autoload -U compinit; compinit -u -d /dev/null; "
+                         "source %s; print -r -- ${_comps[trop]}" % shlex.quote(path)])
+        self.assertEqual((res.returncode, res.stdout.strip()), (0, "_trop"), res.stderr)
+        sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "zsh"))
+        res = run_shell(["zsh", "-fc", "_arguments() { print -rl -- \"$@\" }; compdef() { : }; "
+                         "_describe() { print -rl -- \"${(@P)4}\" }; "
+                         "source %s; _trop; _trop_commands" % shlex.quote(sample)])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("--data-dir=[Data dir\\: it's `$HOME/.trop` \"quoted\" \\[x\\] \\\\ back $(rm -rf /)]:PATH:"
+                      "_files -/", res.stdout.splitlines())
+        self.assertIn("reserve:Reserve a port [it's: 'x' $y `z`]", res.stdout.splitlines())
+
+    @unittest.skipUnless(shutil.which("fish"), "fish not installed")
+    def test_fish(self):
+        _rc, out, _err = self.trop("completions", "fish")
+        path = script_file(self, out, ".fish")
+        res = run_shell(["fish", "--no-config", "-n", path])
+        self.assertEqual(res.returncode, 0, res.stderr)
+
+        def complete(line, script=path):
+            r = run_shell(["fish", "--no-config", "-c", "source %s; complete -C%s"
+                           % (shlex.quote(script), shlex.quote(line))])
+            self.assertEqual(r.returncode, 0, r.stderr)
+            return [l.split("\t")[0] for l in r.stdout.splitlines()]
+        self.assertIn("--tag", complete("trop reserve --t"))
+        self.assertIn("list", complete("trop li"))
+        self.assertEqual(sorted(complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
+        sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "fish"), ".fish")
+        self.assertEqual(complete("trop reserve --t", sample), ["--tag"])
+        self.assertEqual(complete("trop li", sample), ["list"])
+        r = run_shell(["fish", "--no-config", "-c", "source %s; complete -C'trop --data'"
+                       % shlex.quote(sample)])
+        self.assertIn(TestCompletionScripts.NASTY.split(" $(")[0], r.stdout)
+
+    @unittest.skipUnless(shutil.which("elvish"), "elvish not installed")
+    def test_elvish(self):
+        """`edit:` only exists interactively, so run the completer against stubs."""
+        _rc, real, _err = self.trop("completions", "elvish")
+        sample = trop.completion_script(TestCompletionScripts.sample_parser(), "elvish")
+
+        def complete(text, *words):
+            text = (text.replace("set edit:completion:arg-completer", "set completers")
+                    .replace("edit:complex-candidate", "complex-candidate")
+                    .replace("edit:complete-filename", "complete-filename"))
+            prelude = ("var completers = [&]\n"
+                       "fn complex-candidate {|text &display=''| put $text }\n"
+                       "fn complete-filename {|p| put FILES:$p }\n")
+            call = "\nput ($completers['trop'] %s) | each {|x| echo $x }\n" % " ".join(
+                "'" + w.replace("'", "''") + "'" for w in words)
+            path = script_file(self, prelude + text + call, ".elv")
+            res = run_shell(["elvish", "-norc", path])
+            self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+            return res.stdout.splitlines()
+        self.assertIn("--tag", complete(real, "trop", "reserve", "--t"))
+        self.assertIn("list", complete(real, "trop", "li"))
+        self.assertIn("--include-occupancy", complete(real, "trop", "port-info", "--inc"))
+        self.assertEqual(complete(sample, "trop", "--data-dir", "/x", "list", "--format", ""),
+                         ["table", "json", "csv", "tsv"])
+        self.assertEqual(complete(sample, "trop", "validate", "c"), ["FILES:c"])
+
+    @unittest.skipUnless(shutil.which("pwsh"), "pwsh not installed")
+    def test_powershell(self):
+        _rc, out, _err = self.trop("completions", "powershell")
+        path = script_file(self, out, ".ps1")
+        cmd = (". '%s'; (TabExpansion2 -inputScript 'trop reserve --t' -cursorColumn 16).CompletionMatches "
+               "| ForEach-Object CompletionText" % path)
+        res = run_shell(["pwsh", "-NoProfile", "-NonInteractive", "-Command", cmd])
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("--tag", res.stdout.split())
+
+
+# --- Command line ------------------------------------------------------------
+
+class TestCommandLineBasics(TropTestCase):
+    ENV = SKIP_PROBES
+
+    def test_version(self):
+        self.assertEqual(self.trop("--version"), (0, "trop 0.2.0\n", ""))
+
+    def test_no_subcommand_is_a_usage_error(self):
+        rc, out, err = self.trop()
+        self.assertEqual((rc, out), (2, ""))
+        self.assertIn("usage", err.lower())
+
+    def test_unknown_flag_is_a_usage_error(self):
+        rc, out, _err = self.trop("reserve", "--bogus")
+        self.assertEqual((rc, out), (2, ""))
+        self.assertFalse(os.path.exists(self.data))
+
+
+class TestReserveCLI(TropTestCase):
+    ENV = SKIP_PROBES
+
     def test_reserve_prints_port_and_is_stable(self):
         self.assertPort(self.trop("reserve"), 5000)
         self.assertPort(self.trop("reserve"), 5000)
         self.assertPort(self.trop("reserve", "--tag", "web"), 5001)
         self.assertPort(self.trop("reserve", "--tag", "  web "), 5001)
         self.assertPort(self.trop("reserve", "--path", "sub"), 5002)
-        rows = db_rows(self.data)
+        rows = self.rows()
         self.assertEqual([r[:5] for r in rows], [(self.proj, "", 5000, None, None),
                                                  (self.proj, "web", 5001, None, None),
                                                  (self.proj + "/sub", "", 5002, None, None)])
@@ -5664,7 +5394,7 @@ class TestReserveCLI(CLITestCase):
     def test_refresh_updates_last_used_only(self):
         make_v2_db(self.data, [(self.proj, "", 5004, "p", "t", T1, T1)])
         self.assertPort(self.trop("reserve", "--port", "5000"), 5004)       # --port ignored for existing keys
-        (row,) = db_rows(self.data)
+        (row,) = self.rows()
         self.assertEqual(row[:6], (self.proj, "", 5004, "p", "t", T1))
         self.assertGreater(row[6], T1)
 
@@ -5675,7 +5405,8 @@ class TestReserveCLI(CLITestCase):
 
     def test_range_from_flags_and_environment(self):
         self.assertPort(self.trop("reserve", "--min", "20000", "--max", "20010"), 20000)
-        self.assertPort(self.trop("reserve", "--path", "b", TROP_PORT_MIN="21000", TROP_PORT_MAX="21010"), 21000)
+        self.assertPort(self.trop("reserve", "--path", "b", env={"TROP_PORT_MIN": "21000", "TROP_PORT_MAX": "21010"}),
+                        21000)
 
     def test_exhausted_range(self):
         self.assertPort(self.trop("reserve", "--min", "20000", "--max", "20000"), 20000)
@@ -5688,7 +5419,7 @@ class TestReserveCLI(CLITestCase):
         self.assertPort(self.trop("reserve", "--overwrite"), 5001)
         self.assertPort(self.trop("reserve", "--overwrite", "--port", "5002"), 5002)
         self.assertPort(self.trop("reserve", "--overwrite", "--port", "5000"), 5001)   # held by another key
-        row = [r for r in db_rows(self.data) if r[0] == self.proj][0]
+        row = [r for r in self.rows() if r[0] == self.proj][0]
         self.assertEqual(row[:6], (self.proj, "", 5001, "p", None, T1))
         self.assertGreater(row[6], T1)
 
@@ -5727,45 +5458,45 @@ class TestReserveCLI(CLITestCase):
         self.assertPort(self.trop("reserve", "--project", "b", "--allow-project-change"), 5000)
         self.assertPort(self.trop("reserve"), 5000)                                   # preserved
         self.assertError(self.trop("reserve", "--clear-project"), 1)
-        self.assertError(self.trop("reserve", TROP_PROJECT="c"), 1)
-        self.assertPort(self.trop("reserve", TROP_PROJECT="c", TROP_ALLOW_PROJECT_CHANGE="1"), 5000)
-        self.assertEqual(db_rows(self.data)[0][3], "c")
+        self.assertError(self.trop("reserve", env={"TROP_PROJECT": "c"}), 1)
+        self.assertPort(self.trop("reserve", env={"TROP_PROJECT": "c", "TROP_ALLOW_PROJECT_CHANGE": "1"}), 5000)
+        self.assertEqual(self.rows()[0][3], "c")
         self.assertPort(self.trop("reserve", "--project", "d", "--force"), 5000)
-        self.assertEqual(db_rows(self.data)[0][3], "d")
+        self.assertEqual(self.rows()[0][3], "d")
         self.assertPort(self.trop("reserve", "--clear-project", "--allow-change"), 5000)
-        self.assertEqual(db_rows(self.data)[0][2:5], (5000, None, None))
+        self.assertEqual(self.rows()[0][2:5], (5000, None, None))
 
     def test_sticky_task(self):
         self.assertPort(self.trop("reserve", "--task", "x"), 5000)
         self.assertError(self.trop("reserve", "--task", "y"), 1, startswith="cannot change sticky field 'task'")
-        self.assertError(self.trop("reserve", TROP_TASK="y"), 1)
+        self.assertError(self.trop("reserve", env={"TROP_TASK": "y"}), 1)
         self.assertPort(self.trop("reserve", "--task", "y", "--allow-task-change"), 5000)
-        self.assertPort(self.trop("reserve", TROP_TASK="z", TROP_ALLOW_CHANGE="true"), 5000)
-        self.assertEqual(db_rows(self.data)[0][4], "z")
+        self.assertPort(self.trop("reserve", env={"TROP_TASK": "z", "TROP_ALLOW_CHANGE": "true"}), 5000)
+        self.assertEqual(self.rows()[0][4], "z")
         self.assertPort(self.trop("reserve", "--clear-task", "--force"), 5000)
-        self.assertEqual(db_rows(self.data)[0][4], None)
+        self.assertEqual(self.rows()[0][4], None)
 
     def test_project_and_task_from_environment_on_new_key(self):
-        self.assertPort(self.trop("reserve", TROP_PROJECT=" app ", TROP_TASK="t1"), 5000)
-        self.assertEqual(db_rows(self.data)[0][3:5], ("app", "t1"))
+        self.assertPort(self.trop("reserve", env={"TROP_PROJECT": " app ", "TROP_TASK": "t1"}), 5000)
+        self.assertEqual(self.rows()[0][3:5], ("app", "t1"))
 
     def test_git_inference_for_new_keys(self):
-        write_file(os.path.join(self.proj, ".git", "HEAD"), "ref: refs/heads/feature\n")
+        self.write(os.path.join(self.proj, ".git", "HEAD"), "ref: refs/heads/feature\n")
         self.assertPort(self.trop("reserve"), 5000)
         self.assertPort(self.trop("reserve", "--project", "explicit", "--tag", "t"), 5001)
-        self.assertEqual([r[3:5] for r in db_rows(self.data)], [("proj", "feature"), ("explicit", "feature")])
+        self.assertEqual([r[3:5] for r in self.rows()], [("proj", "feature"), ("explicit", "feature")])
 
     def test_path_guard(self):
         self.assertError(self.trop("reserve", "--path", "/unrelated"), 1,
                          startswith="path relationship violation: /unrelated and %s are unrelated paths" % self.proj)
         self.assertPort(self.trop("reserve", "--path", "/unrelated", "--allow-unrelated-path"), 5000)
-        self.assertPort(self.trop("reserve", "--path", "/unrelated2", TROP_ALLOW_UNRELATED_PATH="1"), 5001)
+        self.assertPort(self.trop("reserve", "--path", "/unrelated2", env={"TROP_ALLOW_UNRELATED_PATH": "1"}), 5001)
         self.assertPort(self.trop("reserve", "--path", "/unrelated3", "--force"), 5002)
         self.assertPort(self.trop("reserve", "--path", self.root), 5003)                       # ancestor
         self.assertPort(self.trop("reserve", "--path", self.proj + "/sub/deeper"), 5004)     # descendant
-        self.assertPort(self.trop("reserve", TROP_PATH=self.proj + "/env"), 5005)
-        self.assertEqual(db_rows(self.data)[-1][0], "/unrelated3")
-        self.assertIn((self.proj + "/env", "", 5005), [r[:3] for r in db_rows(self.data)])
+        self.assertPort(self.trop("reserve", env={"TROP_PATH": self.proj + "/env"}), 5005)
+        self.assertEqual(self.rows()[-1][0], "/unrelated3")
+        self.assertIn((self.proj + "/env", "", 5005), [r[:3] for r in self.rows()])
 
     def test_dry_run_on_missing_database_creates_nothing(self):
         rc, out, err = self.trop("reserve", "--dry-run")
@@ -5779,32 +5510,32 @@ class TestReserveCLI(CLITestCase):
 
     def test_dry_run_on_existing_database_changes_nothing(self):
         make_v2_db(self.data, [(self.proj, "", 5003, "p", None, T1, T1)])
-        before = db_rows(self.data)
+        before = self.rows()
         for args in (("--dry-run",), ("--dry-run", "--overwrite"), ("--dry-run", "--path", "new"),
                      ("--dry-run", "--project", "q", "--allow-project-change")):
             rc, out, err = self.trop("reserve", *args)
             self.assertEqual((rc, out), (0, ""), err)
             self.assertTrue(err.startswith("Dry run - would perform the following actions:\n"), err)
-        self.assertEqual(db_rows(self.data), before)
+        self.assertEqual(self.rows(), before)
 
     def test_disable_autoinit(self):
         self.assertError(self.trop("reserve", "--disable-autoinit"), 3, startswith="Data directory not found")
-        self.assertError(self.trop("reserve", TROP_DISABLE_AUTOINIT="1"), 3)
+        self.assertError(self.trop("reserve", env={"TROP_DISABLE_AUTOINIT": "1"}), 3)
         self.assertFalse(os.path.exists(self.db))
 
     def test_no_home(self):
-        self.assertError(self.trop("reserve", HOME=None, TROP_DATA_DIR=None), 7)
+        self.assertError(self.trop("reserve", env={"HOME": None, "TROP_DATA_DIR": None}), 7)
 
     def test_unwritable_data_directory(self):
         if os.geteuid() == 0:
-            write_file(os.path.join(self.root, "file"), "a regular file\n")
+            self.write(os.path.join(self.root, "file"), "a regular file\n")
             data = os.path.join(self.root, "file", "data")
         else:
             make_v2_db(self.data)
             os.chmod(self.data, 0o555)
             self.addCleanup(os.chmod, self.data, 0o755)
             data = self.data
-        self.assertError(self.trop("reserve", TROP_DATA_DIR=data), 6)
+        self.assertError(self.trop("reserve", env={"TROP_DATA_DIR": data}), 6)
         self.assertError(self.trop("reserve", "--data-dir", data), 6)
 
     def test_busy_timeout_validation(self):
@@ -5816,19 +5547,19 @@ class TestReserveCLI(CLITestCase):
         self.assertPort(self.trop("reserve", "--busy-timeout", "2147483"), 5000)
 
 
-# --- Command line: release -------------------------------------------------------
+class TestReleaseCLI(TropTestCase):
+    ENV = SKIP_PROBES
 
-class TestReleaseCLI(CLITestCase):
     def setUp(self):
-        CLITestCase.setUp(self)
+        super().setUp()
         p = self.proj
-        self.rows = [(p + "/a", "", 5000, None, None, T1, T1), (p + "/a", "web", 5001, None, None, T1, T1),
-                     (p + "/a/x", "", 5002, None, None, T1, T1), (p + "/ab", "", 5003, None, None, T1, T1),
-                     (p + "/ab", "web", 5004, None, None, T1, T1)]
-        make_v2_db(self.data, self.rows)
+        self.seeded = [(p + "/a", "", 5000, None, None, T1, T1), (p + "/a", "web", 5001, None, None, T1, T1),
+                       (p + "/a/x", "", 5002, None, None, T1, T1), (p + "/ab", "", 5003, None, None, T1, T1),
+                       (p + "/ab", "web", 5004, None, None, T1, T1)]
+        make_v2_db(self.data, self.seeded)
 
     def remaining(self):
-        return [r[2] for r in db_rows(self.data)]
+        return [r[2] for r in self.rows()]
 
     def test_all_tags_at_path(self):
         self.assertEqual(self.trop("release", "--path", "a"), (0, "", "Released reservation successfully\n"))
@@ -5892,7 +5623,7 @@ class TestReleaseCLI(CLITestCase):
             "Warnings:\n"
             "  - No reservations found under %s/zz (already released)\n") % p))
         self.assertEqual(self.trop("release", "--path", "a", "--dry-run", "--quiet"), (0, "", ""))
-        self.assertEqual(db_rows(self.data), sorted(self.rows))
+        self.assertEqual(self.rows(), sorted(self.seeded))
 
     def test_bad_selection(self):
         self.assertError(self.trop("release", "--tag", "web", "--untagged-only"), 4,
@@ -5911,9 +5642,8 @@ class TestReleaseCLI(CLITestCase):
         self.assertNotIn(5005, self.remaining())
 
 
-# --- Command line: list, list-projects -------------------------------------------------
-
-class TestListCLI(CLITestCase):
+class TestListCLI(TropTestCase):
+    ENV = SKIP_PROBES
     HEADER = "PORT\tPATH\tTAG\tPROJECT\tTASK\tCREATED_AT\tLAST_USED_AT\n"
 
     def test_empty(self):
@@ -5975,7 +5705,7 @@ class TestListCLI(CLITestCase):
             ']\n') % (S1, S1, S1, S2)
         self.assertEqual(self.trop("list", "--format", "json"), (0, expected, ""))
         self.assertEqual(self.trop("list", "--format", "JSON"), (0, expected, ""))
-        self.assertEqual(self.trop("list", TROP_OUTPUT_FORMAT="json"), (0, expected, ""))
+        self.assertEqual(self.trop("list", env={"TROP_OUTPUT_FORMAT": "json"}), (0, expected, ""))
 
     def test_csv_and_tsv_use_full_paths(self):
         make_v2_db(self.data, [(self.home + "/x", "", 5000, "a,b", None, T1, T2)])
@@ -5989,7 +5719,7 @@ class TestListCLI(CLITestCase):
     def test_bad_format(self):
         rc, out, _ = self.trop("list", "--format", "xml")
         self.assertEqual((rc, out), (2, ""))
-        self.assertError(self.trop("list", TROP_OUTPUT_FORMAT="xml"), 7)
+        self.assertError(self.trop("list", env={"TROP_OUTPUT_FORMAT": "xml"}), 7)
 
     def test_filters(self):
         p = self.proj
@@ -6017,9 +5747,9 @@ class TestListCLI(CLITestCase):
         self.assertEqual(self.trop("list-projects"), (0, "Zeta\napp\n", ""))
 
 
-# --- Command line: assertions and port-info -------------------------------------------
+class TestAssertCLI(TropTestCase):
+    ENV = SKIP_PROBES
 
-class TestAssertCLI(CLITestCase):
     def seed(self):
         make_v2_db(self.data, [(self.proj, "", 5000, None, None, T1, T2),
                                (self.proj, "web", 5001, "app", "t1", T1, T2),
@@ -6030,14 +5760,14 @@ class TestAssertCLI(CLITestCase):
         self.assertEqual(self.trop("assert-reservation"), (0, "5000\n", ""))
         self.assertEqual(self.trop("assert-reservation", "--tag", "web"), (0, "5001\n", ""))
         self.assertEqual(self.trop("assert-reservation", "--tag", "web", "--quiet"), (0, "", ""))
-        self.assertEqual(self.trop("assert-reservation", TROP_PATH="/nonexistent/dir"), (0, "5002\n", ""))
+        self.assertEqual(self.trop("assert-reservation", env={"TROP_PATH": "/nonexistent/dir"}), (0, "5002\n", ""))
         self.assertEqual(self.trop("assert-reservation", "--tag", "db", "--not"), (0, "", ""))
         self.assertError(self.trop("assert-reservation", "--tag", "db"), 1,
                          "Assertion failed: no reservation found for %s:db" % self.proj)
         self.assertError(self.trop("assert-reservation", "--not"), 1,
                          "Assertion failed: reservation exists for %s" % self.proj)
         self.assertError(self.trop("assert-reservation", "--tag", " "), 6)
-        self.assertEqual(db_rows(self.data)[0][6], T2)          # assertions never touch rows
+        self.assertEqual(self.rows()[0][6], T2)          # assertions never touch rows
 
     def test_assert_port(self):
         self.seed()
@@ -6053,7 +5783,8 @@ class TestAssertCLI(CLITestCase):
             self.assertEqual((rc, out), (2, ""), args)
 
     def test_assert_data_dir(self):
-        self.assertError(self.trop("assert-data-dir"), 1, "Assertion failed: data directory not found at %s" % self.data)
+        self.assertError(self.trop("assert-data-dir"), 1,
+                         "Assertion failed: data directory not found at %s" % self.data)
         self.assertEqual(self.trop("assert-data-dir", "--not"), (0, "", ""))
         self.assertEqual(self.trop("assert-data-dir", "--validate", "--not"), (0, "", ""))
         self.assertFalse(os.path.exists(self.data))
@@ -6083,19 +5814,19 @@ class TestAssertCLI(CLITestCase):
         self.assertEqual((rc, out), (2, ""))
 
 
-# --- Command line: show-data-dir, show-path -----------------------------------------------
+class TestShowCLI(TropTestCase):
+    ENV = SKIP_PROBES
 
-class TestShowCLI(CLITestCase):
     def test_show_data_dir(self):
         self.assertEqual(self.trop("show-data-dir"), (0, self.data + "\n", ""))
-        self.assertEqual(self.trop("show-data-dir", TROP_DATA_DIR=None), (0, self.home + "/.trop\n", ""))
+        self.assertEqual(self.trop("show-data-dir", env={"TROP_DATA_DIR": None}), (0, self.home + "/.trop\n", ""))
         self.assertEqual(self.trop("--data-dir", "rel/d", "show-data-dir"), (0, "rel/d\n", ""))
         self.assertEqual(self.trop("show-data-dir", "--data-dir", "rel/d"), (0, "rel/d\n", ""))
-        self.assertError(self.trop("show-data-dir", HOME=None, TROP_DATA_DIR=None), 7)
+        self.assertError(self.trop("show-data-dir", env={"HOME": None, "TROP_DATA_DIR": None}), 7)
         self.assertFalse(os.path.exists(self.data))
 
     def test_show_path(self):
-        self.assertEqual(self.trop("show-path", TROP_PATH="/elsewhere"), (0, self.proj + "\n", ""))
+        self.assertEqual(self.trop("show-path", env={"TROP_PATH": "/elsewhere"}), (0, self.proj + "\n", ""))
         self.assertEqual(self.trop("show-path", "--path", "../x/./y//"), (0, self.root + "/x/y\n", ""))
         self.assertEqual(self.trop("show-path", "--path", "~/a"), (0, self.home + "/a\n", ""))
         self.assertError(self.trop("show-path", "--path", "~bob/a"), 6)
@@ -6111,9 +5842,9 @@ class TestShowCLI(CLITestCase):
         self.assertIn("Error: ", err)
 
 
-# --- Command line: init ------------------------------------------------------------
+class TestInitCLI(TropTestCase):
+    ENV = SKIP_PROBES
 
-class TestInitCLI(CLITestCase):
     def test_init(self):
         d, db = self.data, self.db
         self.assertEqual(self.trop("init"), (0, "Initialized trop in: %s\n  - Created data directory\n"
@@ -6159,13 +5890,13 @@ class TestInitCLI(CLITestCase):
 
     def test_invalid_configuration_touches_nothing(self):
         self.assertError(self.trop("init", "--busy-timeout", "2147484"), 7)
-        self.assertError(self.trop("init", TROP_DISABLE_AUTOPRUNE="perhaps"), 7)
+        self.assertError(self.trop("init", env={"TROP_DISABLE_AUTOPRUNE": "perhaps"}), 7)
         self.assertFalse(os.path.exists(self.data))
 
 
-# --- Command line: global options -----------------------------------------------------
+class TestGlobalOptionsCLI(TropTestCase):
+    ENV = SKIP_PROBES
 
-class TestGlobalOptionsCLI(CLITestCase):
     def test_options_before_or_after_the_command(self):
         other = os.path.join(self.root, "other")
         make_v2_db(other, [(self.proj, "", 5007, None, None, T1, T2)])
@@ -6191,14 +5922,13 @@ class TestGlobalOptionsCLI(CLITestCase):
         trop.validate_schema(conn)
 
 
-# --- Concurrency ---------------------------------------------------------------
+# --- Concurrency -------------------------------------------------------------
 
-class TestConcurrency(CLITestCase):
+class TestConcurrency(TropTestCase):
     """Real processes against one database; every assertion is strict."""
 
     def setUp(self):
-        CLITestCase.setUp(self)
-        self.env = clean_env(HOME=self.home, TROP_DATA_DIR=self.data)        # occupancy probes on
+        super().setUp()                                     # occupancy probes on
         self.assertEqual(self.trop("init")[0], 0)
 
     def list_ports(self):
@@ -6207,12 +5937,11 @@ class TestConcurrency(CLITestCase):
         return [r["port"] for r in json.loads(out)]
 
     def concurrent_reserves(self, count, prefix):
-        procs = [popen(["reserve", "--path", os.path.join(self.root, "%s-%d" % (prefix, i)),
-                        "--allow-unrelated-path"], self.proj, self.env) for i in range(count)]
-        results = [(p.communicate() + (p.returncode,)) for p in procs]
-        for out, err, rc in results:
+        results = self.trop_many([("reserve", "--path", os.path.join(self.root, "%s-%d" % (prefix, i)),
+                                   "--allow-unrelated-path") for i in range(count)])
+        for rc, out, err in results:
             self.assertEqual((rc, err), (0, ""), err)
-        ports = [int(out) for out, _err, _rc in results]
+        ports = [int(out) for _rc, out, _err in results]
         self.assertEqual(len(set(ports)), count)
         return ports
 
@@ -6266,16 +5995,16 @@ class TestConcurrency(CLITestCase):
 
     def test_lock_timeout(self):
         self.reserve_port()
-        before = db_rows(self.data)
+        before = self.rows()
         conn = self.hold_write_lock()
         for args, extra in ((("reserve", "--busy-timeout", "1", "--quiet", "--path", "new"), {}),
                             (("release", "--quiet"), {"TROP_BUSY_TIMEOUT": "1"})):
             start = time.monotonic()
-            result = self.trop(*args, **extra)
+            result = self.trop(*args, env=extra)
             elapsed = time.monotonic() - start
             self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), args)
             self.assertTrue(0.8 <= elapsed < 3, "%s took %.2fs" % (args, elapsed))
-        self.assertEqual(db_rows(self.data), before)
+        self.assertEqual(self.rows(), before)
         port = before[0][2]
         # Readers never wait for the writer.
         self.assertEqual(self.trop("list", "--busy-timeout", "0")[0], 0)
@@ -6289,129 +6018,18 @@ class TestConcurrency(CLITestCase):
     def test_writer_waits_for_the_lock(self):
         conn = self.hold_write_lock()
         start = time.monotonic()
-        proc = popen(["reserve", "--busy-timeout", "5", "--path", "waiting"], self.proj, self.env)
-        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
+        proc = self.start("reserve", "--busy-timeout", "5", "--path", "waiting")
         time.sleep(0.5)
         self.assertIsNone(proc.poll())
         conn.execute("ROLLBACK")
-        out, err = proc.communicate()
-        self.assertEqual((proc.returncode, err), (0, ""))
+        rc, out, err = finish(proc)
+        self.assertEqual((rc, err), (0, ""))
         self.assertGreaterEqual(time.monotonic() - start, 0.5)
-        self.assertEqual(db_rows(self.data)[0][:3], (self.proj + "/waiting", "", int(out)))
+        self.assertEqual(self.rows()[0][:3], (self.proj + "/waiting", "", int(out)))
 
 
-# --- Concurrency: seed scenarios, scale, faults, resources, stress ------------------
-
-class _ConcurrencyCase(unittest.TestCase):
-    """Harness: a temporary root with HOME, a data directory, and helpers to run trop processes."""
-
-    TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
-    LOCK_TIMEOUT_1S = "Error: database lock timeout while starting an immediate database transaction after 1s\n"
-    WIDE = ("--min", "20000", "--max", "40000", "--skip-occupancy-check", "--allow-unrelated-path")
-
-    def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="trop-conc-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = self.mkdir("home")
-        self.data = os.path.join(self.root, "data")
-        self.db = os.path.join(self.data, "trop.db")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TROP_")}
-        self.env.update(PYTHONPATH=self.TROP_DIR, HOME=self.home)
-        self._procs = []
-        self.addCleanup(self._reap)
-
-    def _reap(self):
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
-
-    def mkdir(self, *parts):
-        path = os.path.join(self.root, *parts)
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    def _popen(self, argv, cwd=None):
-        proc = subprocess.Popen(argv, cwd=cwd or self.root, env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        self._procs.append(proc)
-        return proc
-
-    def start(self, *args, **kw):
-        """`python -m trop --data-dir DATA ARGS` (keywords: data=, cwd=)."""
-        data = kw.get("data") or self.data
-        return self._popen([sys.executable, "-m", "trop", "--data-dir", data] + [str(a) for a in args],
-                           kw.get("cwd"))
-
-    def start_python(self, code, *args):
-        return self._popen([sys.executable, "-c", code] + [str(a) for a in args])
-
-    def finish(self, proc, timeout=180):
-        """(exit code, stdout, stderr); a trop process may never print a traceback."""
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            self.fail("process %s hung; stderr=%r" % (proc.args[3:8], err))
-        self.assertNotIn("Traceback", err, "traceback from %s" % (proc.args[3:],))
-        return proc.returncode, out, err
-
-    def trop(self, *args, **kw):
-        return self.finish(self.start(*args, **kw))
-
-    def rows(self, data=None):
-        """Every reservation row as (path, tag, port), read directly from trop.db."""
-        conn = sqlite3.connect(os.path.join(data or self.data, "trop.db"))
-        try:
-            return conn.execute("SELECT path, tag, port FROM reservations ORDER BY path, tag").fetchall()
-        finally:
-            conn.close()
-
-    def full_rows(self, data=None):
-        conn = sqlite3.connect(os.path.join(data or self.data, "trop.db"))
-        try:
-            return conn.execute("SELECT path, tag, port, project, task, created_at, last_used_at "
-                                "FROM reservations ORDER BY path, tag").fetchall()
-        finally:
-            conn.close()
-
-    def assert_valid(self, data=None):
-        self.assertEqual(self.trop("assert-data-dir", "--validate", data=data), (0, "", ""))
-
-    def assert_unique_ports(self, rows):
-        ports = [r[2] for r in rows]
-        self.assertEqual(len(ports), len(set(ports)), "duplicate ports in %r" % (rows,))
-
-    def assert_error(self, result, code, contains):
-        """Exit code, empty stdout, exactly one `Error: ...` line that contains the text."""
-        rc, out, err = result
-        self.assertEqual((rc, out), (code, ""), err)
-        self.assertTrue(err.startswith("Error: ") and err.count("\n") == 1 and err.endswith("\n"), err)
-        self.assertIn(contains, err)
-
-    def group_file(self, directory, services, low, high):
-        """<directory>/trop.yaml: services s00.. at offsets 0..services-1, range low..high, no probes."""
-        os.makedirs(directory, exist_ok=True)
-        lines = ["ports: {min: %d, max: %d}" % (low, high), "occupancy_check: {skip: true}",
-                 "reservations:", "  services:"]
-        lines += ["    s%02d: {offset: %d}" % (i, i) for i in range(services)]
-        path = os.path.join(directory, "trop.yaml")
-        with open(path, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        return path
-
-    def handle(self, data=None):
-        """An in-process Trop handle for fixtures (never used by the processes under test)."""
-        h = trop.Trop(data_dir=data or self.data, allow_unrelated_path=True, skip_occupancy_check=True,
-                      min=20000, max=40000, busy_timeout=30)
-        self.addCleanup(h.close)
-        return h
-
-
-# --- Seed Tasks 1-2: isolation, TOCTOU, configuration churn, atomic groups ---
-
-class TestConcurrentSeedScenarios(_ConcurrencyCase):
+class TestConcurrentScenarios(TropTestCase):
+    RUN_IN_ROOT = True
     GROUP_ROUNDS = 20
 
     # A child that lists in a loop until the stop file exists (then lists once more): through
@@ -6453,7 +6071,7 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
         prefix = self.mkdir("groups") + "/"
         stop = os.path.join(self.root, "stop")
         lister = self.start_python(self.LISTER, self.data, prefix, stop)
-        files = [self.group_file(os.path.join(prefix, "g%02d" % r), 10, 30000, 39999)
+        files = [self.group_file(os.path.join(prefix, "g%02d" % r), numbered_services(10), pmin=30000, pmax=39999)
                  for r in range(self.GROUP_ROUNDS)]
         outputs = []
         for r, path in enumerate(files):
@@ -6461,50 +6079,47 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
             procs = [self.start("reserve-group", path, "--allow-unrelated-path", "--format", "json"),
                      self.start("reserve", "--path", self.mkdir("single", str(r)), "--min", 30000, "--max", 39999,
                                 "--skip-occupancy-check", "--allow-unrelated-path")]
-            results = [self.finish(p) for p in procs]
+            results = [finish(p) for p in procs]
             self.assertEqual([res[0] for res in results], [0, 0], results)
             outputs.append(json.loads(results[0][1]))
         with open(stop, "w"):
             pass
-        rc, out, err = self.finish(lister)
+        rc, out, err = finish(lister)
         self.assertEqual((rc, err), (0, ""))
         report = json.loads(out)
         self.assertEqual(report["bad"], [])
         self.assertTrue(set(report["seen"]) <= {10}, report)
         self.assertEqual(report["last"], {os.path.dirname(f): 10 for f in files})
         self.assertGreaterEqual(report["listings"], 20, report)
-        rows = self.rows()
-        self.assert_unique_ports(rows)
+        rows = self.rows(3)
+        self.assertUniquePorts(rows)
         for path, mapping in zip(files, outputs):
             group_dir = os.path.dirname(path)
             self.assertEqual({r[1]: r[2] for r in rows if r[0] == group_dir}, mapping)
             base = mapping["s00"]
             self.assertEqual(mapping, {"s%02d" % i: base + i for i in range(10)})
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_eleven_port_pool_twenty_racers(self):
         low = 50000
         dirs = [self.mkdir("race", "r%02d" % i) for i in range(20)]
         procs = [self.start("reserve", "--path", d, "--min", low, "--max", low + 10, "--skip-occupancy-check",
                             "--allow-unrelated-path") for d in dirs]
-        results = [self.finish(p) for p in procs]
+        results = [finish(p) for p in procs]
         winners = {d: int(res[1]) for d, res in zip(dirs, results) if res[0] == 0}
         self.assertEqual(len(winners), 11, results)
         for d, (rc, out, err) in zip(dirs, results):
             if rc == 0:
                 self.assertEqual((out, err), ("%d\n" % winners[d], ""))
             else:
-                self.assert_error((rc, out, err), 6, "exhausted")
+                self.assertError((rc, out, err), 6, contains="exhausted")
         self.assertEqual(sorted(winners.values()), list(range(low, low + 11)))
         self.assertEqual(sorted((r[0], r[2]) for r in self.rows()), sorted(winners.items()))
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_user_config_rewritten_while_reserving(self):
-        os.makedirs(self.data)
-        config = os.path.join(self.data, "config.yaml")
         texts = ("ports: {min: 10000, max: 20000}\n", "ports: {min: 30000, max: 40000}\n")
-        with open(config, "w") as fh:
-            fh.write(texts[0])
+        config = self.write(os.path.join(self.data, "config.yaml"), texts[0])
         self.assertEqual(self.trop("init")[0], 0)
         rewrites = []
 
@@ -6525,7 +6140,7 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
             for d in dirs:
                 procs.append(self.start("reserve", "--path", d, "--skip-occupancy-check", "--allow-unrelated-path"))
                 time.sleep(0.02)
-            results = [self.finish(p) for p in procs]
+            results = [finish(p) for p in procs]
         finally:
             thread.join()
         self.assertEqual(len(rewrites), 50)
@@ -6536,31 +6151,32 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
             self.assertTrue(10000 <= port <= 20000 or 30000 <= port <= 40000, port)
         self.assertEqual(len(set(ports)), 25)
         self.assertEqual(sorted((r[0], r[2]) for r in self.rows()), sorted(zip(dirs, ports)))
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_group_that_cannot_fit_leaves_no_rows(self):
         low = 52000
         self.assertEqual(self.trop("reserve", "--path", self.mkdir("frag-1"), "--min", low, "--max", low + 5,
                                    "--skip-occupancy-check", "--allow-unrelated-path"), (0, "%d\n" % low, ""))
-        before = self.full_rows()
-        impossible = [self.group_file(self.mkdir("big-%d" % i), 3, low + 2, low + 3) for i in range(3)]
+        before = self.rows()
+        impossible = [self.group_file(self.path("big-%d" % i), numbered_services(3), pmin=low + 2, pmax=low + 3)
+                      for i in range(3)]
         procs = [self.start("reserve-group", f, "--allow-unrelated-path") for f in impossible]
         singles = [self.mkdir("frag-more-%d" % i) for i in range(3)]
         procs += [self.start("reserve", "--path", d, "--min", low, "--max", low + 5, "--skip-occupancy-check",
                              "--allow-unrelated-path") for d in singles]
-        results = [self.finish(p) for p in procs]
+        results = [finish(p) for p in procs]
         for res in results[:3]:
-            self.assert_error(res, 6, "group allocation failed")
+            self.assertError(res, 6, contains="group allocation failed")
         single_ports = []
         for rc, out, err in results[3:]:
             self.assertEqual((rc, err), (0, ""))
             single_ports.append(int(out))
         self.assertEqual(sorted(single_ports), [low + 1, low + 2, low + 3])
-        rows = self.full_rows()
+        rows = self.rows()
         self.assertFalse([r for r in rows if "/big-" in r[0]], rows)
         self.assertEqual([r for r in rows if r[0].endswith("/frag-1")], before)
         self.assertEqual(len(rows), 4)
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_concurrent_prunes_and_autocleans_remove_each_stale_row_once(self):
         h = self.handle()
@@ -6570,9 +6186,9 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
         h.close()
         lives = [self.mkdir("live", "l%d" % i) for i in range(4)]
         cleaners = [self.start(cmd) for cmd in ("prune", "autoclean", "prune", "autoclean")]
-        writers = [self.start("reserve", "--path", d, *self.WIDE) for d in lives]
-        cleaned = [self.finish(p) for p in cleaners]
-        written = [self.finish(p) for p in writers]
+        writers = [self.start("reserve", "--path", d, *WIDE) for d in lives]
+        cleaned = [finish(p) for p in cleaners]
+        written = [finish(p) for p in writers]
         removed = 0
         for rc, out, err in cleaned:
             self.assertEqual((rc, out), (0, ""), err)
@@ -6584,12 +6200,11 @@ print(json.dumps({"listings": n, "seen": sorted(seen), "bad": bad[:10], "last": 
             self.assertEqual((rc, err), (0, ""))
         self.assertEqual(sorted((r[0], r[2]) for r in self.rows()),
                          sorted(zip(lives, (int(w[1]) for w in written))))
-        self.assert_valid()
+        self.assertDataDirValid()
 
 
-# --- Scale: 1, 8, 32, 128 concurrent processes on one data directory ---------
-
-class TestConcurrencyScale(_ConcurrencyCase):
+class TestConcurrencyScale(TropTestCase):
+    RUN_IN_ROOT = True
     SIZES = (1, 8, 32, 128)
     HANDLE_WORKERS, HANDLE_OPS = 8, 300
 
@@ -6602,12 +6217,13 @@ class TestConcurrencyScale(_ConcurrencyCase):
     def run_scale(self, n):
         data = os.path.join(self.root, "data-%d" % n)          # first use: no database yet
         paths = [self.mkdir("scale-%d" % n, "p%03d" % i) for i in range(n)]
-        opts = self.WIDE + ("--busy-timeout", "30")
+        opts = WIDE + ("--busy-timeout", "30")
+        env = {"TROP_DATA_DIR": data}
         pending = {}
         for i in range(min(n // 8, 4)):                       # readers race the first-use creation too
-            pending[("list", i)] = (self.start("list", "--format", "json", data=data), time.monotonic())
+            pending[("list", i)] = (self.start("list", "--format", "json", env=env), time.monotonic())
         for i, path in enumerate(paths):
-            pending[("reserve", i)] = (self.start("reserve", "--path", path, *opts, data=data), time.monotonic())
+            pending[("reserve", i)] = (self.start("reserve", "--path", path, *opts, env=env), time.monotonic())
         results = {}
         while pending:
             for key, (proc, started) in list(pending.items()):
@@ -6615,12 +6231,12 @@ class TestConcurrencyScale(_ConcurrencyCase):
                     continue
                 del pending[key]
                 elapsed = time.monotonic() - started
-                results[key] = self.finish(proc) + (elapsed,)
+                results[key] = finish(proc) + (elapsed,)
                 kind, i = key
                 if kind == "reserve" and i % 4 == 0 and results[key][0] == 0:      # a quarter release again
                     pending[("release", i)] = (
                         self.start("release", "--path", paths[i], "--allow-unrelated-path", "--busy-timeout", "30",
-                                   data=data), time.monotonic())
+                                   env=env), time.monotonic())
             time.sleep(0.005)
         unexplained = [(k, r) for k, r in results.items() if r[0] != 0 and not self.explained(k[0], r[0], r[2], r[3])]
         self.assertEqual(unexplained, [])
@@ -6638,22 +6254,22 @@ class TestConcurrencyScale(_ConcurrencyCase):
         self.assertEqual(len(set(kept.values())), len(kept), "duplicate ports among live reservations")
         for port in reserved.values():
             self.assertTrue(20000 <= port <= 40000, port)
-        rows = self.rows(data)
+        rows = self.rows(3, data)
         self.assertEqual({r[0]: r[2] for r in rows}, kept)       # nothing lost, nothing extra
         self.assertEqual(len(rows), len(kept))
         self.assertTrue(all(r[1] == "" for r in rows))
-        self.assert_valid(data)
+        self.assertDataDirValid(data)
         return len(reserved), len(released)
 
     def test_same_key_from_many_processes_gets_one_port(self):
         path = self.mkdir("same")
-        procs = [self.start("reserve", "--path", path, "--tag", "web", *self.WIDE) for _ in range(12)]
-        results = [self.finish(p) for p in procs]
+        procs = [self.start("reserve", "--path", path, "--tag", "web", *WIDE) for _ in range(12)]
+        results = [finish(p) for p in procs]
         self.assertEqual({r[0] for r in results}, {0}, results)
         self.assertEqual({r[2] for r in results}, {""})
         self.assertEqual(len({r[1] for r in results}), 1, results)
-        self.assertEqual(self.rows(), [(path, "web", int(results[0][1]))])
-        self.assert_valid()
+        self.assertEqual(self.rows(3), [(path, "web", int(results[0][1]))])
+        self.assertDataDirValid()
 
     HANDLE_WORKER = r"""
 import json, os, random, sys, trop
@@ -6691,14 +6307,14 @@ print(json.dumps({"held": held, "errors": errors, "exhausted": exhausted}))
                  for w in range(self.HANDLE_WORKERS)]
         held = {}
         for p in procs:
-            rc, out, err = self.finish(p)
+            rc, out, err = finish(p)
             self.assertEqual((rc, err), (0, ""))
             report = json.loads(out)
             self.assertEqual(report["errors"], [])
             held.update(report["held"])
         self.assertEqual({r[0]: r[2] for r in self.rows()}, held)
         self.assertEqual(len(set(held.values())), len(held))
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_scale_matrix(self):
         for n in self.SIZES:
@@ -6707,9 +6323,8 @@ print(json.dumps({"held": held, "errors": errors, "exhausted": exhausted}))
                 self.assertEqual((reserved, released), (n, (n + 3) // 4))
 
 
-# --- Faults: SIGKILL at random moments, lock timeouts -------------------------
-
-class TestConcurrencyFaults(_ConcurrencyCase):
+class TestConcurrencyFaults(TropTestCase):
+    RUN_IN_ROOT = True
     API_KILL_ROUNDS, CLI_KILL_ROUNDS, FIRST_USE_ROUNDS = 10, 4, 4
 
     # A writer that loops over every kind of mutating operation until it is killed.  It
@@ -6745,8 +6360,10 @@ while True:
 
     def make_fixtures(self):
         """Group files, a migration tree (3 rows under mig/a), live dirs; returns the layout."""
-        groups = [self.group_file(self.mkdir("groups", "g%d" % k), 5, 30000, 39999) for k in range(3)]
-        rel = [self.group_file(self.mkdir("rel", "g%d" % k), 3, 30000, 39999) for k in range(2)]
+        groups = [self.group_file(self.path("groups", "g%d" % k), numbered_services(5), pmin=30000, pmax=39999)
+                  for k in range(3)]
+        rel = [self.group_file(self.path("rel", "g%d" % k), numbered_services(3), pmin=30000, pmax=39999)
+               for k in range(2)]
         for side in ("a", "b"):
             for sub in ("", "x", "y"):
                 self.mkdir("mig", side, sub)
@@ -6762,8 +6379,8 @@ while True:
         return [os.path.dirname(g) for g in groups], [os.path.dirname(g) for g in rel]
 
     def check_invariants(self, groups, sizes, rel_dirs):
-        rows = self.rows()
-        self.assert_unique_ports(rows)
+        rows = self.rows(3)
+        self.assertUniquePorts(rows)
         for g, size in zip(groups, sizes):
             count = len([r for r in rows if r[0] == g and r[1] != ""])
             self.assertIn(count, (0, size), "partial group at %s: %r" % (g, rows))
@@ -6775,7 +6392,7 @@ while True:
         self.assertEqual(moved, [("", ""), ("/x", "web"), ("/y", "")], "partial migration: %r" % (rows,))
         sides = {r[0][len(mig) + 1] for r in rows if r[0].startswith(mig + "/")}
         self.assertEqual(len(sides), 1, "migration split across a and b: %r" % (rows,))
-        self.assert_valid()
+        self.assertDataDirValid()
         return rows
 
     def test_sigkill_of_an_api_writer_at_random_moments(self):
@@ -6796,10 +6413,10 @@ while True:
                 last_ops.append(lines[-1] if lines else "ready")
                 self.check_invariants(groups + rel, (5, 5, 5, 3, 3), rel)
         self.assertTrue([op for op in last_ops if not op.endswith("ready")], last_ops)
-        port = self.trop("reserve", "--path", self.mkdir("after"), *self.WIDE)
+        port = self.trop("reserve", "--path", self.mkdir("after"), *WIDE)
         self.assertEqual(port[0], 0, port)
-        self.assertIn((self.root + "/after", "", int(port[1])), self.rows())
-        self.assert_valid()
+        self.assertIn((self.root + "/after", "", int(port[1])), self.rows(3))
+        self.assertDataDirValid()
 
     def test_sigkill_of_cli_writers_at_random_moments(self):
         # Interpreter start-up alone takes ~80 ms, so a fixed 0-60 ms delay would kill nearly every
@@ -6822,7 +6439,7 @@ while True:
                 src, dst = (mig_a, mig_b) if h.list(filter_path=mig_a) else (mig_b, mig_a)
                 h.close()
                 commands = [("reserve", "--path", self.root + "/live/l%d" % k, "--tag", "r%d" % round_no)
-                            + self.WIDE for k in range(3)]
+                            + WIDE for k in range(3)]
                 commands += [("reserve-group", os.path.join(g, "trop.yaml"), "--allow-unrelated-path")
                              for g in groups[:2]]
                 commands += [("prune",), ("autoclean",), ("migrate", "--from", src, "--to", dst, "--recursive"),
@@ -6830,7 +6447,7 @@ while True:
                 started = time.monotonic()
                 procs = [self.start(*c) for c in commands]
                 if window is None:            # round 0 measures how long the writers live, unkilled
-                    results = [self.finish(p) for p in procs]
+                    results = [finish(p) for p in procs]
                     self.assertEqual([r[0] for r in results], [0] * len(procs), results)
                     window = time.monotonic() - started
                 else:
@@ -6840,14 +6457,14 @@ while True:
                     for k in killers:
                         k.join()
                     for p, c in zip(procs, commands):
-                        rc, out, err = self.finish(p)
+                        rc, out, err = finish(p)
                         self.assertIn(rc, (0, -signal.SIGKILL), (c, err))
                 self.check_invariants(groups + rel, (5, 5, 5, 3, 3), None)
-                rows = self.rows()
+                rows = self.rows(3)
                 self.assertIn(tuple(len([r for r in rows if r[0] == d]) for d in rel), ((0, 0), (3, 3)))
-        port = self.trop("reserve", "--path", self.mkdir("after"), *self.WIDE)
+        port = self.trop("reserve", "--path", self.mkdir("after"), *WIDE)
         self.assertEqual(port[0], 0, port)
-        self.assert_valid()
+        self.assertDataDirValid()
 
     @staticmethod
     def _kill(proc):
@@ -6862,32 +6479,32 @@ while True:
         for round_no in range(self.FIRST_USE_ROUNDS):
             with self.subTest(round=round_no):
                 data = os.path.join(self.root, "first-%d" % round_no)
-                procs = [self.start("reserve", "--path", self.mkdir("first", "%d-%d" % (round_no, i)), *self.WIDE,
-                                    data=data) for i in range(4)]
+                procs = [self.start("reserve", "--path", self.mkdir("first", "%d-%d" % (round_no, i)), *WIDE,
+                                    env={"TROP_DATA_DIR": data}) for i in range(4)]
                 time.sleep(0.05 + rng.uniform(0, 0.1))
                 for p in procs:
                     self._kill(p)
                 for p in procs:
-                    self.finish(p)
+                    finish(p)
                 rc, out, err = self.trop("reserve", "--path", self.mkdir("first", "%d-after" % round_no),
-                                         *self.WIDE, data=data)
+                                         *WIDE, env={"TROP_DATA_DIR": data})
                 self.assertEqual((rc, err), (0, ""))
-                self.assertIn((self.root + "/first/%d-after" % round_no, "", int(out)), self.rows(data))
-                self.assert_valid(data)
+                self.assertIn((self.root + "/first/%d-after" % round_no, "", int(out)), self.rows(3, data))
+                self.assertDataDirValid(data)
 
     def test_every_writer_times_out_while_the_lock_is_held(self):
-        group = self.group_file(self.mkdir("grp"), 2, 30000, 39999)
+        group = self.group_file(self.path("grp"), numbered_services(2), pmin=30000, pmax=39999)
         h = self.handle()
         h.reserve(self.mkdir("old"))
         h.reserve(self.root + "/gone")
         h.reserve(self.mkdir("from"))
         h.close()
-        before = self.full_rows()
+        before = self.rows()
         conn = sqlite3.connect(self.db, isolation_level=None, timeout=0)
         self.addCleanup(conn.close)
         conn.execute("BEGIN IMMEDIATE")
         quiet = ("--quiet", "--busy-timeout", "1")
-        commands = [("reserve", "--path", self.root + "/new") + self.WIDE,
+        commands = [("reserve", "--path", self.root + "/new") + WIDE,
                     ("release", "--path", self.root + "/old", "--allow-unrelated-path"),
                     ("reserve-group", group, "--allow-unrelated-path"), ("autoreserve",), ("prune",),
                     ("expire", "--days", "1"), ("autoclean", "--days", "1"),
@@ -6895,13 +6512,13 @@ while True:
         started = time.monotonic()
         procs = [(self.start(*(c + quiet), cwd=os.path.dirname(group)), c) for c in commands]
         for proc, command in procs:
-            result = self.finish(proc)
+            result = finish(proc)
             elapsed = time.monotonic() - started
-            self.assertEqual(result, (2, "", self.LOCK_TIMEOUT_1S), command)
+            self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), command)
             self.assertTrue(0.8 <= elapsed < 4.5, "%s: %.2fs" % (command[0], elapsed))
-        self.assertEqual(self.full_rows(), before)
+        self.assertEqual(self.rows(), before)
         conn.execute("ROLLBACK")
-        self.assertEqual(self.trop("reserve", "--path", self.root + "/new", "--busy-timeout", "1", *self.WIDE)[0], 0)
+        self.assertEqual(self.trop("reserve", "--path", self.root + "/new", "--busy-timeout", "1", *WIDE)[0], 0)
 
     LOCKER = r"""
 import sqlite3, sys, time
@@ -6916,21 +6533,19 @@ time.sleep(120)
         self.assertEqual(self.trop("init")[0], 0)
         locker = self.start_python(self.LOCKER, self.db)
         self.assertEqual(locker.stdout.readline(), "locked\n")
-        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "1", *self.WIDE)
-        self.assertEqual((rc, out, err), (2, "", self.LOCK_TIMEOUT_1S))
+        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "1", *WIDE)
+        self.assertEqual((rc, out, err), (2, "", LOCK_TIMEOUT_1S))
         os.kill(locker.pid, signal.SIGKILL)
         locker.communicate()
         started = time.monotonic()
-        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "5", *self.WIDE)
+        rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "5", *WIDE)
         self.assertEqual((rc, err), (0, ""))
         self.assertLess(time.monotonic() - started, 4.5)
-        self.assertEqual(self.rows(), [(self.root + "/w", "", int(out))])
-        self.assert_valid()
+        self.assertEqual(self.rows(3), [(self.root + "/w", "", int(out))])
+        self.assertDataDirValid()
 
 
-# --- The Python API inside one process: threads and fork ------------------------
-
-class TestConcurrencyInOneProcess(_ConcurrencyCase):
+class TestConcurrencyInOneProcess(TropTestCase):
     """Threads and forked children of one program using the API (each run in a child process,
     so that a crash of the interpreter fails the test instead of the test run)."""
 
@@ -6970,12 +6585,12 @@ print(json.dumps({"errors": sorted(set(errors))[:6], "error_count": len(errors),
 
     def run_threads(self, mode, ops):
         self.assertEqual(self.trop("init")[0], 0)
-        rc, out, err = self.finish(self.start_python(self.THREADS, self.data, self.root, mode, ops))
+        rc, out, err = finish(self.start_python(self.THREADS, self.data, self.root, mode, ops))
         self.assertEqual((rc, err), (0, ""), "child exit %s (-11 = segmentation fault)" % rc)
         report = json.loads(out)
         self.assertEqual((report["error_count"], report["errors"]), (0, []))
         self.assertEqual({r[0]: r[2] for r in self.rows()}, report["held"])
-        self.assert_valid()
+        self.assertDataDirValid()
 
     def test_one_handle_shared_by_threads(self):
         """A Trop handle used by several threads: every call is still its own transaction."""
@@ -7023,19 +6638,16 @@ print(json.dumps({"errors": errors, "exits": [c.exitcode for c in children], "he
     @unittest.skipUnless(sys.platform.startswith("linux"), "fork start method")
     def test_handle_inherited_by_forked_children(self):
         """After fork, parent and children each keep working through the same handle object."""
-        rc, out, err = self.finish(self.start_python(self.FORK, self.data, self.root))
+        rc, out, err = finish(self.start_python(self.FORK, self.data, self.root))
         self.assertEqual((rc, err), (0, ""))
         report = json.loads(out)
         self.assertEqual((report["errors"], report["exits"]), ([], [0, 0, 0]))
         self.assertEqual({r[0]: r[2] for r in self.rows()}, report["held"])
-        self.assert_valid()
+        self.assertDataDirValid()
 
-
-# --- Resources: file descriptors and WAL growth of long-running API users -----
 
 @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
-class TestResourceUsage(_ConcurrencyCase):
-
+class TestResourceUsage(TropTestCase):
     CHILD = r"""
 import json, os, sys, trop
 data, mode, cycles = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -7083,7 +6695,7 @@ print(json.dumps(out))
         keeper = sqlite3.connect(self.db)
         self.addCleanup(keeper.close)
         keeper.execute("SELECT COUNT(*) FROM reservations").fetchone()
-        rc, out, err = self.finish(self.start_python(self.CHILD, self.data, mode, cycles))
+        rc, out, err = finish(self.start_python(self.CHILD, self.data, mode, cycles))
         keeper.close()
         self.assertEqual((rc, err), (0, ""))
         result = json.loads(out)
@@ -7092,7 +6704,7 @@ print(json.dumps(out))
         self.assertLess(result["wal_end"], 8 * 1024 * 1024)
         self.assertTrue(set(result["ports"]) <= set(range(20040, 21000)), result["ports"][:5])
         self.assertEqual(len(self.rows()), 40)
-        self.assert_valid()
+        self.assertDataDirValid()
         return result
 
     def test_handle_ten_thousand_cycles(self):
@@ -7104,11 +6716,8 @@ print(json.dumps(out))
         self.assertEqual(result["fd_100"], result["fd_start"], result)
 
 
-# --- Stress (TROP_STRESS=1) -------------------------------------------------------
-
-@unittest.skipUnless(os.environ.get("TROP_STRESS") == "1", "set TROP_STRESS=1 to run the stress tests")
-class TestConcurrencyStress(_ConcurrencyCase):
-
+@unittest.skipUnless(STRESS, "set TROP_STRESS=1 to run the stress tests")
+class TestConcurrencyStress(TropTestCase):
     WORKER = r"""
 import json, os, sys, trop
 data, root, w = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -7126,7 +6735,7 @@ print(json.dumps(ports))
         self.assertEqual(self.trop("init")[0], 0)
         started = time.monotonic()
         workers = [self.start_python(self.WORKER, self.data, self.root, w) for w in range(100)]
-        results = [self.finish(p, timeout=900) for p in workers]
+        results = [finish(p, timeout=900) for p in workers]
         elapsed = time.monotonic() - started
         expected = {}
         for w, (rc, out, err) in enumerate(results):
@@ -7136,10 +6745,10 @@ print(json.dumps(ports))
         self.assertEqual(len(expected), 10000)
         self.assertEqual(len(set(expected.values())), 10000)
         self.assertTrue(all(10000 <= p <= 40000 for p in expected.values()))
-        rows = self.rows()
+        rows = self.rows(3)
         self.assertEqual({r[0]: r[2] for r in rows}, expected)
         self.assertEqual(len(rows), 10000)
-        self.assert_valid()
+        self.assertDataDirValid()
         self.report("10,000 reservations by 100 workers: %.1fs" % elapsed)
 
     def test_thousand_cli_reserve_release_cycles(self):
@@ -7147,7 +6756,7 @@ print(json.dumps(ports))
         started = time.monotonic()
         ports = set()
         for i in range(1000):
-            rc, out, err = self.trop("reserve", "--path", path, *self.WIDE)
+            rc, out, err = self.trop("reserve", "--path", path, *WIDE)
             self.assertEqual((rc, err), (0, ""), i)
             ports.add(int(out))
             self.assertEqual(self.trop("release", "--path", path, "--quiet", "--allow-unrelated-path"),
@@ -7155,7 +6764,7 @@ print(json.dumps(ports))
         elapsed = time.monotonic() - started
         self.assertEqual(ports, {20000})
         self.assertEqual(self.rows(), [])
-        self.assert_valid()
+        self.assertDataDirValid()
         self.report("1,000 CLI reserve/release cycles: %.1fs (%.1f ms per command)" % (elapsed, elapsed / 2))
 
     def test_list_timing_with_a_thousand_rows(self):
@@ -7174,9 +6783,9 @@ print(json.dumps(ports))
                     % (1000 * sum(times) / len(times), 1000 * max(times)))
 
 
-# --- README: every console line runs ----------------------------------------------
+# --- README ------------------------------------------------------------------
 
-README_PATH = os.path.join(os.path.dirname(os.path.abspath(trop.__file__)), "README.md")
+README_PATH = os.path.join(TROP_DIR, "README.md")
 README_TIMEOUT = 120
 README_SKIPS = (
     (re.compile(r"^pip3? install\b"), "needs pip (and possibly the network)"),
@@ -7230,45 +6839,29 @@ def readme_steps(text):
     return steps
 
 
-def _readme_write_script(path, text):
-    with open(path, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o755)
-
-
-class TestReadme(unittest.TestCase):
-    maxDiff = None
+class TestReadme(TropTestCase):
+    """The README run as a script in self.proj, with `trop` and `python3` on PATH."""
 
     def setUp(self):
+        super().setUp()
         if not os.path.exists(README_PATH):
             self.fail("README.md is missing next to trop.py (%s)" % README_PATH)
         with open(README_PATH, encoding="utf-8") as fh:
             self.text = fh.read()
-        self.root = tempfile.mkdtemp(prefix="trop-readme-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = os.path.join(self.root, "home")
-        self.work = os.path.join(self.root, "work")
-        self.bin = os.path.join(self.root, "bin")
-        for directory in (self.home, self.work, self.bin):
-            os.makedirs(directory)
-        trop_dir = os.path.dirname(os.path.abspath(trop.__file__))
+        bin_dir = self.mkdir("bin")
         quoted_py = "'%s'" % sys.executable.replace("'", "'\\''")
-        quoted_dir = "'%s'" % trop_dir.replace("'", "'\\''")
-        _readme_write_script(os.path.join(self.bin, "trop"),
-                      "#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
-                      "exec %s -m trop \"$@\"\n" % (quoted_dir, quoted_py))
-        _readme_write_script(os.path.join(self.bin, "python3"), "#!/bin/sh\nexec %s \"$@\"\n" % quoted_py)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("TROP_") and k not in ("ZSH_VERSION", "FISH_VERSION", "PSModulePath")}
-        env.update(HOME=self.home, TROP_DATA_DIR=os.path.join(self.root, "data"), SHELL="/bin/sh",
-                   PATH=self.bin + os.pathsep + env.get("PATH", os.defpath), PYTHONPATH=trop_dir,
-                   PYTHONDONTWRITEBYTECODE="1")
-        self.env = env
-        shutil.copy(os.path.join(trop_dir, "trop.py"), os.path.join(self.work, "trop.py"))
+        quoted_dir = "'%s'" % TROP_DIR.replace("'", "'\\''")
+        os.chmod(self.write(os.path.join(bin_dir, "trop"),
+                            "#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH\n"
+                            "exec %s -m trop \"$@\"\n" % (quoted_dir, quoted_py)), 0o755)
+        os.chmod(self.write(os.path.join(bin_dir, "python3"), "#!/bin/sh\nexec %s \"$@\"\n" % quoted_py), 0o755)
+        self.shell_env = self.environment({"SHELL": "/bin/sh", "PYTHONDONTWRITEBYTECODE": "1",
+                                           "PATH": bin_dir + os.pathsep + self.env.get("PATH", os.defpath)})
+        shutil.copy(os.path.join(TROP_DIR, "trop.py"), os.path.join(self.proj, "trop.py"))
 
-    def _run(self, argv, cwd):
-        return subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, timeout=README_TIMEOUT)
+    def run_in(self, cwd, *argv):
+        """(exit status, stdout, stderr) of argv in cwd with the README's environment."""
+        return self.execute(argv, cwd, self.shell_env, README_TIMEOUT, allow_traceback=True)
 
     def test_quick_start_commands(self):
         commands = [s[1] for s in readme_steps(self.text) if s[0] == "run"]
@@ -7285,10 +6878,7 @@ class TestReadme(unittest.TestCase):
         ran = skipped = 0
         for step in readme_steps(self.text):
             if step[0] == "file":
-                target = os.path.join(self.work, step[1])
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "w", encoding="utf-8") as fh:
-                    fh.write(step[2])
+                self.write(os.path.join(self.proj, step[1]), step[2])
                 continue
             _, command, line, reason = step
             if reason:
@@ -7296,13 +6886,13 @@ class TestReadme(unittest.TestCase):
                 continue
             wanted = _README_EXIT.search(command)
             expected = int(wanted.group(1)) if wanted else 0
-            proc = self._run([bash, "-c", command], self.work)
+            rc, out, err = self.run_in(self.proj, bash, "-c", command)
             ran += 1
-            self.assertEqual(proc.returncode, expected,
-                             "README.md line %d: `%s` exited %d, expected %d\n--- stdout:\n%s--- stderr:\n%s"
-                             % (line, command, proc.returncode, expected, proc.stdout, proc.stderr))
+            self.assertEqual(rc, expected,
+                             "README.md line %d: `%s` exited %s, expected %d\n--- stdout:\n%s--- stderr:\n%s"
+                             % (line, command, rc, expected, out, err))
             if expected == 0:
-                self.assertNotIn("Traceback", proc.stderr, "README.md line %d: `%s`" % (line, command))
+                self.assertNotIn("Traceback", err, "README.md line %d: `%s`" % (line, command))
         self.assertGreaterEqual(ran, 40, "too few README console lines ran")
         self.assertGreaterEqual(skipped, 1)
 
@@ -7310,35 +6900,27 @@ class TestReadme(unittest.TestCase):
         blocks = [b for b in readme_blocks(self.text) if b[0] in ("yaml", "yml")]
         self.assertTrue(blocks, "README.md has no YAML example")
         for number, (_, start, body, mark) in enumerate(blocks):
-            folder = os.path.join(self.root, "yaml-%d" % number)
-            os.makedirs(folder)
-            path = os.path.join(folder, os.path.basename(mark or "trop.yaml"))
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write("\n".join(body) + "\n")
-            proc = self._run([sys.executable, "-m", "trop", "validate", path], folder)
-            self.assertEqual(proc.returncode, 0, "README.md YAML block at line %d:\n%s" % (start, proc.stderr))
+            folder = self.mkdir("yaml-%d" % number)
+            path = self.write(os.path.join(folder, os.path.basename(mark or "trop.yaml")), "\n".join(body) + "\n")
+            rc, _out, err = self.run_in(folder, sys.executable, "-m", "trop", "validate", path)
+            self.assertEqual(rc, 0, "README.md YAML block at line %d:\n%s" % (start, err))
 
     def test_python_examples_run(self):
         blocks = [b for b in readme_blocks(self.text) if b[0] == "python"]
         self.assertTrue(blocks, "README.md has no Python example")
         for number, (_, start, body, _) in enumerate(blocks):
             with self.subTest(line=start):
-                folder = os.path.join(self.root, "py-%d" % number)
-                os.makedirs(folder)
+                folder = self.mkdir("py-%d" % number)
                 name = "test_readme_example_%d.py" % number
-                with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
-                    fh.write("\n".join(body) + "\n")
+                self.write(os.path.join(folder, name), "\n".join(body) + "\n")
                 if "trop_port" in "\n".join(body):
-                    try:
-                        import pytest  # noqa: F401  (only to know whether it is there)
-                    except ImportError:
+                    if importlib.util.find_spec("pytest") is None:
                         self.skipTest("pytest is not installed")
                     argv = [sys.executable, "-m", "pytest", "-q", "-p", "trop", "-p", "no:cacheprovider", name]
                 else:
                     argv = [sys.executable, name]
-                proc = self._run(argv, folder)
-                self.assertEqual(proc.returncode, 0, "README.md Python block at line %d:\n%s%s"
-                                 % (start, proc.stdout, proc.stderr))
+                rc, out, err = self.run_in(folder, *argv)
+                self.assertEqual(rc, 0, "README.md Python block at line %d:\n%s%s" % (start, out, err))
 
 
 if __name__ == "__main__":
