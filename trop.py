@@ -4977,20 +4977,28 @@ def _args_autoreserve(p):
     _args_group(p, with_file=False)
 
 
-def _group_command(args, config_path, discovered):
+def _group_session(args, config_path):
+    """(session, config file, group directory, task) for reserve-group FILE, autoreserve and run.
+
+    The file is located first (a missing one is exit 4 before any config work);
+    --task, else $TROP_TASK, names the task.
+    """
     opts = dict(vars(args))
-    task = opts.pop("task", None)
-    source = CLI_SOURCE
+    task, source = opts.pop("task", None), CLI_SOURCE
     if task is None:
         task, source = os.environ.get("TROP_TASK"), "TROP_TASK"
     if task is not None:
         task = _check_identifier("task", task, source)
-    cwd = current_dir()
-    config_file, group_dir = locate_group_config(cwd, config_path)
-    if discovered:
+    config_file, group_dir = locate_group_config(current_dir(), config_path)
+    if config_path is None:
         session = Session(opts)
     else:
         session = Session(opts, scope="file", config_file=config_file)
+    return session, config_file, group_dir, task
+
+
+def _group_command(args, config_path, discovered):
+    session, config_file, group_dir, task = _group_session(args, config_path)
     shell = detect_shell(args.shell) if args.format == "export" and not args.dry_run else None
     plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run,
                      None if args.dry_run else args.format, shell)
@@ -5036,24 +5044,18 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    opts = dict(vars(args))
-    task = opts.pop("task", None) or os.environ.get("TROP_TASK")
-    if task is not None:
-        task = _check_identifier("task", task, CLI_SOURCE)
-    cwd = current_dir()
-    config_file, group_dir = locate_group_config(cwd, args.config)
-    session = Session(opts) if args.config is None else Session(opts, scope="file", config_file=config_file)
+    session, config_file, group_dir, task = _group_session(args, args.config)
     plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run)
-    env = dict(os.environ)
-    env.update(group_environment(plan.spec, plan.result))
-    if session.verbose:
-        for name, value in sorted(group_environment(plan.spec, plan.result).items()):
-            _err("%s=%s" % (name, value))
+    variables = sorted(group_environment(plan.spec, plan.result).items())
     if args.dry_run:
         if not session.quiet:
-            _err("Dry run - would run %s with %s" % (" ".join(argv), ", ".join(
-                "%s=%s" % kv for kv in sorted(group_environment(plan.spec, plan.result).items()))))
+            _err("Dry run - would run %s with %s" % (" ".join(argv), ", ".join("%s=%s" % kv for kv in variables)))
         return 0
+    if session.verbose:
+        for name, value in variables:
+            _err("%s=%s" % (name, value))
+    env = dict(os.environ)
+    env.update(variables)
     return exec_command(argv, env)
 
 
