@@ -5597,8 +5597,6 @@ def main(argv=None):
         except OSError:
             pass
         return EXIT_IO
-    except SystemExit:
-        raise
     except Exception as exc:          # never a traceback, unless asked for
         if os.environ.get("TROP_DEBUG"):
             import traceback
