@@ -5921,6 +5921,37 @@ class TestGlobalOptionsCLI(TropTestCase):
         self.addCleanup(conn.close)
         trop.validate_schema(conn)
 
+    def test_empty_data_dir_is_a_configuration_error(self):
+        self.assertError(self.trop("--data-dir", "", "list"), 7)
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".trop")))
+
+    def run_with_stdout(self, stdout, *args):
+        proc = subprocess.run([sys.executable, "-m", "trop"] + list(args), cwd=self.proj,
+                              env=dict(self.env, TROP_DATA_DIR=self.data), stdin=subprocess.DEVNULL,
+                              stdout=stdout, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertNotIn("Traceback", proc.stderr)
+        return proc.returncode, proc.stderr
+
+    @unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full")
+    def test_unwritable_stdout_is_an_io_error_after_the_commit(self):
+        """The port was committed; the user is told the output failed (exit 5), not that nothing happened."""
+        with open("/dev/full", "w") as full:
+            rc, err = self.run_with_stdout(full, "reserve", "--tag", "full")
+        self.assertEqual(rc, 5)
+        self.assertEqual(err, "Error: I/O error: cannot write results to standard output: No space left on "
+                              "device\n")
+        self.assertEqual(self.trop("assert-reservation", "--tag", "full"), (0, "5000\n", ""))
+
+    def test_closed_stdout_is_an_io_error(self):
+        rc, err = self.run_with_stdout(subprocess.DEVNULL, "show-path")
+        self.assertEqual((rc, err), (0, ""))
+        proc = subprocess.run([sys.executable, "-c", "import os, sys, runpy; os.close(1); sys.stdout = None; "
+                               "sys.argv = ['trop', 'list']; runpy.run_module('trop', run_name='__main__')"],
+                              cwd=self.proj, env=dict(self.env, TROP_DATA_DIR=self.data), stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (5, "Error: I/O error: cannot write results: standard output is closed\n"))
+
 
 # --- Concurrency -------------------------------------------------------------
 

@@ -1258,12 +1258,18 @@ class Config:
             raise ConfigError("validation error for 'ports.min (%s)': Invalid port number: port 0 is reserved"
                               % self.sources["ports.min"])
         if offset is not None:
-            if offset < 1 or pmin + offset > 65535:
+            if offset < 1:
+                raise ConfigError("validation error for 'ports.max_offset (%s)': max_offset must be greater than 0"
+                                  % self.sources["ports.max_offset"])
+            if pmin + offset > 65535:
                 raise ConfigError("validation error for 'ports.max_offset (%s)': Offset %d would overflow "
                                   "port range from min %d" % (self.sources["ports.max_offset"], offset, pmin))
         elif pmax is not None and pmax < pmin:
+            source = self.sources["ports.min"]      # the more specific of the two sources
+            if source == BUILTIN_SOURCE:
+                source = self.sources["ports.max"]
             raise ConfigError("validation error for 'ports (%s)': ports max (%d) must be >= min (%d)"
-                              % (self.sources["ports.max"], pmax, pmin))
+                              % (source, pmax, pmin))
         if not self["cleanup.expire_after_days"]:
             raise ConfigError("validation error for 'cleanup.expire_after_days (%s)': must be greater than 0"
                               % self.sources["cleanup.expire_after_days"])
@@ -3444,8 +3450,12 @@ def run_migrate(session, source, target, recursive=False, force=False, dry_run=F
 def resolve_data_dir(explicit=None, environ=None):
     """--data-dir > TROP_DATA_DIR > $HOME/.trop > $USERPROFILE/.trop (verbatim, not normalized)."""
     environ = os.environ if environ is None else environ
-    if explicit:
-        return os.fspath(explicit)
+    if explicit is not None:
+        explicit = os.fspath(explicit)
+        if not explicit:
+            raise ConfigError("validation error for 'data_dir (%s)': the data directory must not be empty"
+                              % CLI_SOURCE)
+        return explicit
     if environ.get("TROP_DATA_DIR"):
         return environ["TROP_DATA_DIR"]
     home = environ.get("HOME") or environ.get("USERPROFILE")
@@ -3536,7 +3546,7 @@ class Session:
         self.cwd = current_dir()
         self.quiet = bool(opts.get("quiet"))
         self.verbose = bool(opts.get("verbose")) and not self.quiet
-        self._data_dir = resolve_data_dir(opts["data_dir"]) if opts.get("data_dir") else None
+        self._data_dir = resolve_data_dir(opts["data_dir"]) if opts.get("data_dir") is not None else None
         self.config = None
         self.project_dir = None
         if scope is None:
@@ -3933,6 +3943,8 @@ def _guard(func, what="running trop"):
         return func()
     except TropError:
         raise
+    except OSError as exc:
+        raise IoFailure("%s%s" % (exc.strerror or exc, ": %s" % exc.filename if exc.filename else ""))
     except Exception as exc:
         module = type(exc).__module__ or ""
         if module.startswith("sqlite3"):
@@ -3953,15 +3965,22 @@ def _one_line(text):
 
 
 def _out(text=""):
-    sys.stdout.write(text + "\n")
+    """Results go to stdout; failing to write them is an I/O error (exit 5), reported as such."""
+    if sys.stdout is None:
+        raise IoFailure("cannot write results: standard output is closed")
+    try:
+        sys.stdout.write(text + "\n")
+    except OSError as exc:
+        raise IoFailure("cannot write results to standard output: %s" % (exc.strerror or exc))
 
 
 def _err(text=""):
-    sys.stderr.write(text + "\n")
+    if sys.stderr is not None:
+        sys.stderr.write(text + "\n")
 
 
 def _warn(message):
-    sys.stderr.write("Warning: %s\n" % message)
+    _err("Warning: %s" % message)
 
 
 def format_reservations(rows, fmt, full_paths=False):
@@ -5583,7 +5602,7 @@ def main(argv=None):
                 if getattr(args, flag):
                     parser.error("argument --%s requires --include-occupancy" % flag.replace("_", "-"))
         status = _guard(lambda: args.handler(args), "executing the %s command" % args.command)
-        sys.stdout.flush()
+        _flush_stdout()
         return status
     except TropError as exc:
         _err("Error: %s" % _one_line(str(exc)))
@@ -5601,9 +5620,17 @@ def main(argv=None):
         if os.environ.get("TROP_DEBUG"):
             import traceback
             traceback.print_exc()
-        _err("Error: internal error: %s: %s (set TROP_DEBUG=1 for a traceback; nothing was committed)"
-             % (type(exc).__name__, exc))
+        _err("Error: internal error: %s: %s (set TROP_DEBUG=1 for a traceback; an open transaction was "
+             "rolled back)" % (type(exc).__name__, exc))
         return EXIT_LIBRARY
+
+
+def _flush_stdout():
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            raise IoFailure("cannot write results to standard output: %s" % (exc.strerror or exc))
 
 
 def cli():
@@ -5614,11 +5641,12 @@ def cli():
     command's run time, so the process ends with os._exit.
     """
     status = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        status = status or EXIT_IO
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except OSError:
+            status = status or EXIT_IO
     os._exit(status)
 
 
