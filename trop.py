@@ -1265,11 +1265,8 @@ class Config:
                 raise ConfigError("validation error for 'ports.max_offset (%s)': Offset %d would overflow "
                                   "port range from min %d" % (self.sources["ports.max_offset"], offset, pmin))
         elif pmax is not None and pmax < pmin:
-            source = self.sources["ports.min"]      # the more specific of the two sources
-            if source == BUILTIN_SOURCE:
-                source = self.sources["ports.max"]
-            raise ConfigError("validation error for 'ports (%s)': ports max (%d) must be >= min (%d)"
-                              % (source, pmax, pmin))
+            raise ConfigError("validation error for 'ports.max (%s)': ports max (%d) must be >= min (%d, from %s)"
+                              % (self.sources["ports.max"], pmax, pmin, self.sources["ports.min"]))
         if not self["cleanup.expire_after_days"]:
             raise ConfigError("validation error for 'cleanup.expire_after_days (%s)': must be greater than 0"
                               % self.sources["cleanup.expire_after_days"])
