@@ -3916,9 +3916,9 @@ class reservation:
 def pytest_configure(config):
     """pytest plugin hook (entry point `pytest11`): adds the `trop_port` fixture.
 
-    Only pytest calls this, so trop never imports pytest on its own.
+    Only pytest calls this, with pytest already loaded; trop itself never imports it.
     """
-    import pytest
+    pytest = sys.modules["pytest"]
 
     class TropFixtures:
         @pytest.fixture
