@@ -3274,22 +3274,23 @@ def plan_group(store, req, now=None, occupancy=None):
         if not req.force:
             raise LibraryError("reservation conflict: existing group at %s is incompatible: %s (use --force to "
                                "replace it)" % (req.path, reason))
-        for field in ("project", "task"):
-            if (project if field == "project" else task) is None:
-                values = {getattr(r, field) for r in stored}
-                if len(values) > 1:
-                    raise LibraryError("reservation conflict: cannot inherit %s for the replaced group at %s: "
-                                       "stored rows disagree" % (field, req.path))
-                if field == "project":
-                    project = values.pop()
-                else:
-                    task = values.pop()
+        project = _inherited(stored, "project", req.path) if project is None else project
+        task = _inherited(stored, "task", req.path) if task is None else task
         plan.deletes = stored
     taken = store.taken_ports() - {r.port for r in plan.deletes}
     mapping = allocate_group(req, taken, occupancy)
     plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
     plan.result = mapping
     return plan
+
+
+def _inherited(rows, field, path):
+    """The value a replaced group passes on: only one all its rows agree on."""
+    values = {getattr(r, field) for r in rows}
+    if len(values) > 1:
+        raise LibraryError("reservation conflict: cannot inherit %s for the replaced group at %s: stored rows "
+                           "disagree" % (field, path))
+    return values.pop()
 
 
 SHELLS = {"bash": "bash", "sh": "bash", "zsh": "zsh", "fish": "fish", "powershell": "powershell",
