@@ -1233,20 +1233,15 @@ class Config:
         values = dict(DEFAULTS)
         sources = dict.fromkeys(values, BUILTIN_SOURCE)
         self.exclusion_sources = []
-        self.has_group = False
         values["reservations"] = None
         for layer in layers:
             for key, value in layer.values.items():
                 values[key] = value
                 sources[key] = layer.where(key)
-                if key == "reservations":
-                    self.has_group = value is not None
             for rng in layer.exclusions:
                 self.exclusion_sources.append((rng, layer.source))
         self.values = values
         self.sources = sources
-        self.layers = layers
-        self.project_dir = None
 
     def __getitem__(self, key):
         return self.values[key]
