@@ -3049,7 +3049,7 @@ class TestScanAutoexclude(TropTestCase):
         return self.read(path).decode("utf-8")
 
     def entries(self, path):
-        return trop.config_entries(trop.parse_yaml(self.text(path)))
+        return self.exclusions(path)
 
     def scan(self, *args):
         return self.trop("scan", "--min", self.a, "--max", self.a + 3, *args, cwd=self.project)

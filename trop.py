@@ -14,10 +14,23 @@ Every command that may write reads, plans and writes inside one
 data read outside the transaction that executes it.
 """
 
+# Import policy.  Start-up is most of a command's run time, so the top of the
+# module imports only what every command line has loaded anyway: modules the
+# interpreter imports before trop runs (os, sys, stat, time, errno) or that
+# argparse imports for the parser every command builds (re, collections), plus
+# bisect (C-accelerated), which allocation needs.  Anything else costs a run
+# that uses it and no other: a module one function needs is imported in that
+# function; a module several functions need (argparse, json, sqlite3, socket,
+# subprocess, shutil, pwd) comes from one accessor below, so it is imported in
+# one place.  `python3 tools/bench.py` prints the import figures that justify
+# the split (P0) next to the command timings (P1-P3).
+import errno
 import os
 import re
+import stat
 import sys
 import time
+from bisect import bisect_left, bisect_right, insort
 from collections import namedtuple
 
 __version__ = "0.2.0"
@@ -30,6 +43,45 @@ __all__ = [
     "list_projects", "port_info", "prune", "expire", "autoclean", "migrate", "data_dir",
     "reservation", "main", "__version__",
 ]
+
+
+def _argparse():
+    import argparse
+    return argparse
+
+
+def _json():
+    import json
+    return json
+
+
+def _sqlite():
+    import sqlite3
+    return sqlite3
+
+
+def _socket():
+    import socket
+    return socket
+
+
+def _subprocess():
+    import subprocess
+    return subprocess
+
+
+def _shutil():
+    import shutil
+    return shutil
+
+
+def _pwd():
+    """The password database, or None where there is none (Windows)."""
+    try:
+        import pwd
+    except ImportError:
+        return None
+    return pwd
 
 
 # --- Errors and exit codes --------------------------------------------------
@@ -70,7 +122,7 @@ class LockTimeout(TropError):
 
     def __init__(self, operation, seconds):
         TropError.__init__(self, "database lock timeout while %s after %ss"
-                           % (operation, _fmt_seconds(seconds)))
+                           % (operation, ("%g" % seconds) if seconds else "0"))
 
 
 class NoDataDirectory(TropError):
@@ -117,35 +169,99 @@ class CommandNotRunnable(TropError):
         self.exit_code = exit_code
 
 
-def _fmt_seconds(seconds):
-    return ("%g" % seconds) if seconds else "0"
+# --- Values: ports, ranges and identifiers -------------------------------------
+#
+# One parser per concept.  Each raises ValueError saying why, in the
+# reference's words; the caller wraps it in the error of its context (a flag,
+# a variable, a line of a file).
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _invalid_port(text):
-    """Parse a CLI port; the messages are the reference's."""
-    text = str(text).strip()
-    if not text.isdigit():
-        raise InvalidArguments("Invalid port number: '%s' is not a valid number" % text)
-    value = int(text)
-    if value == 0:
-        raise InvalidArguments("Invalid port number: port 0 is reserved and cannot be used")
-    if value > 65535:
-        raise InvalidArguments("Invalid port number: %d is greater than maximum port 65535" % value)
+def parse_uint(value, limit):
+    """An int 0..limit from an int or ASCII decimal text (surrounding spaces allowed)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.strip("0123456789"):
+            raise ValueError("'%s' is not a valid number" % text)
+        value = int(text)
+    elif not _is_int(value):
+        raise ValueError("%r is not a valid number" % (value,))
+    if not 0 <= value <= limit:
+        raise ValueError("%d is %s" % (value, "negative" if value < 0 else "greater than %d" % limit))
     return value
 
 
-def _check_identifier(field, value, source=None, limit=255):
-    """Trim a project/task/tag and enforce the reference's identifier rules."""
-    where = "%s (%s)" % (field, source) if source else field
-    text = value.strip()
+def parse_port(value, allow_zero=False):
+    """A port 1..65535 (0 too with allow_zero: the u16 of an environment variable)."""
+    try:
+        port = parse_uint(value, 65535)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("greater than 65535", "greater than maximum port 65535"))
+    if port == 0 and not allow_zero:
+        raise ValueError("port 0 is reserved and cannot be used")
+    return port
+
+
+def parse_port_range(text):
+    """'N' or 'A..B' (spaces around the numbers allowed) as (start, end)."""
+    first, dots, last = text.strip().partition("..")
+    start = parse_port(first)
+    end = parse_port(last) if dots else start
+    if end < start:
+        raise ValueError("Invalid range: %d..%d (end < start)" % (start, end))
+    return start, end
+
+
+def cli_port(value):
+    """A port given as an argument (--port, PORT, the API's port=): exit 4, in the reference's words."""
+    try:
+        return parse_port(value if _is_int(value) else str(value))
+    except ValueError as exc:
+        raise InvalidArguments("Invalid port number: %s" % exc)
+
+
+def range_text(start, end):
+    return str(start) if start == end else "%d..%d" % (start, end)
+
+
+def identifier_problem(text):
+    """Why a trimmed project, task or tag is not a valid identifier (None if it is)."""
     if not text:
-        raise ConfigError("validation error for '%s': %s must be non-empty after trimming whitespace"
-                          % (where, field))
+        return "must be non-empty after trimming whitespace"
     if "\0" in text:
-        raise ConfigError("validation error for '%s': %s must not contain NUL bytes" % (where, field))
-    if limit and len(text.encode("utf-8", "surrogateescape")) > limit:
-        raise ConfigError("validation error for '%s': %s must be at most %d bytes" % (where, field, limit))
+        return "must not contain NUL bytes"
+    if len(text.encode("utf-8", "surrogateescape")) > 255:
+        return "must be at most 255 bytes"
+    return None
+
+
+def check_identifier(field, value, source=None):
+    """A trimmed project/task, or the configuration error that names it and its source."""
+    text = value.strip()
+    problem = identifier_problem(text)
+    if problem:
+        raise ConfigError("validation error for '%s': %s %s"
+                          % ("%s (%s)" % (field, source) if source else field, field, problem))
     return text
+
+
+def check_tag(tag, error=InvalidArguments):
+    """A --tag: trimmed, non-empty (no length limit for single reservations, as the reference)."""
+    if tag is None:
+        return None
+    if not isinstance(tag, str):
+        raise InvalidArguments("Invalid arguments: a tag must be a string, got %s" % type(tag).__name__)
+    text = tag.strip()
+    if not text:
+        raise error("validation error for 'tag': tag must be non-empty after trimming whitespace")
+    return text
+
+
+def _quote(value):
+    """An optional text as the messages show it: "text" or none."""
+    return "none" if value is None else '"%s"' % value
 
 
 # --- YAML reader -------------------------------------------------------------
@@ -628,7 +744,6 @@ class _YamlParser(object):
             raise YamlError("block sequence entries are not allowed inside flow collections", li + 1)
         if ch in _YAML_NO_PLAIN_START or ch == "?" or ch == ":":     # '?x', ':x' are indicators here
             self._bad_start(ch, li, ci)
-            self._bad_start(ch, li, ci)
         n = len(line)
         j = ci + 1
         while j < n:
@@ -756,15 +871,12 @@ def replace_excluded_ports(text, entries, appended=0):
     if root is not None and not isinstance(root, YamlMap):
         raise YamlError("the top level of the document is not a mapping", parser.root_line)
     if root is not None and root._meta is None:          # flow mapping / JSON object
-        import json
-        data = {}
-        for k, v in root.items():
-            data[k] = v
+        data = dict(root)
         data[key] = objs
         start, end = root.line - 1, parser.root_end
         last = lines[end]
         ending = last[len(last.rstrip("\r\n")):]
-        dumped = json.dumps(data, indent=2, ensure_ascii=False).replace("\n", nl)
+        dumped = _json().dumps(data, indent=2, ensure_ascii=False).replace("\n", nl)
         return bom + "".join(lines[:start]) + dumped + ending + "".join(lines[end + 1:])
     if root is not None and key in root:
         k_idx = root.key_lines[key] - 1
@@ -819,34 +931,339 @@ MAX_LOCK_WAIT = 2147483
 MAX_CONFIG_BYTES = 1 << 20
 PROJECT_FILES = ("trop.yaml", "trop.local.yaml")
 OUTPUT_FORMATS = ("table", "json", "csv", "tsv")
-OCCUPANCY_KEYS = ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces")
-FLAG_KEYS = ("disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
-             "allow_change_project", "allow_change_task", "allow_change")
-TOP_KEYS = ("project", "ports", "excluded_ports", "cleanup", "occupancy_check", "reservations") \
-    + FLAG_KEYS + ("maximum_lock_wait_seconds", "output_format")
-DEFAULTS = {
-    "ports.min": 5000, "ports.max": 7000, "ports.max_offset": None,
-    "cleanup.expire_after_days": 30, "maximum_lock_wait_seconds": 5,
-    "output_format": "table", "project": None, "task": None,
-}
-for _key in OCCUPANCY_KEYS:
-    DEFAULTS["occupancy_check." + _key] = False
-for _key in FLAG_KEYS:
-    DEFAULTS[_key] = False
-del _key
-ENV_FLAGS = (
-    ("TROP_DISABLE_AUTOINIT", "disable_autoinit"), ("TROP_DISABLE_AUTOPRUNE", "disable_autoprune"),
-    ("TROP_DISABLE_AUTOEXPIRE", "disable_autoexpire"),
-    ("TROP_ALLOW_UNRELATED_PATH", "allow_unrelated_path"), ("TROP_ALLOW_CHANGE", "allow_change"),
-    ("TROP_ALLOW_PROJECT_CHANGE", "allow_change_project"), ("TROP_ALLOW_CHANGE_PROJECT", "allow_change_project"),
-    ("TROP_ALLOW_TASK_CHANGE", "allow_change_task"), ("TROP_ALLOW_CHANGE_TASK", "allow_change_task"),
-    ("TROP_SKIP_OCCUPANCY_CHECK", "occupancy_check.skip"), ("TROP_SKIP_IPV4", "occupancy_check.skip_ip4"),
-    ("TROP_SKIP_IPV6", "occupancy_check.skip_ip6"), ("TROP_SKIP_TCP", "occupancy_check.skip_tcp"),
-    ("TROP_SKIP_UDP", "occupancy_check.skip_udp"),
-    ("TROP_CHECK_ALL_INTERFACES", "occupancy_check.check_all_interfaces"),
+_INVALID = object()             # what a kind returns for a value it reported as a problem
+
+
+def _describe(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean %s" % ("true" if value else "false")
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a sequence"
+    return "%s %r" % (type(value).__name__.replace("str", "string"), value)
+
+
+class _Kind:
+    """How one type of setting is read from a file, an environment variable and a flag.
+
+    check() is the file rule (ValueError: the problem, as `validate` lists it);
+    from_env() and from_flag() raise the error of their source.
+    """
+
+    def argument(self):
+        """add_argument keywords of the setting's flag."""
+        return {}
+
+    def from_file(self, option, value, problems, line):
+        try:
+            return self.check(option.key, value)
+        except ValueError as exc:
+            problems.add(line, str(exc))
+            return _INVALID
+
+    def check(self, key, value):
+        return value
+
+    def from_env(self, option, name, text):
+        return text
+
+    def from_flag(self, option, value):
+        return value
+
+    def store(self, layer, option, value, where):
+        for key in option.keys:
+            layer.set(key, value, where)
+        if option.clears:
+            layer.set(option.clears, None, where)
+
+
+class _Switch(_Kind):
+    """true/false in files, true/1/yes/on or false/0/no/off in variables; a flag can only turn it on."""
+
+    def argument(self):
+        return {"action": "store_true"}
+
+    def check(self, key, value):
+        if not isinstance(value, bool):
+            raise ValueError("%s must be true or false, got %s" % (key, _describe(value)))
+        return value
+
+    def from_env(self, option, name, text):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError("validation error for '%s': Invalid boolean value: '%s' "
+                          "(expected true/false/1/0/yes/no/on/off)" % (name, text))
+
+
+class _Port(_Kind):
+    """ports.min / ports.max: an integer port in files, a u16 in variables, a port on the command line."""
+
+    env_what = "Invalid port number"
+
+    def check(self, key, value):
+        if not _is_int(value):
+            raise ValueError("%s must be an integer port, got %s" % (key, _describe(value)))
+        if not 1 <= value <= 65535:
+            raise ValueError("%s: invalid port %s (ports are 1..65535)" % (key, value))
+        return value
+
+    def from_env(self, option, name, text):
+        try:
+            return parse_port(text, allow_zero=True)   # 0 is refused with the merged configuration
+        except ValueError:
+            raise ConfigError("validation error for '%s': %s: '%s'" % (name, self.env_what, text))
+
+    def from_flag(self, option, value):
+        try:
+            return cli_port(value)
+        except InvalidArguments as exc:
+            raise InvalidArguments("Invalid arguments: invalid --%s value: %s" % (option.name, exc.message))
+
+
+class _Offset(_Port):
+    env_what = "Invalid port offset"
+
+    def check(self, key, value):
+        if not _is_int(value) or not 0 < value <= 65535:
+            raise ValueError("%s must be an integer 1..65535, got %s" % (key, _describe(value)))
+        return value
+
+
+class _Days(_Kind):
+    def argument(self):
+        return {"type": _u32}
+
+    def check(self, key, value):
+        if not _is_int(value) or not 0 < value <= 0xFFFFFFFF:
+            raise ValueError("%s must be a positive integer, got %s" % (key, _describe(value)))
+        return value
+
+    def from_env(self, option, name, text):
+        try:
+            return parse_uint(text, 0xFFFFFFFF)        # 0 is refused with the merged configuration
+        except ValueError:
+            raise ConfigError("validation error for '%s': Must be a positive integer" % name)
+
+    def from_flag(self, option, value):
+        return value            # argparse's type (_u32) or the API's checks came first
+
+
+class _Seconds(_Kind):
+    def argument(self):
+        return {"type": _u32, "metavar": "SECONDS"}
+
+    def check(self, key, value):
+        if not _is_int(value) or value < 0:
+            raise ValueError("%s must be a non-negative integer, got %s" % (key, _describe(value)))
+        if value > MAX_LOCK_WAIT:
+            raise ValueError("Timeout must not exceed %d seconds" % MAX_LOCK_WAIT)
+        return value
+
+    def from_env(self, option, name, text):
+        try:
+            return parse_uint(text, 0xFFFFFFFFFFFFFFFF)
+        except ValueError:
+            raise ConfigError("validation error for '%s': Must be a non-negative integer" % name)
+
+    def from_flag(self, option, value):
+        if not _is_int(value) or value < 0:
+            raise InvalidArguments("invalid --%s value: %r" % (option.flag[2:], value))
+        if value > MAX_LOCK_WAIT:
+            raise ConfigError("validation error for '%s (%s)': Timeout must not exceed %d seconds"
+                              % (option.key, CLI_SOURCE, MAX_LOCK_WAIT))
+        return value
+
+
+class _Identifier(_Kind):
+    """project / task: trimmed, non-empty, no NUL, at most 255 bytes."""
+
+    def check(self, key, value):
+        if not isinstance(value, str):
+            raise ValueError("%s must be a string, got %s" % (key, _describe(value)))
+        problem = identifier_problem(value.strip())
+        if problem:
+            raise ValueError("%s %s" % (key, problem))
+        return value.strip()
+
+    def from_env(self, option, name, text):
+        return check_identifier(option.key, text, name)
+
+    def from_flag(self, option, value):
+        return check_identifier(option.key, value, CLI_SOURCE)
+
+
+class _Choice(_Kind):
+    def __init__(self, choices, what):
+        self.choices, self.what = choices, what
+
+    def check(self, key, value):
+        if value not in self.choices:
+            raise ValueError("%s must be one of %s, got %s" % (key, ", ".join(self.choices), _describe(value)))
+        return value
+
+    def from_env(self, option, name, text):
+        low = text.strip().lower()
+        if low not in self.choices:
+            raise ConfigError("validation error for '%s': Invalid %s: '%s' (expected %s)"
+                              % (name, self.what, text, "/".join(self.choices)))
+        return low
+
+
+class _Text(_Kind):
+    def argument(self):
+        return {"metavar": "PATH"}
+
+
+class _Exclusions(_Kind):
+    """excluded_ports: they accumulate over every layer instead of overriding."""
+
+    def from_file(self, option, value, problems, line):
+        if not isinstance(value, list):
+            problems.add(line, "excluded_ports must be a sequence, got %s" % _describe(value))
+            return _INVALID
+        item_lines = getattr(value, "item_lines", None) or [line] * len(value)
+        return [rng for rng in (parse_exclusion(item, problems, item_line)
+                                for item, item_line in zip(value, item_lines)) if rng]
+
+    def from_env(self, option, name, text):
+        out = []
+        for item in text.split(","):
+            if item.strip():
+                try:
+                    out.append(parse_exclusion(item.strip()))
+                except InvalidArguments as exc:
+                    raise ConfigError("validation error for '%s': %s" % (name, exc.message))
+        return out
+
+    def store(self, layer, option, value, where):
+        layer.exclusions.extend(value)
+
+
+class _Group(_Kind):
+    """reservations: a whole group, replaced (or cleared with null) by a later file."""
+
+    def from_file(self, option, value, problems, line):
+        return None if value is None else GroupSpec.read(value, problems, line)
+
+
+class Option:
+    """One row of OPTIONS: a setting and every way to give it.
+
+    name is the Python API's keyword and, with dashes, the flag; keys the
+    configuration keys it sets (none for a pure command-line switch); env the
+    environment variables that set it, the first one present winning (each is
+    checked); files where configuration files may hold it ("any", "project",
+    or None); groups the flag sets that carry its flag (see _add_options);
+    clears a key it resets (ports.max and ports.max_offset exclude each other).
+    """
+
+    __slots__ = ("name", "keys", "kind", "default", "env", "files", "groups", "help", "clears")
+
+    def __init__(self, name, keys, kind, default=None, env=(), files="any", groups=(), help="", clears=None):
+        self.name, self.kind, self.default, self.files, self.help, self.clears = \
+            name, kind, default, files, help, clears
+        self.keys = (keys,) if isinstance(keys, str) else keys
+        self.env = (env,) if isinstance(env, str) else env
+        self.groups = (groups,) if isinstance(groups, str) else groups
+
+    @property
+    def key(self):
+        return self.keys[0] if self.keys else None
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-") if self.groups else None
+
+    def __repr__(self):
+        return "Option(%r)" % self.name
+
+
+_SWITCH, _PORT = _Switch(), _Port()
+
+# Every setting, in the order of the configuration schema.  A new setting is
+# one row here (plus the code that acts on it): its configuration key, default,
+# environment variable, flag, API keyword, help and the README's tables all
+# follow from the row.  Groups: global (every command), range (reserve, scan),
+# occupancy (the commands that probe), probes (scan), permissions, autoclean.
+OPTIONS = (
+    Option("verbose", (), _SWITCH, files=None, groups="global",
+           help="detailed output from prune, expire and autoclean"),
+    Option("quiet", (), _SWITCH, files=None, groups="global", help="suppress non-essential output"),
+    Option("data_dir", (), _Text(), env="TROP_DATA_DIR", files=None, groups="global",
+           help="data directory (default: $TROP_DATA_DIR, else ~/.trop)"),
+    Option("project", "project", _Identifier(), env="TROP_PROJECT", files="project", groups="reserve",
+           help="project name to record"),
+    Option("task", "task", _Identifier(), env="TROP_TASK", files=None, groups="reserve",
+           help="task name to record (default: $TROP_TASK)"),
+    Option("min", "ports.min", _PORT, 5000, env="TROP_PORT_MIN", groups="range",
+           help="lowest port of the range (default: ports.min, else 5000)"),
+    Option("max", "ports.max", _PORT, 7000, env="TROP_PORT_MAX", groups="range", clears="ports.max_offset",
+           help="highest port of the range (default: ports.max, else 7000)"),
+    Option("max_offset", "ports.max_offset", _Offset(), env="TROP_PORT_MAX_OFFSET", clears="ports.max",
+           help="the range's size above ports.min, instead of ports.max"),
+    Option("excluded_ports", "excluded_ports", _Exclusions(), (), env="TROP_EXCLUDED_PORTS",
+           help="ports never handed out: comma-separated N or A..B, added to the files' exclusions"),
+    Option("days", "cleanup.expire_after_days", _Days(), 30, env="TROP_EXPIRE_AFTER_DAYS", groups="expire",
+           help="expire reservations unused for more than N days (default: cleanup.expire_after_days, else 30)"),
+    Option("skip_occupancy_check", "occupancy_check.skip", _SWITCH, False, env="TROP_SKIP_OCCUPANCY_CHECK",
+           groups="occupancy", help="do not probe ports for listeners"),
+    Option("skip_ipv4", "occupancy_check.skip_ip4", _SWITCH, False, env="TROP_SKIP_IPV4",
+           groups=("occupancy", "probes"), help="skip IPv4 probes"),
+    Option("skip_ipv6", "occupancy_check.skip_ip6", _SWITCH, False, env="TROP_SKIP_IPV6",
+           groups=("occupancy", "probes"), help="skip IPv6 probes"),
+    Option("skip_tcp", "occupancy_check.skip_tcp", _SWITCH, False, env="TROP_SKIP_TCP",
+           groups=("occupancy", "probes"), help="skip TCP probes"),
+    Option("skip_udp", "occupancy_check.skip_udp", _SWITCH, False, env="TROP_SKIP_UDP",
+           groups=("occupancy", "probes"), help="skip UDP probes"),
+    Option("check_all_interfaces", "occupancy_check.check_all_interfaces", _SWITCH, False,
+           env="TROP_CHECK_ALL_INTERFACES", groups=("occupancy", "probes"),
+           help="also probe the wildcard addresses"),
+    Option("reservations", "reservations", _Group(), files="project",
+           help="the project's group of services (trop.yaml)"),
+    Option("disable_autoinit", "disable_autoinit", _SWITCH, False, env="TROP_DISABLE_AUTOINIT", groups="global",
+           help="fail instead of creating a missing database"),
+    Option("disable_autoprune", "disable_autoprune", _SWITCH, False, env="TROP_DISABLE_AUTOPRUNE",
+           groups="autoclean", help="no pruning when the range is exhausted"),
+    Option("disable_autoexpire", "disable_autoexpire", _SWITCH, False, env="TROP_DISABLE_AUTOEXPIRE",
+           groups="autoclean", help="no expiry when the range is exhausted"),
+    Option("disable_autoclean", ("disable_autoprune", "disable_autoexpire"), _SWITCH, files=None,
+           groups="autoclean", help="neither pruning nor expiry on exhaustion"),
+    Option("allow_unrelated_path", "allow_unrelated_path", _SWITCH, False, env="TROP_ALLOW_UNRELATED_PATH",
+           groups="permissions", help="allow a path unrelated to the current directory"),
+    Option("allow_project_change", "allow_change_project", _SWITCH, False,
+           env=("TROP_ALLOW_PROJECT_CHANGE", "TROP_ALLOW_CHANGE_PROJECT"), groups="permissions",
+           help="allow changing a stored project"),
+    Option("allow_task_change", "allow_change_task", _SWITCH, False,
+           env=("TROP_ALLOW_TASK_CHANGE", "TROP_ALLOW_CHANGE_TASK"), groups="permissions",
+           help="allow changing a stored task"),
+    Option("allow_change", "allow_change", _SWITCH, False, env="TROP_ALLOW_CHANGE", groups="permissions",
+           help="allow changing project and task"),
+    Option("busy_timeout", "maximum_lock_wait_seconds", _Seconds(), 5,
+           env=("TROP_BUSY_TIMEOUT", "TROP_MAXIMUM_LOCK_WAIT_SECONDS"), groups="global",
+           help="seconds to wait for the database lock (default 5; 0: do not wait)"),
+    Option("output_format", "output_format", _Choice(OUTPUT_FORMATS, "output format"), "table",
+           env="TROP_OUTPUT_FORMAT", help="the default `list --format`: table, json, csv or tsv"),
+    Option("log_mode", (), _Choice(("quiet", "normal", "verbose"), "log mode"), env="TROP_LOG_MODE", files=None,
+           help="quiet, normal or verbose: checked, no effect (as in the Rust trop)"),
 )
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+OPTION = {option.name: option for option in OPTIONS}
+API_OPTIONS = frozenset(option.name for option in OPTIONS if option.flag)
+FILE_OPTIONS = {option.key: option for option in OPTIONS if option.files}
+DEFAULTS = {option.key: option.default for option in OPTIONS if len(option.keys) == 1}
+TOP_KEYS = []                   # a file's top-level keys, in schema order
+SECTIONS = {}                   # ports, cleanup, occupancy_check -> their leaves, in schema order
+for _key in FILE_OPTIONS:
+    _top, _, _leaf = _key.partition(".")
+    if _top not in TOP_KEYS:
+        TOP_KEYS.append(_top)
+    if _leaf:
+        SECTIONS[_top] = SECTIONS.get(_top, ()) + (_leaf,)
+del _key, _top, _leaf
+OCCUPANCY_KEYS = SECTIONS["occupancy_check"]
 
 
 class Layer:
@@ -897,30 +1314,6 @@ class Problems:
             raise ConfigError(lines[0] + extra)
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _port_value(value, problems, line, what):
-    if not _is_int(value):
-        problems.add(line, "%s must be an integer port, got %s" % (what, _describe(value)))
-        return None
-    if not 1 <= value <= 65535:
-        problems.add(line, "%s: invalid port %s (ports are 1..65535)" % (what, value))
-        return None
-    return value
-
-
-def _describe(value):
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean %s" % ("true" if value else "false")
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a sequence"
-    return "%s %r" % (type(value).__name__.replace("str", "string"), value)
-
-
 def _line_of(mapping, key, default=None):
     lines = getattr(mapping, "key_lines", None)
     return lines.get(key, default) if lines else default
@@ -938,217 +1331,137 @@ def _mapping(value, problems, line, what, allowed):
     return value
 
 
+def _port_in_file(value, problems, line, what):
+    """A port-valued key of a file (reservations.base, a service's preferred port), or None."""
+    try:
+        return _PORT.check(what, value)
+    except ValueError as exc:
+        problems.add(line, str(exc))
+        return None
+
+
 def parse_exclusion(item, problems=None, line=None):
     """An exclusion entry (int, "A..B", "N" or {start, end}) as a (start, end) range.
 
-    Problems are collected when a Problems is given, else the first one is raised.
+    Problems are collected when a Problems is given (None is returned for a bad
+    entry), else the first one is raised as InvalidArguments.
     """
-    if problems is not None:
-        return _exclusion(item, problems, line)
-    probs = Problems("exclusion")
-    rng = _exclusion(item, probs, line)
-    if probs.items:
-        raise InvalidArguments(probs.items[0][1])
+    collect = problems if problems is not None else Problems("exclusion")
+    try:
+        if _is_int(item):
+            rng = parse_port_range(str(item))
+        elif isinstance(item, str):
+            rng = parse_port_range(item)
+        elif isinstance(item, dict):
+            if _mapping(item, collect, line, "excluded_ports[]", ("start", "end")) is None:
+                rng = None
+            elif item.get("start") is None or item.get("end") is None:
+                raise ValueError("exclusion mapping needs both start and end")
+            elif not (_is_int(item["start"]) and _is_int(item["end"])):
+                raise ValueError("exclusion start/end must be integers")
+            else:
+                rng = parse_port_range("%d..%d" % (item["start"], item["end"]))
+        else:
+            raise ValueError("invalid exclusion %s (expected N, \"A..B\" or {start, end})" % _describe(item))
+    except ValueError as exc:
+        message = str(exc)
+        if not message.startswith(("Invalid range", "exclusion", "invalid exclusion")):
+            message = "invalid exclusion %r: %s" % (item, message)
+        collect.add(line, message)
+        rng = None
+    if problems is None and collect.items:
+        raise InvalidArguments(collect.items[0][1])
     return rng
-
-
-def _exclusion(item, probs, line):
-    start = end = None
-    if _is_int(item):
-        start = end = item
-    elif isinstance(item, str):
-        text = item.strip()
-        if ".." in text:
-            a, _, b = text.partition("..")
-            if a.strip().isdigit() and b.strip().isdigit():
-                start, end = int(a), int(b)
-        elif text.isdigit():
-            start = end = int(text)
-        if start is None:
-            probs.add(line, "invalid exclusion '%s' (expected N or A..B)" % item)
-            return None
-    elif isinstance(item, dict):
-        if _mapping(item, probs, line, "excluded_ports[]", ("start", "end")) is None:
-            return None
-        start, end = item.get("start"), item.get("end")
-        if start is None or end is None:
-            probs.add(line, "exclusion mapping needs both start and end")
-            return None
-        if not (_is_int(start) and _is_int(end)):
-            probs.add(line, "exclusion start/end must be integers")
-            return None
-    else:
-        probs.add(line, "invalid exclusion %s (expected N, \"A..B\" or {start, end})" % _describe(item))
-        return None
-    bad = [p for p in (start, end) if not 1 <= p <= 65535]
-    if bad:
-        probs.add(line, "invalid exclusion %s: port %d is outside 1..65535" % (_range_text(start, end), bad[0]))
-        return None
-    if end < start:
-        probs.add(line, "Invalid range: %d..%d (end < start)" % (start, end))
-        return None
-    return (start, end)
-
-
-def _range_text(start, end):
-    return str(start) if start == end else "%d..%d" % (start, end)
 
 
 def read_config_document(doc, source, kind, problems):
     """Turn one parsed YAML document into a Layer, reporting every problem."""
     layer = Layer(source, kind)
-    if doc is None:
-        return layer
-    if _mapping(doc, problems, getattr(doc, "line", 1), "", TOP_KEYS) is None:
+    if doc is None or _mapping(doc, problems, getattr(doc, "line", 1), "", TOP_KEYS) is None:
         return layer
     for key, value in doc.items():
         line = _line_of(doc, key)
-        if value is None and key != "reservations":
-            continue                    # an explicit null is the same as leaving the key out
-        if key == "project":
-            if kind == "user":
-                problems.add(line, "project is only valid in trop.yaml/trop.local.yaml, not user config.yaml")
-            elif not isinstance(value, str):
-                problems.add(line, "project must be a string, got %s" % _describe(value))
-            else:
-                try:
-                    layer.set("project", _check_identifier("project", value), line)
-                except ConfigError as exc:
-                    problems.add(line, exc.message.split(": ", 1)[-1])
-        elif key == "ports":
+        option = FILE_OPTIONS.get(key)
+        if value is None and not (key == "reservations" and kind != "user"):
+            continue                    # a null is the same as leaving the key out (a group's clears it)
+        if key == "ports":
             _read_ports(value, layer, problems, line)
-        elif key == "excluded_ports":
-            if value is None:
-                continue
-            if not isinstance(value, list):
-                problems.add(line, "excluded_ports must be a sequence, got %s" % _describe(value))
-                continue
-            item_lines = getattr(value, "item_lines", None) or [line] * len(value)
-            for item, item_line in zip(value, item_lines):
-                rng = parse_exclusion(item, problems, item_line)
-                if rng:
-                    layer.exclusions.append(rng)
-        elif key == "cleanup":
-            if value is None or _mapping(value, problems, line, "cleanup", ("expire_after_days",)) is None:
-                continue
-            if value.get("expire_after_days") is not None:
-                days, dline = value["expire_after_days"], _line_of(value, "expire_after_days", line)
-                if not _is_int(days) or not 0 < days <= 0xFFFFFFFF:
-                    problems.add(dline, "cleanup.expire_after_days must be a positive integer, got %s"
-                                 % _describe(days))
-                else:
-                    layer.set("cleanup.expire_after_days", days, dline)
-        elif key == "occupancy_check":
-            if value is None or _mapping(value, problems, line, "occupancy_check", OCCUPANCY_KEYS) is None:
-                continue
-            for sub, flag in value.items():
-                if sub in OCCUPANCY_KEYS and flag is not None:
-                    _read_bool(layer, "occupancy_check." + sub, flag, problems, _line_of(value, sub, line))
-        elif key == "reservations":
-            if kind == "user":
-                if value is not None:
-                    problems.add(line, "reservations are only valid in trop.yaml/trop.local.yaml, "
-                                       "not user config.yaml")
-                continue
-            layer.set("reservations", None if value is None else GroupSpec.read(value, problems, line), line)
-        elif key in FLAG_KEYS:
-            _read_bool(layer, key, value, problems, line)
-        elif key == "maximum_lock_wait_seconds":
-            if not _is_int(value) or value < 0:
-                problems.add(line, "maximum_lock_wait_seconds must be a non-negative integer, got %s"
-                             % _describe(value))
-            elif value > MAX_LOCK_WAIT:
-                problems.add(line, "Timeout must not exceed %d seconds" % MAX_LOCK_WAIT)
+        elif key in SECTIONS:
+            if _mapping(value, problems, line, key, SECTIONS[key]) is not None:
+                for leaf, leaf_value in value.items():
+                    if leaf in SECTIONS[key] and leaf_value is not None:
+                        _read_setting(layer, FILE_OPTIONS[key + "." + leaf], leaf_value, problems,
+                                      _line_of(value, leaf, line))
+        elif option is not None:
+            if option.files == "project" and kind == "user":
+                problems.add(line, "%s %s only valid in trop.yaml/trop.local.yaml, not user config.yaml"
+                             % (key, "are" if key.endswith("s") else "is"))
             else:
-                layer.set(key, value, line)
-        elif key == "output_format":
-            if value not in OUTPUT_FORMATS:
-                problems.add(line, "output_format must be one of table, json, csv, tsv, got %s"
-                             % _describe(value))
-            else:
-                layer.set(key, value, line)
+                _read_setting(layer, option, value, problems, line)
     return layer
 
 
-def _read_bool(layer, key, value, problems, line):
-    if isinstance(value, bool):
-        layer.set(key, value, line)
-    else:
-        problems.add(line, "%s must be true or false, got %s" % (key, _describe(value)))
+def _read_setting(layer, option, value, problems, line):
+    value = option.kind.from_file(option, value, problems, line)
+    if value is not _INVALID:
+        option.kind.store(layer, option, value, line)
 
 
 def _read_ports(value, layer, problems, line):
-    if _mapping(value, problems, line, "ports", ("min", "max", "max_offset")) is None:
+    """ports: min is required; max and max_offset exclude each other; max >= min."""
+    if _mapping(value, problems, line, "ports", SECTIONS["ports"]) is None:
         return
-    present = {k for k, v in value.items() if v is not None}     # null means absent
+    present = {k: _line_of(value, k, line) for k, v in value.items() if v is not None}   # null means absent
     if "min" not in present:
         problems.add(line, "ports: missing field 'min'")
-    pmin = None
-    if "min" in present:
-        pmin = _port_value(value["min"], problems, _line_of(value, "min", line), "ports.min")
-        if pmin is not None:
-            layer.set("ports.min", pmin, _line_of(value, "min", line))
     if "max" in present and "max_offset" in present:
-        problems.add(_line_of(value, "max_offset", line), "Cannot specify both max and max_offset")
-        return
-    if "max" in present:
-        mline = _line_of(value, "max", line)
-        pmax = _port_value(value["max"], problems, mline, "ports.max")
-        if pmax is not None:
-            if pmin is not None and pmax < pmin:
-                problems.add(mline, "ports.max (%d) must be >= min (%d)" % (pmax, pmin))
-            layer.set("ports.max", pmax, mline)
-            layer.set("ports.max_offset", None, mline)
-    elif "max_offset" in present:
-        oline = _line_of(value, "max_offset", line)
-        offset = value["max_offset"]
-        if not _is_int(offset) or not 0 < offset <= 65535:
-            problems.add(oline, "ports.max_offset must be an integer 1..65535, got %s" % _describe(offset))
-        elif pmin is not None and pmin + offset > 65535:
-            problems.add(oline, "Offset %d would overflow port range from min %d" % (offset, pmin))
+        problems.add(present["max_offset"], "Cannot specify both max and max_offset")
+        del present["max"], present["max_offset"]
+    read = {}
+    for leaf in SECTIONS["ports"]:
+        if leaf in present:
+            option = FILE_OPTIONS["ports." + leaf]
+            read[leaf] = option.kind.from_file(option, value[leaf], problems, present[leaf])
+    low = read.get("min", _INVALID)
+    if low is not _INVALID:
+        OPTION["min"].kind.store(layer, OPTION["min"], low, present["min"])
+    high = read.get("max", _INVALID)
+    if high is not _INVALID:
+        if low is not _INVALID and high < low:
+            problems.add(present["max"], "ports.max (%d) must be >= min (%d)" % (high, low))
+        OPTION["max"].kind.store(layer, OPTION["max"], high, present["max"])
+    offset = read.get("max_offset", _INVALID)
+    if offset is not _INVALID:
+        if low is not _INVALID and low + offset > 65535:
+            problems.add(present["max_offset"], "Offset %d would overflow port range from min %d" % (offset, low))
         else:
-            layer.set("ports.max_offset", offset, oline)
-            layer.set("ports.max", None, oline)
+            OPTION["max_offset"].kind.store(layer, OPTION["max_offset"], offset, present["max_offset"])
 
 
 def read_config_file(path, kind, problems=None):
     """Read and check one YAML file; problems are collected, or raised at once."""
     collect = problems is not None
     problems = problems if collect else Problems(path)
+    layer = Layer(path, kind)
     try:
         data = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         problems.add(None, "cannot read: %s" % (exc.strerror or exc))
-        if not collect:
-            problems.raise_first()
-        return Layer(path, kind)
-    if len(data) > MAX_CONFIG_BYTES:
+        data = None
+    if data is not None and len(data) > MAX_CONFIG_BYTES:
         problems.add(None, "file is larger than %d bytes; not a trop configuration" % MAX_CONFIG_BYTES)
-    else:
+    elif data is not None:
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[:exc.start].count(b"\n") + 1
-            problems.add(line, "invalid UTF-8 (byte 0x%02x)" % data[exc.start])
-        else:
-            try:
-                doc = parse_yaml(text)
-            except YamlError as exc:
-                problems.add(exc.line, exc.message)
-            else:
-                layer = read_config_document(doc, path, kind, problems)
-                if not collect:
-                    problems.raise_first()
-                return layer
+            layer = read_config_document(parse_yaml(data), path, kind, problems)
+        except YamlError as exc:
+            problems.add(exc.line, exc.message)
     if not collect:
         problems.raise_first()
-    return Layer(path, kind)
+    return layer
 
 
 def _read_regular_file(path, limit):
     """Read at most limit bytes; a directory, FIFO or device is refused before open() can block."""
-    import errno
-    import stat
     mode = os.stat(path).st_mode
     if stat.S_ISDIR(mode):
         raise OSError(errno.EISDIR, "is a directory, not a configuration file")
@@ -1158,71 +1471,32 @@ def _read_regular_file(path, limit):
         return fh.read(limit)
 
 
-def _env_bool(name, text):
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ConfigError("validation error for '%s': Invalid boolean value: '%s' "
-                      "(expected true/false/1/0/yes/no/on/off)" % (name, text))
-
-
-def _env_u16(name, text, what="Invalid port number"):
-    text = text.strip()
-    if not text.isdigit() or int(text) > 65535:
-        raise ConfigError("validation error for '%s': %s: '%s'" % (name, what, text))
-    return int(text)
-
-
 def env_layer(environ):
     """Everything trop reads from the environment, as one layer."""
     layer = Layer("environment", "env")
-    get = environ.get
-    for name, key in ENV_FLAGS:
-        if get(name) is not None and not (key in layer.values and name.endswith(("_CHANGE_PROJECT", "_CHANGE_TASK"))):
-            layer.set(key, _env_bool(name, get(name)), name)
-    if get("TROP_PROJECT") is not None:
-        layer.set("project", _check_identifier("project", get("TROP_PROJECT"), "TROP_PROJECT"), "TROP_PROJECT")
-    if get("TROP_TASK") is not None:
-        layer.set("task", _check_identifier("task", get("TROP_TASK"), "TROP_TASK"), "TROP_TASK")
-    if get("TROP_PORT_MIN") is not None:
-        layer.set("ports.min", _env_u16("TROP_PORT_MIN", get("TROP_PORT_MIN")), "TROP_PORT_MIN")
-    if get("TROP_PORT_MAX") is not None:
-        layer.set("ports.max", _env_u16("TROP_PORT_MAX", get("TROP_PORT_MAX")), "TROP_PORT_MAX")
-        layer.set("ports.max_offset", None, "TROP_PORT_MAX")
-    if get("TROP_PORT_MAX_OFFSET") is not None:
-        layer.set("ports.max_offset", _env_u16("TROP_PORT_MAX_OFFSET", get("TROP_PORT_MAX_OFFSET"),
-                                               "Invalid port offset"), "TROP_PORT_MAX_OFFSET")
-        layer.set("ports.max", None, "TROP_PORT_MAX_OFFSET")
-    if get("TROP_EXCLUDED_PORTS"):
-        for item in get("TROP_EXCLUDED_PORTS").split(","):
-            if item.strip():
-                try:
-                    layer.exclusions.append(parse_exclusion(item.strip()))
-                except InvalidArguments as exc:
-                    raise ConfigError("validation error for 'TROP_EXCLUDED_PORTS': %s" % exc.message)
-    days = get("TROP_EXPIRE_AFTER_DAYS")
-    if days is not None:
-        if not days.strip().isdigit() or int(days) > 0xFFFFFFFF:
-            raise ConfigError("validation error for 'TROP_EXPIRE_AFTER_DAYS': Must be a positive integer")
-        layer.set("cleanup.expire_after_days", int(days), "TROP_EXPIRE_AFTER_DAYS")
-    for name in ("TROP_MAXIMUM_LOCK_WAIT_SECONDS", "TROP_BUSY_TIMEOUT"):   # canonical name wins
-        wait = get(name)
-        if wait is not None:
-            if not wait.strip().isdigit():
-                raise ConfigError("validation error for '%s': Must be a non-negative integer" % name)
-            layer.set("maximum_lock_wait_seconds", int(wait), name)
-    fmt = get("TROP_OUTPUT_FORMAT")
-    if fmt is not None:
-        if fmt.strip().lower() not in OUTPUT_FORMATS:
-            raise ConfigError("validation error for 'TROP_OUTPUT_FORMAT': Invalid output format: '%s' "
-                              "(expected table/json/csv/tsv)" % fmt)
-        layer.set("output_format", fmt.strip().lower(), "TROP_OUTPUT_FORMAT")
-    mode = get("TROP_LOG_MODE")
-    if mode is not None and mode.strip().lower() not in ("quiet", "normal", "verbose"):
-        raise ConfigError("validation error for 'TROP_LOG_MODE': Invalid log mode: '%s' "
-                          "(expected quiet/normal/verbose)" % mode)
+    for option in OPTIONS:
+        chosen = None
+        for name in option.env:
+            text = environ.get(name)
+            if text is not None:
+                value = option.kind.from_env(option, name, text)
+                if chosen is None:
+                    chosen = (value, name)
+        if chosen is not None and option.keys:
+            option.kind.store(layer, option, chosen[0], chosen[1])
+    return layer
+
+
+def cli_layer(opts):
+    """The command-line layer (flags, or the API's keywords): switches can only turn settings on."""
+    layer = Layer(CLI_SOURCE, "cli")
+    for option in OPTIONS:
+        value = opts.get(option.name)
+        if option.keys and option.flag and value is not None and value is not False:
+            option.kind.store(layer, option, option.kind.from_flag(option, value), None)
+    low, high = layer.values.get("ports.min"), layer.values.get("ports.max")
+    if low is not None and high is not None and low > high:
+        raise InvalidArguments("Invalid arguments: --min %d is greater than --max %d" % (low, high))
     return layer
 
 
@@ -1233,7 +1507,6 @@ class Config:
         values = dict(DEFAULTS)
         sources = dict.fromkeys(values, BUILTIN_SOURCE)
         self.exclusion_sources = []
-        values["reservations"] = None
         for layer in layers:
             for key, value in layer.values.items():
                 values[key] = value
@@ -1299,17 +1572,28 @@ class Config:
 
     @property
     def group(self):
-        return self.values["reservations"]
+        return self["reservations"]
 
 
-def config_entries(doc):
-    """The excluded_ports of a parsed document as (start, end) ranges, in file order."""
-    raw = doc.get("excluded_ports") if isinstance(doc, dict) else None
-    if not raw:
-        return []
-    problems = Problems("excluded_ports")
-    out = [parse_exclusion(item, problems) for item in raw] if isinstance(raw, list) else []
-    return [r for r in out if r]
+def write_file_atomic(path, text):
+    """Write via a temporary file in the same directory, fsync, then rename over path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise IoFailure("%s: %s" % (path, exc.strerror or exc))
+
 
 
 class _DirectoryLock:
@@ -1351,15 +1635,14 @@ def edit_exclusions(path, kind, change):
             doc = parse_yaml(text)
         except YamlError as exc:
             raise ConfigError("%s:%s: %s" % (path, exc.line, exc.message))
-        read_config_document(doc, path, kind, problems)
+        current = read_config_document(doc, path, kind, problems).exclusions
         problems.raise_first()
-        current = config_entries(doc)
         new = change(current)
         if new is None:
             return current, None
         for start, end in new:
             if not 1 <= start <= end <= 65535:
-                raise InvalidArguments("Invalid arguments: invalid exclusion %s" % _range_text(start, end))
+                raise InvalidArguments("Invalid arguments: invalid exclusion %s" % range_text(start, end))
         try:
             appended = len(new) - len(current) if new[:len(current)] == current else 0
             new_text = replace_excluded_ports(text, [s if s == e else (s, e) for s, e in new], appended)
@@ -1386,7 +1669,7 @@ def add_exclusions(path, ranges, kind="project", compact=False):
             return None
         merged = current + added
         if compact:
-            merged = [(e, e) if isinstance(e, int) else e for e in ExclusionList(merged).entries()]
+            merged = ExclusionList(merged).ranges
         return merged
     edit_exclusions(path, kind, change)
     return len(added)
@@ -1395,6 +1678,15 @@ def add_exclusions(path, ranges, kind="project", compact=False):
 def config_kind(path):
     """Validation rules of a file: user rules for config.yaml, project rules otherwise."""
     return "user" if os.path.basename(path) == "config.yaml" else "project"
+
+
+def exclusion_target(project_dir, data_dir):
+    """Where exclude and scan --autoexclude write: trop.local.yaml, else trop.yaml, else the user config."""
+    for name in reversed(PROJECT_FILES if project_dir else ()):
+        path = os.path.join(project_dir, name)
+        if os.path.exists(path):
+            return path
+    return os.path.join(data_dir, "config.yaml")
 
 
 def find_project_dir(start):
@@ -1429,6 +1721,8 @@ def user_layer(data_dir):
     return []
 
 
+
+
 # --- Paths -------------------------------------------------------------------
 
 def home_dir():
@@ -1437,9 +1731,8 @@ def home_dir():
     if home:
         return home
     try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_dir or None
-    except (ImportError, KeyError, AttributeError):
+        return _pwd().getpwuid(os.getuid()).pw_dir or None
+    except (AttributeError, KeyError):          # no pwd module (None), no entry
         return None
 
 
@@ -1568,7 +1861,6 @@ def infer_git_metadata(path):
     project: the repository's name (worktrees resolve to the main repository);
     task: the linked worktree's name, else the branch; detached HEAD: none.
     """
-    import stat
     current = path
     while True:
         dotgit = current.rstrip("/") + "/.git"
@@ -1609,7 +1901,7 @@ def infer_git_metadata(path):
         if head.startswith("ref:"):
             ref = head[4:].strip()
             task = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
-    return _clean_identifier(project), _clean_identifier(task)
+    return _git_name(project), _git_name(task)
 
 
 def _stat_kind(path):
@@ -1620,13 +1912,10 @@ def _stat_kind(path):
         return None
 
 
-def _clean_identifier(value):
-    if value is None:
-        return None
-    value = value.strip()
-    if not value or "\0" in value or len(value.encode("utf-8", "surrogateescape")) > 255:
-        return None
-    return value
+def _git_name(value):
+    """An inferred project or task: trimmed, or None when it is not a valid identifier."""
+    value = value.strip() if value is not None else ""
+    return None if identifier_problem(value) else value
 
 
 # --- Models ------------------------------------------------------------------
@@ -1690,14 +1979,6 @@ class Reservation:
 
     def __repr__(self):
         return "Reservation(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.FIELDS)
-
-    def as_dict(self):
-        return {
-            "created_at": format_timestamp(self.created_at),
-            "last_used_at": format_timestamp(self.last_used_at),
-            "path": self.path, "port": self.port, "project": self.project,
-            "tag": self.tag, "task": self.task,
-        }
 
     @classmethod
     def from_row(cls, row):
@@ -1792,8 +2073,7 @@ class ExclusionList:
         self._starts = [r[0] for r in self.ranges]
 
     def __contains__(self, port):
-        import bisect
-        i = bisect.bisect_right(self._starts, port) - 1
+        i = bisect_right(self._starts, port) - 1
         return i >= 0 and self.ranges[i][1] >= port
 
     def __len__(self):
@@ -1801,8 +2081,7 @@ class ExclusionList:
 
     def end_of(self, port):
         """The last port of the excluded range containing port."""
-        import bisect
-        return self.ranges[bisect.bisect_right(self._starts, port) - 1][1]
+        return self.ranges[bisect_right(self._starts, port) - 1][1]
 
     def entries(self):
         """The minimal entry list: singles as ints, runs as (start, end)."""
@@ -1831,21 +2110,18 @@ class PortSet:
 
     def add(self, port):
         if port not in self._set:
-            import bisect
             self._set.add(port)
-            bisect.insort(self._sorted, port)
+            insort(self._sorted, port)
 
     def discard(self, port):
         if port in self._set:
-            import bisect
             self._set.discard(port)
-            del self._sorted[bisect.bisect_left(self._sorted, port)]
+            del self._sorted[bisect_left(self._sorted, port)]
 
     def next_unreserved(self, port):
         """The lowest port >= port that is not in the set."""
-        import bisect
         ports = self._sorted
-        i = bisect.bisect_left(ports, port)
+        i = bisect_left(ports, port)
         if i == len(ports) or ports[i] != port:
             return port
         lo, hi = i, len(ports) - 1           # last j with ports[j] - port == j - i (a contiguous run)
@@ -1916,7 +2192,7 @@ class GroupSpec:
             return None
         base = None
         if value.get("base") is not None:
-            base = _port_value(value["base"], problems, _line_of(value, "base", line), "reservations.base")
+            base = _port_in_file(value["base"], problems, _line_of(value, "base", line), "reservations.base")
         if "services" not in value:
             problems.add(line, "reservations: missing field 'services'")
             return None
@@ -1930,8 +2206,8 @@ class GroupSpec:
         for name, body in raw.items():
             tline = _line_of(raw, name, sline)
             tag = name.strip() if isinstance(name, str) else str(name)
-            if not tag or "\0" in tag or len(tag.encode("utf-8", "surrogateescape")) > 255:
-                problems.add(tline, "service tag %r must be non-empty, without NUL, at most 255 bytes" % name)
+            if identifier_problem(tag):
+                problems.add(tline, "service tag %r %s" % (name, identifier_problem(tag)))
                 continue
             if tag in seen:
                 problems.add(tline, "duplicate service tag '%s' (after trimming)" % tag)
@@ -1948,8 +2224,8 @@ class GroupSpec:
                     else:
                         spec.offset = off
                 if body.get("preferred") is not None:
-                    spec.preferred = _port_value(body["preferred"], problems, _line_of(body, "preferred", tline),
-                                                 "service '%s' preferred" % tag)
+                    spec.preferred = _port_in_file(body["preferred"], problems, _line_of(body, "preferred", tline),
+                                                   "service '%s' preferred" % tag)
                 if body.get("env") is not None:
                     env = body["env"]
                     if not isinstance(env, str):
@@ -1997,28 +2273,30 @@ def env_name_problem(name):
     """Why a variable name is unsafe to print into shell or dotenv output (None if safe)."""
     if not name:
         return "is empty"
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
-        return "is longer than 255 bytes"
     first = name[0]
     if not (first == "_" or ("A" <= first <= "Z") or ("a" <= first <= "z")):
         return "must start with a letter or underscore"
     for ch in name:
         if not (ch == "_" or "A" <= ch <= "Z" or "a" <= ch <= "z" or "0" <= ch <= "9"):
             return "must match [A-Za-z_][A-Za-z0-9_]*"
+    if len(name) > 255:                         # ASCII by now: characters are bytes
+        return "is longer than 255 bytes"
     return None
 
 
 class Plan:
-    """What a command will do, as plain data: executed, or shown and rolled back."""
+    """What a command will do, as plain data: executed, or described and rolled back (a dry run).
+
+    A planner builds it inside the transaction that executes it; the
+    subclasses below add what their command reports.
+    """
 
     def __init__(self):
         self.inserts = []        # Reservation
         self.deletes = []        # Reservation (deleted only if unchanged)
-        self.touches = []        # (ReservationKey, last_used_at)
-        self.updates = []        # Reservation (metadata change, same key and port)
+        self.updates = []        # Reservation: same key and port, new project, task or last use
+        self.touches = []        # Reservation: only last_used_at refreshed
         self.warnings = []
-        self.result = None
-        self.output = None
 
     def __bool__(self):
         return bool(self.inserts or self.deletes or self.touches or self.updates)
@@ -2028,10 +2306,51 @@ class Plan:
             store.delete_exact(res)
         for res in self.updates:
             store.update(res)
-        for key, ts in self.touches:
-            store.touch(key, ts)
+        for res in self.touches:
+            store.touch(res)
         for res in self.inserts:
             store.insert(res)
+
+    def describe(self):
+        """Human lines for a dry run, in execution order (a moved key is one Reserve line)."""
+        inserted = {r.key for r in self.inserts}
+        lines = ["Delete reservation for %s" % r.key for r in self.deletes if r.key not in inserted]
+        lines += ["Update reservation for %s (port %d, project %s, task %s)"
+                  % (r.key, r.port, _quote(r.project), _quote(r.task)) for r in self.updates]
+        lines += ["Refresh reservation for %s (port %d)" % (r.key, r.port) for r in self.touches]
+        return lines + ["Reserve port %d for %s" % (r.port, r.key) for r in self.inserts]
+
+
+class ReservePlan(Plan):
+    """reserve: the plan and the port the key ends up with."""
+
+    def __init__(self):
+        Plan.__init__(self)
+        self.port = None
+
+
+class GroupPlan(Plan):
+    """reserve-group, autoreserve, run: the group, its ports by tag, and the output made before commit."""
+
+    def __init__(self, spec):
+        Plan.__init__(self)
+        self.spec = spec
+        self.ports = {}
+        self.output = None
+
+    def environment(self):
+        """{VARIABLE: "port"}, as `trop run` sets them."""
+        return {s.env_name: str(self.ports[s.tag]) for s in self.spec.services if s.tag in self.ports}
+
+
+class MigratePlan(Plan):
+    """migrate: where from and to, each (old, new) move, and the destination rows it replaces."""
+
+    def __init__(self, source, target):
+        Plan.__init__(self)
+        self.source, self.target = source, target
+        self.moves = []
+        self.conflicts = []
 
 
 # --- Store (SQLite) ----------------------------------------------------------
@@ -2053,15 +2372,12 @@ _INDEXES = (("idx_reservations_port", "port"), ("idx_reservations_project", "pro
 _V1_COLUMNS = [("path", "TEXT", 1, 1), ("tag", "TEXT", 0, 2), ("port", "INTEGER", 1, 0),
                ("project", "TEXT", 0, 0), ("task", "TEXT", 0, 0), ("created_at", "INTEGER", 1, 0),
                ("last_used_at", "INTEGER", 1, 0)]
+_DUPLICATE_KEYS_SQL = ("SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY path, COALESCE(tag, '') "
+                       "HAVING COUNT(*) > 1)")       # v1 stores untagged as NULL, v2 as ''
+_DUPLICATE_PORTS_SQL = "SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY port HAVING COUNT(*) > 1)"
 _V2_COLUMNS = [("path", "TEXT", 1, 1), ("tag", "TEXT", 1, 2), ("port", "INTEGER", 1, 0),
                ("project", "TEXT", 0, 0), ("task", "TEXT", 0, 0), ("created_at", "INTEGER", 1, 0),
                ("last_used_at", "INTEGER", 1, 0)]
-
-
-def _sqlite():
-    """sqlite3, imported only by commands that touch the database."""
-    import sqlite3
-    return sqlite3
 
 
 def _strict_supported():
@@ -2243,19 +2559,15 @@ class Store:
 
     def _v1_preflight(self):
         conn = self.conn
-        for table, expected in (("reservations", _V1_COLUMNS),):
-            if _table_columns(conn, table) != expected:
-                return [("unexpected_v1_table_layout", 1)]
-        if [r[1] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
+        if _table_columns(conn, "reservations") != _V1_COLUMNS or \
+                [r[1] for r in conn.execute("PRAGMA table_info(metadata)")] != ["key", "value"]:
             return [("unexpected_v1_table_layout", 1)]
         staging = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name IN "
                                "('metadata_v2', 'reservations_v2')").fetchone()[0]
         checks = [
             ("staging_objects", None, staging),
-            ("duplicate_keys", "SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY path, "
-                               "COALESCE(tag, '') HAVING COUNT(*) > 1)", None),
-            ("duplicate_ports", "SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY port "
-                                "HAVING COUNT(*) > 1)", None),
+            ("duplicate_keys", _DUPLICATE_KEYS_SQL, None),
+            ("duplicate_ports", _DUPLICATE_PORTS_SQL, None),
             ("empty_tags", "SELECT COUNT(*) FROM reservations WHERE tag = ''", None),
             ("invalid_ports", "SELECT COUNT(*) FROM reservations WHERE typeof(port) != 'integer' "
                               "OR port < 1 OR port > 65535", None),
@@ -2346,9 +2658,9 @@ class Store:
                           "WHERE path = ? AND tag = ?",
                           (res.project, res.task, res.last_used_at, res.path, res.tag or ""))
 
-    def touch(self, key, when):
+    def touch(self, res):
         self.conn.execute("UPDATE reservations SET last_used_at = ? WHERE path = ? AND tag = ?",
-                          (when, key.path, key.db_tag))
+                          (res.last_used_at, res.path, res.tag or ""))
 
 
 def _migration_blocked(problems):
@@ -2423,7 +2735,6 @@ def _database_error(exc, path, operation, timeout):
 
 def _sql_tokens(sql):
     """Tokens of a CREATE statement, case- and quoting-insensitive, for schema comparison."""
-    import re
     tokens = re.findall(r'"[^"]*"|`[^`]*`|\[[^\]]*\]|\'[^\']*\'|[A-Za-z_][A-Za-z0-9_]*|\d+|>=|<=|!=|\S', sql)
     out = []
     for tok in tokens:
@@ -2470,11 +2781,9 @@ def validate_schema(conn):
             fail("metadata row %r has non-text values" % (row[0],))
     for row in conn.execute(_SELECT):
         Reservation.from_row(row)
-    if conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY path, tag "
-                    "HAVING COUNT(*) > 1)").fetchone()[0]:
+    if conn.execute(_DUPLICATE_KEYS_SQL).fetchone()[0]:
         fail("duplicate (path, tag) keys")
-    if conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM reservations GROUP BY port "
-                    "HAVING COUNT(*) > 1)").fetchone()[0]:
+    if conn.execute(_DUPLICATE_PORTS_SQL).fetchone()[0]:
         fail("duplicate ports")
     indexes = {r[1]: r for r in conn.execute("PRAGMA index_list(reservations)")}
     for name, column in _INDEXES:
@@ -2582,9 +2891,8 @@ class OwnerTable:
                 self._add(protocol, family, port, rank, uid, inode, None)
 
     def _load_lsof(self):
-        import shutil
-        import subprocess
-        exe = shutil.which("lsof")
+        subprocess = _subprocess()
+        exe = _shutil().which("lsof")
         if not exe:
             return
         try:
@@ -2692,10 +3000,9 @@ class OwnerTable:
             return None
         if uid not in self._users:
             try:
-                import pwd
-                self._users[uid] = pwd.getpwuid(uid).pw_name
-            except (ImportError, KeyError, OverflowError):
-                self._users[uid] = str(uid)   # no passwd entry: numeric uid
+                self._users[uid] = _pwd().getpwuid(uid).pw_name
+            except (AttributeError, KeyError, OverflowError):
+                self._users[uid] = str(uid)   # no passwd entry (or no passwd at all): numeric uid
         return self._users[uid]
 
     def lookup(self, protocol, family, port):
@@ -2757,16 +3064,9 @@ class Occupancy:
         return state
 
 
-_NOT_APPLICABLE = None
-
-
-def _not_applicable(errno_value):
-    global _NOT_APPLICABLE
-    if _NOT_APPLICABLE is None:
-        import errno
-        names = ("EAFNOSUPPORT", "EADDRNOTAVAIL", "EPROTONOSUPPORT", "EPFNOSUPPORT", "ESOCKTNOSUPPORT")
-        _NOT_APPLICABLE = {getattr(errno, n) for n in names if hasattr(errno, n)}
-    return errno_value in _NOT_APPLICABLE
+# A probe that fails with one of these cannot apply on this host (no such family or address).
+_NOT_APPLICABLE = frozenset(getattr(errno, name) for name in (
+    "EAFNOSUPPORT", "EADDRNOTAVAIL", "EPROTONOSUPPORT", "EPFNOSUPPORT", "ESOCKTNOSUPPORT") if hasattr(errno, name))
 
 
 def describe_probe(probe):
@@ -2776,8 +3076,7 @@ def describe_probe(probe):
 
 def probe_port(port, probes):
     """Run each probe: (occupied probes, [(failed probe, error text)])."""
-    import socket
-    import errno
+    socket = _socket()
     occupied, failed = [], []
     for probe in probes:
         proto, family, _scope, address = probe
@@ -2786,7 +3085,7 @@ def probe_port(port, probes):
         try:
             sock = socket.socket(af, kind)
         except OSError as exc:
-            if not _not_applicable(exc.errno):
+            if exc.errno not in _NOT_APPLICABLE:
                 failed.append((probe, str(exc)))
             continue
         try:
@@ -2796,7 +3095,7 @@ def probe_port(port, probes):
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 occupied.append(probe)
-            elif not _not_applicable(exc.errno):
+            elif exc.errno not in _NOT_APPLICABLE:
                 failed.append((probe, str(exc)))
         finally:
             sock.close()
@@ -2815,7 +3114,6 @@ def scan_ports(port_range, policy, reserved, owners=None, failures=None):
     """
     probes = policy.probes()
     rows = []
-    owners = owners if owners is not None else None
     for port in port_range:
         found, failed = probe_port(port, probes)
         if failures is not None:
@@ -2839,8 +3137,7 @@ def unreserved_occupied(rows):
 
 def format_scan(rows, fmt):
     if fmt == "json":
-        import json
-        return json.dumps(rows, indent=2, ensure_ascii=False)
+        return _json().dumps(rows, indent=2, ensure_ascii=False)
 
     def text(row, key):
         value = row[key]
@@ -2945,26 +3242,21 @@ def allocate_single(req, taken, occupancy):
 
 # --- Operations: stale reservations (the prune and expire rules) ----------------
 
-_STALE_ERRNOS = None
+_STALE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL))
+_UNKNOWABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ELOOP: "symlink loop",
+               errno.EIO: "transient I/O error", errno.EAGAIN: "transient I/O error",
+               errno.ETIMEDOUT: "transient I/O error", errno.ENOSYS: "unsupported filesystem operation",
+               errno.EOPNOTSUPP: "unsupported filesystem operation"}
 
 
 def inspect_path(path):
     """'live', 'stale' (certainly gone) or (kind, message) when it cannot be told."""
-    global _STALE_ERRNOS
-    import errno
-    if _STALE_ERRNOS is None:
-        _STALE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
     try:
-        import stat
         st = os.stat(path)
     except OSError as exc:
         if exc.errno in _STALE_ERRNOS:
             return "stale"
-        kinds = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                 errno.ELOOP: "symlink loop", errno.EIO: "transient I/O error", errno.EAGAIN: "transient I/O error",
-                 errno.ETIMEDOUT: "transient I/O error", errno.ENOSYS: "unsupported filesystem operation",
-                 errno.EOPNOTSUPP: "unsupported filesystem operation"}
-        return (kinds.get(exc.errno, "unknown filesystem error"), exc.strerror or str(exc))
+        return (_UNKNOWABLE.get(exc.errno, "unknown filesystem error"), exc.strerror or str(exc))
     except ValueError:
         return "stale"                      # embedded NUL: cannot name a directory
     return "live" if stat.S_ISDIR(st.st_mode) else "stale"
@@ -2979,21 +3271,18 @@ _ADVICE = {
 }
 
 
-class CleanupPlan:
-    """Rows that prune and expire would remove, and paths that could not be inspected."""
+class CleanupPlan(Plan):
+    """prune / expire / autoclean: the rows each rule removes, and paths that could not be inspected."""
 
     def __init__(self):
+        Plan.__init__(self)
         self.pruned = []
         self.expired = []
-        self.warnings = []
-
-    @property
-    def rows(self):
-        return self.pruned + self.expired
 
 
-def plan_cleanup(store, prune, expire_days, now):
+def plan_cleanup(store, prune, expire_days, now=None):
     """Select stale rows inside the caller's transaction; each distinct path is inspected once."""
+    now = int(time.time()) if now is None else now
     plan = CleanupPlan()
     rows = store.all()
     pruned_keys = set()
@@ -3015,6 +3304,7 @@ def plan_cleanup(store, prune, expire_days, now):
         expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys]
         expired.sort(key=lambda r: (r.last_used_at, r.path, r.tag or ""))
         plan.expired = expired
+    plan.deletes = plan.pruned + plan.expired
     return plan
 
 
@@ -3050,25 +3340,17 @@ def _resolve_intent(intent, stored):
     return intent[1] if intent[0] == "set" else None
 
 
-def _quote(value):
-    return "none" if value is None else '"%s"' % value
-
-
 def plan_reserve(store, req, now=None, occupancy=None):
     """Read the key and the taken ports, decide, and return the Plan (inside the transaction)."""
     now = int(time.time()) if now is None else now
     occupancy = occupancy or Occupancy(req.policy)
-    plan = Plan()
+    plan = ReservePlan()
     existing = store.get(req.key)
     if existing is not None:
         project = _resolve_intent(req.project, existing.project)
         task = _resolve_intent(req.task, existing.task)
-        for field, old, new, allowed, flag in (
-                ("project", existing.project, project, req.allow_project, "--allow-project-change"),
-                ("task", existing.task, task, req.allow_task, "--allow-task-change")):
-            if old != new and not allowed:
-                raise SemanticFailure("cannot change sticky field '%s': Cannot change %s from %s to %s without "
-                                      "--force or %s" % (field, field, _quote(old), _quote(new), flag))
+        _check_sticky("project", {existing.project}, project, req.allow_project)
+        _check_sticky("task", {existing.task}, task, req.allow_task)
         if req.overwrite or req.force:
             taken = store.taken_ports() - {existing.port}
             port = _allocate_or_cleanup(store, req, taken, occupancy, plan, now)
@@ -3078,13 +3360,13 @@ def plan_reserve(store, req, now=None, occupancy=None):
             else:
                 plan.deletes.append(existing)
                 plan.inserts.append(moved)
-            plan.result = port
+            plan.port = port
         else:
             if (project, task) != (existing.project, existing.task):
                 plan.updates.append(existing.replace(project=project, task=task, last_used_at=now))
             else:
-                plan.touches.append((req.key, now))
-            plan.result = existing.port
+                plan.touches.append(existing.replace(last_used_at=now))
+            plan.port = existing.port
         return plan
     project, task = _resolve_intent(req.project, None), _resolve_intent(req.task, None)
     if req.infer_git and (req.project is None or req.task is None):
@@ -3093,8 +3375,17 @@ def plan_reserve(store, req, now=None, occupancy=None):
         task = git_task if req.task is None else task
     port = _allocate_or_cleanup(store, req, store.taken_ports(), occupancy, plan, now)
     plan.inserts.append(Reservation(req.key.path, req.key.tag, port, project, task, now, now))
-    plan.result = port
+    plan.port = port
     return plan
+
+
+def _check_sticky(field, old, new, allowed, group_path=None):
+    """A recorded project or task changes only with --force or its permission."""
+    if old != {new} and not allowed:
+        raise SemanticFailure("cannot change sticky field '%s': Cannot change %s%s from %s to %s without --force "
+                              "or --allow-%s-change%s" % (field, "group " if group_path else "", field,
+                                                          ", ".join(sorted(_quote(o) for o in old)), _quote(new),
+                                                          field, " (group at %s)" % group_path if group_path else ""))
 
 
 def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
@@ -3108,7 +3399,7 @@ def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
                            "and expiration disabled); remaining blockers: %s%s"
                            % (rng, blockers, _probe_failures(occupancy)))
     cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
-    freed = {r.port for r in cleanup.rows if r.key != req.key}
+    freed = {r.port for r in cleanup.deletes if r.key != req.key}
     port, blockers = allocate_single(req, taken - freed, occupancy)
     if port is None:
         policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
@@ -3117,7 +3408,7 @@ def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
                            "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
                            % (rng, blockers, len(cleanup.pruned), len(cleanup.expired), policy,
                               _probe_failures(occupancy)))
-    plan.deletes.extend(r for r in cleanup.rows if r.key != req.key)
+    plan.deletes.extend(r for r in cleanup.deletes if r.key != req.key)
     plan.warnings.extend(cleanup.warnings)
     plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
                          "reservation(s); allocation succeeded on the single retry."
@@ -3135,6 +3426,7 @@ def _probe_failures(occupancy):
 
 
 def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
+    """The rows to delete: every tag at path (or beneath it), one tag, or the untagged row."""
     rows = store.under(path) if recursive else store.at_path(path)
     if tag is not None:
         rows = [r for r in rows if r.tag == tag]
@@ -3149,26 +3441,7 @@ def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
             plan.warnings.append("No reservation found for %s (already released)" % ReservationKey(path, tag))
         else:
             plan.warnings.append("No reservations found for %s (already released)" % path)
-    plan.result = len(rows)
     return plan
-
-
-def describe_plan(plan):
-    """Human lines for a dry run, in execution order."""
-    lines = []
-    inserted = {r.key for r in plan.inserts}
-    for res in plan.deletes:
-        if res.key in inserted:
-            continue
-        lines.append("Delete reservation for %s" % res.key)
-    for res in plan.updates:
-        lines.append("Update reservation for %s (port %d, project %s, task %s)"
-                     % (res.key, res.port, _quote(res.project), _quote(res.task)))
-    for key, _ts in plan.touches:
-        lines.append("Refresh reservation for %s (port %d)" % (key, plan.result))
-    for res in plan.inserts:
-        lines.append("Reserve port %d for %s" % (res.port, res.key))
-    return lines
 
 
 # --- Operations: groups --------------------------------------------------------
@@ -3246,25 +3519,20 @@ def plan_group(store, req, now=None, occupancy=None):
     """Refresh a compatible stored group or allocate a fresh one; all rows or none."""
     now = int(time.time()) if now is None else now
     occupancy = occupancy or Occupancy(req.policy)
-    plan = Plan()
+    plan = GroupPlan(req.spec)
     stored = [r for r in store.at_path(req.path) if r.tag is not None]
     project, task = req.project, req.task
     if stored:
         reason = group_incompatibility(req, stored)
         if reason is None:
-            for field, new, allowed, flag in (("project", project, req.allow_project, "--allow-project-change"),
-                                              ("task", task, req.allow_task, "--allow-task-change")):
-                old = {getattr(r, field) for r in stored}
-                if new is not None and old != {new} and not allowed:
-                    raise SemanticFailure("cannot change sticky field '%s': Cannot change group %s from %s to %s "
-                                          "without --force or %s (group at %s)" % (
-                                              field, field, ", ".join(sorted(_quote(o) for o in old)),
-                                              _quote(new), flag, req.path))
+            for field, new, allowed in (("project", project, req.allow_project), ("task", task, req.allow_task)):
+                if new is not None:
+                    _check_sticky(field, {getattr(r, field) for r in stored}, new, allowed, req.path)
             for res in stored:
                 changed = res.replace(project=res.project if project is None else project,
                                       task=res.task if task is None else task, last_used_at=now)
                 plan.updates.append(changed)
-            plan.result = {r.tag: r.port for r in stored}
+            plan.ports = {r.tag: r.port for r in stored}
             return plan
         if not req.force:
             raise LibraryError("reservation conflict: existing group at %s is incompatible: %s (use --force to "
@@ -3275,7 +3543,7 @@ def plan_group(store, req, now=None, occupancy=None):
     taken = store.taken_ports() - {r.port for r in plan.deletes}
     mapping = allocate_group(req, taken, occupancy)
     plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
-    plan.result = mapping
+    plan.ports = mapping
     return plan
 
 
@@ -3318,8 +3586,7 @@ def format_group(spec, mapping, fmt, shell="bash"):
     """Render a group's ports; every variable name was validated when the config was read."""
     services = [s for s in spec.services if s.tag in mapping]
     if fmt == "json":
-        import json
-        return json.dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True, ensure_ascii=False)
+        return _json().dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True, ensure_ascii=False)
     if fmt == "human":
         return "\n".join(["Reserved ports:"] + ["  %s: %d" % (s.tag, mapping[s.tag]) for s in services])
     for svc in services:                       # defence in depth: nothing unvalidated reaches a shell
@@ -3334,10 +3601,6 @@ def format_group(spec, mapping, fmt, shell="bash"):
     else:
         line = "export %s=%d"
     return "\n".join(line % (s.env_name, mapping[s.tag]) for s in services)
-
-
-def group_environment(spec, mapping):
-    return {s.env_name: str(mapping[s.tag]) for s in spec.services if s.tag in mapping}
 
 
 def locate_group_config(cwd, config_path=None):
@@ -3358,7 +3621,7 @@ def locate_group_config(cwd, config_path=None):
 
 
 def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, fmt=None, shell=None):
-    """Reserve the session's group for group_dir; returns the Plan, with the output rendered inside it."""
+    """Reserve the session's group for group_dir; returns the GroupPlan, its output rendered before commit."""
     spec = session.config.group
     if spec is None:
         raise LibraryError("Effective configuration does not contain a reservation group (no `reservations:` "
@@ -3369,39 +3632,17 @@ def run_group(session, config_file, group_dir, task=None, force=False, dry_run=F
     def planner(store):
         check_path_relationship(group_dir, allowed)
         plan = plan_group(store, req)
-        plan.output = format_group(spec, plan.result, fmt, shell) if fmt else None
+        plan.output = format_group(spec, plan.ports, fmt, shell) if fmt else None
         return plan
-    plan = session.write(planner, dry_run)
-    plan.spec = spec
-    return plan
+    return session.write(planner, dry_run)
 
 
 # --- Operations: cleanup commands and migrate ----------------------------------
 
-def plan_cleanup_command(store, prune, expire_days, now=None):
-    """prune / expire / autoclean: the rows to delete, chosen inside the transaction."""
-    now = int(time.time()) if now is None else now
-    cleanup = plan_cleanup(store, prune, expire_days, now)
-    plan = Plan()
-    plan.deletes = cleanup.rows
-    plan.warnings = cleanup.warnings
-    plan.result = cleanup
-    return plan
-
-
 def run_cleanup(session, prune=True, expire=True, days=None, dry_run=False):
     """Remove reservations whose directory is gone (prune) and/or unused for days (expire)."""
     expire_days = (days or session.config["cleanup.expire_after_days"]) if expire else None
-    return session.write(lambda store: plan_cleanup_command(store, prune, expire_days), dry_run)
-
-
-class Move:
-    """One reservation moving from one path to another."""
-
-    __slots__ = ("old", "new")
-
-    def __init__(self, old, new):
-        self.old, self.new = old, new
+    return session.write(lambda store: plan_cleanup(store, prune, expire_days), dry_run)
 
 
 def plan_migrate(store, source, target, recursive=False, force=False):
@@ -3409,25 +3650,23 @@ def plan_migrate(store, source, target, recursive=False, force=False):
     rows = store.under(source) if recursive else store.at_path(source)
     if not rows and not recursive:
         raise LibraryError("not found: reservation at %s" % source)
-    moves = [Move(r, r.replace(path=target + r.path[len(source):] if r.path != source else target))
-             for r in rows]
-    moving = {m.old.key for m in moves}
-    conflicts = []
-    for move in moves:
-        existing = store.get(move.new.key)
+    plan = MigratePlan(source, target)
+    plan.moves = [(r, r.replace(path=target + r.path[len(source):])) for r in rows]
+    moving = {old.key for old, _new in plan.moves}
+    for _old, new in plan.moves:
+        existing = store.get(new.key)
         if existing is not None and existing.key not in moving:
-            conflicts.append(existing)
-    if conflicts and not force:
+            plan.conflicts.append(existing)
+    if plan.conflicts and not force:
         raise LibraryError("reservation conflict: Found %d conflicting reservation(s) at destination. "
-                           "Use --force to overwrite." % len(conflicts))
-    plan = Plan()
-    plan.deletes = [m.old for m in moves] + conflicts
-    plan.inserts = [m.new for m in moves]
-    plan.result = (moves, conflicts)
+                           "Use --force to overwrite." % len(plan.conflicts))
+    plan.deletes = [old for old, _new in plan.moves] + plan.conflicts
+    plan.inserts = [new for _old, new in plan.moves]
     return plan
 
 
 def run_migrate(session, source, target, recursive=False, force=False, dry_run=False):
+    """Move reservations between explicit paths; returns the MigratePlan."""
     src = normalize_path(source, session.cwd)
     dst = normalize_path(target, session.cwd)
     if src == dst:
@@ -3435,7 +3674,7 @@ def run_migrate(session, source, target, recursive=False, force=False, dry_run=F
     if recursive and is_within(dst, src):
         raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
                                "recursively" % (dst, src))
-    return src, dst, session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
+    return session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
 
 
 # --- Operations: sessions and the Python API ---------------------------------
@@ -3456,49 +3695,6 @@ def resolve_data_dir(explicit=None, environ=None):
         raise ConfigError("cannot determine the data directory: HOME is not set; "
                           "use --data-dir or TROP_DATA_DIR")
     return os.path.join(home, ".trop")
-
-
-def cli_layer(opts):
-    """The command-line layer: flags can only switch permissions and skips on."""
-    layer = Layer(CLI_SOURCE, "cli")
-    for name in ("project", "task"):
-        if opts.get(name) is not None:
-            layer.set(name, _check_identifier(name, opts[name], CLI_SOURCE))
-    if opts.get("min") is not None:
-        layer.set("ports.min", _port_option("min", opts["min"]))
-    if opts.get("max") is not None:
-        layer.set("ports.max", _port_option("max", opts["max"]))
-        layer.set("ports.max_offset", None)
-    flags = (("skip_occupancy_check", "occupancy_check.skip"), ("skip_tcp", "occupancy_check.skip_tcp"),
-             ("skip_udp", "occupancy_check.skip_udp"), ("skip_ipv4", "occupancy_check.skip_ip4"),
-             ("skip_ipv6", "occupancy_check.skip_ip6"),
-             ("check_all_interfaces", "occupancy_check.check_all_interfaces"),
-             ("allow_unrelated_path", "allow_unrelated_path"), ("allow_project_change", "allow_change_project"),
-             ("allow_task_change", "allow_change_task"), ("allow_change", "allow_change"),
-             ("disable_autoinit", "disable_autoinit"), ("disable_autoprune", "disable_autoprune"),
-             ("disable_autoexpire", "disable_autoexpire"), ("disable_autoclean", "disable_autoprune"),
-             ("disable_autoclean", "disable_autoexpire"))
-    for option, key in flags:
-        if opts.get(option):
-            layer.set(key, True)
-    wait = opts.get("busy_timeout")
-    if wait is not None:
-        if not _is_int(wait) or wait < 0:
-            raise InvalidArguments("invalid --busy-timeout value: %r" % (wait,))
-        if wait > MAX_LOCK_WAIT:
-            raise ConfigError("validation error for 'maximum_lock_wait_seconds (%s)': Timeout must not exceed "
-                              "%d seconds" % (CLI_SOURCE, MAX_LOCK_WAIT))
-        layer.set("maximum_lock_wait_seconds", wait)
-    if opts.get("days") is not None:
-        layer.set("cleanup.expire_after_days", opts["days"])
-    return layer
-
-
-def _port_option(name, value):
-    try:
-        return _invalid_port(value)
-    except InvalidArguments as exc:
-        raise InvalidArguments("Invalid arguments: invalid --%s value: %s" % (name, exc.message))
 
 
 class _Serialized:
@@ -3631,25 +3827,13 @@ class Session:
         return canonical_path(self.cwd)
 
 
-def _tag_option(tag, exit_code=EXIT_INVALID_ARGS):
-    if tag is None:
-        return None
-    if not isinstance(tag, str):
-        raise InvalidArguments("Invalid arguments: a tag must be a string, got %s" % type(tag).__name__)
-    text = tag.strip()
-    if not text:
-        cls = InvalidArguments if exit_code == EXIT_INVALID_ARGS else LibraryError
-        raise cls("validation error for 'tag': tag must be non-empty after trimming whitespace")
-    return text
-
-
 def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
                 ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
     """Reserve (or refresh) the port of (path, tag); returns the executed (or dry-run) Plan."""
     config = session.config
     key_path = session.explicit_or_cwd(path)
-    key = ReservationKey(key_path, _tag_option(tag))
-    preferred = _invalid_port(port) if port is not None else None
+    key = ReservationKey(key_path, check_tag(tag))
+    preferred = cli_port(port) if port is not None else None
     project = ("clear",) if clear_project else (("set", config["project"]) if config["project"] else None)
     task = ("clear",) if clear_task else (("set", config["task"]) if config["task"] else None)
     req = ReserveRequest(key, config, preferred, overwrite, force, ignore_occupied, ignore_exclusions,
@@ -3662,7 +3846,7 @@ def run_release(session, path=None, tag=None, untagged_only=False, recursive=Fal
     if tag is not None and untagged_only:
         raise InvalidArguments("Cannot specify both --tag and --untagged-only")
     target = session.explicit_or_cwd(path)
-    tag = _tag_option(tag)
+    tag = check_tag(tag)
     allowed = force or session.config.allow("unrelated_path")
 
     def planner(store):
@@ -3688,13 +3872,6 @@ def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
                 is_within(os.path.realpath(res.path), canonical)
         rows = [r for r in rows if keep(r)]
     return rows
-
-
-API_OPTIONS = frozenset((
-    "data_dir", "busy_timeout", "quiet", "verbose", "project", "task", "min", "max", "days",
-    "disable_autoinit", "disable_autoprune", "disable_autoexpire", "disable_autoclean",
-    "allow_unrelated_path", "allow_project_change", "allow_task_change", "allow_change",
-    "skip_occupancy_check", "skip_tcp", "skip_udp", "skip_ipv4", "skip_ipv6", "check_all_interfaces"))
 
 
 class Trop:
@@ -3738,26 +3915,26 @@ class Trop:
                 ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
         """Reserve (or refresh) the port of (path, tag) and return it."""
         return _guard(lambda: run_reserve(self.session, path, tag, port, overwrite, force, ignore_occupied,
-                                          ignore_exclusions, clear_project, clear_task, dry_run).result)
+                                          ignore_exclusions, clear_project, clear_task, dry_run).port)
 
     def release(self, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
         """Release reservations at path (one tag, the untagged one, or everything beneath); returns how many."""
-        return _guard(lambda: run_release(self.session, path, tag, untagged_only, recursive, force,
-                                          dry_run).result)
+        return _guard(lambda: len(run_release(self.session, path, tag, untagged_only, recursive, force,
+                                              dry_run).deletes))
 
     def reserve_group(self, config_path, task=None, force=False, dry_run=False):
         """Reserve the group of a YAML file; returns {tag: port}."""
         def op():
             config_file, group_dir = locate_group_config(self.session.cwd, config_path)
             return run_group(self._scoped("file", config_file), config_file, group_dir, task, force,
-                             dry_run).result
+                             dry_run).ports
         return _guard(op)
 
     def autoreserve(self, task=None, force=False, dry_run=False):
         """Reserve the group of the trop.yaml found from the working directory; returns {tag: port}."""
         def op():
             config_file, group_dir = locate_group_config(self.session.cwd)
-            return run_group(self._scoped("discover"), config_file, group_dir, task, force, dry_run).result
+            return run_group(self._scoped("discover"), config_file, group_dir, task, force, dry_run).ports
         return _guard(op)
 
     def group_environment(self, config_path=None, task=None, force=False):
@@ -3765,8 +3942,7 @@ class Trop:
         def op():
             config_file, group_dir = locate_group_config(self.session.cwd, config_path)
             session = self._scoped("discover") if config_path is None else self._scoped("file", config_file)
-            plan = run_group(session, config_file, group_dir, task, force)
-            return group_environment(plan.spec, plan.result)
+            return run_group(session, config_file, group_dir, task, force).environment()
         return _guard(op)
 
     def list(self, filter_project=None, filter_tag=None, filter_path=None):
@@ -3778,25 +3954,24 @@ class Trop:
 
     def port_info(self, port):
         """The Reservation holding port, or None."""
-        number = _invalid_port(port)
+        number = cli_port(port)
         return _guard(lambda: self.session.read(lambda store: store.for_port(number)))
 
     def prune(self, dry_run=False):
         """Remove reservations whose directory is certainly gone; returns the removed Reservations."""
-        return _guard(lambda: run_cleanup(self.session, True, False, None, dry_run).result.rows)
+        return _guard(lambda: run_cleanup(self.session, True, False, None, dry_run).deletes)
 
     def expire(self, days=None, dry_run=False):
         """Remove reservations unused for more than days (default: configuration, else 30)."""
-        return _guard(lambda: run_cleanup(self.session, False, True, _days(days), dry_run).result.rows)
+        return _guard(lambda: run_cleanup(self.session, False, True, _days(days), dry_run).deletes)
 
     def autoclean(self, days=None, dry_run=False):
         """prune and expire in one transaction; returns the removed Reservations."""
-        return _guard(lambda: run_cleanup(self.session, True, True, _days(days), dry_run).result.rows)
+        return _guard(lambda: run_cleanup(self.session, True, True, _days(days), dry_run).deletes)
 
     def migrate(self, source, target, recursive=False, force=False, dry_run=False):
         """Move reservations from source to target; returns [(old, new)] Reservations."""
-        return _guard(lambda: [(m.old, m.new) for m in
-                               run_migrate(self.session, source, target, recursive, force, dry_run)[2].result[0]])
+        return _guard(lambda: run_migrate(self.session, source, target, recursive, force, dry_run).moves)
 
 
 def _days(days):
@@ -3902,10 +4077,7 @@ class reservation:
         return self.port
 
     def __exit__(self, *exc):
-        options = dict(self.options)
-        for name in ("port", "overwrite", "ignore_occupied", "ignore_exclusions", "clear_project", "clear_task",
-                     "project", "task", "min", "max"):
-            options.pop(name, None)
+        options = {name: value for name, value in self.options.items() if name in API_OPTIONS}
         release(self.path, self.tag, untagged_only=self.tag is None, **options)
 
 
@@ -4744,78 +4916,83 @@ def _elvish_script(prog, glob, subs):
 # --- Command line --------------------------------------------------------------
 
 def _u32(text):
-    import argparse
-    if not text.isdigit() or int(text) > 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
-    return int(text)
+    try:
+        return parse_uint(text, 0xFFFFFFFF)
+    except ValueError:
+        raise _argparse().ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
+
+
+def _u16(text):
+    try:
+        return parse_port(text, allow_zero=True)        # 0 gets the reference's message from cli_port
+    except ValueError:
+        raise _argparse().ArgumentTypeError("invalid port '%s': expected an integer 0..65535" % text)
 
 
 def _lower(text):
     return text.lower()
 
 
-def _add_occupancy(p, help_suffix=""):
-    p.add_argument("--skip-occupancy-check", action="store_true",
-                   help="do not probe ports for listeners" + help_suffix)
-    _add_selective_occupancy(p, help_suffix)
+def _add_option(parser, name, suffix="", **overrides):
+    """The flag of one row of OPTIONS."""
+    option = OPTION[name]
+    kwargs = dict(option.kind.argument(), dest=option.name, help=option.help + suffix)
+    kwargs.update(overrides)
+    parser.add_argument(option.flag, **kwargs)
 
 
-def _add_selective_occupancy(p, help_suffix=""):
-    p.add_argument("--skip-tcp", action="store_true", help="skip TCP probes" + help_suffix)
-    p.add_argument("--skip-udp", action="store_true", help="skip UDP probes" + help_suffix)
-    p.add_argument("--skip-ipv6", action="store_true", help="skip IPv6 probes" + help_suffix)
-    p.add_argument("--skip-ipv4", action="store_true", help="skip IPv4 probes" + help_suffix)
-    p.add_argument("--check-all-interfaces", action="store_true",
-                   help="also probe the wildcard addresses" + help_suffix)
+def _add_options(parser, group, suffix=""):
+    """The flags of a group of OPTIONS, in table order."""
+    for option in OPTIONS:
+        if group in option.groups:
+            _add_option(parser, option.name, suffix)
 
 
-def _add_permissions(p):
-    p.add_argument("--allow-unrelated-path", action="store_true",
-                   help="allow a path unrelated to the current directory")
-    p.add_argument("--allow-project-change", action="store_true", help="allow changing a stored project")
-    p.add_argument("--allow-task-change", action="store_true", help="allow changing a stored task")
-    p.add_argument("--allow-change", action="store_true", help="allow changing project and task")
+def _add_path(parser, what):
+    parser.add_argument("--path", help="directory %s (default: $TROP_PATH, else the current directory)" % what)
+
+
+def _add_dry_run(parser, what="show what would happen without writing"):
+    parser.add_argument("--dry-run", action="store_true", help=what)
+
+
+def _print_dry_run(lines, quiet=False):
+    if not quiet:
+        _err("Dry run - would perform the following actions:")
+        for i, line in enumerate(lines, 1):
+            _err("  %d. %s" % (i, line))
 
 
 def _args_reserve(p):
-    p.add_argument("--path", help="directory to reserve for (default: $TROP_PATH, else the current directory)")
+    _add_path(p, "to reserve for")
     p.add_argument("--tag", help="reserve a separate port for this tag of the path")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--project", help="project name to record")
+    _add_option(g, "project")
     g.add_argument("--clear-project", action="store_true", help="remove the recorded project")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--task", help="task name to record (default: $TROP_TASK)")
+    _add_option(g, "task")
     g.add_argument("--clear-task", action="store_true", help="remove the recorded task")
     p.add_argument("--port", help="preferred port, used if free and inside the range")
-    p.add_argument("--min", help="lowest port of the range")
-    p.add_argument("--max", help="highest port of the range")
+    _add_options(p, "range")
     p.add_argument("--overwrite", action="store_true", help="re-allocate an existing reservation")
     p.add_argument("--ignore-occupied", action="store_true", help="accept a preferred port that is in use")
     p.add_argument("--ignore-exclusions", action="store_true", help="accept a preferred port that is excluded")
     p.add_argument("--force", action="store_true", help="overwrite, ignore the path guard and sticky fields")
-    _add_permissions(p)
-    p.add_argument("--disable-autoprune", action="store_true", help="no pruning when the range is exhausted")
-    p.add_argument("--disable-autoexpire", action="store_true", help="no expiry when the range is exhausted")
-    p.add_argument("--disable-autoclean", action="store_true", help="neither pruning nor expiry on exhaustion")
-    p.add_argument("--dry-run", action="store_true", help="show what would happen without writing")
-    _add_occupancy(p)
+    _add_options(p, "permissions")
+    _add_options(p, "autoclean")
+    _add_dry_run(p)
+    _add_options(p, "occupancy")
 
 
 def cmd_reserve(args):
-    _cli_range(args)
     session = Session(vars(args))
     plan = run_reserve(session, args.path, args.tag, args.port, args.overwrite, args.force,
                        args.ignore_occupied, args.ignore_exclusions, args.clear_project, args.clear_task,
                        args.dry_run)
     if args.dry_run:
-        if not session.quiet:
-            _err("Dry run - would perform the following actions:")
-            for i, line in enumerate(describe_plan(plan), 1):
-                _err("  %d. %s" % (i, line))
-            for warning in plan.warnings:
-                _warn(warning)
-        return 0
-    _out(str(plan.result))
+        _print_dry_run(plan.describe(), session.quiet)
+    else:
+        _out(str(plan.port))
     if not session.quiet:
         for warning in plan.warnings:
             _warn(warning)
@@ -4823,14 +5000,13 @@ def cmd_reserve(args):
 
 
 def _args_release(p):
-    p.add_argument("--path", help="directory to release (default: $TROP_PATH, else the current directory)")
+    _add_path(p, "to release")
     p.add_argument("--tag", help="release only this tag")
     p.add_argument("--untagged-only", action="store_true", help="release only the untagged reservation")
     p.add_argument("--recursive", action="store_true", help="also release every path beneath")
     p.add_argument("--force", action="store_true", help="ignore the path guard")
-    p.add_argument("--allow-unrelated-path", action="store_true",
-                   help="allow a path unrelated to the current directory")
-    p.add_argument("--dry-run", action="store_true", help="show what would be released")
+    _add_option(p, "allow_unrelated_path")
+    _add_dry_run(p, "show what would be released")
 
 
 def cmd_release(args):
@@ -4842,21 +5018,19 @@ def cmd_release(args):
     if args.dry_run:
         if args.recursive:
             _err("Dry run - would release %d reservation(s):" % len(plan.deletes))
-            for res in plan.deletes:
-                _err("  - Delete reservation for %s" % res.key)
+            for line in plan.describe():
+                _err("  - %s" % line)
         else:
-            _err("Dry run - would perform the following actions:")
-            for i, res in enumerate(plan.deletes, 1):
-                _err("  %d. Delete reservation for %s" % (i, res.key))
+            _print_dry_run(plan.describe())
         if plan.warnings:
             _err("Warnings:")
             for warning in plan.warnings:
                 _err("  - %s" % warning)
         return 0
     if args.recursive:
-        _err("Released %d reservation(s)" % plan.result)
+        _err("Released %d reservation(s)" % len(plan.deletes))
     else:
-        _err("Released reservation successfully" if plan.result else "No reservation found (already released)")
+        _err("Released reservation successfully" if plan.deletes else "No reservation found (already released)")
     for warning in plan.warnings:
         _warn(warning)
     return 0
@@ -4874,8 +5048,7 @@ def _args_list(p):
 def cmd_list(args):
     session = Session(vars(args))
     rows = run_list(session, args.filter_project, args.filter_tag, args.filter_path)
-    fmt = args.format or session.config["output_format"]
-    _out(format_reservations(rows, fmt, args.show_full_paths))
+    _out(format_reservations(rows, args.format or session.config["output_format"], args.show_full_paths))
     return 0
 
 
@@ -4888,14 +5061,14 @@ def cmd_list_projects(args):
 
 
 def _args_assert_reservation(p):
-    p.add_argument("--path", help="directory (default: $TROP_PATH, else the current directory)")
+    _add_path(p, "to check")
     p.add_argument("--tag", help="tag of the reservation")
     p.add_argument("--not", dest="negate", action="store_true", help="succeed if no such reservation exists")
 
 
 def cmd_assert_reservation(args):
     session = Session(vars(args))
-    key = ReservationKey(session.explicit_or_cwd(args.path), _tag_option(args.tag, EXIT_LIBRARY))
+    key = ReservationKey(session.explicit_or_cwd(args.path), check_tag(args.tag, LibraryError))
     res = session.read(lambda store: store.get(key))
     if args.negate:
         if res is not None:
@@ -4908,13 +5081,6 @@ def cmd_assert_reservation(args):
     return 0
 
 
-def _u16(text):
-    import argparse
-    if not text.strip().isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError("invalid port '%s': expected an integer 0..65535" % text)
-    return int(text)
-
-
 def _args_port(p):
     p.add_argument("port", metavar="PORT", type=_u16, help="port number")
 
@@ -4925,7 +5091,7 @@ def _args_assert_port(p):
 
 
 def cmd_assert_port(args):
-    port = _invalid_port(args.port)
+    port = cli_port(args.port)
     session = Session(vars(args))
     res = session.read(lambda store: store.for_port(port))
     if args.negate and res is not None:
@@ -4936,7 +5102,7 @@ def cmd_assert_port(args):
 
 
 def _args_assert_data_dir(p):
-    p.add_argument("--data-dir", metavar="PATH", default=_suppress(), help="data directory to check")
+    _add_option(p, "data_dir", help="data directory to check", default=_argparse().SUPPRESS)
     p.add_argument("--not", dest="negate", action="store_true", help="succeed if the directory does not exist")
     p.add_argument("--validate", action="store_true", help="also validate the database (read-only)")
 
@@ -4957,14 +5123,14 @@ def cmd_assert_data_dir(args):
 def _args_port_info(p):
     _args_port(p)
     p.add_argument("--include-occupancy", action="store_true", help="also probe whether the port is in use")
-    _add_occupancy(p, " (requires --include-occupancy)")
+    _add_options(p, "occupancy", " (requires --include-occupancy)")
+    p.set_defaults(requires=("include_occupancy", [o.name for o in OPTIONS if "occupancy" in o.groups]))
 
 
 def cmd_port_info(args):
-    port = _invalid_port(args.port)
+    port = cli_port(args.port)
     session = Session(vars(args))
-    res = session.read(lambda store: store.for_port(port))
-    lines = format_port_info(port, res)
+    lines = format_port_info(port, session.read(lambda store: store.for_port(port)))
     if args.include_occupancy:
         lines += format_occupancy(port, session.config.occupancy)
     _out("\n".join(lines))
@@ -4974,15 +5140,15 @@ def cmd_port_info(args):
 def _args_group(p, with_file=True, with_format=True):
     if with_file:
         p.add_argument("config_path", metavar="CONFIG_PATH", help="YAML file with a `reservations:` group")
-    p.add_argument("--task", help="task to record (default: $TROP_TASK)")
+    _add_option(p, "task")
     if with_format:
         p.add_argument("--format", choices=("export", "json", "dotenv", "human"), default="export",
                        help="output format (default: export)")
         p.add_argument("--shell", help="shell for export lines: bash, zsh, fish, powershell (default: detected)")
     p.add_argument("--force", action="store_true", help="replace an incompatible stored group")
-    _add_permissions(p)
-    p.add_argument("--dry-run", action="store_true", help="show what would be reserved without writing")
-    _add_occupancy(p)
+    _add_options(p, "permissions")
+    _add_dry_run(p, "show what would be reserved without writing")
+    _add_options(p, "occupancy")
 
 
 def _args_autoreserve(p):
@@ -4990,64 +5156,47 @@ def _args_autoreserve(p):
 
 
 def _group_session(args, config_path):
-    """(session, config file, group directory, task) for reserve-group FILE, autoreserve and run.
+    """(session, config file, group directory) for reserve-group FILE, autoreserve and run.
 
-    The file is located first (a missing one is exit 4 before any config work);
-    --task, else $TROP_TASK, names the task.
+    The file is located first: a missing one is exit 4 before any configuration is read.
     """
-    opts = dict(vars(args))
-    task, source = opts.pop("task", None), CLI_SOURCE
-    if task is None:
-        task, source = os.environ.get("TROP_TASK"), "TROP_TASK"
-    if task is not None:
-        task = _check_identifier("task", task, source)
     config_file, group_dir = locate_group_config(current_dir(), config_path)
     if config_path is None:
-        session = Session(opts)
-    else:
-        session = Session(opts, scope="file", config_file=config_file)
-    return session, config_file, group_dir, task
+        return Session(vars(args)), config_file, group_dir
+    return Session(vars(args), scope="file", config_file=config_file), config_file, group_dir
 
 
-def _group_command(args, config_path, discovered):
-    session, config_file, group_dir, task = _group_session(args, config_path)
+def _group_command(args, config_path):
+    session, config_file, group_dir = _group_session(args, config_path)
+    discovered = config_path is None
     shell = detect_shell(args.shell) if args.format == "export" and not args.dry_run else None
-    plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run,
+    plan = run_group(session, config_file, group_dir, None, args.force, args.dry_run,
                      None if args.dry_run else args.format, shell)
     if args.dry_run:
-        if not session.quiet:
-            _err("Dry run - would perform the following actions:")
-            if discovered:
-                _err("  Discovered config: %s" % config_file)
-            for i, line in enumerate(describe_plan(plan), 1):
-                _err("  %d. %s" % (i, line))
+        _print_dry_run((["Discovered config: %s" % config_file] if discovered else []) + plan.describe(),
+                       session.quiet)
         return 0
     _out(plan.output)
     if not session.quiet:
         if discovered:
             _err("Discovered config: %s" % config_file)
-        _err("Reserved %d ports." % len(plan.result))
+        _err("Reserved %d ports." % len(plan.ports))
     return 0
 
 
 def cmd_reserve_group(args):
-    return _group_command(args, args.config_path, discovered=False)
+    return _group_command(args, args.config_path)
 
 
 def cmd_autoreserve(args):
-    return _group_command(args, None, discovered=True)
+    return _group_command(args, None)
 
 
 def _args_run(p):
     p.add_argument("--config", metavar="FILE", help="group file (default: discover trop.yaml from the cwd)")
     _args_group(p, with_file=False, with_format=False)
-    p.add_argument("argv", nargs=_remainder(), metavar="-- COMMAND [ARGS...]",
+    p.add_argument("argv", nargs=_argparse().REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="command to run with the group's variables in its environment")
-
-
-def _remainder():
-    import argparse
-    return argparse.REMAINDER
 
 
 def cmd_run(args):
@@ -5056,9 +5205,9 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    session, config_file, group_dir, task = _group_session(args, args.config)
-    plan = run_group(session, config_file, group_dir, task, args.force, args.dry_run)
-    variables = sorted(group_environment(plan.spec, plan.result).items())
+    session, config_file, group_dir = _group_session(args, args.config)
+    plan = run_group(session, config_file, group_dir, None, args.force, args.dry_run)
+    variables = sorted(plan.environment().items())
     if args.dry_run:
         if not session.quiet:
             _err("Dry run - would run %s with %s" % (" ".join(argv), ", ".join("%s=%s" % kv for kv in variables)))
@@ -5073,9 +5222,8 @@ def cmd_run(args):
 
 def exec_command(argv, env):
     """Replace this process with argv (POSIX) or run it and return its status; no shell involved."""
-    import shutil
     program = argv[0]
-    found = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+    found = program if os.sep in program else _shutil().which(program, path=env.get("PATH"))
     if not found or not os.path.exists(found):
         raise CommandNotRunnable("command not found: %s" % program, 127)
     if os.path.isdir(found) or not os.access(found, os.X_OK):
@@ -5087,30 +5235,23 @@ def exec_command(argv, env):
             os.execve(found, argv, env)
         except OSError as exc:
             raise CommandNotRunnable("cannot run %s: %s" % (program, exc.strerror or exc), 126)
-    import subprocess
-    return subprocess.call([found] + argv[1:], env=env)
+    return _subprocess().call([found] + argv[1:], env=env)
 
 
-def _args_dry_run(p):
-    p.add_argument("--dry-run", action="store_true", help="show what would be removed without removing it")
+def _args_prune(p):
+    _add_dry_run(p, "show what would be removed without removing it")
 
 
 def _args_expire(p):
-    p.add_argument("--days", type=_u32, help="expire reservations unused for more than N days "
-                                             "(default: cleanup.expire_after_days, else 30)")
-    _args_dry_run(p)
-
-
-def _fmt_opt(value):
-    return "none" if value is None else '"%s"' % value
+    _add_option(p, "days")
+    _add_dry_run(p, "show what would be removed without removing it")
 
 
 def _cleanup_command(args, prune, expire):
     session = Session(vars(args))
-    plan = run_cleanup(session, prune, expire, args.days if expire else None, args.dry_run)
-    cleanup = plan.result
+    plan = run_cleanup(session, prune, expire, getattr(args, "days", None), args.dry_run)
     days = session.config["cleanup.expire_after_days"]
-    total = len(cleanup.rows)
+    total = len(plan.deletes)
     if session.quiet:
         if total:
             _out(str(total))
@@ -5126,28 +5267,28 @@ def _cleanup_command(args, prune, expire):
         head = "%s %d total reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
         if session.verbose:
             _err(head + ":")
-            _err("  Pruned: %d (non-existent paths)" % len(cleanup.pruned))
-            _err("  Expired: %d (old reservations)" % len(cleanup.expired))
-            if cleanup.pruned:
+            _err("  Pruned: %d (non-existent paths)" % len(plan.pruned))
+            _err("  Expired: %d (old reservations)" % len(plan.expired))
+            if plan.pruned:
                 _err("")
                 _err("Pruned reservations:")
-                for r in cleanup.pruned:
+                for r in plan.pruned:
                     _err("  - Port %d: %s" % (r.port, r.path))
-            if cleanup.expired:
+            if plan.expired:
                 _err("")
                 _err("Expired reservations:")
-                for r in cleanup.expired:
+                for r in plan.expired:
                     _err("  - Port %d: %s (%d days old)" % (r.port, r.path, age(r)))
         else:
-            _err(head + " (pruned: %d, expired: %d)" % (len(cleanup.pruned), len(cleanup.expired)))
+            _err(head + " (pruned: %d, expired: %d)" % (len(plan.pruned), len(plan.expired)))
     elif prune:
         if dry:
             _err("[DRY RUN] Scanning for reservations with non-existent paths...")
         head = "%s %d reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
         if session.verbose:
             _err(head + ":")
-            for r in cleanup.pruned:
-                _err("  - Port %d: %s (tag: %s, project: %s)" % (r.port, r.path, _fmt_opt(r.tag), _fmt_opt(r.project)))
+            for r in plan.pruned:
+                _err("  - Port %d: %s (tag: %s, project: %s)" % (r.port, r.path, _quote(r.tag), _quote(r.project)))
         else:
             _err(head + " for non-existent paths")
     else:
@@ -5157,15 +5298,14 @@ def _cleanup_command(args, prune, expire):
             "[DRY RUN] Would expire" if dry else "Expired", total, days)
         if session.verbose:
             _err(head + ":")
-            for r in cleanup.expired:
-                _err("  - Port %d: %s (%d days old, project: %s)" % (r.port, r.path, age(r), _fmt_opt(r.project)))
+            for r in plan.expired:
+                _err("  - Port %d: %s (%d days old, project: %s)" % (r.port, r.path, age(r), _quote(r.project)))
         else:
             _err(head)
     return 0
 
 
 def cmd_prune(args):
-    args.days = None
     return _cleanup_command(args, prune=True, expire=False)
 
 
@@ -5182,32 +5322,30 @@ def _args_migrate(p):
     p.add_argument("--to", dest="target", metavar="PATH", required=True, help="path to move them to")
     p.add_argument("--recursive", action="store_true", help="also move reservations beneath --from")
     p.add_argument("--force", action="store_true", help="overwrite reservations at the destination")
-    p.add_argument("--dry-run", action="store_true", help="show the plan without changing anything")
+    _add_dry_run(p, "show the plan without changing anything")
 
 
 def cmd_migrate(args):
     session = Session(vars(args))
-    src, dst, plan = run_migrate(session, args.source, args.target, args.recursive, args.force, args.dry_run)
-    moves, conflicts = plan.result
+    plan = run_migrate(session, args.source, args.target, args.recursive, args.force, args.dry_run)
     if session.quiet:
         if not args.dry_run:
-            _out(dst)
+            _out(plan.target)
         return 0
-    lines = ["Migration plan:", "  From: %s" % src, "  To:   %s" % dst,
+    lines = ["Migration plan:", "  From: %s" % plan.source, "  To:   %s" % plan.target,
              "  Mode: %s" % ("recursive" if args.recursive else "exact"), ""]
-    if not moves:
+    if not plan.moves:
         lines.append("No reservations to migrate.")
         _err("\n".join(lines))
         return 0
-    lines.append("Reservations to migrate (%d):" % len(moves))
-    for m in moves:
-        extra = "".join([", tag: %s" % m.old.tag if m.old.tag else "",
-                         ", project: %s" % m.old.project if m.old.project else ""])
-        lines.append("  %s -> %s (port %d%s)" % (m.old.path, m.new.path, m.old.port, extra))
+    lines.append("Reservations to migrate (%d):" % len(plan.moves))
+    for old, new in plan.moves:
+        extra = "".join([", tag: %s" % old.tag if old.tag else "", ", project: %s" % old.project if old.project else ""])
+        lines.append("  %s -> %s (port %d%s)" % (old.path, new.path, old.port, extra))
     lines.append("")
-    if conflicts:
-        lines.append("Conflicts at destination (%d) (will be overwritten):" % len(conflicts))
-        for c in conflicts:
+    if plan.conflicts:
+        lines.append("Conflicts at destination (%d) (will be overwritten):" % len(plan.conflicts))
+        for c in plan.conflicts:
             lines.append("  %s" % c.path)
             if c.tag:
                 lines.append("    (tag: %s)" % c.tag)
@@ -5215,52 +5353,35 @@ def cmd_migrate(args):
     if args.dry_run:
         lines.append("Dry run - no changes made.")
     else:
-        lines += ["Migration complete:", "  Migrated: %d reservation(s)" % len(moves)]
-        if conflicts:
-            lines.append("  Conflicts resolved: %d" % len(conflicts))
+        lines += ["Migration complete:", "  Migrated: %d reservation(s)" % len(plan.moves)]
+        if plan.conflicts:
+            lines.append("  Conflicts resolved: %d" % len(plan.conflicts))
     _err("\n".join(lines))
     return 0
 
 
 def _args_scan(p):
-    p.add_argument("--min", help="lowest port to scan (default: ports.min)")
-    p.add_argument("--max", help="highest port to scan (default: ports.max)")
+    _add_options(p, "range")
     p.add_argument("--autoexclude", action="store_true", help="add occupied, unreserved ports to excluded_ports")
     p.add_argument("--autocompact", action="store_true", help="compact excluded_ports after --autoexclude")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)")
-    _add_selective_occupancy(p)
-
-
-def _cli_range(args):
-    """--min/--max of reserve and scan: exit 4 for bad values or min > max."""
-    low = _port_option("min", args.min) if args.min is not None else None
-    high = _port_option("max", args.max) if args.max is not None else None
-    if low is not None and high is not None and low > high:
-        raise InvalidArguments("Invalid arguments: --min %d is greater than --max %d" % (low, high))
-    args.min, args.max = low, high
+    _add_options(p, "probes")
 
 
 def cmd_scan(args):
-    _cli_range(args)
-    opts = vars(args)
-    opts = dict(opts, min=None, max=None)
-    session = Session(opts)
+    session = Session(vars(args))
     config = session.config
-    rng = config.scan_range
-    rng = PortRange(args.min if args.min is not None else rng.min, args.max if args.max is not None else rng.max)
-    if rng.min > rng.max:
-        raise ConfigError("validation error for 'ports': max %d must be >= min %d" % (rng.max, rng.min))
     reserved = session.read(lambda store: store.taken_ports())
     failures = []
-    rows = scan_ports(rng, config.occupancy, reserved, failures=failures)
+    rows = scan_ports(config.scan_range, config.occupancy, reserved, failures=failures)
     free = unreserved_occupied(rows)
     notes = []
     if args.autoexclude and free:
-        target = exclusion_target(session)
-        added = add_exclusions(target, [(p, p) for p in free], compact=args.autocompact)
+        target = exclusion_target(session.project_dir, session.data_dir)
+        added = add_exclusions(target, [(p, p) for p in free], config_kind(target), compact=args.autocompact)
         notes.append("Added %d exclusions to %s" % (added, target))
     _out(format_scan(rows, args.format))
-    if failures and not session.quiet:
+    if failures:
         ports = sorted({port for port, _probe, _err in failures})
         port, probe, err = failures[0]
         notes.append("Note: %d probe(s) on %d port(s) failed and prove nothing (first: port %d, %s: %s)"
@@ -5286,46 +5407,26 @@ def cmd_completions(args):
     return 0
 
 
-def exclusion_target(session, use_global=False):
-    """Where exclude and scan --autoexclude write: trop.local.yaml, else trop.yaml, else the user config."""
-    if not use_global and session.project_dir:
-        for name in reversed(PROJECT_FILES):
-            path = os.path.join(session.project_dir, name)
-            if os.path.exists(path):
-                return path
-    return os.path.join(session.data_dir, "config.yaml")
-
-
 def _args_exclude(p):
     p.add_argument("port_or_range", metavar="PORT_OR_RANGE", help="a port (8080) or an inclusive range (8080..8090)")
     p.add_argument("--global", dest="use_global", action="store_true", help="write the user config.yaml")
     p.add_argument("--force", action="store_true", help="exclude even ports that are reserved")
 
 
-def parse_port_or_range(text):
-    text = text.strip()
-    try:
-        if ".." in text:
-            a, _, b = text.partition("..")
-            start, end = _invalid_port(a), _invalid_port(b)
-        else:
-            start = end = _invalid_port(text)
-    except InvalidArguments as exc:
-        raise InvalidArguments("Invalid arguments: %s" % exc.message)
-    if end < start:
-        raise InvalidArguments("Invalid arguments: Invalid range: %d..%d (end < start)" % (start, end))
-    return start, end
-
-
 def cmd_exclude(args):
-    start, end = parse_port_or_range(args.port_or_range)
+    try:
+        start, end = parse_port_range(args.port_or_range)
+    except ValueError as exc:
+        message = str(exc)
+        raise InvalidArguments("Invalid arguments: %s" % (
+            message if message.startswith("Invalid range") else "Invalid port number: " + message))
     session = Session(vars(args))
     if not args.force:
         taken = session.read(lambda store: store.taken_ports())
         for port in range(start, end + 1):
             if port in taken:
                 raise InvalidArguments("Invalid arguments: Port %d is reserved. Use --force to override." % port)
-    target = exclusion_target(session, args.use_global)
+    target = exclusion_target(None if args.use_global else session.project_dir, session.data_dir)
     if not os.path.exists(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
     added = add_exclusions(target, [(start, end)], config_kind(target))
@@ -5336,11 +5437,7 @@ def cmd_exclude(args):
 
 def _args_compact(p):
     p.add_argument("path", metavar="PATH", help="config file to compact")
-    p.add_argument("--dry-run", action="store_true", help="show the result without writing")
-
-
-def _entries_text(ranges):
-    return "[%s]" % ", ".join(_range_text(s, e) for s, e in ranges)
+    _add_dry_run(p, "show the result without writing")
 
 
 def cmd_compact_exclusions(args):
@@ -5352,8 +5449,7 @@ def cmd_compact_exclusions(args):
 
     def change(current):
         result["before"] = current
-        compacted = [(e, e) if isinstance(e, int) else e for e in ExclusionList(current).entries()]
-        result["after"] = compacted
+        result["after"] = compacted = ExclusionList(current).ranges
         if len(compacted) == len(current) or args.dry_run:     # order alone is not worth a rewrite
             return None
         return compacted
@@ -5364,8 +5460,8 @@ def cmd_compact_exclusions(args):
     elif len(before) == len(after):
         _out("Exclusions already optimal")
     elif args.dry_run:
-        _out("Compacted %d exclusions to %d\nDry run - no changes made\nWould save: %s"
-             % (len(before), len(after), _entries_text(after)))
+        _out("Compacted %d exclusions to %d\nDry run - no changes made\nWould save: [%s]"
+             % (len(before), len(after), ", ".join(range_text(s, e) for s, e in after)))
     else:
         _out("Compacted %d exclusions to %d\nUpdated %s" % (len(before), len(after), path))
     return 0
@@ -5419,10 +5515,10 @@ def cmd_show_path(args):
 
 
 def _args_init(p):
-    p.add_argument("--data-dir", metavar="PATH", default=_suppress(), help="data directory to initialize")
+    _add_option(p, "data_dir", help="data directory to initialize", default=_argparse().SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing database")
     p.add_argument("--with-config", action="store_true", help="also write a commented config.yaml template")
-    p.add_argument("--dry-run", action="store_true", help="show what would be created")
+    _add_dry_run(p, "show what would be created")
 
 
 def cmd_init(args):
@@ -5472,31 +5568,6 @@ def cmd_init(args):
     return 0
 
 
-def write_file_atomic(path, text):
-    """Write via a temporary file in the same directory, fsync, then rename over path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise IoFailure("%s: %s" % (path, exc.strerror or exc))
-
-
-def _suppress():
-    import argparse
-    return argparse.SUPPRESS
-
-
 # name -> (help, argument builder or None, handler)
 COMMANDS = {
     "reserve": ("Reserve (or refresh) the port of a directory and print it", _args_reserve, cmd_reserve),
@@ -5519,29 +5590,21 @@ COMMANDS = {
     "validate": ("Check a configuration file and report every problem", _args_validate, cmd_validate),
     "exclude": ("Add a port or range to excluded_ports", _args_exclude, cmd_exclude),
     "compact-exclusions": ("Rewrite a file's excluded_ports minimally", _args_compact, cmd_compact_exclusions),
-    "prune": ("Remove reservations whose directory no longer exists", _args_dry_run, cmd_prune),
+    "prune": ("Remove reservations whose directory no longer exists", _args_prune, cmd_prune),
     "expire": ("Remove reservations unused for a number of days", _args_expire, cmd_expire),
     "autoclean": ("Prune and expire in one transaction", _args_expire, cmd_autoclean),
     "migrate": ("Move reservations from one path to another", _args_migrate, cmd_migrate),
 }
-_GLOBAL_VALUE_OPTIONS = ("--data-dir", "--busy-timeout")
+_GLOBAL_VALUE_OPTIONS = tuple(o.flag for o in OPTIONS if "global" in o.groups and o.kind is not _SWITCH)
 
 
 def _add_global_options(parser, nested):
     """Global flags, accepted before or after the command; a nested copy must not reset the outer value."""
-    def default(value):
-        return _suppress() if nested else value
-    parser.add_argument("--verbose", action="store_true", default=default(False),
-                        help="detailed output from prune, expire and autoclean")
-    parser.add_argument("--quiet", action="store_true", default=default(False),
-                        help="suppress non-essential output")
-    if not (nested and any("--data-dir" in a.option_strings for a in parser._actions)):
-        parser.add_argument("--data-dir", metavar="PATH", default=default(None),
-                            help="data directory (default: $TROP_DATA_DIR, else ~/.trop)")
-    parser.add_argument("--busy-timeout", metavar="SECONDS", type=_u32, default=default(None),
-                        help="seconds to wait for the database lock (default 5)")
-    parser.add_argument("--disable-autoinit", action="store_true", default=default(False),
-                        help="fail instead of creating a missing database")
+    for option in OPTIONS:
+        if "global" not in option.groups or (nested and any(option.flag in a.option_strings for a in parser._actions)):
+            continue                    # init and assert-data-dir have a --data-dir of their own
+        default = _argparse().SUPPRESS if nested else (False if option.kind is _SWITCH else None)
+        _add_option(parser, option.name, default=default)
 
 
 def _command_in(argv):
@@ -5561,7 +5624,7 @@ def _command_in(argv):
 
 def build_parser(only=None):
     """The argparse model; with `only`, just that command (the full model serves help and errors)."""
-    import argparse
+    argparse = _argparse()
     parser = argparse.ArgumentParser(
         prog="trop", description="Stable, collision-free port reservations for directories.",
         epilog="Run `trop COMMAND --help` for a command's options.")
@@ -5579,6 +5642,14 @@ def build_parser(only=None):
     return parser
 
 
+def _check_requirements(parser, args):
+    """Flags a command declared as needing another (port-info's probes need --include-occupancy)."""
+    needed, names = getattr(args, "requires", (None, ()))
+    for name in names:
+        if getattr(args, name) and not getattr(args, needed):
+            parser.error("argument %s requires --%s" % (OPTION[name].flag, needed.replace("_", "-")))
+
+
 def main(argv=None):
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -5589,11 +5660,7 @@ def main(argv=None):
             parser.print_usage(sys.stderr)
             _err("trop: error: a command is required")
             return EXIT_USAGE
-        if getattr(args, "command", None) == "port-info" and not args.include_occupancy:
-            for flag in ("skip_occupancy_check", "skip_tcp", "skip_udp", "skip_ipv4", "skip_ipv6",
-                         "check_all_interfaces"):
-                if getattr(args, flag):
-                    parser.error("argument --%s requires --include-occupancy" % flag.replace("_", "-"))
+        _check_requirements(parser, args)
         status = _guard(lambda: args.handler(args), "executing the %s command" % args.command)
         _flush_stdout()
         return status
