@@ -2032,7 +2032,11 @@ class TestPaths(TropTestCase):
         cwd = self.mkdir("real", "proj")
         os.symlink(os.path.join(self.root, "real"), os.path.join(self.root, "link"))
         self.chdir(cwd)
-        trop.check_path_relationship(os.path.join(self.root, "link", "proj", "sub"), False)
+        target = os.path.join(self.root, "link", "proj", "sub")
+        self.assertFalse(trop.is_within(target, cwd))                   # lexically unrelated,
+        self.assertIsNone(trop.check_path_relationship(target, False))  # related once resolved
+        with self.assertRaises(trop.SemanticFailure):
+            trop.check_path_relationship(self.mkdir("elsewhere"), False)
 
     def test_shorten_home(self):
         with mock.patch.dict(os.environ, {"HOME": "/home/me"}):
@@ -2486,17 +2490,17 @@ class TestRealProcOwners(TropTestCase):
                 self.assertEqual(res, this_process_owner())
                 self.assertEqual(trop.owner_status(*res), "available")
 
-    def test_fast_enough(self):
+    def test_process_table_is_walked_once_per_scan(self):
+        """The cost that matters (a walk over every /proc/<pid>/fd) is paid once, however many lookups."""
         port = self.bind("tcp", "127.0.0.1")
-        start = time.perf_counter()
         t = trop.OwnerTable()
         base = max(1, min(port - 1000, 65535 - 2000))
-        for p in range(base, base + 2001):
-            for proto in ("tcp", "udp"):
-                t.lookup(proto, "ipv4", p)
-        elapsed = time.perf_counter() - start
-        self.assertEqual(t.lookup("tcp", "ipv4", port)[0], os.getpid())
-        self.assertLess(elapsed, 1.0, "took %.3fs" % elapsed)
+        with mock.patch.object(t, "_scan_fds", wraps=t._scan_fds) as walk:
+            for p in range(base, base + 2001):
+                for proto in ("tcp", "udp"):
+                    t.lookup(proto, "ipv4", p)
+            self.assertEqual(t.lookup("tcp", "ipv4", port)[0], os.getpid())
+        self.assertEqual(walk.call_count, 1)
 
 
 class TestScanOwnersDegrade(TropTestCase):
@@ -4564,10 +4568,8 @@ class TestApiErrors(TropTestCase):
         other = sqlite3.connect(self.db, isolation_level=None)
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
         exc = self.assertTropError(trop.LockTimeout, 2, trop.reserve, tag="x", busy_timeout=0, **self.opts)
-        self.assertLess(time.monotonic() - started, 2.0)
-        self.assertIn("lock timeout", str(exc))
+        self.assertEqual(str(exc), "database lock timeout while starting an immediate database transaction after 0s")
         self.assertTropError(trop.LockTimeout, 2, trop.release, busy_timeout=0, **self.opts)
         self.assertTropError(trop.LockTimeout, 2, trop.prune, busy_timeout=0, **self.opts)
         # readers do not need the write lock
@@ -5707,6 +5709,28 @@ class TestListCLI(TropTestCase):
         self.assertEqual(self.trop("list", "--format", "JSON"), (0, expected, ""))
         self.assertEqual(self.trop("list", env={"TROP_OUTPUT_FORMAT": "json"}), (0, expected, ""))
 
+    def test_json_is_the_standard_librarys_encoding_of_the_rows(self):
+        """The output is written from a template for speed; it must stay byte-identical to json.dumps."""
+        awkward = ["plain", "quote \" and \\ backslash", "tab\tnew\nline\r", "\x00\x01\x1f\x7f", "é ü 日本 😀",
+                   "\u2028\u2029", "</script>", "a" * 300]
+        rows = []
+        for i, text in enumerate(awkward):
+            rows.append(("/srv/%s" % text.replace("\x00", "0"), text.strip() or "t", 5000 + i, text.strip() or None,
+                         None if i % 2 else text.strip(), T1 + i, T2 + 86400 * 400 * i))
+        rows.append(("/srv/untagged", "", 6000, None, None, 0, 253402300799))
+        make_v2_db(self.data, rows)
+        rc, out, err = self.trop("list", "--format", "json")
+        self.assertEqual((rc, err), (0, ""))
+        conn = sqlite3.connect(self.db)
+        self.addCleanup(conn.close)
+        expected = [{"path": p, "tag": t or None, "port": port, "project": pr, "task": ta,
+                     "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c)),
+                     "last_used_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(u))}
+                    for p, t, port, pr, ta, c, u in conn.execute("SELECT %s FROM reservations ORDER BY path, tag"
+                                                                 % COLUMNS)]
+        self.assertEqual(len(expected), len(rows))
+        self.assertEqual(out, json.dumps(expected, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
     def test_csv_and_tsv_use_full_paths(self):
         make_v2_db(self.data, [(self.home + "/x", "", 5000, "a,b", None, T1, T2)])
         self.assertEqual(self.trop("list", "--format", "csv"), (0, (
@@ -6033,8 +6057,8 @@ class TestConcurrency(TropTestCase):
             start = time.monotonic()
             result = self.trop(*args, env=extra)
             elapsed = time.monotonic() - start
-            self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), args)
-            self.assertTrue(0.8 <= elapsed < 3, "%s took %.2fs" % (args, elapsed))
+            self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), args)      # the 1 s timeout, not the default
+            self.assertGreaterEqual(elapsed, 0.8, args)                     # and it did wait
         self.assertEqual(self.rows(), before)
         port = before[0][2]
         # Readers never wait for the writer.
@@ -6545,8 +6569,8 @@ while True:
         for proc, command in procs:
             result = finish(proc)
             elapsed = time.monotonic() - started
-            self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), command)
-            self.assertTrue(0.8 <= elapsed < 4.5, "%s: %.2fs" % (command[0], elapsed))
+            self.assertEqual(result, (2, "", LOCK_TIMEOUT_1S), command)   # the 1 s timeout, not the default
+            self.assertGreaterEqual(elapsed, 0.8, command)                  # and it did wait
         self.assertEqual(self.rows(), before)
         conn.execute("ROLLBACK")
         self.assertEqual(self.trop("reserve", "--path", self.root + "/new", "--busy-timeout", "1", *WIDE)[0], 0)
@@ -6568,10 +6592,8 @@ time.sleep(120)
         self.assertEqual((rc, out, err), (2, "", LOCK_TIMEOUT_1S))
         os.kill(locker.pid, signal.SIGKILL)
         locker.communicate()
-        started = time.monotonic()
         rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "5", *WIDE)
-        self.assertEqual((rc, err), (0, ""))
-        self.assertLess(time.monotonic() - started, 4.5)
+        self.assertEqual((rc, err), (0, ""))        # a lock still held would be a timeout (exit 2)
         self.assertEqual(self.rows(3), [(self.root + "/w", "", int(out))])
         self.assertDataDirValid()
 
