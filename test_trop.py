@@ -13,6 +13,7 @@ trop.py with ``python3 -m unittest -v``; ``TROP_STRESS=1`` adds the stress tests
 """
 
 import argparse
+import ast
 import atexit
 import base64
 import calendar
@@ -4897,28 +4898,90 @@ class TestOutput(unittest.TestCase):
 
 # --- Packaging ---------------------------------------------------------------
 
+BACKEND_FILE = os.path.join(TROP_DIR, "tools", "build_backend.py")
+BUILD_HOOKS = ("build_wheel", "build_sdist", "build_editable", "get_requires_for_build_wheel",
+               "get_requires_for_build_sdist", "get_requires_for_build_editable", "prepare_metadata_for_build_wheel",
+               "prepare_metadata_for_build_editable")
+
+
+def load_backend(path):
+    """The build backend at path as a fresh module (compiled here: no bytecode is written next to it)."""
+    with open(path, "rb") as fh:
+        code = compile(fh.read(), path, "exec")
+    module = types.ModuleType("trop_build_backend_under_test")
+    module.__file__ = path
+    exec(code, module.__dict__)
+    return module
+
+
+def setup_cfg_list(value):
+    """A setup.cfg list (license_files, a file: directive): one item a line, or comma-separated."""
+    return [item.strip() for line in value.splitlines() for item in line.split(",") if item.strip()]
+
+
+def setup_cfg_lines(value):
+    """A setup.cfg list of one item a line (classifiers)."""
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
 class TestPackaging(TropTestCase):
-    """The in-tree PEP 517 backend, a pip install into a venv, and a zipapp."""
+    """The PEP 517 / PEP 660 backend in tools/build_backend.py (metadata from setup.cfg), pip wheel, pip install
+    and pip install -e into a venv, and a zipapp.  The hooks run in this process with the cwd self.proj, outside
+    the source tree, unless a test says otherwise."""
     IN_PROCESS = True
 
     def setUp(self):
         super().setUp()
-        if not os.path.exists(os.path.join(TROP_DIR, "pyproject.toml")):
+        if not os.path.exists(os.path.join(TROP_DIR, "pyproject.toml")) or not os.path.exists(BACKEND_FILE):
             self.skipTest("trop.py is not in its source tree")
         self.out = self.mkdir("dist")
-
-    def in_source_dir(self):
-        os.chdir(TROP_DIR)                  # PEP 517 hooks run in the source tree; restored when the test ends
+        self.backend = load_backend(BACKEND_FILE)
 
     def source(self, name):
         with open(os.path.join(TROP_DIR, name), "rb") as fh:
             return fh.read()
 
     def source_listing(self):
-        return sorted(n for n in os.listdir(TROP_DIR) if n != "__pycache__")
+        """Every file of the source tree but bytecode caches and .git."""
+        found = []
+        for top, dirs, files in os.walk(TROP_DIR):
+            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git")]
+            found += [os.path.relpath(os.path.join(top, name), TROP_DIR) for name in files]
+        return sorted(found)
+
+    def setup_cfg(self):
+        """setup.cfg read independently of the backend."""
+        cfg = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+        cfg.optionxform = str
+        cfg.read_string(self.source("setup.cfg").decode("utf-8"))
+        return cfg
+
+    def check_metadata(self, text):
+        """METADATA or PKG-INFO holds every field setup.cfg declares."""
+        cfg = self.setup_cfg()
+        meta, options = cfg["metadata"], cfg["options"]
+        self.assertEqual(meta["version"].strip(), "attr: trop.__version__")
+        self.assertTrue(meta["long_description"].startswith("file:"))
+        parsed = email.parser.Parser().parsestr(text)
+        self.assertEqual(parsed["Metadata-Version"], "2.1")
+        self.assertEqual(parsed["Name"], meta["name"].strip())
+        self.assertEqual(parsed["Version"], trop.__version__)
+        self.assertEqual(parsed["Summary"], meta["description"].strip())
+        self.assertEqual(parsed["License"], meta["license"].strip())
+        self.assertEqual(parsed["Requires-Python"], options["python_requires"].strip())
+        self.assertEqual(parsed["Requires-Python"], ">=3.6")
+        self.assertEqual(parsed["Description-Content-Type"], meta["long_description_content_type"].strip())
+        classifiers = setup_cfg_lines(meta["classifiers"])
+        self.assertGreaterEqual(len(classifiers), 4)
+        self.assertEqual(parsed.get_all("Classifier"), classifiers)
+        self.assertEqual(parsed.get_all("License-File"), setup_cfg_list(meta["license_files"]))
+        readme = "\n".join(self.source(n).decode("utf-8") for n in setup_cfg_list(meta["long_description"][5:]))
+        self.assertEqual(parsed.get_payload(), readme)
+        return parsed
 
     def check_wheel(self, path, payload):
-        """Checks a wheel's dist-info and RECORD; payload = {archive name: bytes} besides the dist-info."""
+        """Checks a wheel's name, dist-info and RECORD; payload = {archive name: bytes} besides the dist-info.
+        Returns {archive name: bytes}."""
         version = trop.__version__
         dist_info = "trop_ports-%s.dist-info/" % version
         self.assertEqual(os.path.basename(path), "trop_ports-%s-py3-none-any.whl" % version)
@@ -4927,25 +4990,27 @@ class TestPackaging(TropTestCase):
             self.assertEqual(len(names), len(set(names)))
             self.assertIsNone(zf.testzip())
             contents = {name: zf.read(name) for name in names}
+            for info in zf.infolist():
+                self.assertEqual(info.date_time, (2020, 1, 1, 0, 0, 0), info.filename)
         for name in names:
             self.assertFalse(name.startswith("/") or ".." in name.split("/"), name)
             self.assertTrue(name in payload or name.startswith(dist_info), name)
         for name, data in payload.items():
             self.assertEqual(contents.get(name), data, name)
-        meta = email.parser.Parser().parsestr(contents[dist_info + "METADATA"].decode("utf-8"))
-        self.assertEqual(meta["Name"], "trop-ports")
-        self.assertEqual(meta["Version"], version)
-        self.assertEqual(meta["Requires-Python"], ">=3.8")
-        self.assertIn(meta["Metadata-Version"], ("2.1", "2.2", "2.3", "2.4"))
-        self.assertEqual(meta.get_payload(), self.source("README.md").decode("utf-8"))
+        self.check_metadata(contents[dist_info + "METADATA"].decode("utf-8"))
+        cfg = self.setup_cfg()
+        for name in setup_cfg_list(cfg["metadata"]["license_files"]):
+            self.assertEqual(contents[dist_info + "licenses/" + name], self.source(name), name)
         wheel = email.parser.Parser().parsestr(contents[dist_info + "WHEEL"].decode("utf-8"))
         self.assertEqual((wheel["Wheel-Version"], wheel["Root-Is-Purelib"], wheel["Tag"]),
                          ("1.0", "true", "py3-none-any"))
-        points = configparser.ConfigParser(delimiters=("=",))
+        points = configparser.ConfigParser(delimiters=("=",), interpolation=None)
         points.optionxform = str
         points.read_string(contents[dist_info + "entry_points.txt"].decode("utf-8"))
-        self.assertEqual(dict(points["console_scripts"]), {"trop": "trop:main"})
-        self.assertEqual(dict(points["pytest11"]), {"trop": "trop"})
+        declared = {group: dict(line.split("=", 1) for line in text.replace(" ", "").splitlines() if line)
+                    for group, text in cfg["options.entry_points"].items()}
+        self.assertEqual({group: dict(points[group]) for group in points.sections()}, declared)
+        self.assertEqual(declared, {"console_scripts": {"trop": "trop:main"}, "pytest11": {"trop": "trop"}})
         record = list(csv.reader(io.StringIO(contents[dist_info + "RECORD"].decode("utf-8"))))
         self.assertEqual(sorted(r[0] for r in record), sorted(names))
         for name, digest, size in record:
@@ -4959,68 +5024,22 @@ class TestPackaging(TropTestCase):
             self.assertEqual(int(size), len(contents[name]), name)
         return contents
 
-    def test_build_wheel(self):
-        before = self.source_listing()
-        self.in_source_dir()
-        name = trop.build_wheel(self.out)
-        path = os.path.join(self.out, name)
-        contents = self.check_wheel(path, {"trop.py": self.source("trop.py")})
-        self.assertIn("trop.py", contents)
-        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
-        with open(path, "rb") as fh:
-            first = fh.read()
-        again = self.mkdir("dist2")
-        self.assertEqual(trop.build_wheel(again, {}, None), name)                     # PEP 517 signature
-        with open(os.path.join(again, name), "rb") as fh:
-            self.assertEqual(fh.read(), first, "the wheel is not reproducible")
+    def pip_version(self, python):
+        """The version of python's pip as a tuple, or None without pip."""
+        rc, out, _err = self.execute([python, "-m", "pip", "--version"], timeout=120)
+        match = re.match(r"pip (\d+)\.(\d+)", out)
+        return tuple(int(n) for n in match.groups()) if rc == 0 and match else None
 
-    def test_build_editable(self):
-        self.in_source_dir()
-        name = trop.build_editable(self.out)
-        with zipfile.ZipFile(os.path.join(self.out, name)) as zf:
-            pth = [n for n in zf.namelist() if n.endswith(".pth")]
-            self.assertEqual(len(pth), 1)
-            self.assertNotIn("/", pth[0])
-            text = zf.read(pth[0]).decode("utf-8")
-        self.assertEqual(os.path.realpath(text.strip()), os.path.realpath(TROP_DIR))
-        self.assertTrue(text.endswith("\n"))
-        contents = self.check_wheel(os.path.join(self.out, name), {pth[0]: text.encode("utf-8")})
-        self.assertNotIn("trop.py", contents)
+    def needs_pip(self, python, version, why):
+        found = self.pip_version(python)
+        if found is None:
+            self.skipTest("pip is not available for %s" % python)
+        if found < version:
+            self.skipTest("pip %s is older than %s, the first with %s" % (".".join(map(str, found)),
+                                                                          ".".join(map(str, version)), why))
 
-    def test_build_sdist(self):
-        before = self.source_listing()
-        self.in_source_dir()
-        name = trop.build_sdist(self.out)
-        base = "trop_ports-%s" % trop.__version__
-        self.assertEqual(name, base + ".tar.gz")
-        with tarfile.open(os.path.join(self.out, name), "r:gz") as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for member_name, member in members.items():
-                self.assertTrue(member_name.startswith(base + "/"), member_name)
-                self.assertTrue(member.isfile(), member_name)
-            for required in ("trop.py", "setup.cfg", "pyproject.toml", "README.md", "PKG-INFO"):
-                self.assertIn(base + "/" + required, members)
-            for copied in ("trop.py", "setup.cfg", "pyproject.toml", "README.md"):
-                self.assertEqual(tar.extractfile(members[base + "/" + copied]).read(), self.source(copied), copied)
-            pkg_info = email.parser.Parser().parsestr(
-                tar.extractfile(members[base + "/PKG-INFO"]).read().decode("utf-8"))
-            self.assertEqual((pkg_info["Name"], pkg_info["Version"]), ("trop-ports", trop.__version__))
-            unpacked = self.mkdir("unpacked")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(unpacked, filter="data")
-            else:
-                tar.extractall(unpacked)
-        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
-        pyproject = self.source("pyproject.toml").decode("utf-8")
-        self.assertRegex(pyproject, r'(?m)^build-backend\s*=\s*"trop"\s*$')
-        self.assertRegex(pyproject, r'(?m)^backend-path\s*=\s*\[\s*"\."\s*\]\s*$')
-        # the sdist is enough to build the wheel again
-        os.chdir(os.path.join(unpacked, base))
-        rebuilt = self.mkdir("rebuilt")
-        wheel = trop.build_wheel(rebuilt)
-        self.check_wheel(os.path.join(rebuilt, wheel), {"trop.py": self.source("trop.py")})
-
-    def test_pip_install_into_a_venv_gives_the_console_script(self):
+    def venv(self):
+        """A fresh venv with pip (skips where venv/ensurepip are missing); returns its bin directory."""
         if importlib.util.find_spec("venv") is None or importlib.util.find_spec("ensurepip") is None:
             self.skipTest("venv/ensurepip is not available for this interpreter")
         venv = os.path.join(self.root, "venv")
@@ -5028,24 +5047,9 @@ class TestPackaging(TropTestCase):
         if rc != 0 and "ensurepip" in (out + err):
             self.skipTest("this interpreter cannot create a venv with pip: %s" % err.strip())
         self.assertEqual(rc, 0, out + err)
-        bin_dir = os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
-        python = os.path.join(bin_dir, "python")
-        before = self.source_listing()
-        rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
-                                     "-q", TROP_DIR], timeout=300)
-        self.assertEqual(rc, 0, out + err)
-        self.assertEqual(self.source_listing(), before, "pip install wrote into the source tree")
-        code = ("import sys, trop\n"
-                "from importlib import metadata\n"
-                "eps = metadata.entry_points()\n"
-                "sel = (lambda g: eps.select(group=g)) if hasattr(eps, 'select') else (lambda g: eps.get(g, []))\n"
-                "print(trop.__file__.startswith(sys.prefix), metadata.version('trop-ports'))\n"
-                "print(sorted((e.name, e.value) for e in sel('console_scripts') if e.name == 'trop'))\n"
-                "print(sorted((e.name, e.value) for e in sel('pytest11') if e.value == 'trop'))\n")
-        rc, out, err = self.execute([python, "-c", code])
-        self.assertEqual((rc, err), (0, ""))
-        self.assertEqual(out.splitlines(), ["True %s" % trop.__version__, "[('trop', 'trop:main')]",
-                                            "[('trop', 'trop')]"])
+        return os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
+
+    def check_console_script(self, bin_dir):
         script = os.path.join(bin_dir, "trop")
         self.assertEqual(self.execute([script, "--version"]), (0, "trop %s\n" % trop.__version__, ""))
         data = os.path.join(self.root, "venv-data")
@@ -5056,6 +5060,177 @@ class TestPackaging(TropTestCase):
         self.assertEqual((rc, out), (1, ""))
         self.assertTrue(err.startswith("Error: "), err)
         self.assertEqual(self.execute([script, "--data-dir", data, "assert-port", "5000"])[0], 0)
+
+    def test_the_runtime_module_has_no_build_hooks(self):
+        rc, out, err = self.execute([sys.executable, "-c", "import trop; print(hasattr(trop, 'build_wheel'))"],
+                                    env=self.child_env(PYTHONPATH=TROP_DIR))
+        self.assertEqual((rc, out, err), (0, "False\n", ""))
+        for hook in BUILD_HOOKS:
+            self.assertFalse(hasattr(trop, hook), hook)
+            self.assertTrue(callable(getattr(self.backend, hook)), hook)
+        pyproject = self.source("pyproject.toml").decode("utf-8")
+        self.assertRegex(pyproject, r'(?m)^requires\s*=\s*\[\s*\]\s*$')
+        self.assertRegex(pyproject, r'(?m)^build-backend\s*=\s*"build_backend"\s*$')
+        self.assertRegex(pyproject, r'(?m)^backend-path\s*=\s*\[\s*"tools"\s*\]\s*$')
+        source = self.source(os.path.join("tools", "build_backend.py")).decode("utf-8")
+        self.assertNotRegex(source, r"(?m)^\s*(import|from)\s+trop\b")             # reads trop.py, never imports it
+        if sys.version_info >= (3, 8):
+            ast.parse(source, feature_version=(3, 6))                                  # Python 3.6 syntax
+
+    def test_build_wheel_from_another_cwd(self):
+        self.assertFalse(os.path.realpath(os.getcwd()).startswith(os.path.realpath(TROP_DIR) + os.sep))
+        before = self.source_listing()
+        name = self.backend.build_wheel(self.out)
+        path = os.path.join(self.out, name)
+        contents = self.check_wheel(path, {"trop.py": self.source("trop.py")})
+        self.assertIn("trop.py", contents)
+        self.assertEqual(os.listdir(self.proj), [], "building wrote into the cwd")
+        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
+        again = self.mkdir("dist2")
+        self.chdir(self.root)
+        self.assertEqual(self.backend.build_wheel(again, {}, None), name)            # PEP 517 signature
+        self.assertEqual(self.read(os.path.join(again, name)), self.read(path), "the wheel is not reproducible")
+
+    def test_prepare_metadata_is_the_wheels_dist_info(self):
+        for hook in ("get_requires_for_build_wheel", "get_requires_for_build_sdist",
+                     "get_requires_for_build_editable"):
+            self.assertEqual(getattr(self.backend, hook)({}), [], hook)
+        with zipfile.ZipFile(os.path.join(self.out, self.backend.build_wheel(self.out))) as zf:
+            wheel = {n: zf.read(n) for n in zf.namelist() if ".dist-info/" in n and not n.endswith("/RECORD")}
+        for hook in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
+            target = self.mkdir(hook)
+            dist_info = getattr(self.backend, hook)(target, {})
+            self.assertEqual(dist_info, "trop_ports-%s.dist-info" % trop.__version__)
+            written = {}
+            for top, _dirs, files in os.walk(target):
+                for file_name in files:
+                    full = os.path.join(top, file_name)
+                    written[os.path.relpath(full, target).replace(os.sep, "/")] = self.read(full)
+            self.assertEqual(written, wheel, hook)
+
+    def test_build_editable(self):
+        name = self.backend.build_editable(self.out, {}, None)
+        with zipfile.ZipFile(os.path.join(self.out, name)) as zf:
+            pth = [n for n in zf.namelist() if n.endswith(".pth")]
+            self.assertEqual(len(pth), 1)
+            self.assertNotIn("/", pth[0])
+            text = zf.read(pth[0]).decode("utf-8")
+        self.assertEqual(os.path.realpath(text.strip()), os.path.realpath(TROP_DIR))   # not the cwd
+        self.assertTrue(text.endswith("\n"))
+        contents = self.check_wheel(os.path.join(self.out, name), {pth[0]: text.encode("utf-8")})
+        self.assertNotIn("trop.py", contents)
+
+    def test_build_sdist_then_a_wheel_from_it(self):
+        before = self.source_listing()
+        name = self.backend.build_sdist(self.out)
+        base = "trop_ports-%s" % trop.__version__
+        self.assertEqual(name, base + ".tar.gz")
+        path = os.path.join(self.out, name)
+        again = self.mkdir("dist2")
+        self.assertEqual(self.backend.build_sdist(again, {}), name)                   # PEP 517 signature
+        self.assertEqual(self.read(os.path.join(again, name)), self.read(path), "the sdist is not reproducible")
+        shipped = ("trop.py", "test_trop.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE",
+                   "tools/build_backend.py")
+        with tarfile.open(path, "r:gz") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            self.assertEqual(sorted(members), sorted(base + "/" + n for n in shipped + ("PKG-INFO",)))
+            for member in members.values():
+                self.assertTrue(member.isfile(), member.name)
+                self.assertEqual((member.mtime, member.mode, member.uid, member.gid), (1577836800, 0o644, 0, 0))
+            for copied in shipped:
+                self.assertEqual(tar.extractfile(members[base + "/" + copied]).read(),
+                                 self.source(copied), copied)
+            pkg_info = tar.extractfile(members[base + "/PKG-INFO"]).read().decode("utf-8")
+            unpacked = self.mkdir("unpacked")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(unpacked, filter="data")
+            else:
+                tar.extractall(unpacked)
+        self.check_metadata(pkg_info)
+        self.assertEqual(self.source_listing(), before, "building wrote into the source tree")
+        # the sdist's own backend builds the same wheel, from the unpacked sdist (the cwd is elsewhere)
+        from_sdist = load_backend(os.path.join(unpacked, base, "tools", "build_backend.py"))
+        self.assertEqual(os.path.realpath(from_sdist.ROOT), os.path.realpath(os.path.join(unpacked, base)))
+        rebuilt = self.mkdir("rebuilt")
+        wheel = from_sdist.build_wheel(rebuilt)
+        contents = self.check_wheel(os.path.join(rebuilt, wheel), {"trop.py": self.source("trop.py")})
+        self.assertEqual(contents["trop_ports-%s.dist-info/METADATA" % trop.__version__].decode("utf-8"), pkg_info)
+        self.assertEqual(self.read(os.path.join(rebuilt, wheel)),
+                         self.read(os.path.join(self.out, self.backend.build_wheel(self.out))))
+
+    def test_the_backend_reads_its_own_tree_and_refuses_what_it_cannot_emit(self):
+        tree = self.mkdir("copy")
+        for name in ("setup.cfg", "README.md", "LICENSE", "pyproject.toml"):
+            shutil.copy(os.path.join(TROP_DIR, name), tree)
+        os.mkdir(os.path.join(tree, "tools"))
+        shutil.copy(BACKEND_FILE, os.path.join(tree, "tools"))
+        source = self.source("trop.py").decode("utf-8")
+        self.write(os.path.join(tree, "trop.py"), re.sub(r'(?m)^__version__ = "[^"]*"$', '__version__ = "9.8.7"',
+                                                         source, count=1))
+        copy_backend = load_backend(os.path.join(tree, "tools", "build_backend.py"))
+        self.assertEqual(copy_backend.build_wheel(self.out), "trop_ports-9.8.7-py3-none-any.whl")   # not imported
+        setup_cfg = self.source("setup.cfg").decode("utf-8")
+        for section, line, named in (("[metadata]", "author = someone", "author"),
+                                     ("[options]", "install_requires = pytest", "install_requires"),
+                                     ("[options.extras_require]", "test = pytest", "options.extras_require")):
+            self.assertEqual(section in setup_cfg, not named.startswith("options."))
+            text = (setup_cfg.replace(section + "\n", section + "\n" + line + "\n", 1) if section in setup_cfg
+                    else setup_cfg + "\n" + section + "\n" + line + "\n")
+            self.write(os.path.join(tree, "setup.cfg"), text)
+            for hook in (copy_backend.build_wheel, copy_backend.build_sdist, copy_backend.build_editable):
+                with self.assertRaisesRegex(copy_backend.BuildError, r"\b%s\b.*not supported" % re.escape(named)):
+                    hook(self.mkdir("refused"))
+
+    def test_pip_wheel_without_build_isolation_from_another_cwd(self):
+        self.needs_pip(sys.executable, (20, 0), "backend-path")
+        before = self.source_listing()
+        wheels = self.mkdir("pip-wheels")
+        rc, out, err = self.execute([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                                     "--no-index", "--disable-pip-version-check", "-q", "-w", wheels, TROP_DIR],
+                                    cwd=self.proj, timeout=300)
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual(self.source_listing(), before, "pip wheel wrote into the source tree")
+        (name,) = os.listdir(wheels)
+        self.check_wheel(os.path.join(wheels, name), {"trop.py": self.source("trop.py")})
+        self.assertEqual(self.read(os.path.join(wheels, name)),
+                         self.read(os.path.join(self.out, self.backend.build_wheel(self.out))))
+
+    def test_pip_install_into_a_venv_gives_the_console_script(self):
+        bin_dir = self.venv()
+        python = os.path.join(bin_dir, "python")
+        self.needs_pip(python, (20, 0), "backend-path")
+        before = self.source_listing()
+        rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+                                     "-q", TROP_DIR], timeout=300)            # with build isolation: requires = []
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual(self.source_listing(), before, "pip install wrote into the source tree")
+        code = ("import sys, trop\n"
+                "from importlib import metadata\n"
+                "eps = metadata.entry_points()\n"
+                "sel = (lambda g: eps.select(group=g)) if hasattr(eps, 'select') else (lambda g: eps.get(g, []))\n"
+                "print(trop.__file__.startswith(sys.prefix), metadata.version('trop-ports'))\n"
+                "print(sorted((e.name, e.value) for e in sel('console_scripts') if e.name == 'trop'))\n"
+                "print(sorted((e.name, e.value) for e in sel('pytest11') if e.value == 'trop'))\n"
+                "print(metadata.metadata('trop-ports').get_all('Classifier'))\n")
+        rc, out, err = self.execute([python, "-c", code])
+        self.assertEqual((rc, err), (0, ""))
+        classifiers = setup_cfg_lines(self.setup_cfg()["metadata"]["classifiers"])
+        self.assertEqual(out.splitlines(), ["True %s" % trop.__version__, "[('trop', 'trop:main')]",
+                                            "[('trop', 'trop')]", repr(classifiers)])
+        self.check_console_script(bin_dir)
+
+    def test_pip_editable_install_into_a_venv(self):
+        bin_dir = self.venv()
+        python = os.path.join(bin_dir, "python")
+        self.needs_pip(python, (21, 3), "PEP 660 editable installs")
+        before = self.source_listing()
+        rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+                                     "-q", "-e", TROP_DIR], timeout=300)
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual(self.source_listing(), before, "pip install -e wrote into the source tree")
+        rc, out, err = self.execute([python, "-c", "import os, trop; print(os.path.realpath(trop.__file__))"])
+        self.assertEqual((rc, out, err), (0, os.path.realpath(os.path.join(TROP_DIR, "trop.py")) + "\n", ""))
+        self.check_console_script(bin_dir)
 
     def test_zipapp(self):
         src = self.mkdir("pyz")
