@@ -7026,6 +7026,44 @@ _README_FILE_MARK = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->$")
 _README_FENCE = re.compile(r"^```\s*([A-Za-z0-9_+-]*)\s*$")
 
 
+def readme_tables():
+    """{marker: markdown table} of the README's tables made from trop.OPTIONS (see `python3 test_trop.py
+    --readme`)."""
+    def code(text):
+        return "`%s`" % text
+
+    def flag(option):
+        metavar = option.kind.argument().get("metavar", option.name.upper())
+        return option.flag + ("" if option.kind is trop._SWITCH else " " + metavar)
+
+    def default(option):
+        value = option.default
+        if value is None or value == () or not option.keys:
+            return "–"
+        return code(str(value).lower() if isinstance(value, bool) else value)
+    settings = ["| Setting (file key) | Default | Variable | Flag, API keyword | Meaning |", "|---|---|---|---|---|"]
+    for o in trop.OPTIONS:
+        if "global" in o.groups and not o.keys and not o.env:
+            continue                        # --verbose, --quiet: in the global options table
+        key = code(o.key) if o.files else ", ".join(map(code, o.keys)) or "–"
+        settings.append("| %s | %s | %s | %s | %s |" % (
+            key, default(o), ", ".join(map(code, o.env)) or "–",
+            "%s, %s" % (code(flag(o)), code(o.name + "=")) if o.flag else "–", o.help.replace("|", "\\|")))
+    globals_ = ["| Option | Effect |", "|---|---|"]
+    globals_ += ["| %s | %s |" % (code(flag(o)), o.help) for o in trop.OPTIONS if "global" in o.groups]
+    globals_.append("| `--version`, `-h`/`--help` | print the version (`trop %s`) / help |" % trop.__version__)
+    return {"settings": "\n".join(settings), "global-options": "\n".join(globals_)}
+
+
+def readme_with_tables(text):
+    """text with every generated table replaced by what trop.OPTIONS makes of it now."""
+    for marker, table in readme_tables().items():
+        head = "<!-- %s: generated from trop.OPTIONS by `python3 test_trop.py --readme` -->\n" % marker
+        start, end = text.index(head) + len(head), text.index("<!-- /%s -->" % marker)
+        text = text[:start] + table + "\n" + text[end:]
+    return text
+
+
 def readme_blocks(text):
     """[(language, first line number, [lines], file name or None)] of every fenced block."""
     blocks, lang, start, body, mark, pending = [], None, 0, [], None, None
@@ -7095,6 +7133,10 @@ class TestReadme(TropTestCase):
         commands = [s[1] for s in readme_steps(self.text) if s[0] == "run"]
         self.assertEqual(commands[:2], ["python3 -m trop reserve", "python3 -m unittest -v"])
 
+    def test_option_tables_are_made_from_the_option_table(self):
+        self.assertEqual(self.text, readme_with_tables(self.text),
+                         "README.md's option tables are out of date: run `python3 test_trop.py --readme`")
+
     def test_every_command_is_documented(self):
         for name in trop.COMMANDS:
             self.assertRegex(self.text, r"\n\| `%s[ `]" % re.escape(name), "no table row for %s" % name)
@@ -7152,4 +7194,10 @@ class TestReadme(TropTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:] == ["--readme"]:          # rewrite README.md's tables made from trop.OPTIONS
+        with open(README_PATH, encoding="utf-8") as fh:
+            readme = readme_with_tables(fh.read())
+        with open(README_PATH, "w", encoding="utf-8") as fh:
+            fh.write(readme)
+    else:
+        unittest.main()

@@ -1191,8 +1191,9 @@ _SWITCH, _PORT = _Switch(), _Port()
 # occupancy (the commands that probe), probes (scan), permissions, autoclean.
 OPTIONS = (
     Option("verbose", (), _SWITCH, files=None, groups="global",
-           help="detailed output from prune, expire and autoclean"),
-    Option("quiet", (), _SWITCH, files=None, groups="global", help="suppress non-essential output"),
+           help="detailed lists from prune, expire and autoclean; run prints the variables it sets"),
+    Option("quiet", (), _SWITCH, files=None, groups="global",
+           help="no status text on stderr (errors still print); the cleanup commands print only their count"),
     Option("data_dir", (), _Text(), env="TROP_DATA_DIR", files=None, groups="global",
            help="data directory (default: $TROP_DATA_DIR, else ~/.trop)"),
     Option("project", "project", _Identifier(), env="TROP_PROJECT", files="project", groups="reserve",
@@ -1225,7 +1226,7 @@ OPTIONS = (
     Option("reservations", "reservations", _Group(), files="project",
            help="the project's group of services (trop.yaml)"),
     Option("disable_autoinit", "disable_autoinit", _SWITCH, False, env="TROP_DISABLE_AUTOINIT", groups="global",
-           help="fail instead of creating a missing database"),
+           help="exit 3 instead of creating a missing trop.db"),
     Option("disable_autoprune", "disable_autoprune", _SWITCH, False, env="TROP_DISABLE_AUTOPRUNE",
            groups="autoclean", help="no pruning when the range is exhausted"),
     Option("disable_autoexpire", "disable_autoexpire", _SWITCH, False, env="TROP_DISABLE_AUTOEXPIRE",
