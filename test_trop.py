@@ -1092,6 +1092,81 @@ class TestExclusionWriter(unittest.TestCase):
 
 # --- Configuration -----------------------------------------------------------
 
+class TestOptionTable(unittest.TestCase):
+    """Every setting comes from one row of trop.OPTIONS: its key, default, variables, flag and API keyword."""
+
+    SAMPLE = {"_Switch": (True, "1", "true"), "_Port": (6001, "6001", "6001"), "_Offset": (10, "10", None),
+              "_Days": (9, "9", "9"), "_Seconds": (7, "7", "7"), "_Identifier": ("alpha", " alpha ", "alpha"),
+              "_Choice": ("json", "JSON", None), "_Text": (None, "/tmp/x", "/tmp/x"),
+              "_Exclusions": (None, "6100,6200..6202", None), "_Group": (None, None, None)}
+
+    def test_every_row_has_a_known_kind_and_help(self):
+        for option in trop.OPTIONS:
+            self.assertIn(type(option.kind).__name__, self.SAMPLE, option)
+            self.assertTrue(option.help, option)
+        self.assertEqual(len(trop.OPTION), len(trop.OPTIONS), "duplicate option names")
+
+    def test_derived_tables(self):
+        self.assertEqual(trop.API_OPTIONS, {o.name for o in trop.OPTIONS if o.groups})
+        self.assertEqual(trop.TOP_KEYS, ["project", "ports", "excluded_ports", "cleanup", "occupancy_check",
+                                         "reservations", "disable_autoinit", "disable_autoprune",
+                                         "disable_autoexpire", "allow_unrelated_path", "allow_change_project",
+                                         "allow_change_task", "allow_change", "maximum_lock_wait_seconds",
+                                         "output_format"])
+        self.assertEqual(trop.OCCUPANCY_KEYS, ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp",
+                                               "check_all_interfaces"))
+        for option in trop.OPTIONS:
+            for key in option.keys:
+                self.assertIn(key, trop.DEFAULTS, option)
+
+    def test_each_variable_sets_its_key(self):
+        for option in trop.OPTIONS:
+            expected, text, _flag = self.SAMPLE[type(option.kind).__name__]
+            for name in option.env:
+                if not option.keys or expected is None:
+                    continue
+                with self.subTest(variable=name):
+                    environ = {name: text}
+                    if option.key == "ports.max_offset":
+                        environ["TROP_PORT_MIN"] = "6000"
+                    config = trop.Config([trop.env_layer(environ)]).validate()
+                    self.assertEqual(config[option.key], expected)
+                    self.assertEqual(config.sources[option.key], name)
+        layer = trop.env_layer({"TROP_EXCLUDED_PORTS": self.SAMPLE["_Exclusions"][1]})
+        self.assertEqual(layer.exclusions, [(6100, 6100), (6200, 6202)])
+
+    def test_first_variable_of_a_row_wins_and_every_one_is_checked(self):
+        config = trop.Config([trop.env_layer({"TROP_BUSY_TIMEOUT": "3", "TROP_MAXIMUM_LOCK_WAIT_SECONDS": "4"})])
+        self.assertEqual(config["maximum_lock_wait_seconds"], 3)
+        with self.assertRaises(trop.ConfigError):
+            trop.env_layer({"TROP_ALLOW_PROJECT_CHANGE": "1", "TROP_ALLOW_CHANGE_PROJECT": "maybe"})
+
+    def test_each_flag_is_an_api_keyword_and_sets_its_keys(self):
+        for option in trop.OPTIONS:
+            value = self.SAMPLE[type(option.kind).__name__][2]
+            if not (option.flag and option.keys) or value is None:
+                continue
+            with self.subTest(option=option.name):
+                layer = trop.cli_layer({option.name: trop._u32(value) if type(option.kind).__name__ in (
+                    "_Days", "_Seconds") else value if value != "true" else True})
+                for key in option.keys:
+                    self.assertIn(key, layer.values)
+
+    def test_each_flag_is_on_the_commands_of_its_groups(self):
+        users = {"global": list(trop.COMMANDS), "range": ["reserve", "scan"], "permissions": ["reserve",
+                 "reserve-group", "autoreserve", "run"], "autoclean": ["reserve"], "expire": ["expire", "autoclean"],
+                 "occupancy": ["reserve", "reserve-group", "autoreserve", "run", "port-info"],
+                 "probes": ["scan"], "reserve": ["reserve"]}
+        for option in trop.OPTIONS:
+            for group in option.groups:
+                for command in users[group]:
+                    with self.subTest(option=option.name, command=command):
+                        parser = trop.build_parser(command)
+                        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+                        flags = {f for a in sub.choices[command]._actions for f in a.option_strings}
+                        self.assertIn(option.flag, flags)
+
+
 class TestConfiguration(unittest.TestCase):
     def config(self, environ):
         return trop.Config([trop.env_layer(environ)]).validate()

@@ -24,6 +24,12 @@ are reported as ratios against the floor, so they compare across machines:
                                                                  INSERT / COMMIT
     P6  scan --min 5000 --max 7000                            <= 0.5 s absolute
 
+P0 (informative, no target) justifies trop.py's import policy: for each module
+trop.py imports at the top, whether a command line has loaded it anyway (the
+interpreter's start-up, or argparse, which every command line builds); for each
+module it imports only where used, its median cumulative import cost
+(``-X importtime``) in a fresh interpreter.
+
 Large databases are seeded by letting trop create its schema once
 (``trop --data-dir D list``) and then inserting rows directly with sqlite3.
 
@@ -154,6 +160,30 @@ class Bench:
         return data_dir
 
 
+# P0: what a command line has loaded before trop's own imports run.
+P0_LOADED = r'''
+import sys
+import argparse
+print(" ".join(sorted(sys.modules)))
+'''
+P0_TOP = ("errno", "os", "re", "stat", "sys", "time", "bisect", "collections")
+P0_LAZY = ("argparse", "json", "sqlite3", "socket", "subprocess", "shutil", "pwd", "threading", "fcntl",
+           "urllib.parse", "traceback")
+
+
+def import_cost_ms(module, reps):
+    """Median cumulative import time of module in a fresh interpreter (its line of -X importtime)."""
+    costs = []
+    for _ in range(reps):
+        proc = subprocess.run([PY, "-X", "importtime", "-c", "import " + module], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+        for line in proc.stderr.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) == 3 and fields[2] == module:
+                costs.append(int(fields[1]) / 1000.0)
+    return statistics.median(costs) if costs else float("nan")
+
+
 # Runs in a child process (cwd = repo root) so the module is found exactly as
 # `-m trop` finds it.  Prints one JSON object.
 P5_CHILD = r'''
@@ -235,7 +265,7 @@ def fmt_target(x):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark trop.py (figures P1-P6).")
+    ap = argparse.ArgumentParser(description="Benchmark trop.py (figures P0-P6).")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--json", action="store_true",
                     help="print JSON results on stdout (text report goes to stderr)")
@@ -284,6 +314,17 @@ def main(argv=None):
             say("trop bench: python %s, sqlite %s, module %s, %s CPUs%s"
                 % (results["python"], results["sqlite"], MODULE, results["cpus"],
                    ", quick" if opts.quick else ""))
+
+            # P0: the import policy's evidence.
+            loaded = set(subprocess.run([PY, "-c", P0_LOADED], stdout=subprocess.PIPE,
+                                        universal_newlines=True).stdout.split())
+            top = ", ".join("%s%s" % (m, "" if m in loaded else " (NOT loaded)") for m in P0_TOP)
+            say("P0 top-level imports, loaded by start-up or argparse anyway: %s" % top)
+            costs = [(m, import_cost_ms(m, 3 if opts.quick else 9)) for m in P0_LAZY]
+            say("P0 imported where used (cumulative ms): %s"
+                % ", ".join("%s %.2f" % (m, c) for m, c in costs))
+            results["p0"] = {"top_not_loaded": [m for m in P0_TOP if m not in loaded],
+                             "lazy_ms": {m: round(c, 3) for m, c in costs}}
 
             # Floor.
             floor = b.median_time(lambda i: b.floor_cmd(), floor_reps, warmup=3)
