@@ -2364,6 +2364,250 @@ class TestStore(TropTestCase):
 
 # --- Occupancy ---------------------------------------------------------------
 
+def unused_uid():
+    """A uid with no passwd entry (so also no home), or None where this process cannot switch to one."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None
+    for uid in range(54321, 60000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    return None
+
+
+# Runs `trop.main(ARGS)` in CWD as another user: everything trop imports is imported first (the interpreter's
+# own files may be unreadable to that user, as /root/.pyenv is), then the process drops to UID for good.
+AS_USER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import trop, argparse, fcntl, json, pwd, shutil, socket, sqlite3, subprocess, threading, traceback, urllib.parse
+uid = int(sys.argv[2])
+if uid >= 0:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+os.chdir(sys.argv[3])
+sys.exit(trop.main(sys.argv[4:]))
+"""
+
+
+class UnprivilegedCase(TropTestCase):
+    """Runs trop as a real user without write access: an unused uid when the tests run as root (as in CI),
+    else this user, for whom the permission bits below apply just the same."""
+
+    def setUp(self):
+        super().setUp()
+        if os.name != "posix":
+            self.skipTest("POSIX permissions")
+        self.uid = unused_uid()
+        if self.uid is None and os.geteuid() == 0:
+            self.skipTest("no unused uid to switch to")
+        for directory in (self.root, self.proj, self.home):
+            os.chmod(directory, 0o755)
+
+    def as_user(self, *args, cwd=None, env=None):
+        """(exit code, stdout, stderr) of trop ARGS run as the unprivileged user."""
+        environ = self.environment(dict({"PYTHONDONTWRITEBYTECODE": "1"}, **(env or {})))
+        proc = self._started(spawn([sys.executable, "-c", AS_USER, TROP_DIR, -1 if self.uid is None else self.uid,
+                                    cwd or self.proj] + list(args), self.root, environ))
+        return finish(proc)
+
+    def freeze(self, *paths):
+        """Make paths read-only for everyone (root ignores this; the unprivileged user does not)."""
+        for path in paths:
+            os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+            self.addCleanup(os.chmod, path, 0o755 if os.path.isdir(path) else 0o644)
+
+    def snapshot(self, directory):
+        return {name: self.read(os.path.join(directory, name)) for name in sorted(os.listdir(directory))}
+
+
+class TestReadOnlyData(UnprivilegedCase):
+    """A data directory and trop.db this user can read but not write: every read works and creates nothing."""
+
+    def setUp(self):
+        super().setUp()
+        self.h = self.handle()
+        self.port = self.h.reserve(self.proj, tag="web")
+        self.h.reserve(self.root + "/gone", tag="x")
+        self.h.close()
+        self.group = self.group_file(self.proj, [("web", {"offset": 0})], pmin=20000, pmax=20010)
+        self.freeze(self.data, self.db)
+        self.before = self.snapshot(self.data)
+
+    def assertUntouched(self):
+        self.assertEqual(self.snapshot(self.data), self.before)
+
+    def test_read_commands_and_dry_runs_work_and_create_nothing(self):
+        key = "%s:web" % self.proj
+        expected = {
+            ("list", "--format", "csv"): lambda out: self.assertIn("%d,%s,web" % (self.port, self.proj), out),
+            ("list-projects",): lambda out: self.assertEqual(out, ""),
+            ("port-info", str(self.port)): lambda out: self.assertIn("Tag: web", out),
+            ("assert-port", str(self.port)): lambda out: self.assertEqual(out, ""),
+            ("assert-reservation", "--tag", "web"): lambda out: self.assertEqual(out, "%d\n" % self.port),
+            ("assert-data-dir", "--validate"): lambda out: self.assertEqual(out, ""),
+            ("show-data-dir",): lambda out: self.assertEqual(out, self.data + "\n"),
+            ("show-path",): lambda out: self.assertEqual(out, self.proj + "\n"),
+            ("validate", self.group): lambda out: self.assertEqual(out, "Configuration is valid\n"),
+            ("scan", "--min", "20000", "--max", "20002", "--format", "csv"): lambda out: self.assertTrue(out),
+            ("reserve", "--tag", "web", "--dry-run"): lambda out: self.assertEqual(out, ""),
+            ("reserve", "--tag", "new", "--dry-run", "--min", "20000", "--max", "20010"): lambda out: None,
+            ("release", "--tag", "web", "--dry-run"): lambda out: self.assertEqual(out, ""),
+            ("reserve-group", self.group, "--dry-run"): lambda out: None,
+            ("autoreserve", "--dry-run"): lambda out: None,
+            ("prune", "--dry-run", "--quiet"): lambda out: self.assertEqual(out, "1\n"),
+            ("expire", "--dry-run", "--days", "1"): lambda out: None,
+            ("autoclean", "--dry-run"): lambda out: None,
+            ("migrate", "--from", ".", "--to", self.root + "/moved", "--dry-run"): lambda out: None,
+            ("init", "--dry-run"): lambda out: self.assertIn("Database already exists", out),
+        }
+        for args, check in expected.items():
+            with self.subTest(args=args):
+                rc, out, err = self.as_user(*args)
+                self.assertEqual(rc, 0, err)
+                self.assertNoTraceback(err)
+                check(out)
+        rc, _out, err = self.as_user("reserve", "--tag", "web", "--dry-run")
+        self.assertIn("Refresh reservation for %s (port %d)" % (key, self.port), err)
+        self.assertUntouched()
+
+    def test_reads_see_what_a_connected_writer_committed(self):
+        writer = sqlite3.connect(self.db, isolation_level=None)         # as root: keeps -wal and -shm in place
+        self.addCleanup(writer.close)
+        writer.execute("INSERT INTO reservations VALUES ('/w', '', 21000, NULL, NULL, 0, 0)")
+        self.assertTrue(os.path.exists(self.db + "-shm"))
+        for path in (self.db + "-wal", self.db + "-shm"):
+            os.chmod(path, 0o644)
+        self.assertEqual(self.as_user("assert-port", "21000"), (0, "", ""))
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO reservations VALUES ('/u', '', 21001, NULL, NULL, 0, 0)")
+        self.assertError(self.as_user("assert-port", "21001", "--busy-timeout", "0"), 1)   # never uncommitted
+        writer.execute("ROLLBACK")
+
+    def test_writing_commands_fail_with_one_line_that_says_what_to_do(self):
+        for args in (("reserve", "--tag", "new"), ("release", "--tag", "web"), ("prune",), ("autoclean",),
+                     ("reserve-group", self.group), ("migrate", "--from", ".", "--to", "/x")):
+            with self.subTest(args=args):
+                self.assertError(self.as_user(*args), 6, contains=[self.db, "--data-dir", "TROP_DATA_DIR"])
+        self.assertUntouched()
+
+    def test_a_missing_database_in_an_unwritable_directory_reads_as_empty(self):
+        other = self.mkdir("other")
+        self.freeze(other)
+        env = {"TROP_DATA_DIR": other}
+        self.assertEqual(self.as_user("list", "--format", "json", env=env), (0, "[]\n", ""))
+        self.assertEqual(self.as_user("assert-port", "5000", "--not", env=env), (0, "", ""))
+        self.assertError(self.as_user("reserve", env=env), 6, contains=[other, "--data-dir"])
+        self.assertEqual(os.listdir(other), [])
+
+    def test_an_unwritable_home_names_the_way_out(self):
+        os.chmod(self.home, 0o555)
+        rc, out, err = self.as_user("reserve", env={"TROP_DATA_DIR": None})
+        self.assertError((rc, out, err), 6, contains=["--data-dir", "TROP_DATA_DIR"])
+        self.assertEqual(os.listdir(self.home), [])
+
+
+class TestUserWithoutHome(UnprivilegedCase):
+    """A uid with no passwd entry and no HOME: a clean error naming TROP_DATA_DIR; with it, everything works."""
+
+    def setUp(self):
+        super().setUp()
+        if self.uid is None:
+            self.skipTest("needs root to become a uid without a passwd entry")
+
+    def test_without_a_data_directory(self):
+        env = {"HOME": None, "TROP_DATA_DIR": None}
+        for args in (("reserve",), ("list",), ("show-data-dir",)):
+            self.assertError(self.as_user(*args, env=env), 7, contains=["TROP_DATA_DIR", "--data-dir"])
+
+    def test_with_a_data_directory(self):
+        data = self.mkdir("own")
+        os.chown(data, self.uid, self.uid)
+        env = {"HOME": None, "TROP_DATA_DIR": data}
+        rc, out, err = self.as_user("reserve", env=env)
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(self.as_user("list", "--format", "csv", env=env)[0], 0)
+        self.assertEqual(self.as_user("assert-reservation", env=env), (0, out, ""))
+        self.assertError(self.as_user("reserve", "--path", "~/x", env=env), 6, contains="~")
+        self.assertError(self.as_user("reserve-group", "~/trop.yaml", env=env), 6, contains="cannot expand ~")
+
+
+class TestNetworkFilesystem(TropTestCase):
+    """A data directory on NFS, SMB or FUSE is refused (WAL needs shared memory), unless allowed."""
+    IN_PROCESS = True
+
+    def mount_table(self, *mounts):
+        """A fake PROC_ROOT whose self/mountinfo lists (mount point, type) pairs."""
+        root = self.mkdir("fakeproc")
+        lines = ["%d 1 0:%d / %s rw,relatime shared:1 - %s src rw" % (20 + i, i, point.replace(" ", "\\040"), kind)
+                 for i, (point, kind) in enumerate(mounts)]
+        self.write(os.path.join(root, "self", "mountinfo"), "\n".join(lines) + "\n")
+        patcher = mock.patch.object(trop, "PROC_ROOT", root)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_mount_of_picks_the_longest_mount_point(self):
+        self.mount_table(("/", "ext4"), (self.root, "nfs4"), (self.root + "/local dir", "tmpfs"))
+        self.assertEqual(trop.mount_of(self.path("data", "x")), ("nfs4", self.root))
+        self.assertEqual(trop.mount_of(self.mkdir("local dir", "d")), ("tmpfs", self.root + "/local dir"))
+        self.assertEqual(trop.mount_of("/usr"), ("ext4", "/"))
+        self.assertIsNone(trop.mount_of("/usr", proc_root=self.path("nowhere")))
+
+    def test_kinds(self):
+        for kind in ("nfs", "nfs4", "cifs", "smb3", "9p", "fuse.sshfs", "fuse", "ceph"):
+            self.assertTrue(trop.is_network_filesystem(kind), kind)
+        for kind in ("ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "fuseblk", "apfs"):
+            self.assertFalse(trop.is_network_filesystem(kind), kind)
+
+    def test_refused_with_advice_then_allowed(self):
+        self.mount_table(("/", "ext4"), (self.root, "nfs"))
+        for args in (("reserve",), ("list",), ("assert-data-dir", "--validate")):
+            rc, out, err = trop_main("--data-dir", self.data, *args)
+            self.assertEqual((rc, out), (7 if args[0] != "assert-data-dir" else 1, ""), err)
+            if args[0] != "assert-data-dir":
+                self.assertIn("nfs filesystem (mounted at %s)" % self.root, err)
+                self.assertIn("TROP_ALLOW_NETWORK_FS=1", err)
+                self.assertIn("TROP_DATA_DIR", err)
+        self.assertFalse(os.path.exists(self.data))
+        with mock.patch.dict(os.environ, {"TROP_ALLOW_NETWORK_FS": "1"}):
+            rc, out, err = trop_main("--data-dir", self.data, "reserve")
+        self.assertEqual((rc, out, err), (0, "5000\n", ""))
+        rc, out, err = trop_main("--data-dir", self.data, "assert-data-dir", "--validate")
+        self.assertEqual(rc, 7, err)
+
+    def test_local_filesystems_pass(self):
+        self.mount_table(("/", "ext4"), (self.root, "tmpfs"))
+        self.assertEqual(trop_main("--data-dir", self.data, "reserve"), (0, "5000\n", ""))
+
+
+class TestOldSqlite(TropTestCase):
+    """An SQLite older than 3.37 cannot read the reference's STRICT tables: one line says so and what to do."""
+    IN_PROCESS = True
+
+    def test_strict_schema_with_old_sqlite(self):
+        make_v2_db(self.data, [("/a", "", 5000, None, None, T1, T1)])
+        real = sqlite3.connect
+
+        def old_connect(*args, **kwargs):
+            conn = real(*args, **kwargs)
+            if "memory" not in str(args[0]):
+                conn.close()
+                raise sqlite3.OperationalError('malformed database schema (reservations) - near "STRICT": '
+                                               'syntax error')
+            return conn
+        with mock.patch.object(sqlite3, "connect", old_connect), \
+                mock.patch.object(sqlite3, "sqlite_version_info", (3, 31, 1)):
+            for args in (("list",), ("reserve",), ("assert-data-dir", "--validate")):
+                rc, out, err = trop_main("--data-dir", self.data, *args)
+                self.assertEqual((rc, out), (6, ""), args)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn("STRICT tables, which need SQLite 3.37 or newer, and this Python uses SQLite 3.31.1",
+                              err)
+        self.assertEqual(self.rows(3), [("/a", "", 5000)])
+
+
 class TestOccupancy(TropTestCase):
     def test_listening_tcp_socket_is_occupied(self):
         sock = self.listen("tcp", "127.0.0.1")

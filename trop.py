@@ -16,7 +16,7 @@ data read outside the transaction that executes it.
 
 # Import policy.  Start-up is most of a command's run time, so the top of the
 # module imports only what every command line has loaded anyway: modules the
-# interpreter imports before trop runs (os, sys, stat, time, errno) or that
+# interpreter imports before trop runs (os, sys, stat, time, errno, codecs, io) or that
 # argparse imports for the parser every command builds (re, collections), plus
 # bisect (C-accelerated), which allocation needs.  Anything else costs a run
 # that uses it and no other: a module one function needs is imported in that
@@ -24,7 +24,9 @@ data read outside the transaction that executes it.
 # subprocess, shutil, pwd) comes from one accessor below, so it is imported in
 # one place.  `python3 tools/bench.py` prints the import figures that justify
 # the split (P0) next to the command timings (P1-P3).
+import codecs
 import errno
+import io
 import os
 import re
 import stat
@@ -1248,6 +1250,8 @@ OPTIONS = (
            help="seconds to wait for the database lock (default 5; 0: do not wait)"),
     Option("output_format", "output_format", _Choice(OUTPUT_FORMATS, "output format"), "table",
            env="TROP_OUTPUT_FORMAT", help="the default `list --format`: table, json, csv or tsv"),
+    Option("allow_network_fs", "allow_network_fs", _SWITCH, False, env="TROP_ALLOW_NETWORK_FS", files=None,
+           help="use a data directory on NFS, SMB or FUSE anyway (safe only if one machine uses it)"),
     Option("log_mode", (), _Choice(("quiet", "normal", "verbose"), "log mode"), env="TROP_LOG_MODE", files=None,
            help="quiet, normal or verbose: checked, no effect (as in the Rust trop)"),
 )
@@ -2397,12 +2401,22 @@ def _is_lock_error(exc):
 
 
 class Store:
-    """One connection to trop.db; reads and writes of reservation rows."""
+    """One connection to trop.db; reads and writes of reservation rows.
 
-    def __init__(self, conn, path, timeout):
+    read_only: opened with mode=ro (the caller cannot write trop.db or its
+    directory); snapshot: set when even that was impossible and the file is
+    read as immutable (see open_readonly), so a reader must check
+    snapshot_ok() before it trusts what it read.
+    """
+
+    commits = 0                 # transactions this process committed (error messages must not deny them)
+
+    def __init__(self, conn, path, timeout, read_only=False, snapshot=None):
         self.conn = conn
         self.path = path
         self.timeout = timeout
+        self.read_only = read_only
+        self.snapshot = snapshot
         self.pid = os.getpid()
         self.identity = _file_identity(path)
         self._ports = None
@@ -2415,9 +2429,10 @@ class Store:
     # -- opening --
 
     @classmethod
-    def open(cls, data_dir, timeout=5, autoinit=True):
-        """Open (creating or migrating when needed) the database of a data directory."""
+    def open(cls, data_dir, timeout=5, autoinit=True, network_ok=False):
+        """Open (creating or migrating when needed) the database of a data directory, to write."""
         path = os.path.join(data_dir, DB_FILE)
+        check_local_filesystem(data_dir, network_ok)
         if not os.path.exists(path):
             if not autoinit:
                 raise NoDataDirectory("Data directory not found: %s does not exist "
@@ -2425,8 +2440,11 @@ class Store:
             try:
                 os.makedirs(data_dir, exist_ok=True)
             except OSError as exc:
-                raise LibraryError("database error: cannot create data directory %s: %s"
-                                   % (data_dir, exc.strerror or exc))
+                raise _not_writable(data_dir, exc.strerror or exc)
+            if not can_write(path):
+                raise _not_writable(data_dir, "permission denied")
+        elif not can_write(path):
+            raise _not_writable(path, "read-only for this user")
         sqlite3 = _sqlite()
         try:
             conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
@@ -2442,6 +2460,45 @@ class Store:
             conn.close()
             raise
         return store
+
+    @classmethod
+    def open_readonly(cls, data_dir, network_ok=False):
+        """Open an existing trop.db only to read it: no lock taken, no file created, nothing changed.
+
+        mode=ro reads a WAL database only while its -shm file exists or can
+        be created.  In a directory the caller cannot write, with no writer
+        connected (so no -shm), SQLite refuses; then the file is read with
+        immutable=1, which is safe only because there is no -wal file: every
+        committed transaction is in trop.db itself.  A writer that starts
+        meanwhile would change trop.db's size, mtime or inode, or create a
+        -wal, so Session.read() compares snapshot_ok() after reading and reads
+        again (by then mode=ro works, through the writer's -shm).
+        """
+        path = os.path.join(data_dir, DB_FILE)
+        check_local_filesystem(data_dir, network_ok)
+        conn, snapshot = _connect_readonly(path)
+        store = cls(conn, path, 0, read_only=True, snapshot=snapshot)
+        try:
+            version = store.schema_version()
+        except _sqlite().Error as exc:
+            conn.close()
+            raise _database_error(exc, path, "opening the database to read it", 0)
+        if version == str(SCHEMA_VERSION):
+            return store
+        conn.close()
+        if version is None:
+            return cls.open_empty()         # a file with no tables holds no reservations
+        number = _parse_version(version)
+        if number is not None and number > SCHEMA_VERSION:
+            raise LibraryError("unsupported schema version: expected %d, found %s" % (SCHEMA_VERSION, version))
+        raise LibraryError("database schema migration required from version %s to %d: %s is read-only for "
+                           "this user; run any trop command that writes with write access to it, or copy the "
+                           "database to a writable location; the data was not modified"
+                           % (version, SCHEMA_VERSION, path))
+
+    def snapshot_ok(self):
+        """False if an immutable read may have overlapped a writer (see open_readonly)."""
+        return _snapshot_ok(self.path, self.snapshot)
 
     @classmethod
     def open_empty(cls):
@@ -2669,12 +2726,114 @@ def _migration_blocked(problems):
                         % "; ".join("%s=%d" % p for p in problems))
 
 
+PROC_ROOT = "/proc"             # Linux's process and mount tables; tests point it at fake files
+# Filesystems where SQLite's WAL (shared memory between processes) is unsafe: network and most FUSE mounts.
+_NETWORK_FILESYSTEMS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+                                  "lustre", "gpfs", "beegfs", "davfs", "vboxsf", "vmhgfs", "fuse"))
+
+
+def mount_of(path, proc_root=None):
+    """(filesystem type, mount point) of the mount holding path (or its nearest existing parent).
+
+    Linux only (the mount table in /proc/self/mountinfo); None elsewhere or
+    when the table cannot be read.
+    """
+    try:
+        with open(os.path.join(proc_root or PROC_ROOT, "self", "mountinfo"), encoding="utf-8",
+                  errors="surrogateescape") as fh:
+            table = fh.read().splitlines()
+    except OSError:
+        return None
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    path = os.path.realpath(path)
+    best = None
+    for line in table:
+        fields = line.split(" ")
+        try:
+            point, fstype = fields[4], fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+        if is_within(path, point) and (best is None or len(point) >= len(best[1])):
+            best = (fstype, point)
+    return best
+
+
+def is_network_filesystem(fstype):
+    return fstype in _NETWORK_FILESYSTEMS or (fstype.startswith("fuse.") and fstype != "fuse.lxcfs")
+
+
+def check_local_filesystem(data_dir, allowed=False):
+    """Refuse a data directory where WAL is unsafe, unless TROP_ALLOW_NETWORK_FS says every user is on one host."""
+    if allowed:
+        return
+    mount = mount_of(data_dir)
+    if mount and is_network_filesystem(mount[0]):
+        raise ConfigError("the data directory %s is on a %s filesystem (mounted at %s), where SQLite's WAL mode is "
+                          "unsafe: use a local data directory (--data-dir DIR or TROP_DATA_DIR=DIR), or set "
+                          "TROP_ALLOW_NETWORK_FS=1 if only one machine ever uses it" % (data_dir, mount[0], mount[1]))
+
+
 def _file_identity(path):
     try:
         st = os.stat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _file_signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _snapshot_ok(path, snapshot):
+    return snapshot is None or (snapshot == _file_signature(path) and not os.path.exists(path + "-wal"))
+
+
+def can_write(path):
+    """Whether this user may write path (or create it, and its missing directories) and the files beside it
+    (SQLite's -wal and -shm)."""
+    if os.path.exists(path):
+        return os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK)
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _not_writable(path, why):
+    return LibraryError("database error: cannot write %s (%s); reservations need a data directory this user can "
+                        "write: use --data-dir DIR or TROP_DATA_DIR=DIR" % (path, why))
+
+
+def _connect_readonly(path):
+    """(connection, snapshot): mode=ro, else immutable=1 where that is safe (see Store.open_readonly)."""
+    sqlite3 = _sqlite()
+    import urllib.parse
+    uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+    conn = None
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0, check_same_thread=False)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn, None
+    except sqlite3.OperationalError as exc:
+        cause = exc
+    if conn is not None:
+        conn.close()
+    snapshot = _file_signature(path)
+    if "readonly" not in str(cause) or os.path.exists(path + "-wal"):
+        raise _database_error(cause, path, "opening the database to read it", 0)
+    try:
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, timeout=0,
+                               check_same_thread=False), snapshot
+    except sqlite3.Error as exc:
+        raise _database_error(exc, path, "opening the database to read it", 0)
 
 
 def _parse_version(text):
@@ -2696,7 +2855,7 @@ class _Transaction:
     def __enter__(self):
         sqlite3 = _sqlite()
         try:
-            self.store.conn.execute("BEGIN IMMEDIATE")
+            self.store.conn.execute("BEGIN" if self.store.read_only else "BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if _is_lock_error(exc):
                 raise LockTimeout("starting an immediate database transaction", self.store.timeout)
@@ -2708,6 +2867,7 @@ class _Transaction:
         if exc_type is None and not self.dry_run:
             try:
                 conn.execute("COMMIT")
+                Store.commits += 1
                 return False
             except _sqlite().Error as err:
                 if conn.in_transaction:
@@ -2725,12 +2885,17 @@ def _database_error(exc, path, operation, timeout):
     text = str(exc)
     if _is_lock_error(exc):
         return LockTimeout(operation, timeout)
+    found = _sqlite().sqlite_version_info
+    if "malformed database schema" in text and found < (3, 37, 0):
+        return LibraryError("database error: %s has STRICT tables, which need SQLite 3.37 or newer, and this Python "
+                            "uses SQLite %s; run trop with a Python built with a newer SQLite (`python3 -c \"import "
+                            "sqlite3; print(sqlite3.sqlite_version)\"` shows it); trop did not modify the database"
+                            % (path, ".".join(map(str, found))))
     if "not a database" in text or "malformed" in text:
         return LibraryError("database error: %s is not a valid trop database (%s). Move it aside or point "
                             "--data-dir elsewhere; trop did not modify it" % (path, text))
     if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return LibraryError("database error: %s: %s (check that the data directory and trop.db are "
-                            "writable)" % (path, text))
+        return _not_writable(path, text)
     return LibraryError("database error: %s" % text)
 
 
@@ -2812,24 +2977,24 @@ def validate_schema(conn):
         raise CorruptionError("integrity_check reported: %s" % result)
 
 
-def validate_data_dir(data_dir):
+def validate_data_dir(data_dir, network_ok=False):
     """Read-only validation of <data_dir>/trop.db; never creates or changes anything."""
     sqlite3 = _sqlite()
     path = os.path.join(data_dir, DB_FILE)
+    check_local_filesystem(data_dir, network_ok)
     if not os.path.isfile(path):
         raise LibraryError("database validation failed: %s does not exist" % path)
-    try:
-        import urllib.parse
-        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0)
-    except sqlite3.Error as exc:
-        raise _database_error(exc, path, "opening and validating the database", 0)
-    try:
-        validate_schema(conn)
-    except sqlite3.Error as exc:
-        raise _database_error(exc, path, "opening and validating the database", 0)
-    finally:
-        conn.close()
+    for _attempt in range(3):
+        conn, snapshot = _connect_readonly(path)
+        try:
+            validate_schema(conn)
+        except sqlite3.Error as exc:
+            raise _database_error(exc, path, "opening and validating the database", 0)
+        finally:
+            conn.close()
+        if _snapshot_ok(path, snapshot):
+            return
+    raise LibraryError("database error: %s kept changing while it was read without a lock; retry" % path)
 
 
 # --- Occupancy ---------------------------------------------------------------
@@ -2893,7 +3058,8 @@ class OwnerTable:
 
     def _load_lsof(self):
         subprocess = _subprocess()
-        exe = _shutil().which("lsof")
+        exe = _shutil().which("lsof") or next((p for p in ("/usr/sbin/lsof", "/usr/bin/lsof")
+                                              if os.access(p, os.X_OK)), None)   # macOS keeps it in /usr/sbin
         if not exe:
             return
         try:
@@ -3138,7 +3304,7 @@ def unreserved_occupied(rows):
 
 def format_scan(rows, fmt):
     if fmt == "json":
-        return _json().dumps(rows, indent=2, ensure_ascii=False)
+        return _json().dumps(rows, indent=2, ensure_ascii=_ascii_stdout())
 
     def text(row, key):
         value = row[key]
@@ -3587,7 +3753,8 @@ def format_group(spec, mapping, fmt, shell="bash"):
     """Render a group's ports; every variable name was validated when the config was read."""
     services = [s for s in spec.services if s.tag in mapping]
     if fmt == "json":
-        return _json().dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True, ensure_ascii=False)
+        return _json().dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True,
+                             ensure_ascii=_ascii_stdout())
     if fmt == "human":
         return "\n".join(["Reserved ports:"] + ["  %s: %d" % (s.tag, mapping[s.tag]) for s in services])
     for svc in services:                       # defence in depth: nothing unvalidated reaches a shell
@@ -3765,24 +3932,36 @@ class Session:
     def timeout(self):
         return self.config["maximum_lock_wait_seconds"] if self.config else 5
 
-    def db_exists(self):
-        return os.path.exists(os.path.join(self.data_dir, DB_FILE))
+    def _setting(self, key):
+        return self.config[key] if self.config else DEFAULTS[key]
 
-    def open_store(self, dry_run=False):
-        """The store to plan against; a dry run never creates a missing database.
+    def open_store(self, read_only=False, create=True):
+        """The store to read or plan against.
 
-        With keep_open (the Python API's Trop handle) one connection serves every
-        call; it is reopened after a fork, or when trop.db is another file (a recreated data directory).
+        A reader (read_only: read commands and dry runs) writes nothing it
+        cannot write: a missing trop.db is created as the reference does,
+        unless create is false (a dry run) or the data directory is not
+        writable, when an empty in-memory schema stands in; and a trop.db this
+        user cannot write is opened read-only.
+        With keep_open (the Python API's Trop handle) one writable connection
+        serves every call; it is reopened after a fork, or when trop.db is
+        another file (a recreated data directory).
         """
-        if dry_run and not self.db_exists():
-            return Store.open_empty()
+        path = os.path.join(self.data_dir, DB_FILE)
+        network_ok = self._setting("allow_network_fs")
+        autoinit = not self._setting("disable_autoinit")
+        if read_only and not os.path.exists(path):
+            if not create or (autoinit and not can_write(path)):
+                check_local_filesystem(self.data_dir, network_ok)
+                return Store.open_empty()
+        elif read_only and not can_write(path):
+            return Store.open_readonly(self.data_dir, network_ok)
         store = self._store
         if store is not None and not store.is_current():
             store.close()
             store = self._store = None
         if store is None:
-            autoinit = not (self.config and self.config["disable_autoinit"])
-            store = Store.open(self.data_dir, self.timeout, autoinit)
+            store = Store.open(self.data_dir, self.timeout, autoinit, network_ok)
             if self.keep_open:
                 self._store = store
         return store
@@ -3798,26 +3977,36 @@ class Session:
                 self._store = None
 
     def write(self, planner, dry_run=False):
-        """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back)."""
-        with _Serialized(self._lock):
-            store = self.open_store(dry_run)
-            try:
-                with store.write(dry_run=dry_run):
-                    plan = planner(store)
-                    if not dry_run:
-                        plan.execute(store)
-            finally:
-                self._done(store)
-        return plan
+        """Open, BEGIN IMMEDIATE, plan from what the transaction reads, execute (or roll back).
+
+        A dry run on a database this user cannot write plans inside a read
+        transaction instead: the same snapshot, without the lock it cannot take.
+        """
+        def run(store):
+            with store.write(dry_run=dry_run):
+                plan = planner(store)
+                if not dry_run:
+                    plan.execute(store)
+            return plan
+        return self._use(run, read_only=dry_run, create=not dry_run)
 
     def read(self, reader):
         """Read-only access: never takes the write lock."""
+        return self._use(reader, read_only=True)
+
+    def _use(self, work, read_only, create=True):
+        """work(store) on a fresh or kept store; again if an unlocked read may have overlapped a writer."""
         with _Serialized(self._lock):
-            store = self.open_store()
-            try:
-                return reader(store)
-            finally:
-                self._done(store)
+            for _attempt in range(3):
+                store = self.open_store(read_only, create)
+                try:
+                    result = work(store)
+                    if store.snapshot_ok():
+                        return result
+                finally:
+                    self._done(store)
+        raise LibraryError("database error: %s kept changing while it was read without a lock; retry"
+                           % os.path.join(self.data_dir, DB_FILE))
 
     def explicit_or_cwd(self, path, env_name="TROP_PATH"):
         """--path, else $TROP_PATH (explicit: normalized only), else the canonical cwd."""
@@ -4130,6 +4319,38 @@ def _one_line(text):
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def _ascii_stdout():
+    """Whether stdout cannot carry every character: then JSON goes out with \\u escapes (the same JSON)."""
+    try:
+        return not codecs.lookup(sys.stdout.encoding).name.startswith("utf")
+    except (AttributeError, LookupError, TypeError):
+        return False
+
+
+def tolerant_stream(stream):
+    """stream, escaping (backslashreplace) what its encoding cannot represent instead of failing.
+
+    A C-locale or cp1252 console must never turn a path into an internal error.
+    """
+    if stream is None or getattr(stream, "errors", None) == "backslashreplace":
+        return stream
+    try:
+        stream.reconfigure(errors="backslashreplace")       # Python 3.7+
+        return stream
+    except AttributeError:
+        pass
+    except (ValueError, OSError):                           # a closed or unusual stream: leave it be
+        return stream
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None or not getattr(stream, "encoding", None):
+        return stream                                       # io.StringIO and the like encode nothing
+    stream.flush()
+    wrapped = io.TextIOWrapper(buffer, encoding=stream.encoding, errors="backslashreplace",
+                                  line_buffering=stream.line_buffering)
+    stream.detach()
+    return wrapped
+
+
 def _out(text=""):
     """Results go to stdout; failing to write them is an I/O error (exit 5), reported as such."""
     if sys.stdout is None:
@@ -4186,7 +4407,8 @@ def _json_reservations(rows):
     """The same text as json.dumps(indent=2, sort_keys=True), without its slow pure-Python indenting."""
     if not rows:
         return "[]"
-    from json.encoder import encode_basestring as q     # C-accelerated string quoting
+    encoder = _json().encoder           # C-accelerated string quoting
+    q = encoder.encode_basestring_ascii if _ascii_stdout() else encoder.encode_basestring
     null = "null"
     return "[\n" + ",\n".join(_JSON_ROW % (
         format_timestamp(r.created_at), format_timestamp(r.last_used_at), q(r.path), r.port,
@@ -5022,7 +5244,7 @@ def cmd_assert_data_dir(args):
     directory = session.data_dir
     exists = os.path.isdir(directory)
     if exists and args.validate:
-        validate_data_dir(directory)
+        validate_data_dir(directory, session.config["allow_network_fs"])
     if args.negate and exists:
         raise SemanticFailure("Assertion failed: data directory exists at %s" % directory)
     if not args.negate and not exists:
@@ -5563,6 +5785,8 @@ def _check_requirements(parser, args):
 def main(argv=None):
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    sys.stdout, sys.stderr = tolerant_stream(sys.stdout), tolerant_stream(sys.stderr)
+    commits = Store.commits
     try:
         parser = build_parser(_command_in(argv))
         args = parser.parse_args(argv)
@@ -5590,8 +5814,9 @@ def main(argv=None):
         if os.environ.get("TROP_DEBUG"):
             import traceback
             traceback.print_exc()
-        _err("Error: internal error: %s: %s (set TROP_DEBUG=1 for a traceback; an open transaction was "
-             "rolled back)" % (type(exc).__name__, exc))
+        _err("Error: internal error: %s: %s (set TROP_DEBUG=1 for a traceback; %s)" % (
+            type(exc).__name__, exc, "the changes already committed are kept" if Store.commits > commits else
+            "nothing was written to the database"))
         return EXIT_LIBRARY
 
 
