@@ -17,6 +17,7 @@ import ast
 import atexit
 import base64
 import calendar
+import collections
 import configparser
 import contextlib
 import copy
@@ -5652,7 +5653,7 @@ class TestCompletionScripts(unittest.TestCase):
 
     def test_markers(self):
         markers = {"bash": "complete -F _trop trop", "zsh": "#compdef trop",
-                   "fish": "__fish_seen_subcommand_from",
+                   "fish": "__trop_using_subcommand reserve",
                    "powershell": "Register-ArgumentCompleter -Native -CommandName 'trop'",
                    "elvish": "set edit:completion:arg-completer['trop'] = {|@words|"}
         for shell, marker in markers.items():
@@ -5705,6 +5706,94 @@ class TestCompletionScripts(unittest.TestCase):
                     self.assertEqual(res.returncode, 0, res.stderr)
 
 
+def run_in_pty(test, argv, keys, ready, env=None, cwd=None):
+    """Run argv on a new pseudo-terminal, type `keys` once it has printed `ready`, and return (exit status,
+    everything it printed).  `ready` belongs in the prompt: a line editor prints it once it has put the
+    terminal in raw mode, and keys typed earlier meet the line discipline instead (which eats a ^D).  A
+    program silent for 60 s fails the test: a guard against hangs, not a timing."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
+                                close_fds=True, start_new_session=True)
+    finally:
+        os.close(slave)
+    out, pending = b"", keys
+    try:
+        while True:
+            if not select.select([master], [], [], 60)[0]:
+                test.fail("%s printed nothing for 60 s; it printed: %r" % (argv[0], out[-2000:]))
+            try:
+                data = os.read(master, 65536)
+            except OSError:         # EIO: no process holds the terminal any more
+                break
+            if not data:
+                break
+            out += data
+            if pending and ready in out:
+                os.write(master, pending)
+                pending = b""
+        return proc.wait(60), out.decode("utf-8", "replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# What the real parser must complete in every shell: (command line, every candidate, sorted).  The cursor
+# is at the end of the line; completing at a new word leaves a trailing space.
+REAL_COMPLETIONS = [
+    ("trop res", ["reserve", "reserve-group"]),
+    ("trop reserve --sk", ["--skip-ipv4", "--skip-ipv6", "--skip-occupancy-check", "--skip-tcp", "--skip-udp"]),
+    ("trop list --format ", ["csv", "json", "table", "tsv"]),
+    ("trop --data-dir /tmp sc", ["scan"]),
+    ("trop --busy-timeout 3 list --fo", ["--format"]),
+    ("trop completions ", sorted(trop.COMPLETION_SHELLS)),
+    ("trop port-info --incl", ["--include-occupancy"]),
+    ("trop reserve --ver", ["--verbose"]),          # --version is trop's option, not reserve's
+]
+
+# zsh -f ZCAPTURE SETUP LINE...: for each LINE, a fresh interactive zsh on a zpty sources SETUP (which
+# loads compinit and the script under test, and wraps compadd), is typed LINE and a TAB, and every word
+# its completion system adds is printed; "@@DONE@@" ends each LINE's words.
+ZSH_CAPTURE = r"""
+zmodload zsh/zpty || exit 3
+local setup=$1 line out
+shift
+for line in "$@"; do
+  zpty z zsh -f -i || exit 4
+  zpty -w z "source ${(q)setup}"
+  zpty -n -w z "$line"$'\t'
+  out=
+  zpty -r -m z out '*@@END@@*' || { print -r -- "no completion ran: $out"; exit 5 }
+  zpty -d z
+  for line in ${(f)out//$'\r'/}; do
+    [[ $line == *@@HIT@@* ]] && print -r -- ${line##*@@HIT@@}
+  done
+  print -r -- @@DONE@@
+done
+"""
+
+ZSH_SETUP = r"""
+PS1= PROMPT= RPROMPT=
+%s
+autoload -U compinit && compinit -u -D
+bindkey '^I' complete-word
+%s
+compadd() {
+  if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return; fi
+  local -a hits
+  builtin compadd -O hits "$@"
+  (( $#hits )) && print -rl -- @@HIT@@${^hits}
+  builtin compadd "$@"
+}
+__capture_end() { print -r -- @@END@@; exit }
+comppostfuncs=(__capture_end)
+"""
+
+
 @unittest.skipUnless(shutil.which("bash"), "bash not installed")
 class TestBashCompletion(TropTestCase):
     """The real `trop completions bash` output, plus the sample parser's edge cases."""
@@ -5730,19 +5819,26 @@ class TestBashCompletion(TropTestCase):
             self.assertEqual(res.returncode, 0, res.stderr)
 
     def test_real_completion(self):
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(self.complete(line)), expected)
         self.assertIn("--tag", self.complete("trop reserve --t"))
         self.assertIn("list", self.complete("trop li"))
         self.assertEqual(sorted(self.complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
         self.assertIn("--check-all-interfaces", self.complete("trop scan --check"))
-        self.assertIn("--include-occupancy", self.complete("trop port-info --incl"))
-        self.assertIn("scan", self.complete("trop --data-dir /tmp sc"))
-        self.assertEqual(sorted(self.complete("trop completions ")), sorted(trop.COMPLETION_SHELLS))
+        self.assertEqual(self.complete("trop list --format = j"), ["json"])
+        after = self.complete("trop reserve -")
+        self.assertIn("--data-dir", after)
+        self.assertNotIn("--version", after)            # argparse takes only reserve's options there
+        self.assertNotIn("-V", after)
+        self.assertIn("--version", self.complete("trop -"))
 
     def test_sample_completion(self):
         s = self.sample
         self.assertIn("--tag", self.complete("trop reserve --t", s))
         self.assertNotIn("--format", self.complete("trop reserve --", s))
-        self.assertIn("--verbose", self.complete("trop reserve --", s))
+        self.assertNotIn("--verbose", self.complete("trop reserve --", s))     # `trop reserve --verbose` is an error
+        self.assertIn("--verbose", self.complete("trop --", s))
         self.assertEqual(self.complete("trop li", s), ["list"])
         self.assertEqual(self.complete("trop --data-dir /tmp li", s), ["list"])
         self.assertEqual(self.complete("trop --data-dir = /tmp li", s), ["list"])
@@ -5760,8 +5856,51 @@ class TestBashCompletion(TropTestCase):
         self.assertEqual(self.complete("trop --data-dir %s/s" % d, s), [d + "/subdir"])
         self.assertEqual(self.complete("trop reserve --tag x", s), [])
 
+    def test_readline_completion(self):
+        """Typed into an interactive bash: `complete -F`, readline's word splitting and insertion."""
+        os.mkdir(self.path("subdir"))
+        open(self.path("sfile"), "w").close()
+        out = self.path("lines")
+        rcfile = script_file(self, "\n".join([
+            "PS1='@@READY@@ '",
+            "source %s" % shlex.quote(self.real),
+            "capture() { printf '%%s\\n' \"$READLINE_LINE\" >> %s; READLINE_LINE=; READLINE_POINT=0; }"
+            % shlex.quote(out),
+            "bind -x '\"\\C-y\": capture'", ""]), ".bash")
+        typed = ["trop reserve --skip-o", "trop list --format=j", "trop --data-dir /tmp sc", "trop res",
+                 "trop completions fi", "trop --data-dir %s/s" % self.root]
+        keys = "".join(line + "\t\x19" for line in typed) + "\x04"
+        rc, screen = run_in_pty(self, ["bash", "--noprofile", "--rcfile", rcfile, "-i"], keys.encode(),
+                                b"@@READY@@", env=dict(self.env, TERM="xterm"), cwd=self.proj)
+        self.assertEqual(rc, 0, screen)
+        with open(out) as fh:
+            self.assertEqual(fh.read().splitlines(), [
+                "trop reserve --skip-occupancy-check ", "trop list --format=json ", "trop --data-dir /tmp scan ",
+                "trop reserve", "trop completions fish ", "trop --data-dir %s/subdir/" % self.root])
+
 
 class TestCompletionsCLI(TropTestCase):
+    """`trop completions SHELL`, and its script loaded into each real shell that is installed and asked to
+    complete (the shells that are missing skip)."""
+
+    def shell_env(self, **values):
+        return dict(self.env, TERM="xterm", XDG_CONFIG_HOME=self.path("home", ".config"),
+                    XDG_DATA_HOME=self.path("home", ".local", "share"), XDG_STATE_HOME=self.path("home", ".local", "state"),
+                    XDG_CACHE_HOME=self.path("home", ".cache"), **values)
+
+    def script(self, shell, suffix=""):
+        rc, out, err = self.trop("completions", shell)
+        self.assertEqual((rc, err), (0, trop.completion_header(shell)))
+        return script_file(self, out, suffix)
+
+    def files_tree(self):
+        """root/tree with a directory and two files; returns its path."""
+        tree = self.mkdir("tree")
+        os.mkdir(os.path.join(tree, "subdir"))
+        for name in ("file.yaml", "sfile"):
+            open(os.path.join(tree, name), "w").close()
+        return tree
+
     def test_every_shell(self):
         for shell in trop.COMPLETION_SHELLS:
             with self.subTest(shell=shell):
@@ -5774,14 +5913,27 @@ class TestCompletionsCLI(TropTestCase):
         self.assertEqual((rc, out), (2, ""))
         self.assertIn("usage:", err)
 
+    # -- zsh -------------------------------------------------------------------
+    def zsh_complete(self, lines, load):
+        """{line: the words zsh's completion system offers for line<TAB>}; `load` loads the script."""
+        setup = script_file(self, ZSH_SETUP % (load if load.startswith("fpath") else "",
+                                               "" if load.startswith("fpath") else load), ".zsh")
+        capture = script_file(self, ZSH_CAPTURE, ".zsh")
+        res = run_shell(["zsh", "-f", capture, setup] + list(lines), env=self.shell_env(), cwd=self.proj)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        blocks = res.stdout.split("@@DONE@@\n")
+        self.assertEqual(len(blocks), len(lines) + 1, res.stdout)
+        # a word offered under two tags (directories and all files) is listed once
+        return dict(zip(lines, (list(collections.OrderedDict.fromkeys(w for w in b.splitlines() if w))
+                                for b in blocks)))
+
     @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
-    def test_zsh(self):
-        _rc, out, _err = self.trop("completions", "zsh")
-        path = script_file(self, out)
+    def test_zsh_script_loads(self):
+        path = self.script("zsh")
         res = run_shell(["zsh", "-n", path])
         self.assertEqual(res.returncode, 0, res.stderr)
-        res = run_shell(["zsh", "-fc", "autoload -U compinit; compinit -u -d /dev/null; "
-                         "source %s; print -r -- ${_comps[trop]}" % shlex.quote(path)])
+        res = run_shell(["zsh", "-fc", "autoload -U compinit; compinit -u -D; "
+                         "source %s; print -r -- ${_comps[trop]}" % shlex.quote(path)], env=self.shell_env())
         self.assertEqual((res.returncode, res.stdout.strip()), (0, "_trop"), res.stderr)
         sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "zsh"))
         res = run_shell(["zsh", "-fc", "_arguments() { print -rl -- \"$@\" }; compdef() { : }; "
@@ -5792,63 +5944,177 @@ class TestCompletionsCLI(TropTestCase):
                       "_files -/", res.stdout.splitlines())
         self.assertIn("reserve:Reserve a port [it's: 'x' $y `z`]", res.stdout.splitlines())
 
+    @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
+    def test_zsh_completes(self):
+        """Typed into zsh on a zpty, the script sourced as `eval "$(trop completions zsh)"` does."""
+        tree = self.files_tree()
+        path = self.script("zsh")
+        lines = [l for l, _ in REAL_COMPLETIONS] + [
+            "trop list --format=j", "trop reserve --", "trop -", "trop validate %s/" % tree,
+            "trop --data-dir %s/" % tree, "trop reserve --path %s/fi" % tree]
+        got = self.zsh_complete(lines, "source %s" % shlex.quote(path))
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(got[line]), expected)
+        self.assertEqual(got["trop list --format=j"], ["json"])
+        self.assertIn("--data-dir", got["trop reserve --"])
+        self.assertNotIn("--version", got["trop reserve --"])
+        self.assertIn("--version", got["trop -"])
+        self.assertEqual(sorted(got["trop validate %s/" % tree]), ["file.yaml", "sfile", "subdir"])
+        self.assertEqual(got["trop --data-dir %s/" % tree], ["subdir"])
+        self.assertEqual(got["trop reserve --path %s/fi" % tree], ["file.yaml"])
+        sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "zsh"))
+        got = self.zsh_complete(["trop --data", "trop res", "trop reserve --t"], "source %s" % shlex.quote(sample))
+        self.assertEqual(got, {"trop --data": ["--data-dir"], "trop res": ["reserve"], "trop reserve --t": ["--tag"]})
+
+    @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
+    def test_zsh_completes_from_fpath(self):
+        """Installed as _trop in a directory of $fpath, found by compinit through its #compdef line."""
+        funcs = self.mkdir("zfunc")
+        _rc, out, _err = self.trop("completions", "zsh")
+        with open(os.path.join(funcs, "_trop"), "w") as fh:
+            fh.write(out)
+        got = self.zsh_complete(["trop res", "trop list --format "], "fpath=(%s $fpath)" % shlex.quote(funcs))
+        self.assertEqual(got, {"trop res": ["reserve", "reserve-group"],
+                               "trop list --format ": ["table", "json", "csv", "tsv"]})
+
+    # -- fish ------------------------------------------------------------------
+    def fish_complete(self, script, lines):
+        """{line: the words `complete -C line` offers}, the script sourced first."""
+        body = ["source %s" % shlex.quote(script)]
+        body += ["complete -C %s; echo @@DONE@@" % shlex.quote(line) for line in lines]
+        res = run_shell(["fish", "--no-config", script_file(self, "\n".join(body) + "\n", ".fish")],
+                        env=self.shell_env(), cwd=self.proj)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        blocks = res.stdout.split("@@DONE@@\n")
+        self.assertEqual(len(blocks), len(lines) + 1, res.stdout)
+        return dict(zip(lines, ([w.split("\t")[0] for w in b.splitlines() if w] for b in blocks)))
+
     @unittest.skipUnless(shutil.which("fish"), "fish not installed")
     def test_fish(self):
-        _rc, out, _err = self.trop("completions", "fish")
-        path = script_file(self, out, ".fish")
+        tree = self.files_tree()
+        path = self.script("fish", ".fish")
         res = run_shell(["fish", "--no-config", "-n", path])
         self.assertEqual(res.returncode, 0, res.stderr)
-
-        def complete(line, script=path):
-            r = run_shell(["fish", "--no-config", "-c", "source %s; complete -C%s"
-                           % (shlex.quote(script), shlex.quote(line))])
-            self.assertEqual(r.returncode, 0, r.stderr)
-            return [l.split("\t")[0] for l in r.stdout.splitlines()]
-        self.assertIn("--tag", complete("trop reserve --t"))
-        self.assertIn("list", complete("trop li"))
-        self.assertEqual(sorted(complete("trop scan --format ")), ["csv", "json", "table", "tsv"])
+        lines = [l for l, _ in REAL_COMPLETIONS] + [
+            "trop list --format=j", "trop reserve --", "trop -", "trop --data-dir /tmp ", "trop --data-dir=/tmp sc",
+            "trop validate %s/" % tree, "trop --data-dir %s/" % tree, "trop reserve --path %s/fi" % tree,
+            "trop reserve --tag "]
+        got = self.fish_complete(path, lines)
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(got[line]), expected)
+        self.assertEqual(got["trop list --format=j"], ["--format=json"])
+        self.assertIn("--data-dir", got["trop reserve --"])
+        self.assertNotIn("--version", got["trop reserve --"])
+        self.assertIn("--version", got["trop -"])
+        # the value of --data-dir is not the subcommand, whichever way it is written
+        self.assertIn("reserve", got["trop --data-dir /tmp "])
+        self.assertEqual(got["trop --data-dir=/tmp sc"], ["scan"])
+        self.assertEqual(sorted(got["trop validate %s/" % tree]),
+                         [tree + "/file.yaml", tree + "/sfile", tree + "/subdir/"])
+        self.assertEqual(got["trop --data-dir %s/" % tree], [tree + "/subdir/"])
+        self.assertEqual(got["trop reserve --path %s/fi" % tree], [tree + "/file.yaml"])
+        self.assertEqual(got["trop reserve --tag "], [])
         sample = script_file(self, trop.completion_script(TestCompletionScripts.sample_parser(), "fish"), ".fish")
-        self.assertEqual(complete("trop reserve --t", sample), ["--tag"])
-        self.assertEqual(complete("trop li", sample), ["list"])
-        r = run_shell(["fish", "--no-config", "-c", "source %s; complete -C'trop --data'"
-                       % shlex.quote(sample)])
-        self.assertIn(TestCompletionScripts.NASTY.split(" $(")[0], r.stdout)
+        got = self.fish_complete(sample, ["trop reserve --t", "trop li", "trop --data"])
+        self.assertEqual(got["trop reserve --t"], ["--tag"])
+        self.assertEqual(got["trop li"], ["list"])
+        self.assertEqual(got["trop --data"], ["--data-dir"])
+        res = run_shell(["fish", "--no-config", "-c", "source %s; complete -C'trop --data'" % shlex.quote(sample)],
+                        env=self.shell_env())
+        self.assertIn(TestCompletionScripts.NASTY.split(" $(")[0], res.stdout)
 
+    # -- elvish ----------------------------------------------------------------
     @unittest.skipUnless(shutil.which("elvish"), "elvish not installed")
     def test_elvish(self):
-        """`edit:` only exists interactively, so run the completer against stubs."""
-        _rc, real, _err = self.trop("completions", "elvish")
-        sample = trop.completion_script(TestCompletionScripts.sample_parser(), "elvish")
+        """An interactive elvish on a pseudo-terminal (the edit: module exists only there) evaluates the
+        script as `eval (trop completions elvish | slurp)` does; its registered completer is asked for
+        candidates, and lines typed with a TAB are completed by the editor itself."""
+        tree = self.files_tree()
+        path = self.script("elvish", ".elv")
+        out, typed_out = self.path("candidates"), self.path("lines")
+        queries = [l for l, _ in REAL_COMPLETIONS] + [
+            "trop list --format=j", "trop reserve --", "trop -", "trop validate %s/fi" % tree,
+            "trop reserve --path=%s/fi" % tree, "trop list --dry-run="]
 
-        def complete(text, *words):
-            text = (text.replace("set edit:completion:arg-completer", "set completers")
-                    .replace("edit:complex-candidate", "complex-candidate")
-                    .replace("edit:complete-filename", "complete-filename"))
-            prelude = ("var completers = [&]\n"
-                       "fn complex-candidate {|text &display=''| put $text }\n"
-                       "fn complete-filename {|p| put FILES:$p }\n")
-            call = "\nput ($completers['trop'] %s) | each {|x| echo $x }\n" % " ".join(
-                "'" + w.replace("'", "''") + "'" for w in words)
-            path = script_file(self, prelude + text + call, ".elv")
-            res = run_shell(["elvish", "-norc", path])
-            self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
-            return res.stdout.splitlines()
-        self.assertIn("--tag", complete(real, "trop", "reserve", "--t"))
-        self.assertIn("list", complete(real, "trop", "li"))
-        self.assertIn("--include-occupancy", complete(real, "trop", "port-info", "--inc"))
-        self.assertEqual(complete(sample, "trop", "--data-dir", "/x", "list", "--format", ""),
-                         ["table", "json", "csv", "tsv"])
-        self.assertEqual(complete(sample, "trop", "validate", "c"), ["FILES:c"])
+        def words(line):
+            return " ".join("'%s'" % w.replace("'", "''") for w in line.split(" "))
+        rc = "\n".join([
+            "use str",
+            "var out = '%s'" % out,
+            "try { eval (slurp < '%s') } catch e { echo 'LOAD FAILED' >> $out; show $e >> $out }" % path,
+            "fn query {|@words|",
+            "    var cur = $words[-1]",
+            "    put [($edit:completion:arg-completer[trop] $@words | each {|c|",
+            "        if (eq (kind-of $c) string) { put $c } else { put $c[stem] }",
+            "    } | each {|s| if (str:has-prefix $s $cur) { put $s } })]",
+            "}",
+            "fn record {|@words|",
+            "    try { query $@words | to-json >> $out } catch e { echo 'FAILED' >> $out; show $e >> $out }",
+            "}",
+        ] + ["record %s" % words(q) for q in queries] + [
+            "fn capture {",
+            "    echo $edit:current-command >> '%s'" % typed_out,
+            "    set edit:current-command = ''",
+            "}",
+            "set edit:insert:binding[Ctrl-Y] = $capture~",
+            # a TAB that opened the menu instead of inserting: record the line as it is, never hang
+            "set edit:completion:binding[Ctrl-Y] = { edit:completion:close; capture }",
+            "set edit:prompt = { put '@@READY@@ ' }",
+            "set edit:rprompt = { }", ""])
+        typed = ["trop reserve --skip-o", "trop list --format j", "trop --data-dir /tmp sc", "trop completions fi",
+                 "trop validate %s/fi" % tree]
+        keys = "".join(line + "\t\x19" for line in typed) + "\x04"
+        status, screen = run_in_pty(self, ["elvish", "-rc", script_file(self, rc, ".elv")], keys.encode(),
+                                    b"@@READY@@", env=self.shell_env(), cwd=self.proj)
+        self.assertEqual(status, 0, screen)
+        with open(out) as fh:
+            text = fh.read()
+        self.assertNotIn("FAILED", text)
+        got = dict(zip(queries, (json.loads(l) for l in text.splitlines())))
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(got[line]), expected)
+        self.assertEqual(got["trop list --format=j"], ["--format=json"])
+        self.assertIn("--data-dir", got["trop reserve --"])
+        self.assertNotIn("--version", got["trop reserve --"])
+        self.assertIn("--version", got["trop -"])
+        self.assertEqual(got["trop validate %s/fi" % tree], [tree + "/file.yaml"])
+        self.assertEqual(got["trop reserve --path=%s/fi" % tree], ["--path=%s/file.yaml" % tree])
+        self.assertEqual(got["trop list --dry-run="], [])
+        with open(typed_out) as fh:
+            self.assertEqual(fh.read().splitlines(), [
+                "trop reserve --skip-occupancy-check", "trop list --format json", "trop --data-dir /tmp scan",
+                "trop completions fish", "trop validate %s/file.yaml " % tree])
 
-    @unittest.skipUnless(shutil.which("pwsh"), "pwsh not installed")
+    # -- PowerShell --------------------------------------------------------------
+    @unittest.skipUnless(shutil.which("pwsh"), "pwsh (PowerShell 7) not installed")
     def test_powershell(self):
-        _rc, out, _err = self.trop("completions", "powershell")
-        path = script_file(self, out, ".ps1")
-        cmd = (". '%s'; (TabExpansion2 -inputScript 'trop reserve --t' -cursorColumn 16).CompletionMatches "
-               "| ForEach-Object CompletionText" % path)
-        res = run_shell(["pwsh", "-NoProfile", "-NonInteractive", "-Command", cmd])
-        self.assertEqual(res.returncode, 0, res.stderr)
-        self.assertIn("--tag", res.stdout.split())
+        """TabExpansion2 asks the registered native completer, as a TAB at the end of the line does."""
+        path = self.script("powershell", ".ps1")
+        bindir = self.mkdir("bin")                  # a native command named trop, for -Native to apply
+        with open(os.path.join(bindir, "trop"), "w") as fh:
+            fh.write("#!/bin/sh\n")
+        os.chmod(os.path.join(bindir, "trop"), 0o755)
+        lines = [l for l, _ in REAL_COMPLETIONS] + ["trop reserve --", "trop -"]
+        ps = ["$ErrorActionPreference = 'Stop'", ". '%s'" % path]
+        for line in lines:
+            ps.append("(TabExpansion2 -inputScript '%s' -cursorColumn %d).CompletionMatches | "
+                      "ForEach-Object { $_.CompletionText }" % (line, len(line)))
+            ps.append("'@@DONE@@'")
+        res = run_shell(["pwsh", "-NoProfile", "-NonInteractive", "-File", script_file(self, "\n".join(ps), ".ps1")],
+                        env=self.shell_env(PATH=bindir + os.pathsep + self.env.get("PATH", "")), cwd=self.proj)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        blocks = res.stdout.split("@@DONE@@")
+        self.assertEqual(len(blocks), len(lines) + 1, res.stdout)
+        got = dict(zip(lines, (b.split() for b in blocks)))
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(got[line]), expected)
+        self.assertIn("--data-dir", got["trop reserve --"])
+        self.assertNotIn("--version", got["trop reserve --"])
+        self.assertIn("--version", got["trop -"])
 
 
 # --- Command line ------------------------------------------------------------

@@ -4513,7 +4513,9 @@ def completion_header(shell, prog="trop"):
 def completion_script(parser, shell, prog="trop"):
     """Return the completion script for `shell` ('bash'|'zsh'|'fish'|'powershell'|'elvish').
 
-    Shape supported: `prog [global opts] SUBCOMMAND [opts] [positionals]`.
+    Shape supported: `prog [global opts] SUBCOMMAND [opts] [positionals]`.  As
+    argparse parses it, the global options come before SUBCOMMAND and only the
+    subcommand's own options after it, so that is all each place offers.
     """
     emit = {"bash": _bash_script, "zsh": _zsh_script, "fish": _fish_script,
             "powershell": _pwsh_script, "elvish": _elvish_script}.get(shell)
@@ -4611,12 +4613,6 @@ def _completion_model(parser):
 
 def _positionals(args):
     return [a for a in args if not a.flags]
-
-
-def _with_globals(args, glob):
-    """Subcommand args plus the global options it does not shadow."""
-    own = set(f for a in args for f in a.flags)
-    return args + [g for g in glob if not own.intersection(g.flags)]
 
 
 def _c_ident(prog):
@@ -4722,7 +4718,7 @@ def _bash_script(prog, glob, subs):
     lines.append("            ;;")
     for s in subs:
         lines.append("        %s)" % pattern(s.names))
-        lines += context(_with_globals(s.args, glob), True, [])
+        lines += context(s.args, True, [])
         lines.append("            ;;")
     lines += [
         "    esac",
@@ -4793,7 +4789,7 @@ def _zsh_script(prog, glob, subs):
         "        case $line[1] in",
     ]
     for s in subs:
-        specs = _zsh_specs(_with_globals(s.args, glob))
+        specs = _zsh_specs(s.args)
         lines.append("        (%s)" % "|".join(_sh_quote(n) for n in s.names))
         if specs:
             lines.append("            _arguments -s -S \\")
@@ -4863,19 +4859,60 @@ def _fish_line(prog, cond, a):
 
 
 def _fish_script(prog, glob, subs):
-    lines = ["# fish completion for %s (generated)" % prog,
-             "complete -c %s -n '__fish_use_subcommand' -f" % _fish_quote(prog)]
-    lines += [_fish_line(prog, None, a) for a in glob]      # valid everywhere
+    fn = "_" + _c_ident(prog)
+    q = _fish_quote(prog)
+    gvalue = [f for a in glob if a.value for f in a.flags]
+    # fish's own __fish_use_subcommand / __fish_seen_subcommand_from take the
+    # value of `--data-dir DIR` for the subcommand: find it as argparse does.
+    lines = [
+        "# fish completion for %s (generated)" % prog,
+        "function %s_subcommand --description %s" % (
+            fn, _fish_quote("Print the %s subcommand on the command line" % prog)),
+        "    set -l words (commandline -opc)",
+        "    set -e words[1]",
+        "    set -l skip 0",
+        "    for w in $words",
+        "        if test $skip = 1",
+        "            set skip 0",
+        "            continue",
+        "        end",
+        "        switch $w",
+    ]
+    if gvalue:
+        lines += ["            case %s" % " ".join(_fish_quote(f) for f in gvalue),
+                  "                set skip 1"]
+    lines += [
+        "            case '-*'",
+        "            case '*'",
+        "                echo $w",
+        "                return 0",
+        "        end",
+        "    end",
+        "    return 1",
+        "end",
+        "",
+        "function %s_needs_subcommand" % fn,
+        "    not %s_subcommand >/dev/null" % fn,
+        "end",
+        "",
+        "function %s_using_subcommand" % fn,
+        "    set -l sub (%s_subcommand); or return 1" % fn,
+        "    contains -- $sub $argv",
+        "end",
+        "",
+    ]
+    top = "%s_needs_subcommand" % fn
+    lines.append("complete -c %s -n %s -f" % (q, _fish_quote(top)))
+    lines += [_fish_line(prog, top, a) for a in glob]
     for s in subs:
         for n in s.names:
-            line = "complete -c %s -n '__fish_use_subcommand' -f -a %s" % (
-                _fish_quote(prog), _fish_quote(n))
+            line = "complete -c %s -n %s -f -a %s" % (q, _fish_quote(top), _fish_quote(n))
             lines.append(line + (" -d %s" % _fish_quote(s.help) if s.help else ""))
     for s in subs:
-        cond = "__fish_seen_subcommand_from " + " ".join(s.names)
+        cond = "%s_using_subcommand %s" % (fn, " ".join(s.names))
         pos = _positionals(s.args)
         if not any(a.kind == "file" and a.choices is None for a in pos):
-            lines.append("complete -c %s -n %s -f" % (_fish_quote(prog), _fish_quote(cond)))
+            lines.append("complete -c %s -n %s -f" % (q, _fish_quote(cond)))
         lines += [_fish_line(prog, cond, a) for a in s.args
                   if a.flags or a.choices is not None or a.kind == "dir"]
     return "\n".join(lines) + "\n"
@@ -4950,7 +4987,7 @@ def _pwsh_script(prog, glob, subs):
     lines.append("        }")
     for s in subs:
         lines.append("        { %s -contains $_ } {" % _ps_list(s.names))
-        lines += _ps_context(_with_globals(s.args, glob), [])
+        lines += _ps_context(s.args, [])
         lines.append("        }")
     lines += [
         "    })",
@@ -4980,9 +5017,9 @@ def _elv_context(args, top_subs):
     for a in args:
         if a.flags and a.value:
             if a.choices is not None:
-                body = "put %s" % " ".join(_elv_quote(c) for c in a.choices)
+                body = "values %s" % " ".join(_elv_quote(c) for c in a.choices)
             elif a.kind:
-                body = "edit:complete-filename $cur"
+                body = "files"
             else:
                 body = "nop"
             branches.append(("(has-value %s $prev)" % _elv_list(a.flags), body))
@@ -4991,10 +5028,10 @@ def _elv_context(args, top_subs):
     if choices or any(a.kind for a in pos):
         body = []
         if any(a.kind and a.choices is None for a in pos):
-            body.append("edit:complete-filename $cur")
+            body.append("files")
         if choices:
-            body.append("put %s" % " ".join(_elv_quote(c) for c in choices))
-        branches.append(("(not (str:has-prefix $cur -))", "; ".join(body)))
+            body.append("values %s" % " ".join(_elv_quote(c) for c in choices))
+        branches.append(("(and (eq $pre '') (not (str:has-prefix $cur -)))", "; ".join(body)))
     cands = ["cand %s %s" % (_elv_quote(f), _elv_quote(a.help or f))
              for a in args for f in a.flags]
     cands += ["cand %s %s" % (_elv_quote(n), _elv_quote(s.help or n))
@@ -5019,12 +5056,30 @@ def _elvish_script(prog, glob, subs):
         "use str",
         "",
         "set edit:completion:arg-completer[%s] = {|@words|" % _elv_quote(prog),
-        "    fn cand {|text desc|",
-        "        edit:complex-candidate $text &display=$text' -- '$desc",
-        "    }",
         "    var cur = $words[-1]",
         "    var prev = ''",
         "    if (> (count $words) 2) { set prev = $words[-2] }",
+        "    # `--opt=value`: complete the value, as `--opt=` + candidate",
+        "    var pre = ''",
+        "    if (and (str:has-prefix $cur --) (str:contains $cur =)) {",
+        "        var parts = [(str:split &max=2 = $cur)]",
+        "        set prev = $parts[0]",
+        "        set pre = $parts[0]'='",
+        "        set cur = $parts[1]",
+        "    }",
+        "    fn cand {|text desc|",
+        "        if (eq $pre '') {",
+        "            edit:complex-candidate $text &display=$text' -- '$desc",
+        "        }",
+        "    }",
+        "    fn values {|@texts|",
+        "        for text $texts { put $pre$text }",
+        "    }",
+        "    fn files {",
+        "        edit:complete-filename $cur | each {|c|",
+        "            edit:complex-candidate $pre$c[stem] &code-suffix=$c[code-suffix] &display=$c[stem]",
+        "        }",
+        "    }",
         "    # the subcommand is the first word that is neither an option nor its value",
         "    var sub = ''",
         "    var skip = $false",
@@ -5040,7 +5095,7 @@ def _elvish_script(prog, glob, subs):
     lines += _elv_context(glob, subs)
     for s in subs:
         lines.append("    } elif (has-value %s $sub) {" % _elv_list(s.names))
-        lines += _elv_context(_with_globals(s.args, glob), [])
+        lines += _elv_context(s.args, [])
     lines += ["    }", "}", ""]
     return "\n".join(lines)
 
