@@ -4528,7 +4528,7 @@ def completion_script(parser, shell, prog="trop"):
 # -- model -------------------------------------------------------------------
 def _clean_help(text, action=None, prog=""):
     """Expand argparse %(...)s placeholders and collapse whitespace to one line."""
-    import argparse
+    argparse = _argparse()
     text = text or ""
     if action is not None and "%" in text:
         params = dict((k, v) for k, v in vars(action).items()
@@ -4548,7 +4548,7 @@ def _tokens(value):
 
 
 def _completion_arg(action, prog):
-    import argparse
+    argparse = _argparse()
     value = action.nargs != 0
     choices, kind = None, None
     if value and action.choices is not None:
@@ -4575,7 +4575,7 @@ def _completion_arg(action, prog):
 
 def _completion_args(parser):
     """Visible options and positionals of one parser (subparsers excluded)."""
-    import argparse
+    argparse = _argparse()
     out = []
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
@@ -4588,7 +4588,7 @@ def _completion_args(parser):
 
 def _completion_model(parser):
     """Flatten the parser into (global args, [_CSub]) so emitters stay simple."""
-    import argparse
+    argparse = _argparse()
     glob = [a for a in _completion_args(parser) if a.flags]
     subs = []
     for action in parser._actions:
