@@ -1112,8 +1112,8 @@ class TestOptionTable(unittest.TestCase):
         self.assertEqual(trop.TOP_KEYS, ["project", "ports", "excluded_ports", "cleanup", "occupancy_check",
                                          "reservations", "disable_autoinit", "disable_autoprune",
                                          "disable_autoexpire", "allow_unrelated_path", "allow_change_project",
-                                         "allow_change_task", "allow_change", "maximum_lock_wait_seconds",
-                                         "output_format"])
+                                         "allow_change_task", "allow_change", "allow_unsafe_ports",
+                                         "maximum_lock_wait_seconds", "output_format"])
         self.assertEqual(trop.OCCUPANCY_KEYS, ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp",
                                                "check_all_interfaces"))
         for option in trop.OPTIONS:
@@ -1134,7 +1134,8 @@ class TestOptionTable(unittest.TestCase):
                     self.assertEqual(config[option.key], expected)
                     self.assertEqual(config.sources[option.key], name)
         layer = trop.env_layer({"TROP_EXCLUDED_PORTS": self.SAMPLE["_Exclusions"][1]})
-        self.assertEqual(layer.exclusions, [(6100, 6100), (6200, 6202)])
+        self.assertEqual(layer.exclusions, [((6100, 6100), "TROP_EXCLUDED_PORTS"),
+                                            ((6200, 6202), "TROP_EXCLUDED_PORTS")])
 
     def test_first_variable_of_a_row_wins_and_every_one_is_checked(self):
         config = trop.Config([trop.env_layer({"TROP_BUSY_TIMEOUT": "3", "TROP_MAXIMUM_LOCK_WAIT_SECONDS": "4"})])
@@ -1284,8 +1285,8 @@ output_format: null
     def test_exclusion_forms(self):
         layer = self.assertValid('excluded_ports:\n  - 5001\n  - "6000..6010"\n  - " 6100 .. 6105 "\n'
                                  '  - "7000"\n  - {start: 8000, end: 8001}\n  - start: 9000\n    end: 9000\n')
-        self.assertEqual(layer.exclusions, [(5001, 5001), (6000, 6010), (6100, 6105), (7000, 7000),
-                                            (8000, 8001), (9000, 9000)])
+        self.assertEqual(layer.exclusions, [((5001, 5001), 2), ((6000, 6010), 3), ((6100, 6105), 4), ((7000, 7000), 5),
+                                            ((8000, 8001), 6), ((9000, 9000), 7)])
         self.assertValid("excluded_ports: [1, 65535, \"1..65535\"]\n")
 
     def test_unknown_keys_with_path_and_line(self):
@@ -2967,7 +2968,8 @@ class TestProbes(unittest.TestCase):
             if stage == "bind" and port == 41000 else None)
         with patcher:
             occ = trop.Occupancy(trop.OccupancyPolicy())
-            port = trop.find_free_port(trop.PortRange(41000, 41001), set(), trop.ExclusionList(), occ)
+            port = trop.Skips(trop.ExclusionList(), occ, os_reserved=trop.ExclusionList()).first_free(
+                trop.PortRange(41000, 41001), set())
         self.assertEqual(port, 41001)
 
     def test_exhaustion_by_failed_probes_names_them(self):
@@ -3486,29 +3488,43 @@ class FakeOccupancy:
 
 
 class TestAllocation(unittest.TestCase):
-    def test_find_free_port_skips_taken_excluded_and_occupied(self):
+    def skips(self, excluded=(), busy=(), os_reserved=(), avoid_unsafe=True):
+        return trop.Skips(trop.ExclusionList(excluded), FakeOccupancy(busy), avoid_unsafe,
+                          trop.ExclusionList(os_reserved))
+
+    def test_first_free_skips_taken_excluded_and_occupied(self):
         rng = trop.PortRange(5000, 5010)
-        excl = trop.ExclusionList([(5002, 5003)])
-        free = trop.find_free_port
-        self.assertEqual(free(rng, port_set(), trop.ExclusionList(), FakeOccupancy()), 5000)
-        self.assertEqual(free(rng, port_set({5000, 5001}), excl, FakeOccupancy()), 5004)
-        self.assertEqual(free(rng, port_set({5000, 5001}), excl, FakeOccupancy({5004})), 5005)
-        self.assertEqual(free(rng, port_set({5000, 5001, 5004, 5005, 5006, 5008}), excl, FakeOccupancy({5007})), 5009)
-        self.assertEqual(free(trop.PortRange(5003, 5010), port_set({5000, 5001}), excl, FakeOccupancy()), 5004)
-        self.assertIsNone(free(trop.PortRange(5000, 5001), port_set({5000}), trop.ExclusionList([(5001, 5001)]),
-                               FakeOccupancy()))
-        self.assertIsNone(free(trop.PortRange(5000, 5002), port_set(range(4990, 5003)), trop.ExclusionList(),
-                               FakeOccupancy()))
+        excl = [(5002, 5003)]
+        self.assertEqual(self.skips().first_free(rng, port_set()), 5000)
+        self.assertEqual(self.skips(excl).first_free(rng, port_set({5000, 5001})), 5004)
+        self.assertEqual(self.skips(excl, {5004}).first_free(rng, port_set({5000, 5001})), 5005)
+        self.assertEqual(self.skips(excl, {5007}).first_free(rng, port_set({5000, 5001, 5004, 5005, 5006, 5008})),
+                         5009)
+        self.assertEqual(self.skips(excl).first_free(trop.PortRange(5003, 5010), port_set({5000, 5001})), 5004)
+        self.assertIsNone(self.skips([(5001, 5001)]).first_free(trop.PortRange(5000, 5001), port_set({5000})))
+        self.assertIsNone(self.skips().first_free(trop.PortRange(5000, 5002), port_set(range(4990, 5003))))
+
+    def test_first_free_skips_unsafe_and_os_reserved_ports_and_says_why(self):
+        rng = trop.PortRange(5058, 5066)
+        skips = self.skips([(5059, 5059)], {5063}, os_reserved=[(5062, 5062)])
+        self.assertEqual(skips.first_free(rng, port_set({5058})), 5064)
+        self.assertEqual(self.skips(avoid_unsafe=False).first_free(trop.PortRange(5060, 5061), port_set()), 5060)
+        census = skips.census(rng, port_set({5058}))
+        self.assertEqual(census.counts, {"reserved": 1, "excluded": 1, "unsafe": 2, "OS-reserved": 1, "occupied": 1})
+        with mock.patch.object(trop, "OwnerTable", lambda: types.SimpleNamespace(
+                lookup=lambda proto, family, port: (812, "node", "me") if proto == "tcp" else (None, None, None))):
+            self.assertEqual(str(census), "1 reserved, 1 excluded, 2 unsafe, 1 OS-reserved, 1 occupied "
+                                          "(5063 by pid 812 node)")
 
     def request(self, preferred, **flags):
-        values = dict(preferred=preferred, port_range=trop.PortRange(5000, 5010),
-                      exclusions=trop.ExclusionList([(5005, 5005)]), ignore_exclusions=False,
+        values = dict(preferred=preferred, port_range=trop.PortRange(5000, 5010), ignore_exclusions=False,
                       ignore_occupied=False, force=False)
         values.update(flags)
         return types.SimpleNamespace(**values)
 
     def allocate(self, preferred, taken=(), busy=(), **flags):
-        return trop.allocate_single(self.request(preferred, **flags), port_set(taken), FakeOccupancy(busy))[0]
+        return trop.allocate_single(self.request(preferred, **flags), port_set(taken),
+                                    self.skips([(5005, 5005)], busy))[0]
 
     def test_preferred_port(self):
         self.assertEqual(self.allocate(5007), 5007)
@@ -3528,6 +3544,304 @@ class TestAllocation(unittest.TestCase):
         self.assertEqual(self.allocate(5005, force=True), 5005)
         # The ignore flags apply to the preferred port only, never to the fallback scan.
         self.assertEqual(self.allocate(None, busy={5000}, ignore_occupied=True), 5001)
+
+    def test_a_preferred_unsafe_or_os_reserved_port_is_given_with_a_caution(self):
+        request = self.request(5060, port_range=trop.PortRange(5000, 7000))
+        port, cautions = trop.allocate_single(request, port_set(), self.skips(os_reserved=[(5060, 5061)]))
+        self.assertEqual(port, 5060)
+        self.assertEqual(len(cautions), 2)
+        self.assertIn("bad-port list", cautions[0])
+        self.assertIn("reserved by the operating system", cautions[1])
+
+
+NETSH_EXCLUDED_V4 = """
+Protocol tcp Port Exclusion Ranges
+
+Start Port    End Port
+----------    --------
+      5357        5357
+      5985        6084
+     50000       50059     *
+
+* - Administered port exclusions.
+
+"""
+NETSH_EXCLUDED_V6 = """
+Protocol tcp Port Exclusion Ranges
+
+Start Port    End Port
+----------    --------
+      6200        6299
+
+* - Administered port exclusions.
+"""
+NETSH_EXCLUDED_GERMAN = """
+Protokoll tcp Portausschlussbereiche
+
+Startport    Endport
+----------    --------
+      1080        1080
+
+* - Verwaltete Portausschlüsse.
+"""
+NETSH_DYNAMIC = """
+Protocol tcp Dynamic Port Range
+---------------------------------
+Start Port      : 49152
+Number of Ports : 16384
+"""
+
+
+class TestUnsafeAndReservedPorts(TropTestCase):
+    """Browsers' bad ports, the OS's reserved ports and its ephemeral range: lists, allocation and messages."""
+    IN_PROCESS = True
+
+    def fake_proc(self, reserved="", ephemeral="32768\t60999\n"):
+        root = self.mkdir("fakeproc")
+        self.write(os.path.join(root, "sys/net/ipv4/ip_local_reserved_ports"), reserved + "\n")
+        self.write(os.path.join(root, "sys/net/ipv4/ip_local_port_range"), ephemeral)
+        patcher = mock.patch.object(trop, "PROC_ROOT", root)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return root
+
+    def test_the_fetch_bad_port_list(self):
+        self.assertEqual(len(trop.UNSAFE_PORTS), 82)
+        for port in (1, 22, 25, 110, 143, 587, 993, 2049, 4190, 5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668,
+                     6669, 6679, 6697, 10080):
+            self.assertIn(port, trop.UNSAFE_PORTS)
+        for port in (80, 443, 3000, 5000, 5432, 8080, 6664, 6670):
+            self.assertNotIn(port, trop.UNSAFE_PORTS)
+        self.assertEqual(sorted(p for p in trop.UNSAFE_PORTS if 5000 <= p <= 7000),
+                         [5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697])
+
+    def test_parsers(self):
+        self.assertEqual(trop.parse_reserved_ports("8080,9000-9002, 70000,junk,0\n"), [(8080, 8080), (9000, 9002)])
+        self.assertEqual(trop.parse_reserved_ports(""), [])
+        self.assertEqual(trop.parse_netsh_ranges(NETSH_EXCLUDED_V4), [(5357, 5357), (5985, 6084), (50000, 50059)])
+        self.assertEqual(trop.parse_netsh_ranges(NETSH_EXCLUDED_GERMAN), [(1080, 1080)])
+        answers = {"ipv4": NETSH_EXCLUDED_V4, "ipv6": NETSH_EXCLUDED_V6}
+        calls = []
+
+        def netsh(*args):
+            calls.append(args)
+            return answers.get(args[1], "") if "excludedportrange" in args else NETSH_DYNAMIC
+        reserved = trop.os_reserved_ports(netsh=netsh)
+        self.assertEqual(reserved.ranges, [(5357, 5357), (5985, 6084), (6200, 6299), (50000, 50059)])
+        self.assertEqual(len(calls), 2)                 # IPv4 and IPv6, once each
+        self.assertEqual(trop.ephemeral_range(netsh=netsh), trop.PortRange(49152, 65535))
+        self.assertIsNone(trop.ephemeral_range(netsh=lambda *a: ""))
+
+    def test_linux_files(self):
+        root = self.fake_proc("5000-5002,5004")
+        self.assertEqual(trop.os_reserved_ports().ranges, [(5000, 5002), (5004, 5004)])
+        self.assertEqual(trop.ephemeral_range(), trop.PortRange(32768, 60999))
+        self.assertEqual(trop.os_reserved_ports(proc_root=self.path("nowhere")).ranges, [])
+        self.assertIsNone(trop.ephemeral_range(proc_root=self.path("nowhere")))
+        self.assertTrue(root)
+
+    def test_a_fake_ip_local_reserved_ports_is_honoured(self):
+        self.fake_proc("5000-5002,5004")
+        self.assertEqual(trop.reserve(tag="a", **self.opts), 5003)
+        self.assertEqual(trop.reserve(tag="b", **self.opts), 5005)
+        rc, out, err = trop_main("--data-dir", self.data, "reserve", "--tag", "c", "--port", "5001",
+                                 "--skip-occupancy-check")
+        self.assertEqual((rc, out), (0, "5001\n"))
+        self.assertEqual(err, "Warning: port 5001 is reserved by the operating system "
+                              "(net.ipv4.ip_local_reserved_ports)\n")
+        rc, out, err = trop_main("--data-dir", self.data, "reserve", "--tag", "d", "--min", "5000", "--max", "5004",
+                                 "--skip-occupancy-check", "--disable-autoclean")
+        self.assertEqual((rc, out), (6, ""))
+        self.assertIn("remaining blockers: 2 reserved, 3 OS-reserved", err)
+
+    def test_explicit_unsafe_port_warns_but_works(self):
+        self.fake_proc()
+        rc, out, err = trop_main("--data-dir", self.data, "reserve", "--port", "5060", "--skip-occupancy-check")
+        self.assertEqual((rc, out), (0, "5060\n"))
+        self.assertEqual(err, "Warning: port 5060 is on the browsers' bad-port list (WHATWG Fetch): browsers refuse "
+                              "to connect to it\n")
+        self.assertEqual(trop_main("--data-dir", self.data, "reserve", "--skip-occupancy-check"), (0, "5060\n", ""))
+        rc, out, err = trop_main("--data-dir", self.data, "reserve", "--port", "5060", "--quiet", "--tag", "q",
+                                 "--skip-occupancy-check")
+        self.assertEqual((rc, out, err), (0, "5000\n", ""))          # 5060 is taken: the fallback, no caution
+
+    def test_a_preferred_unsafe_service_port_warns_but_works(self):
+        self.fake_proc()
+        group = self.group_file(self.proj, [("web", {"preferred": 6000}), ("api", {"offset": 1})], pmin=5059,
+                                pmax=5070)
+        rc, out, err = trop_main("--data-dir", self.data, "reserve-group", group, "--format", "json")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(json.loads(out), {"web": 6000, "api": 5062})     # base 5061: 5060 and 5061 are unsafe
+        self.assertEqual(err, "Reserved 2 ports.\nWarning: port 6000 is on the browsers' bad-port list (WHATWG "
+                              "Fetch): browsers refuse to connect to it\n")
+
+    def test_offsets_never_land_on_an_unsafe_port(self):
+        self.fake_proc()
+        group = self.group_file(self.proj, [("a", {"offset": 0}), ("b", {"offset": 2})], pmin=5056, pmax=5070)
+        rc, out, err = trop_main("--data-dir", self.data, "reserve-group", group, "--format", "json")
+        self.assertEqual(rc, 0, err)
+        ports = json.loads(out)
+        self.assertEqual(ports, {"a": 5056, "b": 5058})
+        self.assertTrue(set(ports.values()).isdisjoint(trop.UNSAFE_PORTS))
+        group = self.group_file(self.mkdir("proj", "two"), [("a", {"offset": 0}), ("b", {"offset": 1})], pmin=5059,
+                                pmax=5061)
+        rc, out, err = trop_main("--data-dir", self.data, "reserve-group", group)
+        self.assertEqual(rc, 6)
+        self.assertIn("No scanned base can satisfy the complete offset fallback pattern in 5059-5061: 2 unsafe", err)
+
+    def test_the_switch(self):
+        self.fake_proc()
+        for env in ({"TROP_ALLOW_UNSAFE_PORTS": "1"}, {}):
+            with mock.patch.dict(os.environ, env):
+                rc, out, err = trop_main("--data-dir", self.data, "reserve", "--tag", str(bool(env)), "--min",
+                                         "5060", "--max", "5061", "--skip-occupancy-check", "--disable-autoclean")
+            if env:
+                self.assertEqual((rc, out, err), (0, "5060\n", ""))
+            else:
+                self.assertEqual(rc, 6)
+                self.assertIn("remaining blockers: 1 reserved, 1 unsafe", err)
+        self.write(os.path.join(self.proj, "trop.yaml"), "allow_unsafe_ports: true\n")
+        self.assertEqual(trop.reserve(tag="file", min=5061, max=5061, **self.opts), 5061)
+        self.assertEqual(trop_main("validate", os.path.join(self.proj, "trop.yaml")),
+                         (0, "Configuration is valid\n", ""))
+        self.write(os.path.join(self.proj, "trop.yaml"), "allow_unsafe_ports: yes\n")
+        rc, _out, err = trop_main("validate", os.path.join(self.proj, "trop.yaml"))
+        self.assertEqual(rc, 1)
+        self.assertIn("allow_unsafe_ports must be true or false", err)
+
+    def test_a_reservation_of_an_unsafe_port_stays_valid(self):
+        self.fake_proc()
+        make_v2_db(self.data, [(self.proj, "", 5060, None, None, T1, T1)])
+        self.assertEqual(trop_main("--data-dir", self.data, "reserve", "--skip-occupancy-check"), (0, "5060\n", ""))
+        self.assertEqual(trop_main("--data-dir", self.data, "assert-data-dir", "--validate"), (0, "", ""))
+
+    def test_port_info_says_what_is_special(self):
+        self.fake_proc("6001-6002", "6000 6100\n")
+        rc, out, err = trop_main("--data-dir", self.data, "port-info", "6000")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(out, "Port 6000 is not reserved\n"
+                              "Note: port 6000 is on the browsers' bad-port list (WHATWG Fetch): browsers refuse to "
+                              "connect to it\n"
+                              "Note: port 6000 is in the ephemeral range 6000-6100: the OS may give it to an outgoing "
+                              "connection first\n")
+        rc, out, err = trop_main("--data-dir", self.data, "port-info", "6001")
+        self.assertIn("Note: port 6001 is reserved by the operating system (net.ipv4.ip_local_reserved_ports)\n", out)
+        self.assertEqual(trop_main("--data-dir", self.data, "port-info", "5000"),
+                         (0, "Port 5000 is not reserved\n", ""))
+
+    def test_validate_warns_about_the_ephemeral_range(self):
+        self.fake_proc(ephemeral="6500 7500\n")
+        path = self.write(os.path.join(self.proj, "trop.yaml"), "ports: {min: 6000, max: 7000}\n")
+        self.assertEqual(trop_main("validate", path), (
+            0, "Configuration is valid\n", "Warning: the range 6000-7000 overlaps the ephemeral range 6500-7500 in "
+            "501 port(s) (6500-7000): the OS may give them to outgoing connections, so a server can find its port "
+            "taken\n"))
+        path = self.write(os.path.join(self.proj, "trop.yaml"), "ports: {min: 5000, max: 5100}\n")
+        self.assertEqual(trop_main("validate", path), (0, "Configuration is valid\n", ""))
+
+
+class TestDoctor(TropTestCase):
+    """doctor: the range explained port by port, the data directory's health, the layers; read-only."""
+    ENV = {"TROP_SKIP_UDP": "1", "TROP_SKIP_IPV6": "1"}
+
+    def doctor(self, *args, **kw):
+        rc, out, err = self.trop("doctor", "--format", "json", *args, **kw)
+        self.assertEqual(err, "")
+        return rc, json.loads(out)
+
+    def test_json_report(self):
+        start = self.free_block(8)
+        rng = ("--min", str(start), "--max", str(start + 7))
+        self.seed((self.proj, "a", start, "shop"))
+        self.write(os.path.join(self.proj, "trop.yaml"), "excluded_ports:\n  - %d\n" % (start + 1))
+        listener = self.listen("tcp", "127.0.0.1", start + 2)
+        self.assertTrue(listener)
+        rc, report = self.doctor(*rng, env={"TROP_EXCLUDED_PORTS": str(start + 3)})
+        self.assertEqual(rc, 0)
+        self.assertEqual(set(report), {"cwd", "range", "ports", "data_dir", "layers", "warnings", "problems",
+                                       "healthy"})
+        self.assertEqual(report["cwd"], self.proj)
+        self.assertEqual(report["range"]["min"], start)
+        self.assertEqual(report["range"]["size"], 8)
+        self.assertEqual(report["range"]["sources"]["ports.min"], "<command line>")
+        ports = report["ports"]
+        self.assertEqual(ports["reserved"], {"count": 1, "paths": 1, "projects": 1})
+        self.assertEqual(ports["excluded"]["count"], 2)
+        self.assertEqual(ports["excluded"]["sources"], [
+            {"ports": str(start + 1), "source": os.path.join(self.proj, "trop.yaml") + ":2"},
+            {"ports": str(start + 3), "source": "TROP_EXCLUDED_PORTS"}])
+        self.assertEqual(ports["occupied"]["count"], 1)
+        occupied = ports["occupied"]["ports"][0]
+        self.assertEqual((occupied["port"], occupied["reserved"], occupied["probe_failed"]), (start + 2, False, False))
+        if LINUX_PROC:
+            self.assertEqual((occupied["pid"], occupied["process"]), this_process_owner()[:2])
+        self.assertEqual(ports["free"], {"count": 4, "first": [start + 4, start + 5, start + 6, start + 7]})
+        for key in ("unsafe", "os_reserved", "ephemeral"):
+            self.assertIn("count", ports[key])
+        database = report["data_dir"]["database"]
+        self.assertEqual((database["exists"], database["schema_version"], database["reservations"], database["error"]),
+                         (True, 2, 1, None))
+        self.assertEqual(report["data_dir"]["path"], self.data)
+        self.assertTrue(report["data_dir"]["writable"])
+        kinds = [layer["kind"] for layer in report["layers"]]
+        self.assertEqual(kinds, ["builtin", "project", "env", "cli"])
+        self.assertEqual(report["problems"], [])
+        self.assertTrue(report["healthy"])
+
+    def test_text_report_and_exit_codes(self):
+        start = self.free_block(3)
+        h = self.handle()
+        for i in range(3):
+            h.reserve(self.proj + "/d%d" % i)
+        h.close()
+        self.sql("UPDATE reservations SET port = port - 20000 + ?", (start,))
+        rc, out, err = self.trop("doctor", "--min", str(start), "--max", str(start + 2))
+        self.assertEqual((rc, err), (1, ""))
+        self.assertIn("reserved         3  by 3 path(s) in 0 project(s)", out)
+        self.assertIn("free             0", out)
+        self.assertIn("Problem: no free port in %d-%d" % (start, start + 2), out)
+        self.assertTrue(out.endswith("Status: unhealthy\n"), out)
+        rc, report = self.doctor("--min", str(start), "--max", str(start + 3))
+        self.assertEqual((rc, report["healthy"]), (0, True))
+
+    def test_read_only_creates_nothing_and_never_waits(self):
+        rc, report = self.doctor()
+        self.assertEqual(rc, 0)
+        self.assertFalse(os.path.exists(self.data))
+        self.assertEqual(report["data_dir"]["database"]["exists"], False)
+        self.reserve_port("--skip-occupancy-check")
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        rc, report = self.doctor("--busy-timeout", "0")
+        self.assertEqual((rc, report["ports"]["reserved"]["count"]), (0, 1))
+        conn.execute("ROLLBACK")
+
+    def test_a_corrupt_database_is_reported(self):
+        os.makedirs(self.data)
+        self.write(self.db, b"not a database at all" * 100)
+        rc, report = self.doctor()
+        self.assertEqual(rc, 6)
+        self.assertIn("not a valid trop database", report["data_dir"]["database"]["error"])
+        self.assertEqual(report["problems"][0]["exit_code"], 6)
+        self.assertEqual(self.read(self.db), b"not a database at all" * 100)
+
+
+class TestFullRangeAllocation(TropTestCase):
+    def test_a_fresh_data_directory_never_hands_out_a_bad_port(self):
+        """The default range, allocated to the last port through the API: every port except the bad ones."""
+        handle = trop.Trop(data_dir=self.data, skip_occupancy_check=True, allow_unrelated_path=True,
+                           disable_autoclean=True)
+        self.addCleanup(handle.close)
+        with mock.patch.object(trop, "os_reserved_ports", lambda *a, **k: trop.ExclusionList()):
+            ports = [handle.reserve("/srv/p%04d" % i) for i in range(2001 - 11)]
+            with self.assertRaises(trop.LibraryError) as ctx:
+                handle.reserve("/srv/one-too-many")
+        self.assertEqual(len(set(ports)), 1990)
+        self.assertTrue(set(ports).isdisjoint(trop.UNSAFE_PORTS))
+        self.assertEqual(set(ports) | {5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697},
+                         set(range(5000, 7001)))
+        self.assertIn("remaining blockers: 1990 reserved, 11 unsafe", str(ctx.exception))
 
 
 class TestReserveOccupancy(TropTestCase):
@@ -3631,7 +3945,7 @@ class TestAutomaticCleanup(TropTestCase):
         rc, out, err = self.trop("reserve", "--path", live, "--disable-autoclean", *self.RANGE)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("port range %d-%d exhausted: cleanup was skipped (automatic pruning and expiration "
-                      "disabled); remaining blockers: reserved" % (self.P, self.P), err)
+                      "disabled); remaining blockers: 1 reserved\n" % (self.P, self.P), err)
         self.assertEqual(self.rows(), before)
 
     def test_failure_after_cleanup_leaves_the_stale_row(self):
@@ -3642,7 +3956,7 @@ class TestAutomaticCleanup(TropTestCase):
         rc, out, err = self.trop("reserve", "--path", live, *self.RANGE)
         self.assertEqual((rc, out), (6, ""))
         self.assertIn("port range %d-%d exhausted after cleanup: remaining blockers after the single retry: "
-                      "reserved" % (self.P, self.P), err)
+                      "1 reserved;" % (self.P, self.P), err)
         self.assertIn("automatic cleanup pruned 1 and expired 0 reservation(s); automatic pruning and expiration "
                       "enabled", err)
         self.assertEqual(self.rows(), before)

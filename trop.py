@@ -1128,21 +1128,21 @@ class _Exclusions(_Kind):
             problems.add(line, "excluded_ports must be a sequence, got %s" % _describe(value))
             return _INVALID
         item_lines = getattr(value, "item_lines", None) or [line] * len(value)
-        return [rng for rng in (parse_exclusion(item, problems, item_line)
-                                for item, item_line in zip(value, item_lines)) if rng]
+        ranges = [(parse_exclusion(item, problems, item_line), item_line) for item, item_line in zip(value, item_lines)]
+        return [(rng, item_line) for rng, item_line in ranges if rng]
 
     def from_env(self, option, name, text):
         out = []
         for item in text.split(","):
             if item.strip():
                 try:
-                    out.append(parse_exclusion(item.strip()))
+                    out.append((parse_exclusion(item.strip()), name))
                 except InvalidArguments as exc:
                     raise ConfigError("validation error for '%s': %s" % (name, exc.message))
         return out
 
     def store(self, layer, option, value, where):
-        layer.exclusions.extend(value)
+        layer.exclusions.extend(value)          # (range, line or variable) pairs
 
 
 class _Group(_Kind):
@@ -1245,6 +1245,9 @@ OPTIONS = (
            help="allow changing a stored task"),
     Option("allow_change", "allow_change", _SWITCH, False, env="TROP_ALLOW_CHANGE", groups="permissions",
            help="allow changing project and task"),
+    Option("allow_unsafe_ports", "allow_unsafe_ports", _SWITCH, False, env="TROP_ALLOW_UNSAFE_PORTS",
+           groups="permissions", help="let automatic allocation hand out ports browsers refuse (the WHATWG Fetch "
+                                      "bad-port list); a trop.py key the Rust trop does not know"),
     Option("busy_timeout", "maximum_lock_wait_seconds", _Seconds(), 5,
            env=("TROP_BUSY_TIMEOUT", "TROP_MAXIMUM_LOCK_WAIT_SECONDS"), groups="global",
            help="seconds to wait for the database lock (default 5; 0: do not wait)"),
@@ -1281,7 +1284,7 @@ class Layer:
         self.kind = kind          # "builtin", "user", "project", "env", "cli"
         self.values = {}
         self.lines = {}
-        self.exclusions = []      # (start, end) ranges
+        self.exclusions = []      # ((start, end), line or variable): where each came from
 
     def set(self, key, value, line=None):
         self.values[key] = value
@@ -1289,8 +1292,11 @@ class Layer:
             self.lines[key] = line
 
     def where(self, key):
-        line = self.lines.get(key)
-        if isinstance(line, str):       # environment layers record the variable name
+        return self.place(self.lines.get(key))
+
+    def place(self, line):
+        """file:line, the variable an environment layer read, or the source alone."""
+        if isinstance(line, str):
             return line
         return "%s:%d" % (self.source, line) if line else self.source
 
@@ -1512,12 +1518,13 @@ class Config:
         values = dict(DEFAULTS)
         sources = dict.fromkeys(values, BUILTIN_SOURCE)
         self.exclusion_sources = []
+        self.layers = layers
         for layer in layers:
             for key, value in layer.values.items():
                 values[key] = value
                 sources[key] = layer.where(key)
-            for rng in layer.exclusions:
-                self.exclusion_sources.append((rng, layer.source))
+            for rng, line in layer.exclusions:
+                self.exclusion_sources.append((rng, layer.place(line)))
         self.values = values
         self.sources = sources
 
@@ -1600,7 +1607,6 @@ def write_file_atomic(path, text):
         raise IoFailure("%s: %s" % (path, exc.strerror or exc))
 
 
-
 class _DirectoryLock:
     """flock() on a config file's directory: stable across the atomic renames of the file."""
 
@@ -1640,7 +1646,7 @@ def edit_exclusions(path, kind, change):
             doc = parse_yaml(text)
         except YamlError as exc:
             raise ConfigError("%s:%s: %s" % (path, exc.line, exc.message))
-        current = read_config_document(doc, path, kind, problems).exclusions
+        current = [rng for rng, _line in read_config_document(doc, path, kind, problems).exclusions]
         problems.raise_first()
         new = change(current)
         if new is None:
@@ -1724,8 +1730,6 @@ def user_layer(data_dir):
     if os.path.lexists(path):
         return [read_config_file(path, "user")]
     return []
-
-
 
 
 # --- Paths -------------------------------------------------------------------
@@ -3349,62 +3353,255 @@ def format_occupancy(port, policy, owners=None):
 
 # --- Allocation --------------------------------------------------------------
 
+# The WHATWG Fetch standard's "bad ports": browsers refuse to connect to them (Chrome: ERR_UNSAFE_PORT).
+UNSAFE_PORTS = frozenset((
+    1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102, 103, 104, 109,
+    110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465, 512, 513, 514, 515, 526, 530,
+    531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190,
+    5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080))
+
+
+def parse_reserved_ports(text):
+    """Linux's ip_local_reserved_ports ('8080,9000-9100') as (start, end) ranges; junk is skipped."""
+    out = []
+    for item in text.replace("\n", ",").split(","):
+        first, _, last = item.strip().partition("-")
+        try:
+            out.append(parse_port_range("%s..%s" % (first, last) if last else first))
+        except ValueError:
+            continue
+    return out
+
+
+def parse_netsh_ranges(text):
+    """The 'Start Port  End Port' rows of `netsh int ipv4 show excludedportrange` (any language)."""
+    out = []
+    for line in text.splitlines():
+        match = re.match(r"\s*(\d+)\s+(\d+)\s*\*?\s*$", line)
+        if match:
+            try:
+                out.append(parse_port_range("%s..%s" % match.groups()))
+            except ValueError:
+                continue
+    return out
+
+
+def os_reserved_ports(proc_root=None, netsh=None):
+    """Ports the operating system keeps from applications: Linux's ip_local_reserved_ports, or the
+    excluded port ranges of Windows (Hyper-V, WinNAT: binding there fails with "access denied")."""
+    if os.name == "nt" or netsh is not None:
+        return ExclusionList(rng for family in ("ipv4", "ipv6") for rng in parse_netsh_ranges(
+            (netsh or _netsh)("int", family, "show", "excludedportrange", "protocol=tcp")))
+    return ExclusionList(parse_reserved_ports(_read_proc(proc_root, "sys/net/ipv4/ip_local_reserved_ports") or ""))
+
+
+def ephemeral_range(proc_root=None, netsh=None):
+    """The range the OS hands out for outgoing connections (a server there may find its port taken), or None."""
+    if os.name == "nt" or netsh is not None:
+        answer = (netsh or _netsh)("int", "ipv4", "show", "dynamicport", "tcp")
+        numbers = [int(n) for n in re.findall(r":\s*(\d+)", answer)]
+        return PortRange(numbers[0], numbers[0] + numbers[1] - 1) if len(numbers) >= 2 and numbers[1] else None
+    if sys.platform == "darwin" and proc_root is None:
+        return _darwin_ephemeral_range()
+    numbers = (_read_proc(proc_root, "sys/net/ipv4/ip_local_port_range") or "").split()
+    return PortRange(int(numbers[0]), int(numbers[1])) if len(numbers) == 2 and all(map(str.isdigit, numbers)) \
+        else None
+
+
+def _read_proc(proc_root, name):
+    try:
+        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="ascii", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _netsh(*args):
+    """netsh's answer (Windows), or '' when it cannot be run."""
+    try:
+        return _subprocess().run(["netsh"] + list(args), stdout=_subprocess().PIPE, stderr=_subprocess().DEVNULL,
+                                 stdin=_subprocess().DEVNULL, timeout=10).stdout.decode("ascii", "replace")
+    except (OSError, _subprocess().SubprocessError):
+        return ""
+
+
+def _darwin_ephemeral_range():
+    """macOS net.inet.ip.portrange.first/last through sysctlbyname: no subprocess."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        values = []
+        for name in (b"net.inet.ip.portrange.first", b"net.inet.ip.portrange.last"):
+            value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+            if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+                return None
+            values.append(value.value)
+        return PortRange(values[0], values[1])
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+
+
+class Skips:
+    """What automatic allocation passes over besides reserved ports, and why: built once per command.
+
+    Excluded ports (configuration), unsafe ports (browsers refuse them,
+    unless allow_unsafe_ports), ports the OS reserves (read on the first
+    question that needs them) and occupied ports (probes).  A port a user
+    asks for by number is checked only for what would make it fail
+    (reserved, excluded, occupied); unsafe and OS-reserved ports are then
+    given with a caution.
+    """
+
+    REASONS = ("reserved", "excluded", "unsafe", "OS-reserved", "occupied")
+
+    def __init__(self, exclusions, occupancy, avoid_unsafe=True, os_reserved=None):
+        self.exclusions = exclusions
+        self.occupancy = occupancy
+        self.unsafe = UNSAFE_PORTS if avoid_unsafe else frozenset()
+        self._os_reserved = os_reserved
+
+    @classmethod
+    def of(cls, config):
+        return cls(config.exclusions, Occupancy(config.occupancy), not config["allow_unsafe_ports"])
+
+    @property
+    def os_reserved(self):
+        if self._os_reserved is None:
+            self._os_reserved = os_reserved_ports()
+        return self._os_reserved
+
+    def cautions(self, port):
+        """Warnings for a port given by number that automatic allocation would have passed over."""
+        out = []
+        if port in UNSAFE_PORTS:
+            out.append("port %d is on the browsers' bad-port list (WHATWG Fetch): browsers refuse to connect to it"
+                       % port)
+        if port in self.os_reserved:
+            out.append("port %d is reserved by the operating system (%s)" % (port, _OS_RESERVED_WHERE))
+        return out
+
+    def refusal(self, port, taken, ignore_exclusions=False, ignore_occupied=False):
+        """Why a port given by number cannot be used ('reserved', 'excluded', 'occupied'), or None."""
+        if port in taken:
+            return "reserved"
+        if not ignore_exclusions and port in self.exclusions:
+            return "excluded"
+        if not ignore_occupied and self.occupancy.occupied(port):
+            return "occupied"
+        return None
+
+    def first_free(self, port_range, taken):
+        """The lowest port of the range that nothing rules out, or None (census() then says why).
+
+        Runs of reserved, excluded or OS-reserved ports are skipped in one
+        step, so the cost does not grow with the number of reservations
+        below the answer.
+        """
+        port, top = port_range.min, port_range.max
+        while port <= top:
+            if port in taken:
+                port = taken.next_unreserved(port)
+            elif port in self.exclusions:
+                port = self.exclusions.end_of(port) + 1
+            elif port in self.os_reserved:
+                port = self.os_reserved.end_of(port) + 1
+            elif port in self.unsafe or self.occupancy.occupied(port):
+                port += 1
+            else:
+                return port
+        return None
+
+    def classify(self, port, taken):
+        """The first reason automatic allocation passes over port (see REASONS), or None: it is free."""
+        if port in taken:
+            return "reserved"
+        if port in self.exclusions:
+            return "excluded"
+        if port in self.unsafe:
+            return "unsafe"
+        if port in self.os_reserved:
+            return "OS-reserved"
+        if self.occupancy.occupied(port):
+            return "occupied"
+        return None
+
+    def census(self, port_range, taken):
+        """Blockers counting why each port of the range is passed over (for an error that explains itself).
+
+        Only ports nothing else rules out are probed, so after first_free()
+        the probes are all remembered."""
+        blockers = Blockers()
+        for port in port_range:
+            reason = self.classify(port, taken)
+            if reason:
+                blockers.add(reason, 1, port if reason == "occupied" else None)
+        return blockers
+
+
+_OS_RESERVED_WHERE = ("Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp"
+                      if os.name == "nt" else "net.ipv4.ip_local_reserved_ports")
+
+
 class Blockers:
-    """Why ports were unavailable, for exhaustion messages."""
+    """Why the ports of a range were passed over, for messages that explain themselves."""
 
     def __init__(self):
-        self.reserved = self.excluded = self.occupied = 0
+        self.counts = dict.fromkeys(Skips.REASONS, 0)
+        self.occupied = []          # the first occupied ports, to name their owners
+
+    def add(self, reason, count, port=None):
+        self.counts[reason] += count
+        if port is not None and len(self.occupied) < 3:
+            self.occupied.append(port)
 
     def __str__(self):
-        parts = ["%s (%d)" % (name, count) for name, count in
-                 (("reserved", self.reserved), ("excluded", self.excluded), ("occupied", self.occupied)) if count]
-        return ", ".join(parts) or "unavailable"
+        parts = []
+        for reason in Skips.REASONS:
+            if self.counts[reason]:
+                parts.append("%d %s%s" % (self.counts[reason], reason,
+                                          " (%s)" % self._owners() if reason == "occupied" else ""))
+        return ", ".join(parts) or "nothing in the range"
+
+    def _owners(self):
+        """'5003 by pid 812 node, 5004': the owners of the first occupied ports, where the OS says."""
+        owners, out = OwnerTable(), []
+        for port in self.occupied:
+            pid, name = owners.lookup("tcp", "ipv4", port)[:2]
+            if pid is None:
+                pid, name = owners.lookup("udp", "ipv4", port)[:2]
+            out.append("%d by pid %d %s" % (port, pid, name or "?") if pid is not None else str(port))
+        more = self.counts["occupied"] - len(self.occupied)
+        return ", ".join(out) + (", ..." if more > 0 else "")
 
 
-def preferred_unavailable(port, taken, exclusions, occupancy, ignore_exclusions=False, ignore_occupied=False):
-    """Why a preferred port cannot be used ('reserved', 'excluded', 'occupied'), or None."""
-    if port in taken:
-        return "reserved"
-    if not ignore_exclusions and port in exclusions:
-        return "excluded"
-    if not ignore_occupied and occupancy.occupied(port):
-        return "occupied"
-    return None
+def port_notes(port, skips=None, ephemeral=None):
+    """What port-info says about a port besides its reservation: unsafe, OS-reserved, ephemeral."""
+    skips = skips or Skips(ExclusionList(), None)
+    notes = skips.cautions(port)
+    ephemeral = ephemeral_range() if ephemeral is None else ephemeral
+    if ephemeral and port in ephemeral:
+        notes.append("port %d is in the ephemeral range %s: the OS may give it to an outgoing connection first"
+                     % (port, ephemeral))
+    return notes
 
 
-def find_free_port(port_range, taken, exclusions, occupancy, blockers=None):
-    """The lowest port of the range that is not reserved, excluded or occupied.
-
-    Runs of reserved or excluded ports are skipped in one step, so the cost does
-    not grow with the number of reservations below the answer.
-    """
-    blockers = blockers if blockers is not None else Blockers()
-    port, top = port_range.min, port_range.max
-    while port <= top:
-        if port in taken:
-            after = min(taken.next_unreserved(port), top + 1)
-            blockers.reserved += after - port
-            port = after
-        elif port in exclusions:
-            after = min(exclusions.end_of(port) + 1, top + 1)
-            blockers.excluded += after - port
-            port = after
-        elif occupancy.occupied(port):
-            blockers.occupied += 1
-            port += 1
-        else:
-            return port
-    return None
+def range_warnings(port_range, ephemeral=None):
+    """validate's and doctor's warning about a range the OS also uses for outgoing connections."""
+    ephemeral = ephemeral_range() if ephemeral is None else ephemeral
+    if ephemeral and port_range.min <= ephemeral.max and ephemeral.min <= port_range.max:
+        overlap = PortRange(max(port_range.min, ephemeral.min), min(port_range.max, ephemeral.max))
+        return ["the range %s overlaps the ephemeral range %s in %d port(s) (%s): the OS may give them to outgoing "
+                "connections, so a server can find its port taken" % (port_range, ephemeral, len(overlap), overlap)]
+    return []
 
 
-def allocate_single(req, taken, occupancy):
-    """Preferred port if usable, else the lowest free port: (port or None, Blockers)."""
+def allocate_single(req, taken, skips):
+    """Preferred port if usable, else the lowest free port: (port or None, cautions)."""
     if req.preferred is not None and req.preferred in req.port_range:
-        if preferred_unavailable(req.preferred, taken, req.exclusions, occupancy,
-                                 req.ignore_exclusions or req.force, req.ignore_occupied or req.force) is None:
-            return req.preferred, Blockers()
-    blockers = Blockers()
-    return find_free_port(req.port_range, taken, req.exclusions, occupancy, blockers), blockers
+        if skips.refusal(req.preferred, taken, req.ignore_exclusions or req.force,
+                         req.ignore_occupied or req.force) is None:
+            return req.preferred, skips.cautions(req.preferred)
+    return skips.first_free(req.port_range, taken), []
 
 
 # --- Operations: stale reservations (the prune and expire rules) ----------------
@@ -3492,8 +3689,7 @@ class ReserveRequest:
         self.task = task
         self.infer_git = infer_git
         self.port_range = config.port_range
-        self.exclusions = config.exclusions
-        self.policy = config.occupancy
+        self.skips = Skips.of(config)
         self.allow_project = force or config.allow("project")
         self.allow_task = force or config.allow("task")
         self.autoprune = not config["disable_autoprune"]
@@ -3507,10 +3703,9 @@ def _resolve_intent(intent, stored):
     return intent[1] if intent[0] == "set" else None
 
 
-def plan_reserve(store, req, now=None, occupancy=None):
+def plan_reserve(store, req, now=None):
     """Read the key and the taken ports, decide, and return the Plan (inside the transaction)."""
     now = int(time.time()) if now is None else now
-    occupancy = occupancy or Occupancy(req.policy)
     plan = ReservePlan()
     existing = store.get(req.key)
     if existing is not None:
@@ -3520,7 +3715,7 @@ def plan_reserve(store, req, now=None, occupancy=None):
         _check_sticky("task", {existing.task}, task, req.allow_task)
         if req.overwrite or req.force:
             taken = store.taken_ports() - {existing.port}
-            port = _allocate_or_cleanup(store, req, taken, occupancy, plan, now)
+            port = _allocate_or_cleanup(store, req, taken, plan, now)
             moved = existing.replace(port=port, project=project, task=task, last_used_at=now)
             if port == existing.port:
                 plan.updates.append(moved)
@@ -3540,7 +3735,7 @@ def plan_reserve(store, req, now=None, occupancy=None):
         git_project, git_task = infer_git_metadata(req.key.path)
         project = git_project if req.project is None else project
         task = git_task if req.task is None else task
-    port = _allocate_or_cleanup(store, req, store.taken_ports(), occupancy, plan, now)
+    port = _allocate_or_cleanup(store, req, store.taken_ports(), plan, now)
     plan.inserts.append(Reservation(req.key.path, req.key.tag, port, project, task, now, now))
     plan.port = port
     return plan
@@ -3555,26 +3750,28 @@ def _check_sticky(field, old, new, allowed, group_path=None):
                                                           field, " (group at %s)" % group_path if group_path else ""))
 
 
-def _allocate_or_cleanup(store, req, taken, occupancy, plan, now):
+def _allocate_or_cleanup(store, req, taken, plan, now):
     """Allocate; on exhaustion clean up once (in the plan only) and retry exactly once."""
-    port, blockers = allocate_single(req, taken, occupancy)
+    port, cautions = allocate_single(req, taken, req.skips)
+    plan.warnings.extend(cautions)
     if port is not None:
         return port
     rng = req.port_range
     if not (req.autoprune or req.autoexpire):
         raise LibraryError("port range %s exhausted: cleanup was skipped (automatic pruning "
                            "and expiration disabled); remaining blockers: %s%s"
-                           % (rng, blockers, _probe_failures(occupancy)))
+                           % (rng, req.skips.census(rng, taken), _probe_failures(req.skips.occupancy)))
     cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
     freed = {r.port for r in cleanup.deletes if r.key != req.key}
-    port, blockers = allocate_single(req, taken - freed, occupancy)
+    port, cautions = allocate_single(req, taken - freed, req.skips)
+    plan.warnings.extend(cautions)
     if port is None:
         policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
                   "automatic expiration disabled" if req.autoprune else "automatic pruning disabled")
         raise LibraryError("port range %s exhausted after cleanup: remaining blockers after "
                            "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
-                           % (rng, blockers, len(cleanup.pruned), len(cleanup.expired), policy,
-                              _probe_failures(occupancy)))
+                           % (rng, req.skips.census(rng, taken - freed), len(cleanup.pruned), len(cleanup.expired),
+                              policy, _probe_failures(req.skips.occupancy)))
     plan.deletes.extend(r for r in cleanup.deletes if r.key != req.key)
     plan.warnings.extend(cleanup.warnings)
     plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
@@ -3632,33 +3829,32 @@ class GroupRequest:
                                "%d..%d" % (spec.base, rng.min, rng.max))
         self.port_range = rng
         self.scan_range = PortRange(spec.base if spec.base is not None else rng.min, rng.max)
-        self.exclusions = config.exclusions
-        self.policy = config.occupancy
+        self.skips = Skips.of(config)
 
 
-def allocate_group(req, taken, occupancy):
-    """{tag: port}: preferred ports pinned first, then the lowest base whose whole pattern is free."""
-    mapping, pattern = {}, []
+def allocate_group(req, taken):
+    """({tag: port}, cautions): preferred ports pinned first, then the lowest base whose whole pattern is free."""
+    skips = req.skips
+    mapping, pattern, cautions = {}, [], []
     for svc in req.spec.services:
-        if svc.preferred is not None and preferred_unavailable(svc.preferred, taken, req.exclusions,
-                                                               occupancy) is None:
+        if svc.preferred is not None and skips.refusal(svc.preferred, taken) is None:
             mapping[svc.tag] = svc.preferred
+            cautions += skips.cautions(svc.preferred)
         else:
             pattern.append(svc)
     if not pattern:
-        return mapping
-    pinned = set(mapping.values())
+        return mapping, cautions
+    pinned = set(taken) | set(mapping.values())
     top = max(s.offset for s in pattern)
     rng = req.scan_range
     for base in range(rng.min, rng.max - top + 1):
         ports = [base + s.offset for s in pattern]
-        if all(p not in taken and p not in pinned and p not in req.exclusions for p in ports) and \
-                not any(occupancy.occupied(p) for p in ports):
+        if all(skips.classify(p, pinned) is None for p in ports):
             mapping.update((s.tag, p) for s, p in zip(pattern, ports))
-            return mapping
+            return mapping, cautions
     raise LibraryError("group allocation failed after attempting %d service(s): No scanned base can satisfy the "
-                       "complete offset fallback pattern in %s%s"
-                       % (len(req.spec.services), rng, _probe_failures(occupancy)))
+                       "complete offset fallback pattern in %s: %s%s"
+                       % (len(req.spec.services), rng, skips.census(rng, pinned), _probe_failures(skips.occupancy)))
 
 
 def group_incompatibility(req, stored):
@@ -3682,10 +3878,9 @@ def group_incompatibility(req, stored):
     return None
 
 
-def plan_group(store, req, now=None, occupancy=None):
+def plan_group(store, req, now=None):
     """Refresh a compatible stored group or allocate a fresh one; all rows or none."""
     now = int(time.time()) if now is None else now
-    occupancy = occupancy or Occupancy(req.policy)
     plan = GroupPlan(req.spec)
     stored = [r for r in store.at_path(req.path) if r.tag is not None]
     project, task = req.project, req.task
@@ -3708,7 +3903,8 @@ def plan_group(store, req, now=None, occupancy=None):
         task = _inherited(stored, "task", req.path) if task is None else task
         plan.deletes = stored
     taken = store.taken_ports() - {r.port for r in plan.deletes}
-    mapping = allocate_group(req, taken, occupancy)
+    mapping, cautions = allocate_group(req, taken)
+    plan.warnings.extend(cautions)
     plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
     plan.ports = mapping
     return plan
@@ -3843,6 +4039,102 @@ def run_migrate(session, source, target, recursive=False, force=False, dry_run=F
         raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
                                "recursively" % (dst, src))
     return session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
+
+
+# --- Operations: diagnosis (doctor) ---------------------------------------------
+
+def diagnose(session, ports=None):
+    """The doctor's report, as plain data (its JSON is documented in the README).
+
+    For the effective range: every port's standing (reserved, excluded,
+    occupied now, unsafe, OS-reserved, ephemeral, free); then the data
+    directory's health and the configuration layers.  Read-only: it takes no
+    lock and creates nothing.
+    """
+    config = session.config
+    rng = ports or config.port_range
+    skips = Skips.of(config)
+    ephemeral = ephemeral_range()
+    report = {"cwd": session.cwd, "range": {"min": rng.min, "max": rng.max, "size": len(rng),
+                                            "sources": {k: config.sources[k] for k in ("ports.min", "ports.max",
+                                                                                       "ports.max_offset")}},
+              "ports": {}, "data_dir": _data_dir_health(session), "layers": [], "warnings": [], "problems": []}
+    health, rows = report["data_dir"], []
+    database = health["database"]
+    if database["exists"] and not health["network"]:
+        try:
+            database["schema_version"], rows = session.read(
+                lambda store: (_parse_version(store.schema_version()), store.all()), create=False)
+            database["reservations"] = len(rows)
+        except TropError as exc:
+            database["error"], database["exit_code"] = str(exc), exc.exit_code
+    rows = [r for r in rows if r.port in rng]
+    reserved = {r.port for r in rows}
+    excluded = {p for p in rng if p in config.exclusions}
+    unsafe = {p for p in UNSAFE_PORTS if p in rng}
+    os_reserved = {p for p in rng if p in skips.os_reserved}
+    probes = config.occupancy.probes()
+    occupied, owners = [], OwnerTable() if probes else None
+    for port in rng if probes else ():
+        found, failed = probe_port(port, probes)
+        if found or failed:
+            pid, name, user = owners.lookup(found[0][0], found[0][1], port) if found else (None, None, None)
+            occupied.append({"port": port, "pid": pid, "process": name, "user": user,
+                             "reserved": port in reserved, "probe_failed": not found})
+    blocked = reserved | excluded | os_reserved | {o["port"] for o in occupied} | (
+        unsafe if not config["allow_unsafe_ports"] else set())
+    free = [p for p in rng if p not in blocked]
+    ports_report = report["ports"]
+    ports_report["reserved"] = {"count": len(reserved), "paths": len({r.path for r in rows}),
+                                "projects": len({r.project for r in rows if r.project})}
+    ports_report["excluded"] = {"count": len(excluded), "sources": [
+        {"ports": range_text(*rng_), "source": where} for rng_, where in config.exclusion_sources
+        if rng_[0] <= rng.max and rng.min <= rng_[1]]}
+    ports_report["occupied"] = {"checked": bool(probes), "count": len(occupied), "ports": occupied}
+    ports_report["unsafe"] = {"count": len(unsafe), "ports": sorted(unsafe),
+                              "avoided": not config["allow_unsafe_ports"]}
+    ports_report["os_reserved"] = {"count": len(os_reserved), "ranges": [
+        range_text(*r) for r in ExclusionList((p, p) for p in os_reserved).ranges]}
+    ports_report["ephemeral"] = {"range": str(ephemeral) if ephemeral else None,
+                                 "count": len([p for p in rng if ephemeral and p in ephemeral])}
+    ports_report["free"] = {"count": len(free), "first": free[:5]}
+    report["layers"].append({"kind": "builtin", "source": BUILTIN_SOURCE, "settings": {}})
+    for layer in config.layers:
+        if layer.values or layer.exclusions or layer.kind in ("user", "project"):
+            keys = sorted(set(layer.values) | ({"excluded_ports"} if layer.exclusions else set()))
+            report["layers"].append({"kind": layer.kind, "source": layer.source,
+                                     "settings": {k: layer.where(k) if k in layer.values else layer.source
+                                                  for k in keys}})
+    report["warnings"] = range_warnings(rng, ephemeral)
+    if not probes:
+        report["warnings"].append("occupancy probes are off (occupancy_check.skip): ports in use were not looked for")
+    problems = report["problems"]
+    if health["network"]:
+        problems.append({"exit_code": EXIT_CONFIG, "message": "the data directory is on a %s filesystem, where "
+                         "SQLite's WAL mode is unsafe" % health["filesystem"]})
+    if health["database"]["error"]:
+        problems.append({"exit_code": health["database"]["exit_code"], "message": health["database"]["error"]})
+    if not free:
+        problems.append({"exit_code": EXIT_SEMANTIC, "message": "no free port in %s" % rng})
+    report["healthy"] = not problems
+    return report
+
+
+def _data_dir_health(session):
+    """Path, filesystem and writability of the data directory; the size of trop.db and its WAL."""
+    directory = session.data_dir
+    db = os.path.join(directory, DB_FILE)
+    mount = mount_of(directory)
+    health = {"path": directory, "exists": os.path.isdir(directory), "filesystem": mount[0] if mount else None,
+              "mount_point": mount[1] if mount else None, "network": bool(mount and is_network_filesystem(mount[0])),
+              "writable": can_write(db)}
+    database = {"path": db, "exists": os.path.isfile(db), "size": None, "wal_size": None, "schema_version": None,
+                "reservations": None, "error": None, "exit_code": None}
+    if database["exists"]:
+        database["size"] = os.path.getsize(db)
+        database["wal_size"] = os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0
+    health["database"] = database
+    return health
 
 
 # --- Operations: sessions and the Python API ---------------------------------
@@ -3990,9 +4282,9 @@ class Session:
             return plan
         return self._use(run, read_only=dry_run, create=not dry_run)
 
-    def read(self, reader):
-        """Read-only access: never takes the write lock."""
-        return self._use(reader, read_only=True)
+    def read(self, reader, create=True):
+        """Read-only access: never takes the write lock (create=False: not even a missing trop.db is made)."""
+        return self._use(reader, read_only=True, create=create)
 
     def _use(self, work, read_only, create=True):
         """work(store) on a fresh or kept store; again if an unlocked read may have overlapped a writer."""
@@ -4346,7 +4638,7 @@ def tolerant_stream(stream):
         return stream                                       # io.StringIO and the like encode nothing
     stream.flush()
     wrapped = io.TextIOWrapper(buffer, encoding=stream.encoding, errors="backslashreplace",
-                                  line_buffering=stream.line_buffering)
+                               line_buffering=stream.line_buffering)
     stream.detach()
     return wrapped
 
@@ -4429,6 +4721,52 @@ def format_port_info(port, res):
     lines += ["Created: %s" % format_timestamp(res.created_at), "Last used: %s" % format_timestamp(res.last_used_at),
               "Path exists: %s" % ("yes" if os.path.exists(res.path) else "no")]
     return lines
+
+
+def format_diagnosis(report):
+    """doctor's human report: one line a category, then the data directory and the layers."""
+    ports, rng = report["ports"], report["range"]
+
+    def ports_line(name, count, detail=""):
+        return "  %-12s %5d%s" % (name, count, ("  " + detail) if detail else "")
+    reserved, occupied, free = ports["reserved"], ports["occupied"], ports["free"]
+    shown = ["%d%s" % (o["port"], " by pid %d %s" % (o["pid"], o["process"] or "?") if o["pid"] is not None else
+                       " (probe failed)" if o["probe_failed"] else "") for o in occupied["ports"][:5]]
+    shown += ["..."] if len(occupied["ports"]) > 5 else []
+    lines = ["Range %d-%d (%d ports) for %s" % (rng["min"], rng["max"], rng["size"], report["cwd"]),
+             ports_line("reserved", reserved["count"], "by %d path(s) in %d project(s)"
+                        % (reserved["paths"], reserved["projects"])),
+             ports_line("excluded", ports["excluded"]["count"], "; ".join(
+                 "%s (%s)" % (s["ports"], s["source"]) for s in ports["excluded"]["sources"][:5])),
+             ports_line("occupied", occupied["count"], ", ".join(shown) if occupied["checked"] else
+                        "not checked: occupancy probes are off"),
+             ports_line("unsafe", ports["unsafe"]["count"], "refused by browsers%s" % (
+                 "" if ports["unsafe"]["avoided"] else "; handed out anyway (allow_unsafe_ports)")),
+             ports_line("OS-reserved", ports["os_reserved"]["count"], ", ".join(ports["os_reserved"]["ranges"][:5])),
+             ports_line("ephemeral", ports["ephemeral"]["count"], "of the OS's range %s" % ports["ephemeral"]["range"]
+                        if ports["ephemeral"]["range"] else "the OS's range is unknown"),
+             ports_line("free", free["count"], "next: " + ", ".join(map(str, free["first"])) if free["first"] else "")]
+    health, database = report["data_dir"], report["data_dir"]["database"]
+    lines += ["Data directory %s" % health["path"],
+              "  filesystem   %s" % ("%s at %s%s" % (health["filesystem"], health["mount_point"],
+                                                     " (network: WAL is unsafe)" if health["network"] else "")
+                                     if health["filesystem"] else "unknown"),
+              "  writable     %s" % ("yes" if health["writable"] else "no (read commands still work)")]
+    if not database["exists"]:
+        lines.append("  trop.db      not created yet")
+    elif database["error"]:
+        lines.append("  trop.db      %s" % database["error"])
+    else:
+        lines.append("  trop.db      schema %s, %d bytes, WAL %d bytes, %d reservation(s)" % (
+            database["schema_version"], database["size"], database["wal_size"], database["reservations"]))
+    lines.append("Configuration (lowest layer first)")
+    for layer in report["layers"]:
+        settings = ", ".join(sorted(layer["settings"]))
+        lines.append("  %-8s %s%s" % (layer["kind"], layer["source"], (": " + settings) if settings else ""))
+    lines += ["Warning: %s" % w for w in report["warnings"]]
+    lines += ["Problem: %s" % p["message"] for p in report["problems"]]
+    lines.append("Status: %s" % ("healthy" if report["healthy"] else "unhealthy"))
+    return "\n".join(lines)
 
 
 CONFIG_TEMPLATE = """\
@@ -5318,6 +5656,7 @@ def cmd_port_info(args):
     port = cli_port(args.port)
     session = Session(vars(args))
     lines = format_port_info(port, session.read(lambda store: store.for_port(port)))
+    lines += ["Note: %s" % note for note in port_notes(port)]
     if args.include_occupancy:
         lines += format_occupancy(port, session.config.occupancy)
     _out("\n".join(lines))
@@ -5368,6 +5707,8 @@ def _group_command(args, config_path):
         if discovered:
             _err("Discovered config: %s" % config_file)
         _err("Reserved %d ports." % len(plan.ports))
+        for warning in plan.warnings:
+            _warn(warning)
     return 0
 
 
@@ -5399,6 +5740,9 @@ def cmd_run(args):
         if not session.quiet:
             _err("Dry run - would run %s with %s" % (" ".join(argv), ", ".join("%s=%s" % kv for kv in variables)))
         return 0
+    if not session.quiet:
+        for warning in plan.warnings:
+            _warn(warning)
     if session.verbose:
         for name, value in variables:
             _err("%s=%s" % (name, value))
@@ -5527,7 +5871,8 @@ def cmd_migrate(args):
         return 0
     lines.append("Reservations to migrate (%d):" % len(plan.moves))
     for old, new in plan.moves:
-        extra = "".join([", tag: %s" % old.tag if old.tag else "", ", project: %s" % old.project if old.project else ""])
+        extra = "".join([", tag: %s" % old.tag if old.tag else "",
+                         ", project: %s" % old.project if old.project else ""])
         lines.append("  %s -> %s (port %d%s)" % (old.path, new.path, old.port, extra))
     lines.append("")
     if plan.conflicts:
@@ -5580,6 +5925,23 @@ def cmd_scan(args):
         _err("")
         _err("Found %d unreserved occupied port(s)" % len(free))
     return 0
+
+
+def _args_doctor(p):
+    p.add_argument("--format", type=_lower, choices=("text", "json"), default="text",
+                   help="text for people, json for programs (default: text)")
+    _add_options(p, "range")
+    _add_options(p, "probes")
+
+
+def cmd_doctor(args):
+    session = Session(vars(args))
+    report = diagnose(session)
+    if args.format == "json":
+        _out(_json().dumps(report, indent=2, sort_keys=True, ensure_ascii=_ascii_stdout()))
+    else:
+        _out(format_diagnosis(report))
+    return report["problems"][0]["exit_code"] if report["problems"] else 0
 
 
 def _args_completions(p):
@@ -5675,6 +6037,9 @@ def cmd_validate(args):
             _err(line)
         raise SemanticFailure("Configuration file is invalid (%d problem%s)"
                               % (len(problems.items), "" if len(problems.items) == 1 else "s"))
+    if "ports.min" in layer.values:
+        for warning in range_warnings(Config([layer]).port_range):
+            _warn(warning)
     _out("Configuration is valid")
     return 0
 
@@ -5773,6 +6138,8 @@ COMMANDS = {
     "autoreserve": ("Discover trop.yaml from the cwd and reserve its group", _args_autoreserve, cmd_autoreserve),
     "run": ("Reserve the project's group, then run a command with its variables set", _args_run, cmd_run),
     "scan": ("List occupied ports in the range", _args_scan, cmd_scan),
+    "doctor": ("Explain the range port by port, and check the data directory and configuration", _args_doctor,
+               cmd_doctor),
     "completions": ("Print a shell completion script", _args_completions, cmd_completions),
     "validate": ("Check a configuration file and report every problem", _args_validate, cmd_validate),
     "exclude": ("Add a port or range to excluded_ports", _args_exclude, cmd_exclude),
