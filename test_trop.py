@@ -2869,7 +2869,7 @@ class TestScanOwnersDegrade(TropTestCase):
     def test_owner_table_exception_never_breaks_scan(self):
         owners = trop.OwnerTable(proc_root=os.path.join(self.root, "no-proc"), use_lsof=False)
         with mock.patch.object(trop.OwnerTable, "_user", side_effect=RuntimeError("boom")):
-            owners._sockets[("tcp", "ipv4", self.port)] = [(0, 0, None, 1)]
+            owners._sockets[("tcp", "ipv4", self.port)] = [(0, 0, None, 1, "127.0.0.1")]
             rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
         self.assertEqual([(r["port"], r["status"], r["owner_status"]) for r in rows],
                          [(self.port, "occupied", "unavailable")])

@@ -42,7 +42,8 @@ __all__ = [
     "IoFailure", "LibraryError", "ConfigError", "CorruptionError", "UsageError",
     "Reservation", "ReservationKey", "PortRange", "ExclusionList", "GroupSpec", "Plan",
     "Trop", "reserve", "release", "reserve_group", "autoreserve", "list_reservations",
-    "list_projects", "port_info", "prune", "expire", "autoclean", "migrate", "data_dir",
+    "list_projects", "port_info", "prune", "expire", "autoclean", "migrate", "data_dir", "wait", "who",
+    "WaitTimeout", "ReservedPort",
     "reservation", "main", "__version__",
 ]
 
@@ -3018,9 +3019,10 @@ class OwnerTable:
     must never break a scan.
     """
 
-    def __init__(self, proc_root="/proc", use_lsof=None):
-        self._proc_root = proc_root
-        # (protocol, family, port) -> [(rank, uid, inode, pid)]; rank 0 = LISTEN
+    def __init__(self, proc_root=None, use_lsof=None):
+        self._proc_root = proc_root = proc_root or PROC_ROOT
+        self._use_lsof = use_lsof
+        # (protocol, family, port) -> [(rank, uid, inode, pid, local address)]; rank 0 = LISTEN (or bound UDP)
         self._sockets = {}
         self._inode_pids = None          # inode -> [pid], filled lazily
         self._names = {}                 # pid -> process name
@@ -3036,9 +3038,9 @@ class OwnerTable:
             self._sockets = {}
 
     # -- building --------------------------------------------------------
-    def _add(self, protocol, family, port, rank, uid, inode, pid):
+    def _add(self, protocol, family, port, rank, uid, inode, pid, address=None):
         self._sockets.setdefault((protocol, family, port), []).append(
-            (rank, uid, inode, pid))
+            (rank, uid, inode, pid, address))
 
     def _load_proc_net(self):
         for fname, family, protocol in _PROC_NET_FILES:
@@ -3051,19 +3053,19 @@ class OwnerTable:
             for line in lines:
                 parts = line.split()
                 try:
-                    port = int(parts[1].rsplit(":", 1)[1], 16)
+                    hex_address, hex_port = parts[1].rsplit(":", 1)
+                    port = int(hex_port, 16)
                     state, uid, inode = parts[3], int(parts[7]), int(parts[9])
                 except (IndexError, ValueError):
                     continue                             # malformed line
                 if inode == 0:
                     continue     # TIME_WAIT & co: no owner, uid is bogus 0
                 rank = 0 if (protocol == "udp" or state == _TCP_LISTEN) else 1
-                self._add(protocol, family, port, rank, uid, inode, None)
+                self._add(protocol, family, port, rank, uid, inode, None, _proc_net_address(hex_address))
 
     def _load_lsof(self):
         subprocess = _subprocess()
-        exe = _shutil().which("lsof") or next((p for p in ("/usr/sbin/lsof", "/usr/bin/lsof")
-                                              if os.access(p, os.X_OK)), None)   # macOS keeps it in /usr/sbin
+        exe = _lsof()
         if not exe:
             return
         try:
@@ -3089,7 +3091,7 @@ class OwnerTable:
                     listen = protocol == "udp" or "ST=LISTEN" in f.get("T", ())
                     uid = proc.get("u")
                     self._add(protocol, family, int(port), 0 if listen else 1,
-                              uid, None, proc["p"])
+                              uid, None, proc["p"], local.rsplit(":", 1)[0].strip("[]"))
             f.clear()
 
         for line in text.splitlines():
@@ -3192,7 +3194,7 @@ class OwnerTable:
             best = min(e[0] for e in entries)
             cands = [e for e in entries if e[0] == best]
             pid = uid = None
-            for _rank, euid, inode, epid in cands:
+            for _rank, euid, inode, epid, _address in cands:
                 for p in ([epid] if epid is not None else self._pids_for(inode)):
                     if pid is None or p < pid:
                         pid, uid = p, euid
@@ -3201,6 +3203,56 @@ class OwnerTable:
             return (pid, self._name(pid), self._user(uid))
         except Exception:
             return (None, None, None)
+
+    def listeners(self, port):
+        """Every socket listening on port (TCP LISTEN, bound UDP), with its owner where the OS says:
+        [{protocol, family, address, pid, process, user, cwd}], TCP first, then by address and pid."""
+        out = []
+        for protocol in ("tcp", "udp"):
+            for family in ("ipv4", "ipv6"):
+                for rank, uid, inode, pid, address in self._sockets.get((protocol, family, port), ()):
+                    if rank:
+                        continue
+                    for owner in ([pid] if pid is not None else list(self._pids_for(inode)) or [None]):
+                        out.append({"protocol": protocol, "family": family, "address": address, "pid": owner,
+                                    "process": self._name(owner), "user": self._user(uid), "cwd": self.cwd(owner)})
+        out.sort(key=lambda entry: (entry["protocol"], entry["address"] or "", entry["pid"] or 0))
+        return out
+
+    def cwd(self, pid):
+        """The working directory of pid where it can be read (Linux /proc, else lsof), or None."""
+        if pid is None:
+            return None
+        try:
+            return os.readlink(os.path.join(self._proc_root, str(pid), "cwd"))
+        except OSError:
+            pass
+        exe = _lsof() if self._use_lsof or (self._use_lsof is None and not sys.platform.startswith("linux")) else None
+        if not exe:
+            return None
+        try:
+            out = _subprocess().run([exe, "-a", "-p", str(pid), "-d", "cwd", "-Fn"], stdout=_subprocess().PIPE,
+                                    stderr=_subprocess().DEVNULL, stdin=_subprocess().DEVNULL, timeout=5).stdout
+        except (OSError, _subprocess().SubprocessError):
+            return None
+        names = [line[1:] for line in out.decode("utf-8", "replace").splitlines() if line.startswith("n")]
+        return names[0] if names else None
+
+
+def _lsof():
+    """lsof's path, also where PATH lacks it (macOS keeps it in /usr/sbin), or None."""
+    return _shutil().which("lsof") or next((p for p in ("/usr/sbin/lsof", "/usr/bin/lsof") if os.access(p, os.X_OK)),
+                                           None)
+
+
+def _proc_net_address(text):
+    """The local address of a /proc/net/tcp line ('0100007F' -> '127.0.0.1'): 32-bit words in host order."""
+    try:
+        raw = bytes.fromhex(text)
+        words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+        return _socket().inet_ntop(_socket().AF_INET if len(raw) == 4 else _socket().AF_INET6, words)
+    except (ValueError, OSError):
+        return None
 
 
 def owner_status(pid, name, user):
@@ -4137,6 +4189,166 @@ def _data_dir_health(session):
     return health
 
 
+# --- Operations: servers on reserved ports (wait, who, socket handoff) -----------
+
+_LOOPBACKS = (("ipv4", "127.0.0.1"), ("ipv6", "::1"))     # what the probes bind, and what wait connects to
+
+
+def knock(port, http_path=None, timeout=1.0):
+    """One look at port: (family, address) of the first loopback that accepts (and, with http_path, answers an
+    HTTP GET with a status below 500), or (None, what was seen)."""
+    socket = _socket()
+    seen = []
+    for family, address in _LOOPBACKS:
+        try:
+            conn = socket.create_connection((address, port), timeout=timeout)
+        except OSError as exc:
+            seen.append("%s on %s" % (_socket_error(exc), address))
+            continue
+        conn.close()
+        if http_path is None:
+            return family, address
+        status = _http_status(address, port, http_path, timeout)
+        if isinstance(status, int) and status < 500:
+            return family, address
+        seen.append("%s from %s" % (status if isinstance(status, str) else "HTTP %d" % status, address))
+    return None, "; ".join(seen)
+
+
+def _socket_error(exc):
+    return {errno.ECONNREFUSED: "connection refused"}.get(exc.errno) or exc.strerror or str(exc) or "timed out"
+
+
+def _http_status(address, port, path, timeout):
+    """The status of GET path (an int), or what went wrong (a str)."""
+    import http.client
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path if path.startswith("/") else "/" + path, headers={"User-Agent": "trop-wait"})
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        return "no HTTP answer (%s)" % (getattr(exc, "strerror", None) or exc.__class__.__name__)
+    finally:
+        conn.close()
+
+
+class WaitTimeout(SemanticFailure):
+    """wait gave up: the ports that never answered, with what was last seen (exit 1)."""
+
+
+def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=None):
+    """Wait until every port accepts TCP connections on 127.0.0.1 or ::1 (either counts).
+
+    Returns {port: (family, address, seconds waited)}; raises WaitTimeout
+    naming what each port last showed.  progress(port, answer) is called as
+    each port becomes ready.
+    """
+    started = time.monotonic()
+    deadline = started + max(0.0, timeout)
+    ready, last = {}, {}
+    while True:
+        for port in ports:
+            if port in ready:
+                continue
+            family, detail = knock(port, http_path, min(1.0, max(0.05, deadline - time.monotonic())))
+            if family:
+                ready[port] = (family, detail, time.monotonic() - started)
+                if progress:
+                    progress(port, ready[port])
+            else:
+                last[port] = detail
+        if len(ready) == len(ports):
+            return ready
+        if time.monotonic() >= deadline:
+            waiting = [p for p in ports if p not in ready]
+            raise WaitTimeout("timed out after %ss waiting for %s" % (
+                "%g" % timeout, "; ".join("port %d (last seen: %s)" % (p, last.get(p, "nothing")) for p in waiting)))
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def who_holds(port, reservation, owners, policy=None):
+    """Who is on port: the reservation, the live listeners, and a verdict (free, reservation, other, unknown)."""
+    listeners = owners.listeners(port)
+    report = {"port": port, "reservation": None, "listeners": listeners}
+    if reservation is not None:
+        report["reservation"] = {"path": reservation.path, "tag": reservation.tag, "project": reservation.project,
+                                 "task": reservation.task, "last_used_at": format_timestamp(reservation.last_used_at)}
+    if not listeners:
+        found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
+        verdict = "unknown" if found or failed else "free"
+        detail = ("in use, but the OS does not say by whom (another user's or container's process?)"
+                  if verdict == "unknown" else "nothing listens on it")
+    else:
+        mine = [entry for entry in listeners if reservation is not None and entry["cwd"]
+                and is_within(entry["cwd"], reservation.path)]
+        verdict = "reservation" if mine else "other"
+        entry = (mine or listeners)[0]
+        who = "pid %s %s" % (entry["pid"], entry["process"] or "?") if entry["pid"] is not None else "a process"
+        if mine:
+            detail = "held by this reservation's directory: %s in %s" % (who, entry["cwd"])
+        else:
+            detail = "held by another process: %s%s" % (who, " in %s" % entry["cwd"] if entry["cwd"] else "")
+    report["verdict"], report["detail"] = verdict, detail
+    return report
+
+
+def listening_sockets(services):
+    """Bind and listen on each (name, port) at the addresses the probes use; [(name, socket)], IPv4 first.
+
+    For `run --listen`: the command inherits the sockets (systemd socket
+    activation), so no other process can take a port between the
+    reservation and the server's start.
+    """
+    socket = _socket()
+    out = []
+    try:
+        for name, port in services:
+            for family, address in _LOOPBACKS:
+                af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+                try:
+                    sock = socket.socket(af, socket.SOCK_STREAM)
+                except OSError as exc:
+                    if exc.errno in _NOT_APPLICABLE:
+                        continue
+                    raise
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # not a second listener: TIME_WAIT
+                    if af == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind((address, port))
+                    sock.listen(128)
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno in _NOT_APPLICABLE:
+                        continue
+                    raise LibraryError("cannot listen on %s port %d for %s: %s"
+                                       % (address, port, name, exc.strerror or exc))
+                out.append((name, sock))
+    except BaseException:
+        for _name, sock in out:
+            sock.close()
+        raise
+    return out
+
+
+def socket_activation(sockets, env):
+    """Put the sockets on fds 3, 4, ... (inheritable) and set LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES in env.
+
+    LISTEN_PID is this process's pid: exec keeps it, so the command sees its own.
+    """
+    import fcntl
+    first = 3
+    spare = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, first + len(sockets)) for _name, sock in sockets]
+    for _name, sock in sockets:
+        os.close(sock.detach())                 # the originals may sit on 3, 4, ...: free them first
+    for index, fd in enumerate(spare):
+        os.dup2(fd, first + index)              # dup2's copy is inheritable
+        os.close(fd)
+    env.update(LISTEN_FDS=str(len(sockets)), LISTEN_PID=str(os.getpid()),
+               LISTEN_FDNAMES=":".join(name for name, _sock in sockets))
+    return env
+
+
 # --- Operations: sessions and the Python API ---------------------------------
 
 def resolve_data_dir(explicit=None, environ=None):
@@ -4337,6 +4549,41 @@ def run_release(session, path=None, tag=None, untagged_only=False, recursive=Fal
     return session.write(planner, dry_run)
 
 
+def wait_targets(session, path=None, tag=None, port=None, group=False):
+    """The ports wait watches: --port as given, every service of the directory's group, or one reservation."""
+    if port is not None:
+        return [cli_port(port)]
+    if group:
+        _config_file, group_dir = locate_group_config(session.cwd)
+        rows = [r for r in session.read(lambda store: store.at_path(group_dir), create=False) if r.tag is not None]
+        if not rows:
+            raise LibraryError("not found: no group is reserved at %s (run `trop autoreserve` first)" % group_dir)
+        return [r.port for r in rows]
+    key = ReservationKey(session.explicit_or_cwd(path), check_tag(tag))
+    res = session.read(lambda store: store.get(key), create=False)
+    if res is None:
+        raise LibraryError("not found: no reservation for %s (reserve it first, or give --port)" % key)
+    return [res.port]
+
+
+def run_who(session, port=None, path=None, tag=None):
+    """who's reports: one port, or every reservation of the directory (one tag with tag)."""
+    if port is not None:
+        number = cli_port(port)
+        rows = [session.read(lambda store: store.for_port(number), create=False)]
+        ports = [number]
+    else:
+        target = session.explicit_or_cwd(path)
+        tag = check_tag(tag)
+        rows = [r for r in session.read(lambda store: store.at_path(target), create=False)
+                if tag is None or r.tag == tag]
+        if not rows:
+            raise LibraryError("not found: no reservation for %s" % ReservationKey(target, tag))
+        ports = [r.port for r in rows]
+    owners = OwnerTable()
+    return [who_holds(p, r, owners, session.config.occupancy) for p, r in zip(ports, rows)]
+
+
 def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
     rows = session.read(lambda store: store.all())
     if filter_project is not None:
@@ -4455,6 +4702,16 @@ class Trop:
         """Move reservations from source to target; returns [(old, new)] Reservations."""
         return _guard(lambda: run_migrate(self.session, source, target, recursive, force, dry_run).moves)
 
+    def wait(self, path=None, tag=None, port=None, group=False, timeout=30.0, interval=0.25, http=None):
+        """Wait until the reservation's port (or port, or every service of the group) accepts connections on
+        127.0.0.1 or ::1; returns {port: (family, address, seconds)}.  Raises WaitTimeout (exit 1)."""
+        return _guard(lambda: wait_for_ports(wait_targets(self.session, path, tag, port, group), timeout, interval,
+                                             http))
+
+    def who(self, port=None, path=None, tag=None):
+        """Who holds port (or each reservation of path): [{port, reservation, listeners, verdict, detail}]."""
+        return _guard(lambda: run_who(self.session, port, path, tag))
+
 
 def _days(days):
     if days is not None and (not _is_int(days) or days < 1):
@@ -4536,9 +4793,27 @@ def migrate(source, target, **options):
     return _with_handle("migrate", options, source, target, names=("recursive", "force", "dry_run"))
 
 
+def wait(path=None, tag=None, **options):
+    """Wait until a reserved port accepts connections (port, group, timeout, interval, http); see Trop.wait."""
+    return _with_handle("wait", options, path, tag, names=("port", "group", "timeout", "interval", "http"))
+
+
+def who(port=None, **options):
+    """Who holds port, or each reservation of path (path, tag); see Trop.who."""
+    return _with_handle("who", options, port, names=("path", "tag"))
+
+
 def data_dir(**options):
     """The data directory trop would use."""
     return resolve_data_dir(options.get("data_dir"))
+
+
+class ReservedPort(int):
+    """A reserved port number that can also wait for its server: port.wait(timeout=30, http=None)."""
+
+    def wait(self, timeout=30.0, interval=0.25, http=None):
+        """Block until something accepts connections on this port (127.0.0.1 or ::1); raises WaitTimeout."""
+        return wait_for_ports([int(self)], timeout, interval, http)[int(self)]
 
 
 class reservation:
@@ -4555,7 +4830,7 @@ class reservation:
         self.port = None
 
     def __enter__(self):
-        self.port = reserve(self.path, self.tag, **self.options)
+        self.port = ReservedPort(reserve(self.path, self.tag, **self.options))
         return self.port
 
     def __exit__(self, *exc):
@@ -4573,7 +4848,10 @@ def pytest_configure(config):
     class TropFixtures:
         @pytest.fixture
         def trop_port(self, request):
-            """A port reserved for this test (tag = the test's node id), released afterwards."""
+            """A port reserved for this test (tag = the test's node id), released afterwards.
+
+            It is an int that can also wait for its server: trop_port.wait(timeout=30, http="/health").
+            """
             with reservation(tag=request.node.nodeid, allow_unrelated_path=True) as port:
                 yield port
 
@@ -4721,6 +4999,27 @@ def format_port_info(port, res):
     lines += ["Created: %s" % format_timestamp(res.created_at), "Last used: %s" % format_timestamp(res.last_used_at),
               "Path exists: %s" % ("yes" if os.path.exists(res.path) else "no")]
     return lines
+
+
+def format_who(reports):
+    """who's human report: per port, the reservation, each listener, and the verdict."""
+    lines = []
+    for report in reports:
+        res = report["reservation"]
+        lines.append("Port %d: %s" % (report["port"], report["detail"]))
+        if res:
+            lines.append("  reserved for %s%s%s%s (last used %s)" % (
+                res["path"], " tag %s" % res["tag"] if res["tag"] else "",
+                ", project %s" % res["project"] if res["project"] else "",
+                ", task %s" % res["task"] if res["task"] else "", res["last_used_at"]))
+        else:
+            lines.append("  not reserved")
+        for entry in report["listeners"]:
+            lines.append("  listener %s %s %s: pid %s, %s, user %s, cwd %s" % (
+                entry["protocol"].upper(), "IPv4" if entry["family"] == "ipv4" else "IPv6", entry["address"] or "?",
+                entry["pid"] if entry["pid"] is not None else "unknown", entry["process"] or "unknown process",
+                entry["user"] or "unknown", entry["cwd"] or "unknown"))
+    return "\n".join(lines)
 
 
 def format_diagnosis(report):
@@ -5722,6 +6021,8 @@ def cmd_autoreserve(args):
 
 def _args_run(p):
     p.add_argument("--config", metavar="FILE", help="group file (default: discover trop.yaml from the cwd)")
+    p.add_argument("--listen", action="store_true",
+                   help="bind the group's ports and hand the sockets to COMMAND (systemd socket activation)")
     _args_group(p, with_file=False, with_format=False)
     p.add_argument("argv", nargs=_argparse().REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="command to run with the group's variables in its environment")
@@ -5733,6 +6034,9 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
+    if args.listen and os.name != "posix":
+        raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
+                         "without it and use `trop wait`")
     session, config_file, group_dir = _group_session(args, args.config)
     plan = run_group(session, config_file, group_dir, None, args.force, args.dry_run)
     variables = sorted(plan.environment().items())
@@ -5743,11 +6047,15 @@ def cmd_run(args):
     if not session.quiet:
         for warning in plan.warnings:
             _warn(warning)
-    if session.verbose:
-        for name, value in variables:
-            _err("%s=%s" % (name, value))
     env = dict(os.environ)
     env.update(variables)
+    if args.listen:
+        services = [(s.tag, plan.ports[s.tag]) for s in plan.spec.services if s.tag in plan.ports]
+        socket_activation(listening_sockets(services), env)
+    if session.verbose:
+        listen = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] if args.listen else []
+        for name in [n for n, _v in variables] + listen:
+            _err("%s=%s" % (name, env[name]))
     return exec_command(argv, env)
 
 
@@ -5942,6 +6250,61 @@ def cmd_doctor(args):
     else:
         _out(format_diagnosis(report))
     return report["problems"][0]["exit_code"] if report["problems"] else 0
+
+
+def _args_wait(p):
+    _add_path(p, "whose reservation to wait for")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--tag", help="wait for this tag's reservation")
+    target.add_argument("--group", action="store_true", help="wait for every service of the trop.yaml group")
+    target.add_argument("--port", help="wait for this port, reserved or not")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="give up after this long, exit 1 (default 30)")
+    p.add_argument("--interval", type=_seconds, default=0.25, metavar="SECONDS",
+                   help="pause between attempts (default 0.25)")
+    p.add_argument("--http", metavar="PATH", help="also require an HTTP GET of PATH to answer with a status below 500")
+
+
+def cmd_wait(args):
+    session = Session(vars(args))
+    ports = wait_targets(session, args.path, args.tag, args.port, args.group)
+
+    def ready(port, answer):
+        family, address, seconds = answer
+        if not session.quiet:
+            _out("%d: ready on %s (%s) after %.2fs" % (port, address, "IPv4" if family == "ipv4" else "IPv6", seconds))
+    wait_for_ports(ports, args.timeout, args.interval, args.http, ready)
+    return 0
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise _argparse().ArgumentTypeError("invalid value '%s': expected seconds (a non-negative number)" % text)
+    return value
+
+
+def _args_who(p):
+    p.add_argument("port", metavar="PORT", type=_u16, nargs="?", help="the port (default: this directory's)")
+    _add_path(p, "whose reservations to look at")
+    p.add_argument("--tag", help="only this tag's reservation")
+    p.add_argument("--format", type=_lower, choices=("text", "json"), default="text",
+                   help="text for people, json for programs (default: text)")
+
+
+def cmd_who(args):
+    session = Session(vars(args))
+    if args.port is not None and (args.tag is not None or args.path is not None):
+        raise UsageError("give a PORT or --path/--tag, not both")
+    reports = run_who(session, args.port, args.path, args.tag)
+    if args.format == "json":
+        _out(_json().dumps(reports, indent=2, sort_keys=True, ensure_ascii=_ascii_stdout()))
+    else:
+        _out(format_who(reports))
+    return 0
 
 
 def _args_completions(p):
@@ -6140,6 +6503,8 @@ COMMANDS = {
     "scan": ("List occupied ports in the range", _args_scan, cmd_scan),
     "doctor": ("Explain the range port by port, and check the data directory and configuration", _args_doctor,
                cmd_doctor),
+    "wait": ("Wait until a reserved port accepts connections", _args_wait, cmd_wait),
+    "who": ("Show who holds a port: its reservation, its listeners and a verdict", _args_who, cmd_who),
     "completions": ("Print a shell completion script", _args_completions, cmd_completions),
     "validate": ("Check a configuration file and report every problem", _args_validate, cmd_validate),
     "exclude": ("Add a port or range to excluded_ports", _args_exclude, cmd_exclude),
