@@ -2383,7 +2383,8 @@ def unused_uid():
 AS_USER = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-import trop, argparse, fcntl, json, pwd, shutil, socket, sqlite3, subprocess, threading, traceback, urllib.parse
+import trop, argparse, fcntl, http.client, json, pwd, shutil, socket, sqlite3, subprocess, threading, traceback
+import encodings.ascii, encodings.latin_1, urllib.parse
 uid = int(sys.argv[2])
 if uid >= 0:
     os.setgroups([])
@@ -5250,9 +5251,9 @@ class TestApiErrors(TropTestCase):
         self.assertEqual(self.rows(), [])
 
     def test_exhausted_range(self):
-        self.assertEqual(trop.reserve(tag="a", min=6000, max=6001, **self.opts), 6000)
-        self.assertEqual(trop.reserve(tag="b", min=6000, max=6001, **self.opts), 6001)
-        exc = self.assertTropError(trop.LibraryError, 6, trop.reserve, tag="c", min=6000, max=6001, **self.opts)
+        self.assertEqual(trop.reserve(tag="a", min=6100, max=6101, **self.opts), 6100)
+        self.assertEqual(trop.reserve(tag="b", min=6100, max=6101, **self.opts), 6101)
+        exc = self.assertTropError(trop.LibraryError, 6, trop.reserve, tag="c", min=6100, max=6101, **self.opts)
         self.assertIn("exhausted", str(exc))
         self.assertEqual(len(self.rows()), 2)
 
@@ -6904,7 +6905,7 @@ class TestAssertCLI(TropTestCase):
             % (self.proj, S1, S2), ""))
         self.assertEqual(self.trop("port-info", "5002"), (0, (
             "Port: 5002\nPath: /nonexistent/dir\nCreated: %s\nLast used: %s\nPath exists: no\n") % (S1, S2), ""))
-        self.assertEqual(self.trop("port-info", "6000"), (0, "Port 6000 is not reserved\n", ""))
+        self.assertEqual(self.trop("port-info", "6100"), (0, "Port 6100 is not reserved\n", ""))
         self.assertError(self.trop("port-info", "0"), 4)
 
     def test_port_info_occupancy_flags_require_include_occupancy(self):

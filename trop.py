@@ -3462,7 +3462,7 @@ def ephemeral_range(proc_root=None, netsh=None):
 
 def _read_proc(proc_root, name):
     try:
-        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="ascii", errors="replace") as fh:
+        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="utf-8", errors="replace") as fh:
             return fh.read()
     except OSError:
         return None

@@ -24,6 +24,12 @@ are reported as ratios against the floor, so they compare across machines:
                                                                  INSERT / COMMIT
     P6  scan --min 5000 --max 7000                            <= 0.5 s absolute
 
+P1-P3 are measured three ways: with a bytecode cache (the normal case), cold
+(a fresh copy of trop.py, PYTHONDONTWRITEBYTECODE=1, no __pycache__: every
+call compiles the module) and as the README's zipapp (trop.pyz with the
+bytecode it bundles).  The zipapp has the same target as the cached figure;
+the cold figure is reported to show what a missing cache costs.
+
 P0 (informative, no target) justifies trop.py's import policy: for each module
 trop.py imports at the top, whether a command line has loaded it anyway (the
 interpreter's start-up, or argparse, which every command line builds); for each
@@ -85,10 +91,10 @@ class Bench:
 
     # -- processes --------------------------------------------------------
 
-    def run(self, argv, check=True):
-        """Run argv in the repo root; return (seconds, CompletedProcess)."""
+    def run(self, argv, check=True, cwd=None, env=None):
+        """Run argv in the repo root (or cwd); return (seconds, CompletedProcess)."""
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(argv, cwd=cwd or REPO, env=env or self.env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - t0
         if check and proc.returncode != 0:
@@ -97,6 +103,35 @@ class Bench:
 
     def trop(self, data_dir, *args):
         return [PY, "-m", MODULE, "--data-dir", data_dir] + list(args)
+
+    def cold_copy(self):
+        """A directory holding a fresh trop.py, and an environment in which nothing caches its bytecode."""
+        directory = os.path.join(self.tmp, "cold")
+        os.mkdir(directory)
+        with open(os.path.join(REPO, MODULE + ".py"), "rb") as src, \
+                open(os.path.join(directory, MODULE + ".py"), "wb") as dst:
+            dst.write(src.read())
+        env = dict(self.env, PYTHONDONTWRITEBYTECODE="1")
+        env.pop("PYTHONPYCACHEPREFIX", None)
+        return directory, env
+
+    def zipapp(self):
+        """trop.pyz built by the README's recipe: trop.py and its bytecode for this interpreter."""
+        build = os.path.join(self.tmp, "pyz")
+        os.mkdir(build)
+        with open(os.path.join(REPO, MODULE + ".py"), "rb") as src, \
+                open(os.path.join(build, MODULE + ".py"), "wb") as dst:
+            dst.write(src.read())
+        target = os.path.join(self.tmp, "trop.pyz")
+        for argv in ([PY, "-m", "compileall", "-q", "-b", os.path.join(build, MODULE + ".py")],
+                     [PY, "-m", "zipapp", build, "-m", MODULE + ":cli", "-o", target]):
+            self.run(argv)
+        return target
+
+    def median_time_in(self, make_argv, reps, cwd, env):
+        """median_time for commands run in cwd with env (one warm-up: a cold run has nothing to warm)."""
+        self.run(make_argv(-1), cwd=cwd, env=env)
+        return statistics.median(self.run(make_argv(i), cwd=cwd, env=env)[0] for i in range(reps))
 
     def floor_cmd(self):
         return [PY, "-c", "import sqlite3"]
@@ -297,6 +332,10 @@ def main(argv=None):
             say("%s %s: %s %s (target <= %s %s) %s"
                 % (fid, label, fmt_value(value, unit), unit, fmt_target(target), unit,
                    verdict(ok)))
+        elif target is None:       # informative
+            ok = True
+            say("%s %s: %s %s = %.2fx floor (no target)%s"
+                % (fid, label, fmt_value(value, unit), unit, ratio, ("  [" + extra + "]") if extra else ""))
         else:
             ok = ratio <= target
             say("%s %s: %s %s = %.2fx floor (target <= %sx) %s%s"
@@ -357,6 +396,23 @@ def main(argv=None):
             t = b.median_time(lambda i: b.trop(d10k, "list", "--format", "json"), reps)
             figure("P3", "list --format json (10k rows)", t * 1000, "ms", t / floor, 2.5,
                    floor * 1000)
+
+            # P1-P3 without a bytecode cache, and from the zipapp with its bundled bytecode.
+            cold_dir, cold_env = b.cold_copy()
+            pyz = b.zipapp()
+            variants = (("cold", lambda argv: argv, cold_dir, cold_env, None),
+                        ("zipapp", lambda argv: [PY, pyz] + argv[3:], None, None, (1.3, 1.5, 2.5)))
+            for name, shape, cwd, env, targets in variants:
+                cases = (("P1", "reserve refresh (1k rows)", lambda i: p1_cmd),
+                         ("P2", "reserve new (10k rows)", lambda i: b.trop(
+                             d10k, "reserve", "--path", "/bench/%s/n%05d" % (name, i + 100), "--allow-unrelated-path",
+                             "--skip-occupancy-check", *WIDE)),
+                         ("P3", "list --format json (10k rows)", lambda i: b.trop(d10k, "list", "--format", "json")))
+                for index, (fid, label, make) in enumerate(cases):
+                    t = b.median_time_in(lambda i: shape(make(i)), reps, cwd, env)
+                    target = targets[index] if targets else None
+                    figure(fid + ("c" if name == "cold" else "z"), "%s, %s" % (label, name), t * 1000, "ms",
+                           t / floor, target, floor * 1000)
 
             # P4: 16 parallel processes x 50 sequential reserves vs the same of floors.
             workers, per = 16, 50
