@@ -4362,7 +4362,10 @@ class TestShellDetection(TropTestCase):
             ({"SHELL": "/usr/bin/powershell"}, "powershell"), ({"SHELL": "/bin/ksh"}, "bash"),
             ({"ZSH_VERSION": "5.9", "FISH_VERSION": "3", "PSModulePath": "x", "SHELL": "/bin/fish"}, "zsh"),
             ({"FISH_VERSION": "3", "PSModulePath": "x", "SHELL": "/bin/zsh"}, "fish"),
-            ({"PSModulePath": "x", "SHELL": "/bin/zsh"}, "powershell"),
+            ({"PSModulePath": "x", "SHELL": "/bin/zsh"}, "zsh"),           # SHELL first: Windows sets
+            ({"PSModulePath": "x", "SHELL": "/usr/bin/bash"}, "bash"),     # PSModulePath machine-wide
+            ({"PSModulePath": "x", "MSYSTEM": "MINGW64"}, "bash"),         # Git Bash
+            ({"PSModulePath": "x"}, "powershell"),
         ]
         for environ, shell in cases:
             with self.subTest(environ=environ):
@@ -4375,7 +4378,7 @@ class TestShellDetection(TropTestCase):
     def test_cli_autodetection_and_override(self):
         g = self.group_dir("g", [("web", {})])
         cases = [({"FISH_VERSION": "3.7"}, [], "set -x WEB 40000\n"),
-                 ({"PSModulePath": "/x"}, [], '$env:WEB="40000"\n'),
+                 ({"PSModulePath": "/x", "SHELL": None}, [], '$env:WEB="40000"\n'),
                  ({"SHELL": "/usr/bin/fish"}, [], "set -x WEB 40000\n"),
                  ({"SHELL": None}, [], "export WEB=40000\n"),
                  ({"ZSH_VERSION": "5.9", "FISH_VERSION": "3.7"}, [], "export WEB=40000\n"),
@@ -4429,6 +4432,176 @@ class TestGroupDryRunAndFlags(TropTestCase):
         cfg = self.group_file(h, [("web", {})], pmin=42300, pmax=42399)
         self.ok("reserve-group", cfg, "--task", "from-cli", env={"TROP_TASK": "from-env"})
         self.assertEqual({r[0]: r[4] for r in self.rows()}, {g: "from-env", h: "from-cli"})
+
+
+# Stands in for Windows' msvcrt in simulations: byte-range locks through fcntl, with msvcrt's interface.
+FAKE_MSVCRT = r"""
+import fcntl, os, types
+def locking(fd, mode, nbytes):
+    where = os.lseek(fd, 0, os.SEEK_CUR)
+    if mode == LK_UNLCK:
+        fcntl.lockf(fd, fcntl.LOCK_UN, nbytes, where)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, nbytes, where)      # raises OSError when held
+LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
+msvcrt = types.SimpleNamespace(locking=locking, LK_UNLCK=LK_UNLCK, LK_LOCK=LK_LOCK, LK_NBLCK=LK_NBLCK)
+"""
+
+
+def fake_msvcrt():
+    namespace = {}
+    exec(FAKE_MSVCRT, namespace)
+    return namespace["msvcrt"]
+
+
+class TestWindowsPlatform(TropTestCase):
+    """The Windows side of the platform seam, run here with stand-ins for what only Windows has."""
+
+    def sharing_violation(self, winerror=32):
+        exc = PermissionError(errno.EACCES, "The process cannot access the file")
+        exc.winerror = winerror
+        return exc
+
+    def test_replace_retries_while_another_program_holds_the_file(self):
+        naps = []
+        platform = trop.WindowsPlatform(sleep=naps.append)
+        source, target = self.write("a", "new"), self.write("b", "old")
+        real = os.replace
+        failures = [self.sharing_violation(), self.sharing_violation(5)]
+
+        def flaky(src, dst):
+            if failures:
+                raise failures.pop(0)
+            return real(src, dst)
+        with mock.patch.object(os, "replace", flaky):
+            platform.replace(source, target)
+        self.assertEqual((self.read(target), len(naps)), (b"new", 2))
+        with mock.patch.object(os, "replace", side_effect=self.sharing_violation(2)):     # not a sharing problem
+            with self.assertRaises(PermissionError):
+                platform.replace(source, target)
+        with mock.patch.object(os, "replace", side_effect=self.sharing_violation()):
+            with self.assertRaises(PermissionError):
+                platform.replace(source, target, attempts=3)
+
+    @unittest.skipUnless(hasattr(os, "fork"), "fcntl stands in for msvcrt")
+    def test_sidecar_lock_serialises_concurrent_config_writers(self):
+        """Twelve concurrent `exclude` runs through the Windows lock keep every entry."""
+        config = self.write(os.path.join(self.proj, "trop.yaml"), "excluded_ports:\n  - 5999\n")
+        code = FAKE_MSVCRT + (
+            "import sys, trop\n"
+            "trop.PLATFORM = trop.WindowsPlatform(msvcrt=msvcrt)\n"
+            "sys.exit(trop.main(sys.argv[1:]))\n")
+        procs = [self._started(spawn([sys.executable, "-c", code, "exclude", str(6100 + i), "--force", "--quiet"],
+                                     self.proj, self.environment(SKIP_PROBES))) for i in range(12)]
+        for proc in procs:
+            self.assertEqual(finish(proc)[0], 0)
+        self.assertEqual(sorted(self.exclusions(config)), [(5999, 5999)] + [(6100 + i, 6100 + i) for i in range(12)])
+        self.assertTrue(os.path.exists(os.path.join(self.proj, ".trop-config.lock")))
+
+    def test_sidecar_lock_waits_then_gives_up_cleanly(self):
+        attempts = []
+
+        class Busy:
+            LK_NBLCK, LK_UNLCK = 2, 0
+
+            def locking(self, fd, mode, nbytes):
+                attempts.append(mode)
+                if len(attempts) < 3:
+                    raise OSError(errno.EACCES, "locked")
+        lock = trop.WindowsPlatform(msvcrt=Busy(), sleep=lambda s: None).lock(self.proj)
+        with lock:
+            self.assertEqual(attempts, [2, 2, 2])
+        self.assertEqual(attempts[-1], 0)                   # released
+        lock = trop.WindowsPlatform(msvcrt=Busy(), sleep=lambda s: None).lock(self.proj)
+        lock.timeout = 0
+        attempts[:] = []
+        with self.assertRaises(trop.IoFailure):
+            lock.__enter__()
+
+    def test_run_waits_for_the_child_and_maps_its_status(self):
+        calls = []
+
+        class Child:
+            def __init__(self, argv, env):
+                calls.append((argv, env))
+
+            def wait(self):
+                calls.append(signal.getsignal(signal.SIGINT))
+                return 0xC000013A                           # STATUS_CONTROL_C_EXIT, above 2**31
+        fake = types.SimpleNamespace(Popen=Child)
+        platform = trop.WindowsPlatform(subprocess=fake)
+        before = signal.getsignal(signal.SIGINT)
+        status = platform.run(r"C:\bin\server.exe", ["server", "--port", "5000"], {"WEB_PORT": "5000"})
+        self.assertEqual(status, 0xC000013A - (1 << 32))
+        self.assertEqual(calls[0], ([r"C:\bin\server.exe", "--port", "5000"], {"WEB_PORT": "5000"}))
+        self.assertIs(calls[1], signal.SIG_IGN)                 # Ctrl+C goes to the child; trop waits
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
+
+    def test_run_refuses_arguments_to_batch_files(self):
+        fake = types.SimpleNamespace(Popen=lambda argv, env: types.SimpleNamespace(wait=lambda: 3))
+        platform = trop.WindowsPlatform(subprocess=fake)
+        for program in (r"C:\x\start.bat", r"C:\x\START.CMD"):
+            with self.assertRaises(trop.CommandNotRunnable) as ctx:
+                platform.run(program, ["start", "& calc"], {})
+            self.assertEqual(ctx.exception.exit_code, 126)
+        self.assertEqual(platform.run(r"C:\x\start.bat", ["start"], {}), 3)
+
+    def test_exit_statuses(self):
+        for code, status in ((0, 0), (1, 1), (255, 255), (0x7FFFFFFF, 0x7FFFFFFF), (0x80000000, -(1 << 31)),
+                             (0xC0000005, 0xC0000005 - (1 << 32)), (-1, -1)):
+            self.assertEqual(trop.windows_exit_status(code), status, hex(code))
+
+    def test_wildcard_listeners_are_probed_on_windows(self):
+        probes = trop.OccupancyPolicy().probes()
+        self.assertNotIn("wildcard", [p[2] for p in probes])
+        with mock.patch.object(trop, "PLATFORM", trop.WindowsPlatform()):
+            probes = trop.OccupancyPolicy().probes()
+        self.assertEqual([p[2:] for p in probes if p[0] == "tcp"], [("localhost", "127.0.0.1"), ("wildcard", "0.0.0.0"),
+                                                                   ("localhost", "::1"), ("wildcard", "::")])
+
+    NETSTAT = """
+Active Connections
+
+  Proto  Local Address          Foreign Address        State           PID
+  TCP    0.0.0.0:135            0.0.0.0:0              LISTENING       1104
+  TCP    127.0.0.1:5000         0.0.0.0:0              LISTENING       812
+  TCP    127.0.0.1:5000         127.0.0.1:60001        ESTABLISHED     812
+  TCP    127.0.0.1:60001        127.0.0.1:5000         ESTABLISHED     4040
+  TCP    [::]:5001              [::]:0                 ABHÖREN         913
+  TCP    [fe80::1%12]:5002      [::]:0                 LISTENING       914
+  UDP    0.0.0.0:5353           *:*                                    2980
+"""
+    TASKLIST = '"System Idle Process","0","Services","0","8 K"\n"node.exe","812","Console","1","45,312 K"\n' \
+               '"python.exe","913","Console","1","12,100 K"\n'
+
+    def test_owners_from_netstat_and_tasklist(self):
+        table = trop.OwnerTable(self.path("no-proc"), use_lsof=False)
+        table._parse_netstat(self.NETSTAT)
+        table._parse_tasklist(self.TASKLIST)
+        self.assertEqual(table.lookup("tcp", "ipv4", 5000), (812, "node.exe", None))
+        self.assertEqual(table.lookup("tcp", "ipv6", 5001), (913, "python.exe", None))
+        self.assertEqual(table.lookup("udp", "ipv4", 5353)[0], 2980)
+        self.assertEqual(table.lookup("tcp", "ipv4", 60001)[0], 4040)       # a client socket: known, not a listener
+        self.assertEqual([(e["address"], e["pid"]) for e in table.listeners(5000)], [("127.0.0.1", 812)])
+        self.assertEqual([(e["address"], e["pid"]) for e in table.listeners(5002)], [("fe80::1", 914)])
+        self.assertEqual(table.listeners(60001), [])
+        self.assertEqual(trop.owner_status(*table.lookup("tcp", "ipv4", 5000)), "partial")
+
+
+class TestConfigWritesThroughSymlinks(TropTestCase):
+    ENV = SKIP_PROBES
+
+    @unittest.skipUnless(hasattr(os, "symlink") and os.name == "posix", "symlinks")
+    def test_a_symlinked_config_file_is_written_through(self):
+        target = self.write("shared/trop.yaml", "# shared settings\nexcluded_ports:\n  - 5999\n")
+        link = os.path.join(self.proj, "trop.yaml")
+        os.symlink(target, link)
+        self.ok("exclude", "6100")
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(os.readlink(link), target)
+        self.assertEqual(self.exclusions(target), [(5999, 5999), (6100, 6100)])
+        self.assertEqual(self.read(target).decode(), "# shared settings\nexcluded_ports:\n  - 5999\n  - 6100\n")
+        self.assertEqual(sorted(os.listdir(os.path.dirname(target))), ["trop.yaml"])
 
 
 class TestRunCommand(TropTestCase):
@@ -5529,6 +5702,90 @@ class TestOutput(unittest.TestCase):
     def test_tsv_quotes_tabs(self):
         out = trop.format_reservations(self.rows(tag="a\tb"), "tsv")
         self.assertEqual(out.rstrip("\n").split("\n")[1], '5000\t/w/a\t"a\tb"\t\t\t%s\t%s' % (S1, S2))
+
+
+class TestEncodings(TropTestCase):
+    """Real narrow consoles in child processes: output is escaped, JSON stays JSON, nothing is an internal error."""
+    ENV = SKIP_PROBES
+
+    def setUp(self):
+        super().setUp()
+        self.cafe = self.mkdir("proj", "café ü")
+        self.seed((self.cafe, "tag-é", 5000, "prøject", None))
+
+    def run_with(self, encoding, *args, cwd=None, env=None):
+        environ = dict({"PYTHONIOENCODING": encoding}, **(env or {}))
+        rc, out_bytes, err_bytes = self.run_bytes(args, cwd, environ)
+        self.assertNotIn(b"internal error", err_bytes, (encoding, args))
+        self.assertNotIn(b"Traceback", err_bytes, (encoding, args))
+        return rc, out_bytes, err_bytes
+
+    def run_bytes(self, args, cwd=None, env=None):
+        proc = subprocess.run([sys.executable, "-m", "trop"] + list(args), cwd=cwd or self.proj,
+                              env=self.environment(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def test_narrow_encodings(self):
+        for encoding in ("ascii", "cp1252", "latin-1"):
+            with self.subTest(encoding=encoding):
+                rc, out, _ = self.run_with(encoding, "list", "--show-full-paths")
+                self.assertEqual(rc, 0)
+                text = out.decode(encoding)
+                self.assertIn("5000", text)
+                if encoding == "ascii":
+                    self.assertIn("caf\\xe9 \\xfc", text)
+                else:
+                    self.assertIn("café ü", text)
+                rc, out, _ = self.run_with(encoding, "list", "--format", "json")
+                self.assertEqual(rc, 0)
+                self.assertTrue(out.isascii() if hasattr(out, "isascii") else all(b < 128 for b in out))
+                self.assertEqual(json.loads(out.decode("ascii"))[0]["path"], self.cafe)
+                rc, out, _ = self.run_with(encoding, "reserve", "--path", self.cafe, "--tag", "tag-é")
+                self.assertEqual((rc, out), (0, b"5000\n"))
+                rc, out, err = self.run_with(encoding, "reserve", "--path", self.cafe, "--tag", "tag-é",
+                                             "--project", "nöpe")
+                self.assertEqual(rc, 1)
+                self.assertIn(b"Error: cannot change sticky field", err)
+
+    def test_a_message_after_a_commit_is_escaped_not_fatal(self):
+        target = self.path("proj", "dest ø")
+        rc, out, err = self.run_with("ascii", "migrate", "--from", self.cafe, "--to", target)
+        self.assertEqual((rc, out), (0, b""))
+        self.assertIn(b"dest \\xf8", err)
+        self.assertEqual(self.rows(3), [(target, "tag-é", 5000)])
+
+    def test_c_locale_without_utf8_mode(self):
+        env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": None}
+        rc, out, err = self.run_with("ascii", "reserve", "--tag", "c", cwd=self.cafe, env=env)
+        self.assertEqual((rc, err), (0, b""), err)
+        self.assertEqual(self.rows(3)[:2], [(self.cafe, "tag-é", 5000), (self.cafe, "c", int(out))])
+        rc, out, err = self.run_with("ascii", "assert-reservation", "--tag", "c", cwd=self.cafe, env=env)
+        self.assertEqual(rc, 0, err)
+
+    def test_a_path_that_is_not_utf8_is_refused_clearly(self):
+        if sys.platform == "darwin" or os.name == "nt":
+            self.skipTest("the filesystem itself refuses names that are not UTF-8")
+        bad = os.path.join(os.fsencode(self.proj), b"bad-\xff")
+        os.mkdir(bad)
+        rc, out, err = self.run_bytes(("reserve",), cwd=bad)
+        self.assertEqual((rc, out), (6, b""))
+        self.assertTrue(err.startswith(b"Error: invalid path ") and b"not valid UTF-8" in err, err)
+        self.assertEqual(err.count(b"\n"), 1)
+
+    def test_internal_errors_say_whether_anything_was_committed(self):
+        self.chdir(self.proj)
+        with mock.patch.dict(os.environ, {"TROP_DATA_DIR": self.data, "HOME": self.home}):
+            with mock.patch.object(trop, "plan_reserve", side_effect=ValueError("planner broke")):
+                rc, out, err = trop_main("reserve", "--path", self.cafe, "--tag", "x")
+            self.assertEqual((rc, out), (6, ""))
+            self.assertIn("internal error: ValueError: planner broke", err)
+            self.assertIn("nothing was written to the database", err)
+            with mock.patch.object(trop, "_out", side_effect=ValueError("printer broke")):
+                rc, out, err = trop_main("reserve", "--path", self.cafe, "--tag", "y")
+            self.assertEqual(rc, 6)
+            self.assertIn("the changes already committed are kept", err)
+        self.assertIn((self.cafe, "y"), [r[:2] for r in self.rows(2)])
 
 
 # --- Packaging ---------------------------------------------------------------

@@ -267,6 +267,129 @@ def _quote(value):
     return "none" if value is None else '"%s"' % value
 
 
+# --- Platform: the one seam where POSIX and Windows differ -----------------------
+
+class PosixPlatform(object):
+    """How this operating system locks a directory, replaces a file, starts a command and probes ports.
+
+    PLATFORM is the instance for this host; the tests drive WindowsPlatform
+    with fakes on any host.
+    """
+
+    name = "posix"
+    wildcard_probes = False     # a 127.0.0.1 bind already fails next to a 0.0.0.0 listener
+
+    def lock(self, directory):
+        """An exclusive lock shared by every writer of the files in directory (flock on the directory)."""
+        return _FlockLock(directory)
+
+    def replace(self, source, target):
+        os.replace(source, target)
+
+    def run(self, program, argv, env):
+        """Become the command (exec): its exit status is trop's, and signals reach it directly."""
+        try:
+            os.execve(program, argv, env)
+        except OSError as exc:
+            raise CommandNotRunnable("cannot run %s: %s" % (argv[0], exc.strerror or exc), 126)
+
+
+class WindowsPlatform(PosixPlatform):
+    name = "windows"
+    wildcard_probes = True      # Windows lets 127.0.0.1 bind beside a 0.0.0.0 listener: probe the wildcard too
+    _SHARING = (5, 32, 33)      # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION
+
+    def __init__(self, msvcrt=None, subprocess=None, sleep=time.sleep):
+        self._msvcrt, self._subprocess, self._sleep = msvcrt, subprocess, sleep
+
+    def lock(self, directory):
+        """msvcrt.locking on a sidecar file (.trop-config.lock): Windows cannot lock a directory."""
+        msvcrt = self._msvcrt
+        if msvcrt is None:
+            import msvcrt
+        return _SidecarLock(os.path.join(directory, ".trop-config.lock"), msvcrt, self._sleep)
+
+    def replace(self, source, target, attempts=40):
+        """os.replace, retried while another program (an editor, a virus scanner) has the file open."""
+        for attempt in range(attempts):
+            try:
+                return os.replace(source, target)
+            except PermissionError as exc:
+                if getattr(exc, "winerror", None) not in self._SHARING or attempt == attempts - 1:
+                    raise
+                self._sleep(0.05)
+
+    def run(self, program, argv, env):
+        """Run the command as a child (Windows has no exec) and return its status, mapped to what exit() takes.
+
+        Ctrl+C reaches the whole console, so trop ignores it and waits for the
+        child.  Arguments to a .bat or .cmd file would be parsed again by
+        cmd.exe (the "BatBadBut" injection class), so they are refused.
+        """
+        if program.lower().endswith((".bat", ".cmd")) and len(argv) > 1:
+            raise CommandNotRunnable("refusing to pass arguments to the batch file %s: cmd.exe would parse them "
+                                     "again; wrap it in a program that takes arguments safely" % argv[0], 126)
+        subprocess = self._subprocess or _subprocess()
+        import signal
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            child = subprocess.Popen([program] + list(argv[1:]), env=env)
+            return windows_exit_status(child.wait())
+        except OSError as exc:
+            raise CommandNotRunnable("cannot run %s: %s" % (argv[0], exc.strerror or exc), 126)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def windows_exit_status(code):
+    """A Windows exit code (an NTSTATUS such as 0xC000013A can exceed 2**31) as the C int exit() takes."""
+    code &= 0xFFFFFFFF
+    return code - (1 << 32) if code >= 1 << 31 else code
+
+
+class _FlockLock(object):
+    def __init__(self, directory):
+        self.directory, self.fd = directory, None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.directory, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)               # closing releases the lock
+
+
+class _SidecarLock(object):
+    def __init__(self, path, msvcrt, sleep, timeout=60.0):
+        self.path, self.msvcrt, self.sleep, self.timeout, self.fd = path, msvcrt, sleep, timeout, None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.msvcrt.locking(self.fd, self.msvcrt.LK_NBLCK, 1)
+                return self
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise IoFailure("%s: another trop kept the configuration locked for %gs"
+                                    % (self.path, self.timeout))
+                self.sleep(0.02)
+
+    def __exit__(self, *exc):
+        try:
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.msvcrt.locking(self.fd, self.msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(self.fd)
+
+
+PLATFORM = WindowsPlatform() if os.name == "nt" else PosixPlatform()
+
+
 # --- YAML reader -------------------------------------------------------------
 
 class YamlError(Exception):
@@ -1589,8 +1712,12 @@ class Config:
 
 
 def write_file_atomic(path, text):
-    """Write via a temporary file in the same directory, fsync, then rename over path."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write via a temporary file in the same directory, fsync, then rename over path.
+
+    A path that is a symlink is written through: the target changes, the link stays.
+    """
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -1599,7 +1726,7 @@ def write_file_atomic(path, text):
             os.fsync(fh.fileno())
         if os.path.exists(path):
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
+        PLATFORM.replace(tmp, path)
     except OSError as exc:
         try:
             os.remove(tmp)
@@ -1608,34 +1735,13 @@ def write_file_atomic(path, text):
         raise IoFailure("%s: %s" % (path, exc.strerror or exc))
 
 
-class _DirectoryLock:
-    """flock() on a config file's directory: stable across the atomic renames of the file."""
-
-    def __init__(self, path):
-        self.directory = os.path.dirname(os.path.abspath(path))
-        self.fd = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:             # no flock on this platform: writes are still atomic
-            return self
-        self.fd = os.open(self.directory, os.O_RDONLY)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)           # closing releases the lock
-
-
 def edit_exclusions(path, kind, change):
     """Rewrite only excluded_ports of path under a lock: change(ranges) -> new ranges or None.
 
     The file is re-read inside the lock so concurrent writers never lose an update;
     the new text is parsed and validated before it atomically replaces the old.
     """
-    with _DirectoryLock(path):
+    with PLATFORM.lock(os.path.dirname(os.path.realpath(path))):     # the directory whose file is replaced
         try:
             text = _read_regular_file(path, MAX_CONFIG_BYTES + 1).decode("utf-8")
         except FileNotFoundError:
@@ -2165,7 +2271,8 @@ class OccupancyPolicy:
         if not self.skip_ip6:
             families.append(("ipv6", "::1", "::"))
         for family, local, wildcard in families:
-            scopes = [("localhost", local)] + ([("wildcard", wildcard)] if self.check_all_interfaces else [])
+            wildcard_too = self.check_all_interfaces or PLATFORM.wildcard_probes
+            scopes = [("localhost", local)] + ([("wildcard", wildcard)] if wildcard_too else [])
             for scope, address in scopes:
                 for proto, skipped in (("tcp", self.skip_tcp), ("udp", self.skip_udp)):
                     if not skipped:
@@ -3032,6 +3139,8 @@ class OwnerTable:
                 use_lsof = not sys.platform.startswith("linux")
             if os.path.isdir(os.path.join(proc_root, "net")):
                 self._load_proc_net()
+            elif PLATFORM.name == "windows":
+                self._load_netstat()
             elif use_lsof:
                 self._load_lsof()
         except Exception:                # never raise: empty table instead
@@ -3116,6 +3225,41 @@ class OwnerTable:
             elif tag in ("t", "P", "n"):
                 f[tag] = val
         flush()
+
+    def _load_netstat(self):
+        """Windows: `netstat -ano` for the sockets and their pids, `tasklist` for the process names."""
+        subprocess = _subprocess()
+
+        def output(*argv):
+            try:
+                return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      stdin=subprocess.DEVNULL, timeout=10).stdout.decode("utf-8", "replace")
+            except (OSError, subprocess.SubprocessError):
+                return ""
+        self._parse_netstat(output("netstat", "-ano"))
+        self._parse_tasklist(output("tasklist", "/FO", "CSV", "/NH"))
+
+    def _parse_netstat(self, text):
+        """Rows of `netstat -ano` (any language): a TCP socket listens when its foreign address is all zeros."""
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[0] not in ("TCP", "UDP") or not fields[-1].isdigit():
+                continue
+            address, _, port = fields[1].rpartition(":")
+            if not port.isdigit():
+                continue
+            family = "ipv6" if address.startswith("[") else "ipv4"
+            protocol = fields[0].lower()
+            listening = protocol == "udp" or fields[2] in ("0.0.0.0:0", "[::]:0")
+            self._add(protocol, family, int(port), 0 if listening else 1, None, None, int(fields[-1]),
+                      address.strip("[]").split("%")[0])
+
+    def _parse_tasklist(self, text):
+        """`tasklist /FO CSV /NH`: "image.exe","pid",... -> process names."""
+        for row in text.splitlines():
+            cells = [cell.strip('"') for cell in row.split('","')]
+            if len(cells) >= 2 and cells[1].isdigit():
+                self._names[int(cells[1])] = cells[0]
 
     def _scan_fds(self):
         """Map socket inodes to pids via /proc/<pid>/fd; unreadable pids skipped."""
@@ -3976,7 +4120,11 @@ SHELLS = {"bash": "bash", "sh": "bash", "zsh": "zsh", "fish": "fish", "powershel
 
 
 def detect_shell(name=None, environ=None):
-    """--shell if given, else the reference's detection; never fails without --shell."""
+    """--shell if given, else detection; never fails without --shell.
+
+    Unlike the reference, SHELL and MSYSTEM come before PSModulePath, which
+    Windows sets machine-wide: Git Bash must get bash's syntax.
+    """
     if name is not None:
         shell = SHELLS.get(name.lower())
         if shell is None:
@@ -3988,12 +4136,14 @@ def detect_shell(name=None, environ=None):
         return "zsh"
     if env.get("FISH_VERSION"):
         return "fish"
-    if env.get("PSModulePath"):
-        return "powershell"
     login = env.get("SHELL", "")
     for needle, shell in (("zsh", "zsh"), ("fish", "fish"), ("pwsh", "powershell"), ("powershell", "powershell")):
         if needle in login:
             return shell
+    if login or env.get("MSYSTEM"):             # Git Bash and MSYS2 set these; Windows sets PSModulePath anyway
+        return "bash"
+    if env.get("PSModulePath"):
+        return "powershell"
     return "bash"
 
 
@@ -4898,14 +5048,15 @@ def _ascii_stdout():
 
 
 def tolerant_stream(stream):
-    """stream, escaping (backslashreplace) what its encoding cannot represent instead of failing.
+    """stream, escaping (backslashreplace) what its encoding cannot represent instead of failing, with lines
+    ending in \\n on every platform (so `$(trop reserve)` in Git Bash is the bare number).
 
     A C-locale or cp1252 console must never turn a path into an internal error.
     """
     if stream is None or getattr(stream, "errors", None) == "backslashreplace":
         return stream
     try:
-        stream.reconfigure(errors="backslashreplace")       # Python 3.7+
+        stream.reconfigure(errors="backslashreplace", newline="\n")       # Python 3.7+
         return stream
     except AttributeError:
         pass
@@ -4915,7 +5066,7 @@ def tolerant_stream(stream):
     if buffer is None or not getattr(stream, "encoding", None):
         return stream                                       # io.StringIO and the like encode nothing
     stream.flush()
-    wrapped = io.TextIOWrapper(buffer, encoding=stream.encoding, errors="backslashreplace",
+    wrapped = io.TextIOWrapper(buffer, encoding=stream.encoding, errors="backslashreplace", newline="\n",
                                line_buffering=stream.line_buffering)
     stream.detach()
     return wrapped
@@ -6034,7 +6185,7 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    if args.listen and os.name != "posix":
+    if args.listen and PLATFORM.name != "posix":
         raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
                          "without it and use `trop wait`")
     session, config_file, group_dir = _group_session(args, args.config)
@@ -6069,12 +6220,7 @@ def exec_command(argv, env):
         raise CommandNotRunnable("permission denied: %s" % program, 126)
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.name == "posix":
-        try:
-            os.execve(found, argv, env)
-        except OSError as exc:
-            raise CommandNotRunnable("cannot run %s: %s" % (program, exc.strerror or exc), 126)
-    return _subprocess().call([found] + argv[1:], env=env)
+    return PLATFORM.run(found, argv, env)
 
 
 def _args_prune(p):
