@@ -32,7 +32,6 @@ import math
 import os
 import pathlib
 import pickle
-import pwd
 import random
 import re
 import shlex
@@ -53,6 +52,11 @@ from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import trop
+
+try:
+    import pwd                  # POSIX only: the tests that need it skip elsewhere
+except ImportError:
+    pwd = None
 
 TROP_DIR = os.path.dirname(os.path.abspath(trop.__file__))
 STRESS = os.environ.get("TROP_STRESS") == "1"        # gates the stress tests
@@ -287,7 +291,7 @@ def port_free(port):
 def user_name(uid):
     try:
         return pwd.getpwuid(uid).pw_name
-    except KeyError:
+    except (KeyError, AttributeError):
         return str(uid)
 
 
