@@ -99,6 +99,8 @@ def _pycache_dir():
     if not _PYCACHE:
         _PYCACHE.append(tempfile.mkdtemp(prefix="trop-test-pycache-"))
         atexit.register(shutil.rmtree, _PYCACHE[0], True)
+        if sys.version_info < (3, 8):       # no PYTHONPYCACHEPREFIX: children import a copy of trop.py kept here
+            shutil.copy(os.path.join(TROP_DIR, "trop.py"), _PYCACHE[0])
     return _PYCACHE[0]
 
 
@@ -115,12 +117,13 @@ def updated(env, values):
 
 def clean_env(**values):
     """The inherited environment without TROP_* variables or a shell's own (ZSH_VERSION, FISH_VERSION,
-    PSModulePath), with SHELL=/bin/bash, UTF-8 standard streams and PYTHONPATH = trop.py's directory, plus
-    the given values (None removes one)."""
+    PSModulePath), with SHELL=/bin/bash, UTF-8 standard streams and PYTHONPATH = trop.py's directory (before Python 3.8,
+    _pycache_dir()'s copy of trop.py), plus the given values (None removes one)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("TROP_") and k not in ("PYTHONDONTWRITEBYTECODE", "ZSH_VERSION", "FISH_VERSION",
                                                       "PSModulePath")}
-    env.update(PYTHONPATH=TROP_DIR, PYTHONPYCACHEPREFIX=_pycache_dir(), PYTHONIOENCODING="utf-8",
+    env.update(PYTHONPATH=TROP_DIR if sys.version_info >= (3, 8) else _pycache_dir(),
+               PYTHONPYCACHEPREFIX=_pycache_dir(), PYTHONIOENCODING="utf-8",
                SHELL="/bin/bash")
     return updated(env, values)
 
@@ -388,7 +391,10 @@ class TropTestCase(unittest.TestCase):
         def reap():
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate()
+            if proc.stdout.closed:          # finished already: Python 3.6's communicate() fails on closed pipes
+                proc.wait()
+            else:
+                proc.communicate()
         self.addCleanup(reap)
         return proc
 
@@ -465,7 +471,10 @@ class TropTestCase(unittest.TestCase):
         cls = type(self)
         if cls._template_db is None:
             template = tempfile.mkdtemp(prefix="trop-test-template-")
-            cls.addClassCleanup(shutil.rmtree, template, True)
+            if hasattr(cls, "addClassCleanup"):
+                cls.addClassCleanup(shutil.rmtree, template, True)
+            else:                           # Python < 3.8: removed when the test run ends
+                atexit.register(shutil.rmtree, template, True)
             saved, self.data = self.data, template
             self.ok("init")
             self.data = saved
@@ -4933,7 +4942,7 @@ class TestPackaging(TropTestCase):
         meta = email.parser.Parser().parsestr(contents[dist_info + "METADATA"].decode("utf-8"))
         self.assertEqual(meta["Name"], "trop-ports")
         self.assertEqual(meta["Version"], version)
-        self.assertEqual(meta["Requires-Python"], ">=3.8")
+        self.assertEqual(meta["Requires-Python"], ">=3.6")
         self.assertIn(meta["Metadata-Version"], ("2.1", "2.2", "2.3", "2.4"))
         self.assertEqual(meta.get_payload(), self.source("README.md").decode("utf-8"))
         wheel = email.parser.Parser().parsestr(contents[dist_info + "WHEEL"].decode("utf-8"))
@@ -5028,6 +5037,11 @@ class TestPackaging(TropTestCase):
         self.assertEqual(rc, 0, out + err)
         bin_dir = os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
         python = os.path.join(bin_dir, "python")
+        rc, out, err = self.execute([python, "-m", "pip", "--version"])
+        self.assertEqual(rc, 0, out + err)
+        if tuple(map(int, re.match(r"pip (\d+)\.(\d+)", out).groups())) < (20, 0):     # 3.6's ensurepip: 18.1
+            self.skipTest("this interpreter's bundled pip cannot build an in-tree PEP 517 backend "
+                          "(backend-path needs pip 20.0): %s" % out.strip())
         before = self.source_listing()
         rc, out, err = self.execute([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
                                      "-q", TROP_DIR], timeout=300)
@@ -5040,6 +5054,17 @@ class TestPackaging(TropTestCase):
                 "print(trop.__file__.startswith(sys.prefix), metadata.version('trop-ports'))\n"
                 "print(sorted((e.name, e.value) for e in sel('console_scripts') if e.name == 'trop'))\n"
                 "print(sorted((e.name, e.value) for e in sel('pytest11') if e.value == 'trop'))\n")
+        if sys.version_info < (3, 8):       # no importlib.metadata: read the installed dist-info itself
+            code = ("import configparser, email, glob, os, sys, trop\n"
+                    "d, = glob.glob(os.path.join(os.path.dirname(trop.__file__), 'trop_ports-*.dist-info'))\n"
+                    "with open(os.path.join(d, 'METADATA'), encoding='utf-8') as fh:\n"
+                    "    version = email.message_from_file(fh)['Version']\n"
+                    "eps = configparser.ConfigParser(delimiters=('=',), interpolation=None)\n"
+                    "eps.optionxform = str\n"
+                    "eps.read(os.path.join(d, 'entry_points.txt'), encoding='utf-8')\n"
+                    "print(trop.__file__.startswith(sys.prefix), version)\n"
+                    "print(sorted((k, v) for k, v in eps.items('console_scripts') if k == 'trop'))\n"
+                    "print(sorted((k, v) for k, v in eps.items('pytest11') if v == 'trop'))\n")
         rc, out, err = self.execute([python, "-c", code])
         self.assertEqual((rc, err), (0, ""))
         self.assertEqual(out.splitlines(), ["True %s" % trop.__version__, "[('trop', 'trop:main')]",
