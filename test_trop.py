@@ -105,6 +105,8 @@ def _pycache_dir():
     if not _PYCACHE:
         _PYCACHE.append(tempfile.mkdtemp(prefix="trop-test-pycache-"))
         atexit.register(shutil.rmtree, _PYCACHE[0], True)
+        if sys.version_info < (3, 8):       # no PYTHONPYCACHEPREFIX: children import a copy of trop.py kept here
+            shutil.copy(os.path.join(TROP_DIR, "trop.py"), _PYCACHE[0])
     return _PYCACHE[0]
 
 
@@ -121,12 +123,13 @@ def updated(env, values):
 
 def clean_env(**values):
     """The inherited environment without TROP_* variables or a shell's own (ZSH_VERSION, FISH_VERSION,
-    PSModulePath), with SHELL=/bin/bash, UTF-8 standard streams and PYTHONPATH = trop.py's directory, plus
-    the given values (None removes one)."""
+    PSModulePath), with SHELL=/bin/bash, UTF-8 standard streams and PYTHONPATH = trop.py's directory (before Python 3.8,
+    _pycache_dir()'s copy of trop.py), plus the given values (None removes one)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("TROP_") and k not in ("PYTHONDONTWRITEBYTECODE", "ZSH_VERSION", "FISH_VERSION",
                                                       "PSModulePath")}
-    env.update(PYTHONPATH=TROP_DIR, PYTHONPYCACHEPREFIX=_pycache_dir(), PYTHONIOENCODING="utf-8",
+    env.update(PYTHONPATH=TROP_DIR if sys.version_info >= (3, 8) else _pycache_dir(),
+               PYTHONPYCACHEPREFIX=_pycache_dir(), PYTHONIOENCODING="utf-8",
                SHELL="/bin/bash")
     return updated(env, values)
 
@@ -394,7 +397,10 @@ class TropTestCase(unittest.TestCase):
         def reap():
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate()
+            if proc.stdout.closed:          # finished already: Python 3.6's communicate() fails on closed pipes
+                proc.wait()
+            else:
+                proc.communicate()
         self.addCleanup(reap)
         return proc
 
@@ -471,7 +477,10 @@ class TropTestCase(unittest.TestCase):
         cls = type(self)
         if cls._template_db is None:
             template = tempfile.mkdtemp(prefix="trop-test-template-")
-            cls.addClassCleanup(shutil.rmtree, template, True)
+            if hasattr(cls, "addClassCleanup"):
+                cls.addClassCleanup(shutil.rmtree, template, True)
+            else:                           # Python < 3.8: removed when the test run ends
+                atexit.register(shutil.rmtree, template, True)
             saved, self.data = self.data, template
             self.ok("init")
             self.data = saved
@@ -6108,6 +6117,18 @@ class TestPackaging(TropTestCase):
                 "print(sorted((e.name, e.value) for e in sel('console_scripts') if e.name == 'trop'))\n"
                 "print(sorted((e.name, e.value) for e in sel('pytest11') if e.value == 'trop'))\n"
                 "print(metadata.metadata('trop-ports').get_all('Classifier'))\n")
+        if sys.version_info < (3, 8):       # no importlib.metadata: read the installed dist-info itself
+            code = ("import configparser, email, glob, os, sys, trop\n"
+                    "d, = glob.glob(os.path.join(os.path.dirname(trop.__file__), 'trop_ports-*.dist-info'))\n"
+                    "with open(os.path.join(d, 'METADATA'), encoding='utf-8') as fh:\n"
+                    "    meta = email.message_from_file(fh)\n"
+                    "eps = configparser.ConfigParser(delimiters=('=',), interpolation=None)\n"
+                    "eps.optionxform = str\n"
+                    "eps.read(os.path.join(d, 'entry_points.txt'), encoding='utf-8')\n"
+                    "print(trop.__file__.startswith(sys.prefix), meta['Version'])\n"
+                    "print(sorted((k, v) for k, v in eps.items('console_scripts') if k == 'trop'))\n"
+                    "print(sorted((k, v) for k, v in eps.items('pytest11') if v == 'trop'))\n"
+                    "print(meta.get_all('Classifier'))\n")
         rc, out, err = self.execute([python, "-c", code])
         self.assertEqual((rc, err), (0, ""))
         classifiers = setup_cfg_lines(self.setup_cfg()["metadata"]["classifiers"])
