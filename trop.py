@@ -1840,64 +1840,280 @@ def user_layer(data_dir):
 
 
 # --- Paths -------------------------------------------------------------------
+#
+# A key is a path as the reference stores it: text, always valid UTF-8.  The OS
+# may hand trop the same path another way (a C locale without UTF-8 mode decodes
+# names as ASCII with surrogate escapes), so text crosses that border in two
+# places only: key_text() for what the OS returns, os_path() for what it takes.
+
+_ROOT = ("RootDir",)
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _prefix(p):
+    """windows_prefix.rs parse_prefix: (length, value) or None."""
+    h = p[:8].replace("/", "\\")                # '/' reads as '\' here, but \\?\ is spelled with '\'
+    if h[:2] != "\\\\":
+        return (2, ("Disk", p[0].upper())) if p[1:2] == ":" and p[0] in _LETTERS else None
+    if h[2:4] == "?\\" and "/" not in p[:4]:    # verbatim: only '\' separates
+        if h[4:8] == "UNC\\":
+            server, _, rest = p[8:].partition("\\")
+            share = rest.partition("\\")[0]
+            return 8 + len(server) + (len(share) + 1 if share else 0), ("VerbatimUNC", server, share)
+        if p[5:6] == ":" and p[4] in _LETTERS and p[6:7] in ("", "\\", "/"):
+            return 6, ("VerbatimDisk", p[4].upper())
+        name = p[4:].partition("\\")[0]
+        return 4 + len(name), ("Verbatim", name)
+    q = p.replace("/", "\\")
+    if h[2:4] == ".\\":
+        name = q[4:].partition("\\")[0]
+        return 4 + len(name), ("DeviceNS", name)
+    server, _, rest = q[2:].partition("\\")
+    share = rest.partition("\\")[0]
+    return (3 + len(server) + len(share), ("UNC", server, share)) if server and share else None
+
+
+def _vpush(names, comps, root):
+    """PathBuf::push into a verbatim path: a root restarts, '..' drops a name only (no error); -> root."""
+    for name, _, _ in comps:
+        if name is _ROOT:
+            names[:], root = [], True
+        elif name == "..":
+            if names and names[-1] not in (".", ".."):
+                names.pop()
+        elif name != ".":
+            names.append(name)
+    return root
+
+
+class PathFlavour(object):
+    r"""Keys as the Rust trop 0.2.0 stores them (normalize.rs over std::path), for one platform.
+
+    Windows: std's prefixes (C:, \\s\h or //s/h, \\?\C:, \\?\UNC\s\h, \\?\x, \\.\x) are kept
+    as spelled but compared by value (drive letter upper-cased; \\?\C: is not C:); '/' and '\' separate
+    except after \\?\; keys are rebuilt with '\'.  A path is parsed once into components (key, start,
+    end): the prefix value, _ROOT, or a name.  POSIX follows the reference too: '~\x' expands like '~/x',
+    an absolute rest after '~' replaces home, a relative HOME is joined to the cwd, HOME '/' shows '/srv'
+    as '~/srv', and rebase() gives '/x' for --from /a --to /.  cwd and home are passed in, so both
+    flavours run (and are tested) anywhere.
+    """
+
+    def __init__(self, windows):
+        self.windows = windows
+        self.sep = "\\" if windows else "/"
+        self._seps = "\\/" if windows else "/"
+
+    def home(self, environ):
+        """USERPROFILE on Windows (the home crate ignores HOME), HOME on POSIX; None if unset or empty."""
+        return environ.get("USERPROFILE" if self.windows else "HOME") or None
+
+    def _parse(self, path):
+        """(prefix value or None, has_root, components) as std's Path::components yields them."""
+        n, key = (_prefix(path) if self.windows else None) or (0, None)
+        verb, phys = bool(key) and key[0].startswith("Verbatim"), n < len(path) and path[n] in self._seps
+        comps = [(key, 0, n)] if key else []
+        if phys or (key and not verb and key[0] != "Disk"):         # non-verbatim roots are implicit
+            comps.append((_ROOT, n, n + phys))
+        pos = n + phys
+        for name in (path[pos:].replace("/", "\\") if self.windows and not verb else path[pos:]).split(self.sep):
+            if name and (name != "." or verb or pos == 0):           # pos 0: leading CurDir ('./x')
+                comps.append((name, pos, pos + len(name)))
+            pos += len(name) + 1
+        return key, phys or bool(key and key[0] != "Disk"), comps
+
+    def _strip(self, path, base):
+        """Path::strip_prefix: the rest of path after base's components, as spelled; or None."""
+        comps, want = self._parse(path)[2], [c[0] for c in self._parse(base)[2]]
+        if [c[0] for c in comps[:len(want)]] != want:
+            return None
+        return path[comps[len(want)][1]:comps[-1][2]] if comps[len(want):] else ""
+
+    def _join(self, base, rel):
+        """PathBuf::push(base, rel) as text (POSIX: trop.py's spelling, the same path once resolved)."""
+        if not self.windows:
+            return rel if rel.startswith("/") else base + "/" + rel
+        rkey, rroot, rcomps = self._parse(rel)
+        key, _, comps = self._parse(base)
+        n = comps[0][2] if key else 0
+        if rkey:
+            return rel
+        if key and key[0].startswith("Verbatim") and rel:          # rebuilt component by component
+            names = [c[0] for c in comps[1:] if c[0] is not _ROOT]
+            root = _vpush(names, rcomps, any(c[0] is _ROOT for c in comps))
+            return base[:n] + ("\\" if root or names else "") + "\\".join(names)
+        if rroot:
+            return base[:n] + rel                                   # '\x' keeps only base's prefix
+        bare = not base or base[-1] in "\\/" or (key and key[0] == "Disk" and n == len(base))  # C: + x = C:x
+        return base + ("" if bare else "\\") + rel
+
+    def _resolve(self, path):
+        r"""normalize.rs resolve_components: the text; False if '..' escapes a root; None if a name
+        re-parses as a prefix (\\?\C:\a\C:, where push() starts over from that name): refused."""
+        key, _, comps = self._parse(path)
+        raw, root, names = path[:comps[0][2]] if key else "", False, []
+        for name, _, _ in comps[1 if key else 0:]:
+            if name is _ROOT:
+                root = True
+            elif name == "..":
+                if not names:
+                    return False
+                names.pop()
+            elif self.windows and (name[1:2] == ":" or "/" in name):  # only verbatim names hold a '/'
+                sub, _, scomps = self._parse(name)
+                if sub:
+                    return None
+                root = _vpush(names, scomps, root)
+            elif name != ".":
+                names.append(name)
+            root = root or bool(names and key and key[0] != "Disk")  # \\?\C: + a is spelled \\?\C:\a
+            if key and key[0] == "VerbatimUNC" and not key[2] and names:
+                raw, key = raw + "\\" + names[0], key[:2] + (names.pop(0),)  # \\?\UNC\srv + x: x is the share
+                root = bool(names)
+        return raw + (self.sep if root else "") + self.sep.join(names)
+
+    def _key(self, full, path):
+        """The key for the absolute text full (typed as path), or ValueError."""
+        key = self._resolve(full)
+        if key is False:
+            raise ValueError("invalid path %s: Path contains too many '..' components (escapes root)" % full)
+        if key is None or not self.is_normal(key):      # C:foo: the reference stores it, then rejects its row
+            raise ValueError("invalid path %s: it does not normalize to an absolute path (drive-relative paths "
+                             "such as C:foo are not supported; write C:\\foo)" % path)
+        return key
+
+    def is_absolute(self, path):
+        r"""Windows: a prefix and a root (C:\x, \\s\h, \\?\C:; not C:x or \x); POSIX: a leading '/'."""
+        key, has_root, _ = self._parse(path)
+        return has_root and (key is not None or not self.windows)
+
+    def normalize(self, path, cwd, home):
+        """Key for an explicit path: expand ~, join to the plain cwd, resolve '.' and '..' lexically."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid path %s: path is not valid UTF-8"
+                             % path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        full = path
+        if path.startswith("~"):
+            if path != "~" and path[1] not in "/\\":
+                raise ValueError("invalid path %s: ~user syntax is not supported; use ~ or ~/path" % path)
+            if not home:
+                raise ValueError("invalid path %s: cannot expand ~ because %s is not set"
+                                 % (path, "USERPROFILE" if self.windows else "HOME"))
+            full = home if path == "~" and self.windows else self._join(home, path[2:])  # POSIX: home + "/"
+        if not self.is_absolute(full):
+            full = self._join(cwd, full)
+        return self._key(full, path)
+
+    def verbatim(self, final):
+        r"""Windows: the \\?\ spelling fs::canonicalize gives for a final path; POSIX: unchanged."""
+        if not self.windows or final.startswith(("\\\\?\\", "\\??\\")):
+            return final
+        kind = (_prefix(final) or (0, ("",)))[1][0]
+        if kind not in ("UNC", "Disk"):
+            raise ValueError("cannot spell %s as a verbatim path" % final)
+        return "\\\\?\\" + ("UNC\\" + final[2:] if kind == "UNC" else final)
+
+    def is_within(self, path, root):
+        """path is root or below it, component-wise ('/w/ab' is not within '/w/a')."""
+        if self.windows:
+            return self._strip(path, root) is not None
+        return path == root or root == "/" or path.startswith(root + "/")
+
+    def related(self, a, b):
+        """relationship.rs between() is not Unrelated (Windows: one trailing separator dropped)."""
+        if self.windows:
+            a, b = [p[:-1] if len(p) > 1 and p[-1] in "\\/" else p for p in (a, b)]
+        return self.is_within(a, b) or self.is_within(b, a)
+
+    def is_normal(self, path):
+        """Row validation (validate_stored_path): its own absolute normal form, or '/'-rooted plain names."""
+        if self.windows and self.is_absolute(path):
+            return self._resolve(path) == path
+        tail = path + "/"                               # trop.py's _is_normal; on Windows also no '\'
+        return path == "/" or (path.startswith("/") and not path.endswith("/") and "//" not in path
+                               and "/./" not in tail and "/../" not in tail and not (self.windows and "\\" in path))
+
+    def rebase(self, path, source, target):
+        """migrate's new key for the row at path: normalize(target.join(path.strip_prefix(source)))."""
+        rest = self._strip(path, source)
+        if rest is None:
+            raise ValueError("invalid path %s: Path %s does not start with prefix %s" % (path, path, source))
+        return self._key(self._join(target, rest), path)
+
+    def descendant_where(self, path):
+        """(SQL condition, params) for rows at or below path.  POSIX: exact.  Windows: the reference's LIKE
+        pre-filter, a superset (ASCII case, '_', '%'): keep only the rows with is_within(row, path)."""
+        if self.windows:
+            return "path LIKE ? || '%'", (path,)
+        return ("1", ()) if path == "/" else ("path = ? OR (path >= ? AND path < ?)", (path, path + "/", path + "0"))
+
+    def shorten_home(self, path, home):
+        r"""list's display: '~/' + the rest below home (Windows: the rest as spelled, '~/proj\sub')."""
+        if not home:
+            return path
+        if self.windows:
+            rest = self._strip(path, home)
+            return path if rest is None else "~/" + rest
+        home = home.rstrip("/")
+        return "~/" + path[len(home) + 1:] if self.is_within(path, home or "/") else path
+
+
+PLATFORM.paths = PathFlavour(PLATFORM.name == "windows")
+_FS_IS_UTF8 = codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def key_text(native):
+    """A path from the OS (getcwd, realpath, argv) as key text: the UTF-8 its bytes spell, where they do."""
+    try:
+        native.encode("utf-8")
+        return native
+    except UnicodeEncodeError:              # surrogate escapes: bytes the OS's encoding could not decode
+        try:
+            return os.fsencode(native).decode("utf-8")
+        except UnicodeError:
+            return native                   # not UTF-8 at all: normalize() refuses it clearly
+
+
+def os_path(key):
+    """Key text as the OS's path functions take it."""
+    return key if _FS_IS_UTF8 else os.fsdecode(key.encode("utf-8", "surrogateescape"))
+
 
 def home_dir():
-    """$HOME, else the password database (as the reference's home_dir())."""
-    home = os.environ.get("HOME")
+    """The home directory: $HOME (Windows: USERPROFILE), else the password database, else None."""
+    home = PLATFORM.paths.home(os.environ)
     if home:
-        return home
+        return key_text(home)
     try:
-        return _pwd().getpwuid(os.getuid()).pw_dir or None
+        return key_text(_pwd().getpwuid(os.getuid()).pw_dir) or None
     except (AttributeError, KeyError):          # no pwd module (None), no entry
         return None
 
 
 def current_dir():
     try:
-        return os.getcwd()
+        return key_text(os.getcwd())
     except OSError as exc:
         raise IoFailure("cannot read the current directory (%s); it may have been deleted"
                         % (exc.strerror or exc))
 
 
 def normalize_path(path, cwd=None):
-    """Absolute, lexically normal form of an explicit path; symlinks are kept.
+    """The key of an explicit path: absolute and lexically normal; symlinks are kept.
 
     Unlike os.path.normpath, a leading '//' collapses and '..' past the root
     is an error rather than silently dropped.
     """
     path = _path_text(path)
     try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise LibraryError("invalid path %s: path is not valid UTF-8"
-                           % path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-    if path.startswith("~"):
-        head, sep, rest = path.partition("/")
-        if head != "~":
-            raise LibraryError("invalid path %s: ~user syntax is not supported; use ~ or ~/path" % path)
-        home = home_dir()
-        if not home:
-            raise LibraryError("invalid path %s: cannot expand ~ because HOME is not set" % path)
-        path = home + "/" + rest
-    elif not path.startswith("/"):
-        path = (cwd or current_dir()) + "/" + path
-    parts = []
-    for part in path.split("/"):
-        if part == "" or part == ".":
-            continue
-        if part == "..":
-            if not parts:
-                raise LibraryError("invalid path %s: Path contains too many '..' components (escapes root)"
-                                   % path)
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/" + "/".join(parts)
+        return PLATFORM.paths.normalize(path, cwd or current_dir(), home_dir() if path[:1] == "~" else None)
+    except ValueError as exc:
+        raise LibraryError(str(exc))
 
 
 def _path_text(path):
-    """str or os.PathLike (pytest's tmp_path) as text; anything else is a clear error."""
+    """str or os.PathLike (pytest's tmp_path) as key text; anything else is a clear error."""
     try:
         path = os.fspath(path)
     except TypeError:
@@ -1907,60 +2123,65 @@ def _path_text(path):
         path = os.fsdecode(path)
     if "\0" in path:
         raise LibraryError("invalid path %r: paths cannot contain NUL" % path)
-    return path
+    return key_text(path)
+
+
+def real_key(native):
+    """The key of an existing path with every symlink resolved, as Rust's fs::canonicalize spells it
+    (Windows: the verbatim \\\\?\\ form of GetFinalPathNameByHandleW)."""
+    if PLATFORM.name == "windows":
+        import nt
+        return PLATFORM.paths.verbatim(nt._getfinalpathname(native))
+    return key_text(os.path.realpath(native))
 
 
 def canonical_path(path, warn=True):
-    """realpath of a path that must exist (inferred paths: cwd, config parents)."""
+    """The key of an inferred path (the cwd, a config file's directory): it must exist."""
     full = normalize_path(path)
-    if not os.path.exists(full):
+    native = os_path(full)
+    if not os.path.exists(native):
         if warn:
             _warn("Cannot canonicalize inferred path because it does not exist: %s" % full)
         raise LibraryError("path not found: %s" % full)
-    return os.path.realpath(full)
+    return real_key(native)
 
 
 def is_within(path, root):
     """Component-wise containment: /w/a is within /w but /w/ab is not within /w/a."""
-    return path == root or root == "/" or path.startswith(root + "/")
+    return PLATFORM.paths.is_within(path, root)
 
 
 def _canonical_prefix(path):
-    """realpath of the longest existing prefix, with the missing suffix appended."""
-    suffix = []
-    current = path
-    while not os.path.exists(current) and current != "/":
+    """The canonical key of the longest existing prefix of a key, with the missing rest appended."""
+    suffix, current = [], os_path(path)
+    while not os.path.exists(current) and os.path.dirname(current) != current:
         current, tail = os.path.split(current)
-        suffix.append(tail)
-    real = os.path.realpath(current)
+        suffix.append(key_text(tail))
+    real = real_key(current)
     for tail in reversed(suffix):
-        real = os.path.join(real, tail)
+        real = real.rstrip("\\/") + PLATFORM.paths.sep + tail
     return real
 
 
 def check_path_relationship(target, allowed):
-    """Refuse to touch a path unrelated to the working directory unless allowed."""
+    """Refuse to touch a path unrelated to the working directory unless allowed.
+
+    Compared as written first, then with symlinks resolved (for a target that
+    does not exist yet, its longest existing prefix).
+    """
     if allowed:
         return
     cwd = current_dir()
-    if is_within(target, cwd) or is_within(cwd, target):
+    if PLATFORM.paths.related(target, cwd):
         return
-    real_target, real_cwd = _canonical_prefix(target), os.path.realpath(cwd)
-    if is_within(real_target, real_cwd) or is_within(real_cwd, real_target):
+    if PLATFORM.paths.related(_canonical_prefix(target), real_key(os_path(cwd))):
         return
     raise SemanticFailure("path relationship violation: %s and %s are unrelated paths "
                           "(use --allow-unrelated-path or --force)" % (target, cwd))
 
 
 def shorten_home(path):
-    home = home_dir()
-    if home:
-        home = home.rstrip("/") or "/"
-        if path == home:
-            return "~/"
-        if is_within(path, home) and home != "/":
-            return "~/" + path[len(home) + 1:]
-    return path
+    return PLATFORM.paths.shorten_home(path, home_dir())
 
 
 def _read_text(path):
@@ -1977,9 +2198,9 @@ def infer_git_metadata(path):
     project: the repository's name (worktrees resolve to the main repository);
     task: the linked worktree's name, else the branch; detached HEAD: none.
     """
-    current = path
+    current = os_path(path)
     while True:
-        dotgit = current.rstrip("/") + "/.git"
+        dotgit = os.path.join(current, ".git")
         workdir = current
         kind = _stat_kind(dotgit)
         if kind == stat.S_IFDIR:
@@ -1992,8 +2213,8 @@ def infer_git_metadata(path):
             gitdir = os.path.normpath(os.path.join(current, text[7:].strip()))
             linked = True
             break
-        if _stat_kind(current.rstrip("/") + "/HEAD") == stat.S_IFREG and os.path.isdir(current + "/objects") \
-                and os.path.isdir(current + "/refs"):
+        if _stat_kind(os.path.join(current, "HEAD")) == stat.S_IFREG and \
+                os.path.isdir(os.path.join(current, "objects")) and os.path.isdir(os.path.join(current, "refs")):
             gitdir, linked, workdir = current, False, None      # a bare repository
             break
         parent = os.path.dirname(current)
@@ -2017,7 +2238,7 @@ def infer_git_metadata(path):
         if head.startswith("ref:"):
             ref = head[4:].strip()
             task = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
-    return _git_name(project), _git_name(task)
+    return _git_name(key_text(project)), _git_name(key_text(task) if task else None)
 
 
 def _stat_kind(path):
@@ -2100,7 +2321,7 @@ class Reservation:
     def from_row(cls, row):
         """Build from a database row, refusing anything the schema forbids (checked on every read)."""
         path, tag, port, project, task, created, used = row
-        if type(path) is not str or not _is_normal(path):
+        if type(path) is not str or not PLATFORM.paths.is_normal(path):
             _corrupt(row, "path", "path must be a non-empty absolute, lexically normal path")
         if type(tag) is not str or (tag and (tag[0].isspace() or tag[-1].isspace())):
             _corrupt(row, "tag", "tag must be '' or trimmed non-empty text")
@@ -2121,16 +2342,6 @@ def _corrupt(row, field, reason):
     path, tag = row[0], row[1]
     raise CorruptionError('table=reservations, field=%s, key=path="%s", tag=%s: %s'
                           % (field, path, '"%s"' % tag if tag else "<untagged>", reason))
-
-
-def _is_normal(path):
-    """Absolute and lexically normal: no '.', '..', '//' or trailing '/' (except the root)."""
-    if path == "/":
-        return True
-    if not path.startswith("/") or path.endswith("/") or "//" in path:
-        return False
-    tail = path + "/"
-    return "/./" not in tail and "/../" not in tail
 
 
 _TIMESTAMPS = {}
@@ -2790,11 +3001,9 @@ class Store:
 
     def under(self, path):
         """Rows at path or any component-wise descendant ('/w/a' never matches '/w/ab')."""
-        if path == "/":
-            return self.all()
-        rows = self.conn.execute(_SELECT + " WHERE path = ? OR (path >= ? AND path < ?) ORDER BY path, tag",
-                                 (path, path + "/", path + "0"))
-        return [Reservation.from_row(r) for r in rows]
+        where, params = PLATFORM.paths.descendant_where(path)
+        rows = self.conn.execute(_SELECT + " WHERE " + where + " ORDER BY path, tag", params)
+        return [res for res in map(Reservation.from_row, rows) if is_within(res.path, path)]
 
     def for_port(self, port):
         row = self.conn.execute(_SELECT + " WHERE port = ?", (port,)).fetchone()
@@ -3368,7 +3577,7 @@ class OwnerTable:
         if pid is None:
             return None
         try:
-            return os.readlink(os.path.join(self._proc_root, str(pid), "cwd"))
+            return key_text(os.readlink(os.path.join(self._proc_root, str(pid), "cwd")))
         except OSError:
             pass
         exe = _lsof() if self._use_lsof or (self._use_lsof is None and not sys.platform.startswith("linux")) else None
@@ -3812,7 +4021,7 @@ _UNKNOWABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denie
 def inspect_path(path):
     """'live', 'stale' (certainly gone) or (kind, message) when it cannot be told."""
     try:
-        st = os.stat(path)
+        st = os.stat(os_path(path))
     except OSError as exc:
         if exc.errno in _STALE_ERRNOS:
             return "stale"
@@ -4172,18 +4381,18 @@ def format_group(spec, mapping, fmt, shell="bash"):
 def locate_group_config(cwd, config_path=None):
     """(config file, canonical group directory) for reserve-group FILE or autoreserve's discovery."""
     if config_path is not None:
-        full = normalize_path(config_path, cwd)
+        full = os_path(normalize_path(config_path, cwd))
         if not os.path.exists(full):
             raise InvalidArguments("Configuration file not found: %s" % config_path)
         if not os.path.isfile(full):
             raise InvalidArguments("Path is not a file: %s" % config_path)
-        return full, os.path.realpath(os.path.dirname(full))
-    start = os.path.realpath(cwd)
+        return full, real_key(os.path.dirname(full))
+    start = os.path.realpath(os_path(cwd))
     directory = find_project_dir(start)
     if directory is None:
-        raise InvalidArguments("No trop configuration file found (searched from: %s)" % start)
+        raise InvalidArguments("No trop configuration file found (searched from: %s)" % key_text(start))
     names = [n for n in PROJECT_FILES if os.path.lexists(os.path.join(directory, n))]
-    return os.path.join(directory, names[-1]), directory
+    return os.path.join(directory, names[-1]), real_key(directory)
 
 
 def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, fmt=None, shell=None):
@@ -4217,7 +4426,10 @@ def plan_migrate(store, source, target, recursive=False, force=False):
     if not rows and not recursive:
         raise LibraryError("not found: reservation at %s" % source)
     plan = MigratePlan(source, target)
-    plan.moves = [(r, r.replace(path=target + r.path[len(source):])) for r in rows]
+    try:
+        plan.moves = [(r, r.replace(path=PLATFORM.paths.rebase(r.path, source, target))) for r in rows]
+    except ValueError as exc:
+        raise LibraryError(str(exc))
     moving = {old.key for old, _new in plan.moves}
     for _old, new in plan.moves:
         existing = store.get(new.key)
@@ -4566,7 +4778,7 @@ class Session:
         if scope in ("discover", "file"):
             layers += user_layer(self.data_dir)
         if scope == "discover":
-            self.project_dir = find_project_dir(os.path.realpath(self.cwd))
+            self.project_dir = find_project_dir(os.path.realpath(os_path(self.cwd)))
             if self.project_dir:
                 layers += project_layers(self.project_dir)
         elif scope == "file":
@@ -4742,13 +4954,13 @@ def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
         rows = [r for r in rows if r.tag == filter_tag]
     if filter_path is not None:
         lexical = normalize_path(filter_path, session.cwd)
-        canonical = os.path.realpath(lexical) if os.path.exists(lexical) else None
+        canonical = real_key(os_path(lexical)) if os.path.exists(os_path(lexical)) else None
 
         def keep(res):
             if is_within(res.path, lexical):
                 return True
-            return canonical is not None and os.path.exists(res.path) and \
-                is_within(os.path.realpath(res.path), canonical)
+            return canonical is not None and os.path.exists(os_path(res.path)) and \
+                is_within(real_key(os_path(res.path)), canonical)
         rows = [r for r in rows if keep(r)]
     return rows
 
@@ -5148,7 +5360,7 @@ def format_port_info(port, res):
     if res.task is not None:
         lines.append("Task: %s" % res.task)
     lines += ["Created: %s" % format_timestamp(res.created_at), "Last used: %s" % format_timestamp(res.last_used_at),
-              "Path exists: %s" % ("yes" if os.path.exists(res.path) else "no")]
+              "Path exists: %s" % ("yes" if os.path.exists(os_path(res.path)) else "no")]
     return lines
 
 
