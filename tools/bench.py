@@ -104,27 +104,28 @@ class Bench:
     def trop(self, data_dir, *args):
         return [PY, "-m", MODULE, "--data-dir", data_dir] + list(args)
 
+    def copy_module(self, name):
+        """A new directory tmp/NAME holding a fresh copy of trop.py; returns the copy's path."""
+        directory = os.path.join(self.tmp, name)
+        os.mkdir(directory)
+        copy = os.path.join(directory, MODULE + ".py")
+        with open(os.path.join(REPO, MODULE + ".py"), "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        return copy
+
     def cold_copy(self):
         """A directory holding a fresh trop.py, and an environment in which nothing caches its bytecode."""
-        directory = os.path.join(self.tmp, "cold")
-        os.mkdir(directory)
-        with open(os.path.join(REPO, MODULE + ".py"), "rb") as src, \
-                open(os.path.join(directory, MODULE + ".py"), "wb") as dst:
-            dst.write(src.read())
+        directory = os.path.dirname(self.copy_module("cold"))
         env = dict(self.env, PYTHONDONTWRITEBYTECODE="1")
         env.pop("PYTHONPYCACHEPREFIX", None)
         return directory, env
 
     def zipapp(self):
         """trop.pyz built by the README's recipe: trop.py and its bytecode for this interpreter."""
-        build = os.path.join(self.tmp, "pyz")
-        os.mkdir(build)
-        with open(os.path.join(REPO, MODULE + ".py"), "rb") as src, \
-                open(os.path.join(build, MODULE + ".py"), "wb") as dst:
-            dst.write(src.read())
+        source = self.copy_module("pyz")
         target = os.path.join(self.tmp, "trop.pyz")
-        for argv in ([PY, "-m", "compileall", "-q", "-b", os.path.join(build, MODULE + ".py")],
-                     [PY, "-m", "zipapp", build, "-m", MODULE + ":cli", "-o", target]):
+        for argv in ([PY, "-m", "compileall", "-q", "-b", source],
+                     [PY, "-m", "zipapp", os.path.dirname(source), "-m", MODULE + ":cli", "-o", target]):
             self.run(argv)
         return target
 
