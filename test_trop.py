@@ -64,6 +64,7 @@ TIMEOUT = 180                                         # seconds a child process 
 LINUX_PROC = os.path.isdir("/proc/net") and os.path.exists("/proc/self/comm")
 DAY = 86400
 SKIP_PROBES = {"TROP_SKIP_OCCUPANCY_CHECK": "1"}
+POSIX_ONLY = unittest.skipUnless(os.name == "posix", "needs POSIX: signals, permission bits or sh")
 
 # 2024-01-15 10:30:45 UTC and 2024-02-01 00:00:00 UTC
 T1 = calendar.timegm((2024, 1, 15, 10, 30, 45))
@@ -3130,6 +3131,7 @@ class TestOwnerStatus(unittest.TestCase):
         self.assertEqual(trop.owner_status(0, "", "u"), "available")   # falsy but known
 
 
+@POSIX_ONLY
 class TestFakeProcOwners(unittest.TestCase):
     """OwnerTable over a throwaway /proc tree: net tables, per-pid comm and fd links."""
 
@@ -6249,6 +6251,7 @@ class TestEncodings(TropTestCase):
         self.assertIn(b"dest \\xf8", err)
         self.assertEqual(self.rows(3), [(target, "tag-é", 5000)])
 
+    @POSIX_ONLY
     def test_c_locale_without_utf8_mode(self):
         env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": None}
         rc, out, err = self.run_with("ascii", "reserve", "--tag", "c", cwd=self.cafe, env=env)
@@ -8216,6 +8219,7 @@ print(json.dumps({"held": held, "errors": errors, "exhausted": exhausted}))
                 self.assertEqual((reserved, released), (n, (n + 3) // 4))
 
 
+@POSIX_ONLY
 class TestConcurrencyFaults(TropTestCase):
     RUN_IN_ROOT = True
     API_KILL_ROUNDS, CLI_KILL_ROUNDS, FIRST_USE_ROUNDS = 10, 4, 4
