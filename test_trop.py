@@ -6076,7 +6076,8 @@ class TestReservationContext(TropTestCase):
 
     def test_reserved_inside_released_after(self):
         with trop.reservation(tag="test_server", data_dir=self.data) as port:
-            self.assertIs(type(port), int)
+            self.assertIsInstance(port, int)            # a trop.ReservedPort, which can also wait()
+            self.assertIsInstance(port, trop.ReservedPort)
             res = trop.port_info(port, data_dir=self.data)
             self.assertIsNotNone(res)
             self.assertEqual((res.path, res.tag), (self.proj, "test_server"))
@@ -6136,7 +6137,7 @@ import trop
 
 
 def test_port(trop_port):
-    assert type(trop_port) is int
+    assert isinstance(trop_port, int) and callable(trop_port.wait)
     res = trop.port_info(trop_port)
     assert res is not None and res.tag == "test_fixture.py::test_port", res
 
