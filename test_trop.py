@@ -25,6 +25,8 @@ import csv
 import email.parser
 import errno
 import hashlib
+import http.client
+import http.server
 import importlib.util
 import io
 import json
@@ -8677,6 +8679,762 @@ print(json.dumps(ports))
             self.assertEqual(len(out.splitlines()), 1001)
         self.report("list at 1,000 rows: mean %.1f ms, max %.1f ms over 100 runs"
                     % (1000 * sum(times) / len(times), 1000 * max(times)))
+
+
+# --- Operations: servers on reserved ports (wait, who, socket handoff) ---------
+#
+# Real servers, started by the tests as child processes (or, for the API, as sockets of this process):
+# `trop wait` until they answer, `trop who` naming them, and `trop run --listen` handing them bound
+# sockets.  No assertion bounds how long anything takes; waits are bounded by generous timeouts only.
+
+def _loopback_ipv6():
+    """Can this host listen on ::1?  (No where IPv6 is disabled or absent.)"""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAS_IPV6 = _loopback_ipv6()
+NO_IPV6 = "this host cannot listen on ::1 (no IPv6)"
+WAIT_READY = r"%d: ready on %s \(%s\) after \d+\.\d\ds\n"      # one line of `trop wait` per port
+
+# A TCP listener: ADDRESS PORT [DELAY]; sleeps DELAY seconds, listens, prints one line, then accepts and
+# closes connections until killed.
+LISTENER_CHILD = """\
+import os, socket, sys, time
+address, port = sys.argv[1], int(sys.argv[2])
+time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_STREAM)
+if family == socket.AF_INET6:
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+sock.bind((address, port))
+sock.listen(16)
+print("listening", os.getpid(), os.getcwd(), flush=True)
+while True:
+    conn, _peer = sock.accept()
+    conn.close()
+"""
+
+# An HTTP server answering every GET with one status: PORT STATUS [ADDRESS]; prints one line once listening.
+STATUS_CHILD = """\
+import http.server, socket, sys
+port, status = int(sys.argv[1]), int(sys.argv[2])
+address = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.HTTPServer):
+    address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        http.server.HTTPServer.server_bind(self)
+
+server = Server((address, port), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+# The command of `trop run --listen`: serves HTTP on every inherited socket (fds 3, 4, ...), prints one JSON
+# line (its pid, the LISTEN_* variables, what each fd is, any fd open beyond them) and answers every GET with
+# that report plus the fd and service name that took the request.
+SOCKET_ACTIVATED_CHILD = """\
+import http.server, json, os, socket, sys, threading
+
+def inherited(fd):
+    if sys.version_info >= (3, 7):
+        return socket.socket(fileno=fd)                 # family and type read from the descriptor
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)   # 3.6 takes them as given: ask the fd
+    family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+    probe.detach()
+    return socket.socket(family, socket.SOCK_STREAM, 0, fd)
+
+count = int(os.environ["LISTEN_FDS"])
+extra = []
+for fd in range(3 + count, 3 + count + 32):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    extra.append(fd)
+report = {"pid": os.getpid(), "cwd": os.getcwd(), "extra_fds": extra, "sockets": [],
+          "LISTEN_FDS": os.environ.get("LISTEN_FDS"), "LISTEN_PID": os.environ.get("LISTEN_PID"),
+          "LISTEN_FDNAMES": os.environ.get("LISTEN_FDNAMES")}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(dict(report, path=self.path, fd=self.server.fd, name=self.server.name)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Inherited(http.server.HTTPServer):
+    def __init__(self, sock, fd, name):
+        self.address_family = sock.family
+        http.server.HTTPServer.__init__(self, sock.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()                             # the unbound socket TCPServer made: use the inherited one
+        self.socket, self.fd, self.name = sock, fd, name
+
+for index, name in enumerate(os.environ["LISTEN_FDNAMES"].split(":")):
+    sock = inherited(3 + index)
+    address = sock.getsockname()
+    report["sockets"].append({"fd": 3 + index, "name": name, "address": address[0], "port": address[1],
+                              "family": "ipv6" if sock.family == socket.AF_INET6 else "ipv4"})
+    threading.Thread(target=Inherited(sock, 3 + index, name).serve_forever, daemon=True).start()
+print(json.dumps(report), flush=True)
+threading.Event().wait()
+"""
+
+
+def first_line(proc, timeout=TIMEOUT):
+    """The first line a started child prints (without the newline); fails if it exits or stays silent."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines or not lines[0]:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        raise AssertionError("%s printed no line (exit %s): %s" % (" ".join(proc.args), proc.wait(),
+                                                                    proc.stderr.read()))
+    return lines[0].rstrip("\n")
+
+
+def process_comm(pid):
+    """The name the kernel gives pid (what trop reports as its process)."""
+    with open("/proc/%d/comm" % pid) as fh:
+        return fh.read().strip()
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    """In-process HTTP server for the API tests: every GET answers the server's status."""
+    def do_GET(self):
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class ServerCase(TropTestCase):
+    """Tests that start servers: children killed and reaped when the test ends."""
+
+    def python(self, *args, cwd=None):
+        """Start `python ARGS` (a server) in cwd (default self.root) with self.env."""
+        return self._started(spawn([sys.executable] + list(args), cwd or self.root, self.env))
+
+    def serve(self, code, *args, cwd=None):
+        """Start `python -c CODE ARGS` (a server) in cwd (default self.root) with self.env."""
+        return self.python("-c", code, *args, cwd=cwd)
+
+    def listener(self, address, port, delay=0, cwd=None):
+        """A child listening on (address, port) after delay seconds; returns the started process."""
+        return self.serve(LISTENER_CHILD, address, port, delay, cwd=cwd)
+
+    def ready_listener(self, address, port, cwd=None):
+        """A child already listening on (address, port) (it said so)."""
+        proc = self.listener(address, port, cwd=cwd)
+        self.assertTrue(first_line(proc).startswith("listening %d " % proc.pid))
+        return proc
+
+    def http_server(self, port, status=200, address="127.0.0.1"):
+        """In this process: an HTTP server answering status to every GET, shut down when the test ends."""
+        server = http.server.HTTPServer((address, port), _StatusHandler)
+        server.status = status
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(thread.join, 60)
+        self.addCleanup(server.shutdown)
+        return server
+
+    def reserve_ports(self, port, *tags, path=None, **options):
+        """Reserve tags of path (default self.proj) at port, port + 1, ... (in this process, without probes)."""
+        with trop.Trop(data_dir=self.data, allow_unrelated_path=True, skip_occupancy_check=True, min=port,
+                       max=port + len(tags) - 1, busy_timeout=30, **options) as handle:
+            ports = [handle.reserve(path or self.proj, tag) for tag in tags]
+        self.assertEqual(ports, list(range(port, port + len(tags))))
+
+    def hold_write_lock(self):
+        """Another connection holding trop.db's write lock (BEGIN IMMEDIATE) until the test ends."""
+        conn = sqlite3.connect(self.db, isolation_level=None, timeout=0)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        self.addCleanup(conn.execute, "ROLLBACK")
+        return conn
+
+
+class TestWaitForServers(ServerCase):
+    """`trop wait` against real servers: Python's http.server, a listener that starts late, IPv6 only."""
+
+    def test_http_server_reached_with_http_path(self):
+        port = self.free_block(1)
+        self.reserve_ports(port, "web")
+        site = self.mkdir("site")
+        self.write(os.path.join(site, "index.html"), "<p>hello</p>\n")
+        self.python("-m", "http.server", port, "--bind", "127.0.0.1", cwd=site)
+        rc, out, err = self.trop("wait", "--tag", "web", "--http", "/", "--timeout", "120")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+        # Ready now: a 404 (status below 500) counts, --quiet prints nothing, the path gets its leading /.
+        self.assertEqual(self.trop("wait", "--tag", "web", "--http", "no-such-page", "--quiet", "--timeout", "120"),
+                         (0, "", ""))
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120", "--interval", "0.05")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+        with contextlib.closing(http.client.HTTPConnection("127.0.0.1", port, timeout=60)) as conn:
+            conn.request("GET", "/")                           # the server still serves after wait's knocks
+            response = conn.getresponse()
+            self.assertEqual((response.status, response.read()), (200, b"<p>hello</p>\n"))
+
+    def test_listener_that_starts_late(self):
+        port = self.free_block(1)
+        with self.assertRaises(ConnectionRefusedError):        # nothing listens yet
+            socket.create_connection(("127.0.0.1", port), timeout=60).close()
+        child = self.listener("127.0.0.1", port, delay=1)      # listens about a second after it starts
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120", "--interval", "0.1")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+        self.assertEqual(first_line(child), "listening %d %s" % (child.pid, self.root))
+        self.assertIsNone(child.poll())
+
+    @unittest.skipUnless(HAS_IPV6, NO_IPV6)
+    def test_ipv6_only_listener(self):
+        port = self.free_block(2)
+        self.ready_listener("::1", port)
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, "::1", "IPv6")))
+        # With --http: an HTTP server on ::1 only (127.0.0.1 refuses, ::1 answers).
+        http_port = port + 1
+        self.assertEqual(first_line(self.serve(STATUS_CHILD, http_port, 204, "::1")), "listening")
+        rc, out, err = self.trop("wait", "--port", str(http_port), "--http", "/health", "--timeout", "120")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (http_port, "::1", "IPv6")))
+
+    def test_both_families_ipv4_first(self):
+        port = self.free_block(1)
+        self.ready_listener("127.0.0.1", port)
+        if HAS_IPV6:
+            self.ready_listener("::1", port)
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+
+
+class TestWaitOutcomes(ServerCase):
+    """wait's failures and targets: timeouts (exit 1), not found (exit 6), --group, and read-only use."""
+
+    def test_timeout_names_the_port_and_what_was_seen(self):
+        port = self.free_block(1)
+        self.reserve_ports(port, "web")
+        self.assertError(self.trop("wait", "--tag", "web", "--timeout", "0.5", "--interval", "0.1"), 1,
+                         startswith="timed out after 0.5s waiting for port %d (last seen: connection refused on "
+                                    "127.0.0.1; " % port)
+        self.assertError(self.trop("wait", "--port", str(port), "--timeout", "0"), 1,
+                         startswith="timed out after 0s waiting for port %d (last seen: connection refused on "
+                                    "127.0.0.1" % port)
+        if HAS_IPV6:
+            self.assertError(self.trop("wait", "--port", str(port), "--timeout", "0"), 1,
+                             "timed out after 0s waiting for port %d (last seen: connection refused on 127.0.0.1; "
+                             "connection refused on ::1)" % port)
+
+    def test_http_500_is_not_ready(self):
+        port = self.free_block(1)
+        self.assertEqual(first_line(self.serve(STATUS_CHILD, port, 500)), "listening")
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120")     # it does accept
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertError(self.trop("wait", "--port", str(port), "--http", "/health", "--timeout", "1"), 1,
+                         startswith="timed out after 1s waiting for port %d (last seen: HTTP 500 from 127.0.0.1"
+                                    % port)
+
+    def test_not_found_exit_6_and_no_database(self):
+        self.assertError(self.trop("wait", "--tag", "nope", "--timeout", "0"), 6,
+                         "not found: no reservation for %s:nope (reserve it first, or give --port)" % self.proj)
+        self.assertError(self.trop("wait", "--timeout", "0"), 6,
+                         "not found: no reservation for %s (reserve it first, or give --port)" % self.proj)
+        self.assertFalse(os.path.exists(self.data), "wait created the data directory")
+        port = self.free_block(1)
+        self.reserve_ports(port, "web")
+        self.assertError(self.trop("wait", "--tag", "api", "--timeout", "0"), 6,
+                         "not found: no reservation for %s:api (reserve it first, or give --port)" % self.proj)
+        group = self.mkdir("g")
+        self.assertError(self.trop("wait", "--group", "--timeout", "0", cwd=group), 4,
+                         "No trop configuration file found (searched from: %s)" % group)
+        self.group_file(group, [("web", {})], pmin=port, pmax=port)
+        self.assertError(self.trop("wait", "--group", "--timeout", "0", cwd=group), 6,
+                         "not found: no group is reserved at %s (run `trop autoreserve` first)" % group)
+
+    def test_group_waits_for_every_service(self):
+        port = self.free_block(3)
+        group = self.mkdir("shop")
+        self.group_file(group, [("web", {}), ("api", {"offset": 1}), ("db", {"offset": 2})],
+                        pmin=port, pmax=port + 2)
+        self.ok("autoreserve", "--quiet", cwd=group)
+        self.ready_listener("127.0.0.1", port, cwd=group)
+        self.listener("127.0.0.1", port + 1, delay=1, cwd=group)               # two start late
+        self.listener("127.0.0.1", port + 2, delay=2, cwd=group)
+        rc, out, err = self.trop("wait", "--group", "--timeout", "120", "--interval", "0.1",
+                                 cwd=self.mkdir("shop", "src"))                 # the group is found from below too
+        self.assertEqual((rc, err), (0, ""), out)
+        lines = sorted(out.splitlines(True))
+        self.assertEqual(len(lines), 3, out)
+        for offset, line in enumerate(lines):
+            self.assertRegex(line, "^%s$" % (WAIT_READY % (port + offset, r"127\.0\.0\.1", "IPv4")))
+
+    def test_bad_arguments(self):
+        port = str(self.free_block(1))
+        for args, code, text in ((("--port", port, "--timeout", "-1"), 2, "invalid value '-1': expected seconds"),
+                                 (("--port", port, "--interval", "x"), 2, "invalid value 'x': expected seconds"),
+                                 (("--port", port, "--tag", "web"), 2, "not allowed with argument"),
+                                 (("--port", "0"), 4, "Error: Invalid port number"),
+                                 (("--port", "65536"), 4, "Error: Invalid port number")):
+            with self.subTest(args=args):
+                rc, out, err = self.trop("wait", *args)
+                self.assertEqual((rc, out), (code, ""), err)
+                self.assertIn(text, err)
+
+    def test_group_timeout_names_only_the_missing_services(self):
+        port = self.free_block(2)
+        group = self.mkdir("shop")
+        self.group_file(group, [("web", {}), ("api", {"offset": 1})], pmin=port, pmax=port + 1)
+        self.ok("autoreserve", "--quiet", cwd=group)
+        web = self.listen("tcp", "127.0.0.1", port)                                # web is up, api is not
+        rc, out, err = self.trop("wait", "--group", "--timeout", "0.5", cwd=group)
+        self.assertEqual(rc, 1, err)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+        self.assertTrue(err.startswith("Error: timed out after 0.5s waiting for port %d (last seen: connection "
+                                       "refused on 127.0.0.1" % (port + 1)), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertNotIn("port %d " % port, err)
+        web.close()                           # nothing up: one Error line names both, in the group's (tag) order
+        self.assertError(self.trop("wait", "--group", "--timeout", "0", cwd=group), 1, contains=[
+            "waiting for port %d (last seen: connection refused on 127.0.0.1" % (port + 1),
+            "; port %d (last seen: connection refused on 127.0.0.1" % port])
+
+    def test_works_under_the_write_lock_and_writes_nothing(self):
+        port = self.free_block(1)
+        # No data directory at all: --port needs none, and wait creates none (who neither).
+        self.listen("tcp", "127.0.0.1", port)
+        rc, out, err = self.trop("wait", "--port", str(port), "--timeout", "120")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertEqual(self.trop("who", str(port), "--format", "json")[0], 0)
+        self.assertFalse(os.path.exists(self.data), "wait or who created the data directory")
+        # Another connection holds BEGIN IMMEDIATE: wait and who still read, without waiting for the lock.
+        self.reserve_ports(port, "web")
+        before = self.rows()
+        self.hold_write_lock()
+        rc, out, err = self.trop("wait", "--tag", "web", "--timeout", "120", "--busy-timeout", "0")
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertRegex(out, "^%s$" % (WAIT_READY % (port, r"127\.0\.0\.1", "IPv4")))
+        rc, out, err = self.trop("who", "--busy-timeout", "0", "--format", "json")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual([r["port"] for r in json.loads(out)], [port])
+        self.assertEqual(self.rows(), before)                                       # last_used_at untouched
+
+
+@unittest.skipUnless(LINUX_PROC, "who's pids and working directories are read from Linux /proc")
+class TestWhoNamesServers(ServerCase):
+    """`trop who` names the child processes listening on reserved ports, and whether they run in the
+    reserved directory."""
+
+    def setUp(self):
+        super().setUp()
+        self.port = self.free_block(3)
+        self.user = user_name(os.getuid())
+        self.reserve_ports(self.port, "web", project="shop", task="t1")
+        self.reserve_ports(self.port + 1, "api", project="shop")
+        self.sql("UPDATE reservations SET created_at = ?, last_used_at = ?", (T1, T1))
+        self.sql("UPDATE reservations SET last_used_at = ? WHERE tag = 'web'", (T2,))
+        self.inside = self.mkdir("proj", "server")                    # within the reserved directory
+        self.elsewhere = temp_dir(self, "trop-test-elsewhere-")       # another temporary directory
+        self.mine = self.ready_listener("127.0.0.1", self.port, cwd=self.inside)
+        self.theirs = self.ready_listener("127.0.0.1", self.port + 1, cwd=self.elsewhere)
+
+    def listener_entry(self, proc, cwd):
+        return {"protocol": "tcp", "family": "ipv4", "address": "127.0.0.1", "pid": proc.pid,
+                "process": process_comm(proc.pid), "user": self.user, "cwd": cwd}
+
+    def test_json(self):
+        rc, out, err = self.trop("who", "--format", "json")
+        self.assertEqual((rc, err), (0, ""))
+        reports = {r["port"]: r for r in json.loads(out)}
+        self.assertEqual(sorted(reports), [self.port, self.port + 1])
+        name = process_comm(self.mine.pid)
+        self.assertEqual(reports[self.port], {
+            "port": self.port, "verdict": "reservation",
+            "detail": "held by this reservation's directory: pid %d %s in %s" % (self.mine.pid, name, self.inside),
+            "reservation": {"path": self.proj, "tag": "web", "project": "shop", "task": "t1", "last_used_at": S2},
+            "listeners": [self.listener_entry(self.mine, self.inside)]})
+        other = reports[self.port + 1]
+        self.assertEqual(other["verdict"], "other")
+        self.assertEqual(other["detail"], "held by another process: pid %d %s in %s"
+                         % (self.theirs.pid, process_comm(self.theirs.pid), self.elsewhere))
+        self.assertEqual(other["listeners"], [self.listener_entry(self.theirs, self.elsewhere)])
+        self.assertEqual(other["reservation"]["tag"], "api")
+        # One port by number, one tag, another directory's reservations by --path.
+        self.assertEqual(json.loads(self.trop("who", str(self.port), "--format", "json")[1]), [reports[self.port]])
+        self.assertEqual(json.loads(self.ok("who", "--tag", "api", "--format", "json")[0]), [other])
+        self.assertEqual(json.loads(self.ok("who", "--path", self.proj, "--format", "json", cwd=self.root)[0]),
+                         json.loads(out))
+
+    def test_text(self):
+        name = process_comm(self.mine.pid)
+        self.assertEqual(self.ok("who", "--tag", "web")[0], (
+            "Port {p}: held by this reservation's directory: pid {pid} {name} in {cwd}\n"
+            "  reserved for {proj} tag web, project shop, task t1 (last used {used})\n"
+            "  listener TCP IPv4 127.0.0.1: pid {pid}, {name}, user {user}, cwd {cwd}\n").format(
+                p=self.port, pid=self.mine.pid, name=name, cwd=self.inside, proj=self.proj, used=S2, user=self.user))
+        name = process_comm(self.theirs.pid)
+        self.assertEqual(self.ok("who", str(self.port + 1))[0], (
+            "Port {p}: held by another process: pid {pid} {name} in {cwd}\n"
+            "  reserved for {proj} tag api, project shop (last used {used})\n"
+            "  listener TCP IPv4 127.0.0.1: pid {pid}, {name}, user {user}, cwd {cwd}\n").format(
+                p=self.port + 1, pid=self.theirs.pid, name=name, cwd=self.elsewhere, proj=self.proj, used=S1,
+                user=self.user))
+
+    def test_free_ports(self):
+        free = self.port + 2                                       # neither reserved nor listened on
+        self.assertEqual(self.ok("who", str(free))[0], "Port %d: nothing listens on it\n  not reserved\n" % free)
+        self.assertEqual(json.loads(self.ok("who", str(free), "--format", "json")[0]), [
+            {"port": free, "reservation": None, "listeners": [], "verdict": "free",
+             "detail": "nothing listens on it"}])
+        # A reserved port whose server stopped: free, reservation still named.
+        self.mine.kill()
+        self.mine.wait(60)
+        report, = json.loads(self.ok("who", "--tag", "web", "--format", "json")[0])
+        self.assertEqual((report["verdict"], report["listeners"], report["reservation"]["tag"]), ("free", [], "web"))
+
+    def test_errors(self):
+        self.assertError(self.trop("who", "--tag", "nope"), 6, "not found: no reservation for %s:nope" % self.proj)
+        self.assertError(self.trop("who", cwd=self.inside), 6, "not found: no reservation for %s" % self.inside)
+        rc, out, err = self.trop("who", str(self.port), "--tag", "web")
+        self.assertEqual((rc, out), (2, ""))
+        self.assertIn("give a PORT or --path/--tag, not both", err)
+
+
+class TestWhoVerdicts(unittest.TestCase):
+    """who_holds decides from the listeners it is given (and a probe when there are none)."""
+
+    class Owners:
+        def __init__(self, listeners):
+            self._listeners = listeners
+
+        def listeners(self, port):
+            return self._listeners
+
+        def lingering(self, port):
+            return False
+
+    @staticmethod
+    def entry(pid, cwd, process="server"):
+        return {"protocol": "tcp", "family": "ipv4", "address": "127.0.0.1", "pid": pid, "process": process,
+                "user": "u", "cwd": cwd}
+
+    def test_verdicts(self):
+        res = trop.Reservation("/w/app", "web", 0, created_at=T1, last_used_at=T1)
+        cases = [
+            ([self.entry(7, "/w/app")], "reservation", "held by this reservation's directory: pid 7 server in /w/app"),
+            ([self.entry(7, "/w/app/sub")], "reservation",
+             "held by this reservation's directory: pid 7 server in /w/app/sub"),
+            ([self.entry(7, "/w/application")], "other", "held by another process: pid 7 server in /w/application"),
+            ([self.entry(7, None)], "other", "held by another process: pid 7 server"),
+            ([self.entry(None, None, None)], "other", "held by another process: a process"),
+            ([self.entry(7, "/elsewhere"), self.entry(9, "/w/app")], "reservation",
+             "held by this reservation's directory: pid 9 server in /w/app"),
+        ]
+        for listeners, verdict, detail in cases:
+            with self.subTest(listeners=listeners):
+                report = trop.who_holds(1, res, self.Owners(listeners))
+                self.assertEqual((report["verdict"], report["detail"]), (verdict, detail))
+                self.assertEqual(report["listeners"], listeners)
+        report = trop.who_holds(1, None, self.Owners([self.entry(7, "/w/app")]))     # unreserved: never "mine"
+        self.assertEqual((report["verdict"], report["reservation"]), ("other", None))
+
+    def test_in_use_by_a_process_the_os_does_not_name(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1)
+            port = sock.getsockname()[1]
+            report = trop.who_holds(port, None, self.Owners([]), trop.OccupancyPolicy())
+        self.assertEqual(report["verdict"], "unknown")
+        self.assertTrue(report["detail"].startswith("in use, but the OS does not say by whom"), report["detail"])
+
+
+@unittest.skipUnless(os.name == "posix", "run --listen hands sockets over on POSIX only")
+class TestRunListen(ServerCase):
+    """`trop run --listen`: the command inherits bound, listening sockets (systemd socket activation)."""
+
+    def setUp(self):
+        super().setUp()
+        self.port = self.free_block(2)
+        self.group = self.mkdir("shop")
+        self.group_file(self.group, [("web", {}), ("api", {"offset": 1})], pmin=self.port, pmax=self.port + 1)
+
+    def get(self, address, port, path):
+        """(status, JSON body) of GET path, made here with http.client."""
+        with contextlib.closing(http.client.HTTPConnection(address, port, timeout=120)) as conn:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read().decode("utf-8"))
+
+    def test_http_server_on_inherited_sockets(self):
+        web, api = self.port, self.port + 1
+        families = [("ipv4", "127.0.0.1")] + ([("ipv6", "::1")] if HAS_IPV6 else [])
+        expected = [{"fd": 3 + index, "name": name, "family": family, "address": address, "port": port}
+                    for index, (name, port, (family, address)) in enumerate(
+                        (name, port, fa) for name, port in (("api", api), ("web", web)) for fa in families)]
+        proc = self.start("--verbose", "run", "--listen", "--", sys.executable, "-c", SOCKET_ACTIVATED_CHILD,
+                          cwd=self.group)
+        report = json.loads(first_line(proc))
+        status, body = self.get("127.0.0.1", web, "/hello")
+        self.assertEqual(status, 200)
+        self.assertEqual(report["pid"], proc.pid)                             # exec kept trop's pid ...
+        self.assertEqual(report["LISTEN_PID"], str(proc.pid))                  # ... which LISTEN_PID names
+        self.assertEqual(report["LISTEN_FDS"], str(len(expected)))
+        self.assertEqual(report["LISTEN_FDNAMES"], ":".join(e["name"] for e in expected))
+        self.assertEqual(report["sockets"], expected)                           # by tag; IPv4 then IPv6
+        self.assertEqual(report["extra_fds"], [])                               # nothing else leaked
+        self.assertEqual(report["cwd"], self.group)
+        self.assertEqual(body, dict(report, path="/hello", fd=expected[len(families)]["fd"], name="web"))
+        for entry in expected:
+            with self.subTest(entry=entry):
+                status, body = self.get(entry["address"], entry["port"], "/" + entry["name"])
+                self.assertEqual((status, body["fd"], body["name"], body["pid"]),
+                                 (200, entry["fd"], entry["name"], proc.pid))
+        if LINUX_PROC:                                    # who: the server holds both ports, in the group's directory
+            reports = json.loads(self.ok("who", "--format", "json", cwd=self.group)[0])
+            self.assertEqual([(r["port"], r["verdict"]) for r in reports], [(api, "reservation"), (web, "reservation")])
+            for r in reports:
+                self.assertEqual([(l["address"], l["pid"], l["cwd"]) for l in r["listeners"]],
+                                 [(address, proc.pid, self.group) for _family, address in families])
+        proc.kill()
+        proc.wait(60)
+        err = proc.stderr.read()                                    # trop's --verbose lines, before the exec
+        self.assertNoTraceback(err)
+        for line in ("API=%d" % api, "WEB=%d" % web, "LISTEN_FDS=%d" % len(expected), "LISTEN_PID=%d" % proc.pid,
+                     "LISTEN_FDNAMES=%s" % report["LISTEN_FDNAMES"]):
+            self.assertIn(line + "\n", err)
+
+    def test_port_in_use_stops_before_the_command(self):
+        self.listen("tcp", "127.0.0.1", self.port)                  # occupancy is not checked (skip: true)
+        self.assertError(self.trop("run", "--listen", "--", sys.executable, "-c", "print('ran')", cwd=self.group), 6,
+                         startswith="cannot listen on 127.0.0.1 port %d for web: " % self.port)
+        self.assertEqual(len(self.rows()), 2)                        # the group is reserved all the same
+        with socket.socket() as sock:                                # and no socket of api was left behind
+            sock.bind(("127.0.0.1", self.port + 1))
+
+    def test_without_listen_nothing_is_inherited(self):
+        code = "import os; print(os.environ.get('LISTEN_FDS'), os.environ.get('LISTEN_PID'))"
+        self.assertEqual(self.ok("run", "--", sys.executable, "-c", code, cwd=self.group), ("None None\n", ""))
+        self.assertEqual(self.ok("run", "--listen", "--dry-run", "--quiet", "--", sys.executable, "-c", code,
+                                 cwd=self.group), ("", ""))
+        with socket.socket() as sock:                                # a dry run binds nothing
+            sock.bind(("127.0.0.1", self.port))
+
+
+class TestServersAPI(ServerCase):
+    """trop.wait, Trop.wait/who, ReservedPort.wait and the trop_port fixture, against servers of this process."""
+    IN_PROCESS = True
+
+    def test_module_wait(self):
+        port = self.free_block(2)
+        self.listen("tcp", "127.0.0.1", port)
+        answer = trop.wait(port=port, timeout=60, **self.opts)
+        self.assertEqual(list(answer), [port])
+        family, address, seconds = answer[port]
+        self.assertEqual((family, address), ("ipv4", "127.0.0.1"))
+        self.assertIsInstance(seconds, float)
+        self.assertGreaterEqual(seconds, 0)
+        exc = self.assertTropError(trop.WaitTimeout, 1, trop.wait, port=port + 1, timeout=0.2, interval=0.05,
+                                   **self.opts)
+        self.assertIsInstance(exc, trop.SemanticFailure)
+        self.assertIn("waiting for port %d (last seen: connection refused on 127.0.0.1" % (port + 1), str(exc))
+        server = self.http_server(port + 1, 503)
+        exc = self.assertTropError(trop.WaitTimeout, 1, trop.wait, port=port + 1, http="/health", timeout=0.5,
+                                   **self.opts)
+        self.assertIn("HTTP 503 from 127.0.0.1", str(exc))
+        server.status = 200
+        self.assertEqual(trop.wait(port=port + 1, http="/health", timeout=60, **self.opts)[port + 1][:2],
+                         ("ipv4", "127.0.0.1"))
+        self.assertFalse(os.path.exists(self.data), "wait --port created the data directory")
+
+    def test_handle_wait_and_who(self):
+        port = self.free_block(3)
+        with trop.Trop(min=port, max=port + 2, **self.opts) as handle:
+            self.assertEqual(handle.reserve(tag="web"), port)
+            self.assertTropError(trop.WaitTimeout, 1, handle.wait, tag="web", timeout=0.2)
+            self.listen("tcp", "127.0.0.1", port)
+            answer = handle.wait(tag="web", timeout=60)
+            self.assertEqual((list(answer), answer[port][:2]), ([port], ("ipv4", "127.0.0.1")))
+            self.assertTropError(trop.LibraryError, 6, handle.wait, tag="nope", timeout=0)
+            reports = handle.who(tag="web")
+            self.assertEqual(handle.who(port=port), reports)
+            report, = reports
+            self.assertEqual(report["port"], port)
+            self.assertEqual((report["reservation"]["path"], report["reservation"]["tag"]), (self.proj, "web"))
+            self.assertEqual([(l["protocol"], l["address"]) for l in report["listeners"]], [("tcp", "127.0.0.1")])
+            if LINUX_PROC:                           # this process listens, and its cwd is the reserved directory
+                self.assertEqual(report["verdict"], "reservation")
+                self.assertEqual((report["listeners"][0]["pid"], report["listeners"][0]["cwd"]),
+                                 (os.getpid(), self.proj))
+            free, = handle.who(port=port + 2)
+            self.assertEqual((free["verdict"], free["reservation"], free["listeners"]), ("free", None, []))
+        self.assertEqual(trop.who(port + 2, **self.opts), [free])
+        self.assertEqual(trop.who(tag="web", **self.opts)[0]["port"], port)
+        self.assertEqual(trop.wait(tag="web", timeout=60, **self.opts)[port][:2], ("ipv4", "127.0.0.1"))
+
+    def test_reservation_yields_a_port_that_waits(self):
+        port = self.free_block(2)
+        with trop.reservation(tag="server", min=port, max=port + 1, **self.opts) as reserved:
+            self.assertIsInstance(reserved, trop.ReservedPort)
+            self.assertIsInstance(reserved, int)
+            self.assertEqual(reserved, port)
+            exc = self.assertTropError(trop.WaitTimeout, 1, reserved.wait, timeout=0.2, interval=0.05)
+            self.assertIn("port %d" % port, str(exc))
+            self.http_server(reserved, 200)
+            family, address, seconds = reserved.wait(timeout=60, http="/")
+            self.assertEqual((family, address), ("ipv4", "127.0.0.1"))
+            self.assertGreaterEqual(seconds, 0)
+        self.assertIsNone(trop.port_info(port, **self.opts))
+
+    PYTEST_FILE = '''\
+import http.server
+import threading
+
+import pytest
+import trop
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_is_ready(trop_port):
+    assert isinstance(trop_port, trop.ReservedPort) and trop.port_info(trop_port) is not None
+    server = http.server.HTTPServer(("127.0.0.1", trop_port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        family, address, seconds = trop_port.wait(timeout=60, http="/health")
+        assert (family, address) == ("ipv4", "127.0.0.1") and seconds >= 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_nothing_listens(trop_port):
+    with pytest.raises(trop.WaitTimeout) as info:
+        trop_port.wait(timeout=0.2, interval=0.05)
+    assert info.value.exit_code == 1 and "port %d" % trop_port in str(info.value)
+'''
+
+    @unittest.skipIf(importlib.util.find_spec("pytest") is None, "pytest is not installed for this interpreter")
+    def test_trop_port_fixture_waits_for_its_server(self):
+        work = self.mkdir("pytest-run")
+        self.write(os.path.join(work, "test_ready.py"), self.PYTEST_FILE)
+        data = os.path.join(self.root, "pytest-data")
+        low = self.free_block(4)                          # free ports: nothing else listens on trop_port
+        env = self.child_env(PYTHONPATH=TROP_DIR, TROP_DATA_DIR=data, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+                             TROP_PORT_MIN=str(low), TROP_PORT_MAX=str(low + 3))
+        rc, out, err = self.execute([sys.executable, "-m", "pytest", "-p", "trop", "-p", "no:cacheprovider", "-q",
+                                     "test_ready.py"], cwd=work, env=env)
+        self.assertEqual(rc, 0, out + err)
+        self.assertRegex(out, r"2 passed")
+        self.assertEqual(trop.list_reservations(data_dir=data), [])
+
+
+class TestServerFixes(ServerCase):
+    """Cases found by running the servers: symlinked reservations, TIME_WAIT, slow health checks, fd names,
+    --group from a path, and single-family handoff."""
+
+    # An HTTP server whose every answer takes DELAY seconds: PORT DELAY; prints one line once listening.
+    SLOW_CHILD = STATUS_CHILD.replace("    def do_GET(self):\n", "    def do_GET(self):\n        import time\n"
+                                      "        time.sleep(float(sys.argv[3]))\n").replace(
+        'address = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"', 'address = "127.0.0.1"')
+
+    @unittest.skipUnless(LINUX_PROC and hasattr(os, "symlink"), "needs Linux /proc for cwds, and symlinks")
+    def test_who_sees_its_own_server_through_a_symlinked_reservation(self):
+        port = self.free_block(1)
+        real = self.mkdir("proj", "real")
+        link = os.path.join(self.proj, "link")
+        os.symlink(real, link)
+        self.reserve_ports(port, "web", path=link)
+        self.ready_listener("127.0.0.1", port, cwd=real)
+        rc, out, err = self.trop("who", "--path", link, "--format", "json")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(json.loads(out)[0]["verdict"], "reservation")
+
+    def test_closed_connections_in_time_wait_are_not_a_stranger(self):
+        owners = types.SimpleNamespace(listeners=lambda port: [], lingering=lambda port: True)
+        holder = self.listen("tcp", "127.0.0.1")                    # makes the probe fail as TIME_WAIT would
+        report = trop.who_holds(holder.getsockname()[1], None, owners, trop.OccupancyPolicy(skip_udp=True))
+        self.assertEqual(report["verdict"], "free")
+        self.assertIn("TIME_WAIT", report["detail"])
+
+    def test_a_health_check_slower_than_a_second_is_waited_for(self):
+        port = self.free_block(1)
+        proc = self.serve(self.SLOW_CHILD, port, 200, 1.5)
+        self.assertEqual(first_line(proc), "listening")
+        rc, out, err = self.trop("wait", "--port", str(port), "--http", "/health", "--timeout", "60")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertRegex(out, WAIT_READY % (port, "127.0.0.1", "IPv4"))
+
+    def test_fd_names_follow_systemd_rules(self):
+        self.assertEqual(trop._fd_name("web:main"), "web_main")
+        self.assertEqual(trop._fd_name("café api"), "caf__api")
+        self.assertEqual(len(trop._fd_name("x" * 300)), 255)
+
+    def test_wait_for_a_group_found_from_a_path_or_named_by_file(self):
+        port = self.free_block(2)
+        shop = self.mkdir("proj", "shop")
+        config = self.group_file(shop, [("web", {}), ("api", {"offset": 1})], pmin=port, pmax=port + 1)
+        self.ok("autoreserve", cwd=shop)
+        for offset in (0, 1):
+            self.ready_listener("127.0.0.1", port + offset)
+        for args in (("--group", "--path", shop), ("--config", config)):
+            with self.subTest(args=args):
+                rc, out, err = self.trop("wait", *args, "--timeout", "60", cwd=self.root)
+                self.assertEqual((rc, err), (0, ""))
+                self.assertEqual(len(out.splitlines()), 2)
+        self.assertError(self.trop("wait", "--port", str(port), "--path", shop), 2)
+
+    @unittest.skipUnless(os.name == "posix", "socket handoff needs POSIX")
+    def test_listen_hands_over_one_family_when_the_other_is_skipped(self):
+        port = self.free_block(1)
+        group = self.mkdir("proj", "one")
+        self.group_file(group, [("web", {})], pmin=port, pmax=port)
+        proc = self.start("run", "--listen", "--skip-ipv6", "--", sys.executable, "-c", SOCKET_ACTIVATED_CHILD,
+                          cwd=group)
+        report = json.loads(first_line(proc))
+        self.assertEqual((report["LISTEN_FDS"], report["LISTEN_FDNAMES"]), ("1", "web"))
+        self.assertEqual([s["family"] for s in report["sockets"]], ["ipv4"])
 
 
 # --- README ------------------------------------------------------------------

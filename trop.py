@@ -3322,7 +3322,7 @@ def validate_data_dir(data_dir, network_ok=False):
 
 _PROC_NET_FILES = (("tcp", "ipv4", "tcp"), ("tcp6", "ipv6", "tcp"),
                    ("udp", "ipv4", "udp"), ("udp6", "ipv6", "udp"))
-_TCP_LISTEN = "0A"
+_TCP_LISTEN, _TCP_TIME_WAIT = "0A", "06"
 
 
 class OwnerTable:
@@ -3341,6 +3341,7 @@ class OwnerTable:
         # (protocol, family, port) -> [(rank, uid, inode, pid, local address)]; rank 0 = LISTEN (or bound UDP)
         self._sockets = {}
         self._inode_pids = None          # inode -> [pid], filled lazily
+        self._lingering = set()          # (protocol, family, port) of closed TCP connections in TIME_WAIT
         self._names = {}                 # pid -> process name
         self._users = {}                 # uid -> user name
         try:
@@ -3377,6 +3378,8 @@ class OwnerTable:
                 except (IndexError, ValueError):
                     continue                             # malformed line
                 if inode == 0:
+                    if state == _TCP_TIME_WAIT:
+                        self._lingering.add((protocol, family, port))
                     continue     # TIME_WAIT & co: no owner, uid is bogus 0
                 rank = 0 if (protocol == "udp" or state == _TCP_LISTEN) else 1
                 self._add(protocol, family, port, rank, uid, inode, None, _proc_net_address(hex_address))
@@ -3571,6 +3574,10 @@ class OwnerTable:
                                     "process": self._name(owner), "user": self._user(uid), "cwd": self.cwd(owner)})
         out.sort(key=lambda entry: (entry["protocol"], entry["address"] or "", entry["pid"] or 0))
         return out
+
+    def lingering(self, port):
+        """Whether closed TCP connections of port are still in TIME_WAIT (a bind without SO_REUSEADDR fails)."""
+        return any((protocol, family, port) in self._lingering for protocol in ("tcp",) for family in ("ipv4", "ipv6"))
 
     def cwd(self, pid):
         """The working directory of pid where it can be read (Linux /proc, else lsof), or None."""
@@ -4589,6 +4596,8 @@ def _http_status(address, port, path, timeout):
         conn.request("GET", path if path.startswith("/") else "/" + path, headers={"User-Agent": "trop-wait"})
         return conn.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
+        if isinstance(exc, _socket().timeout):
+            return "no HTTP answer (timed out)"
         return "no HTTP answer (%s)" % (getattr(exc, "strerror", None) or exc.__class__.__name__)
     finally:
         conn.close()
@@ -4612,12 +4621,12 @@ def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=
         for port in ports:
             if port in ready:
                 continue
-            family, detail = knock(port, http_path, min(1.0, max(0.05, deadline - time.monotonic())))
+            family, detail = knock(port, http_path, max(0.05, deadline - time.monotonic()))
             if family:
                 ready[port] = (family, detail, time.monotonic() - started)
                 if progress:
                     progress(port, ready[port])
-            else:
+            elif port not in last or "timed out" not in detail:     # cut short at the deadline: keep the news
                 last[port] = detail
         if len(ready) == len(ports):
             return ready
@@ -4637,12 +4646,17 @@ def who_holds(port, reservation, owners, policy=None):
                                  "task": reservation.task, "last_used_at": format_timestamp(reservation.last_used_at)}
     if not listeners:
         found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
-        verdict = "unknown" if found or failed else "free"
-        detail = ("in use, but the OS does not say by whom (another user's or container's process?)"
-                  if verdict == "unknown" else "nothing listens on it")
+        if (found or failed) and not owners.lingering(port):
+            verdict = "unknown"
+            detail = "in use, but the OS does not say by whom (another user's or container's process?)"
+        else:
+            verdict = "free"
+            detail = "nothing listens on it" + (" (closed connections linger in TIME_WAIT: a server that sets "
+                                                "SO_REUSEADDR can bind it)" if found or failed else "")
     else:
-        mine = [entry for entry in listeners if reservation is not None and entry["cwd"]
-                and is_within(entry["cwd"], reservation.path)]
+        homes = [] if reservation is None else [reservation.path, _canonical_prefix(reservation.path)]
+        mine = [entry for entry in listeners if entry["cwd"] and any(is_within(entry["cwd"], home)
+                                                                     for home in homes)]
         verdict = "reservation" if mine else "other"
         entry = (mine or listeners)[0]
         who = "pid %s %s" % (entry["pid"], entry["process"] or "?") if entry["pid"] is not None else "a process"
@@ -4654,8 +4668,10 @@ def who_holds(port, reservation, owners, policy=None):
     return report
 
 
-def listening_sockets(services):
+def listening_sockets(services, policy=None):
     """Bind and listen on each (name, port) at the addresses the probes use; [(name, socket)], IPv4 first.
+
+    --skip-ipv6 (or --skip-ipv4) leaves that family out, for a server that takes a single fd.
 
     For `run --listen`: the command inherits the sockets (systemd socket
     activation), so no other process can take a port between the
@@ -4663,9 +4679,10 @@ def listening_sockets(services):
     """
     socket = _socket()
     out = []
+    families = [(f, a) for f, a in _LOOPBACKS if not (policy and getattr(policy, "skip_ip" + f[-1]))]
     try:
         for name, port in services:
-            for family, address in _LOOPBACKS:
+            for family, address in families:
                 af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
                 try:
                     sock = socket.socket(af, socket.SOCK_STREAM)
@@ -4693,6 +4710,11 @@ def listening_sockets(services):
     return out
 
 
+def _fd_name(tag):
+    """A service tag as systemd allows an fd name: printable ASCII without ':', at most 255 characters."""
+    return "".join(c if " " < c <= "~" and c != ":" else "_" for c in tag)[:255]
+
+
 def socket_activation(sockets, env):
     """Put the sockets on fds 3, 4, ... (inheritable) and set LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES in env.
 
@@ -4707,7 +4729,7 @@ def socket_activation(sockets, env):
         os.dup2(fd, first + index)              # dup2's copy is inheritable
         os.close(fd)
     env.update(LISTEN_FDS=str(len(sockets)), LISTEN_PID=str(os.getpid()),
-               LISTEN_FDNAMES=":".join(name for name, _sock in sockets))
+               LISTEN_FDNAMES=":".join(_fd_name(name) for name, _sock in sockets))
     return env
 
 
@@ -4911,12 +4933,16 @@ def run_release(session, path=None, tag=None, untagged_only=False, recursive=Fal
     return session.write(planner, dry_run)
 
 
-def wait_targets(session, path=None, tag=None, port=None, group=False):
-    """The ports wait watches: --port as given, every service of the directory's group, or one reservation."""
+def wait_targets(session, path=None, tag=None, port=None, group=False, config=None):
+    """The ports wait watches: --port as given, every service of a group (the trop.yaml found from path, or
+    the file config), or one reservation."""
     if port is not None:
+        if path is not None:
+            raise UsageError("--port waits for that port alone: give --path or --port, not both")
         return [cli_port(port)]
-    if group:
-        _config_file, group_dir = locate_group_config(session.cwd)
+    if group or config is not None:
+        start = session.cwd if path is None or config is not None else normalize_path(path, session.cwd)
+        _config_file, group_dir = locate_group_config(start, config)
         rows = [r for r in session.read(lambda store: store.at_path(group_dir), create=False) if r.tag is not None]
         if not rows:
             raise LibraryError("not found: no group is reserved at %s (run `trop autoreserve` first)" % group_dir)
@@ -5064,11 +5090,12 @@ class Trop:
         """Move reservations from source to target; returns [(old, new)] Reservations."""
         return _guard(lambda: run_migrate(self.session, source, target, recursive, force, dry_run).moves)
 
-    def wait(self, path=None, tag=None, port=None, group=False, timeout=30.0, interval=0.25, http=None):
+    def wait(self, path=None, tag=None, port=None, group=False, timeout=30.0, interval=0.25, http=None,
+             config=None):
         """Wait until the reservation's port (or port, or every service of the group) accepts connections on
         127.0.0.1 or ::1; returns {port: (family, address, seconds)}.  Raises WaitTimeout (exit 1)."""
-        return _guard(lambda: wait_for_ports(wait_targets(self.session, path, tag, port, group), timeout, interval,
-                                             http))
+        return _guard(lambda: wait_for_ports(wait_targets(self.session, path, tag, port, group, config), timeout,
+                                             interval, http))
 
     def who(self, port=None, path=None, tag=None):
         """Who holds port (or each reservation of path): [{port, reservation, listeners, verdict, detail}]."""
@@ -5157,7 +5184,8 @@ def migrate(source, target, **options):
 
 def wait(path=None, tag=None, **options):
     """Wait until a reserved port accepts connections (port, group, timeout, interval, http); see Trop.wait."""
-    return _with_handle("wait", options, path, tag, names=("port", "group", "timeout", "interval", "http"))
+    return _with_handle("wait", options, path, tag,
+                        names=("port", "group", "timeout", "interval", "http", "config"))
 
 
 def who(port=None, **options):
@@ -6414,7 +6442,7 @@ def cmd_run(args):
     env.update(variables)
     if args.listen:
         services = [(s.tag, plan.ports[s.tag]) for s in plan.spec.services if s.tag in plan.ports]
-        socket_activation(listening_sockets(services), env)
+        socket_activation(listening_sockets(services, session.config.occupancy), env)
     if session.verbose:
         listen = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] if args.listen else []
         for name in [n for n, _v in variables] + listen:
@@ -6614,7 +6642,9 @@ def _args_wait(p):
     _add_path(p, "whose reservation to wait for")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--tag", help="wait for this tag's reservation")
-    target.add_argument("--group", action="store_true", help="wait for every service of the trop.yaml group")
+    target.add_argument("--group", action="store_true",
+                        help="wait for every service of the trop.yaml group found from --path (or the cwd)")
+    target.add_argument("--config", metavar="FILE", help="wait for every service of this group file's group")
     target.add_argument("--port", help="wait for this port, reserved or not")
     p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="give up after this long, exit 1 (default 30)")
@@ -6625,7 +6655,7 @@ def _args_wait(p):
 
 def cmd_wait(args):
     session = Session(vars(args))
-    ports = wait_targets(session, args.path, args.tag, args.port, args.group)
+    ports = wait_targets(session, args.path, args.tag, args.port, args.group, args.config)
 
     def ready(port, answer):
         family, address, seconds = answer
