@@ -1642,6 +1642,7 @@ class Config:
         values = dict(DEFAULTS)
         sources = dict.fromkeys(values, BUILTIN_SOURCE)
         self.exclusion_sources = []
+        self._exclusions = self._os_reserved = None
         self.layers = layers
         for layer in layers:
             for key, value in layer.values.items():
@@ -1694,7 +1695,16 @@ class Config:
 
     @property
     def exclusions(self):
-        return ExclusionList(rng for rng, _ in self.exclusion_sources)
+        if self._exclusions is None:
+            self._exclusions = ExclusionList(rng for rng, _ in self.exclusion_sources)
+        return self._exclusions
+
+    @property
+    def os_reserved(self):
+        """The ports the OS reserves, read once for this configuration (a command, or a Trop handle)."""
+        if self._os_reserved is None:
+            self._os_reserved = os_reserved_ports()
+        return self._os_reserved
 
     @property
     def occupancy(self):
@@ -2200,7 +2210,8 @@ def infer_git_metadata(path):
     """
     current = os_path(path)
     while True:
-        dotgit = os.path.join(current, ".git")
+        here = current.rstrip(os.sep) + os.sep            # not os.path.join: this loop is on reserve's path
+        dotgit = here + ".git"
         workdir = current
         kind = _stat_kind(dotgit)
         if kind == stat.S_IFDIR:
@@ -2213,8 +2224,8 @@ def infer_git_metadata(path):
             gitdir = os.path.normpath(os.path.join(current, text[7:].strip()))
             linked = True
             break
-        if _stat_kind(os.path.join(current, "HEAD")) == stat.S_IFREG and \
-                os.path.isdir(os.path.join(current, "objects")) and os.path.isdir(os.path.join(current, "refs")):
+        if _stat_kind(here + "HEAD") == stat.S_IFREG and os.path.isdir(here + "objects") and \
+                os.path.isdir(here + "refs"):
             gitdir, linked, workdir = current, False, None      # a bare repository
             break
         parent = os.path.dirname(current)
@@ -3870,16 +3881,19 @@ class Skips:
         self.exclusions = exclusions
         self.occupancy = occupancy
         self.unsafe = UNSAFE_PORTS if avoid_unsafe else frozenset()
-        self._os_reserved = os_reserved
+        self._os_reserved = os_reserved             # an ExclusionList, or what reads it when first needed
 
     @classmethod
     def of(cls, config):
-        return cls(config.exclusions, Occupancy(config.occupancy), not config["allow_unsafe_ports"])
+        return cls(config.exclusions, Occupancy(config.occupancy), not config["allow_unsafe_ports"],
+                   lambda: config.os_reserved)
 
     @property
     def os_reserved(self):
         if self._os_reserved is None:
             self._os_reserved = os_reserved_ports()
+        elif callable(self._os_reserved):
+            self._os_reserved = self._os_reserved()
         return self._os_reserved
 
     def cautions(self, port):
