@@ -9437,6 +9437,108 @@ class TestServerFixes(ServerCase):
         self.assertEqual([s["family"] for s in report["sockets"]], ["ipv4"])
 
 
+class TestReviewedEdges(TropTestCase):
+    """Edges found in review: each once broke a rule (no write by a reader, no internal error, no lost data)."""
+    ENV = SKIP_PROBES
+
+    def test_init_checks_the_filesystem_before_touching_anything(self):
+        self.ok("init")
+        before = self.read(self.db)
+        proc_root = self.mkdir("fakeproc")
+        self.write(os.path.join(proc_root, "self", "mountinfo"), "20 1 0:1 / / rw - ext4 src rw\n"
+                   "21 1 0:2 / %s rw - nfs4 src rw\n" % self.data)
+        code = ("import sys, trop\ntrop.PROC_ROOT = %r\nsys.exit(trop.main(sys.argv[1:]))\n" % proc_root)
+        refused = self.execute([sys.executable, "-c", code, "--data-dir", self.data, "init", "--overwrite"],
+                               env=self.environment())
+        self.assertError(refused, 7, contains="TROP_ALLOW_NETWORK_FS")
+        self.assertEqual(self.read(self.db), before)
+        allowed = self.execute([sys.executable, "-c", code, "--data-dir", self.data, "init", "--overwrite"],
+                               env=self.environment({"TROP_ALLOW_NETWORK_FS": "1"}))
+        self.assertEqual(allowed[0], 0, allowed[2])
+
+    def test_api_keywords_are_checked_like_flags(self):
+        for options, cls in (({"days": -5}, trop.ConfigError), ({"days": "abc"}, trop.ConfigError),
+                             ({"skip_occupancy_check": "false"}, trop.InvalidArguments),
+                             ({"project": 123}, trop.InvalidArguments), ({"data_dir": 5}, trop.InvalidArguments)):
+            with self.subTest(options=options):
+                with self.assertRaises(cls):
+                    trop.Trop(**options)
+        self.seed(("/gone", "", 5000))
+        with trop.Trop(data_dir=self.data) as handle:
+            with self.assertRaises(trop.ConfigError):
+                handle.expire(days=-5)
+        self.assertEqual(len(self.rows()), 1)
+
+    def test_doctor_wait_and_who_never_change_a_writable_database(self):
+        make_v1_db(self.data, [(self.proj, None, 5000, None, None, T1, T1)])
+        before = self.read(self.db)
+        self.assertEqual(self.trop("doctor", "--format", "json")[0], 6)     # v1 must be migrated by a writer
+        self.assertError(self.trop("wait", "--timeout", "0"), 6, contains="migration required")
+        self.assertError(self.trop("who"), 6, contains="migration required")
+        self.assertEqual(self.read(self.db), before)
+        self.assertEqual(sorted(os.listdir(self.data)), ["trop.db"])
+
+    def test_doctor_reports_a_broken_data_directory(self):
+        os.makedirs(self.db)                                # trop.db is a directory
+        rc, out, err = self.trop("doctor")
+        self.assertEqual((rc, err), (6, ""))
+        self.assertIn("is not a regular file", out)
+
+    def test_wait_quotes_its_http_path(self):
+        port = self.free_block(1)
+        server = http.server.HTTPServer(("127.0.0.1", port), _StatusHandler)
+        server.status = 200
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        for path in ("/a b", "/é", "health?x=1"):
+            with self.subTest(path=path):
+                rc, out, err = self.trop("wait", "--port", str(port), "--http", path, "--timeout", "30")
+                self.assertEqual((rc, err), (0, ""))
+
+    def test_a_double_slash_data_dir_reads(self):
+        self.ok("init")
+        self.assertEqual(self.trop("assert-data-dir", "--validate", "--data-dir", "/" + self.data), (0, "", ""))
+
+    def test_reservation_context_with_force_releases_what_it_reserved(self):
+        elsewhere = self.mkdir("elsewhere")
+        self.chdir(self.proj)
+        with mock.patch.dict(os.environ, {"HOME": self.home}):
+            with trop.reservation(path=elsewhere, data_dir=self.data, force=True, skip_occupancy_check=True) as port:
+                self.assertEqual(port, 5000)
+        self.assertEqual(self.rows(), [])
+
+    def test_c_locale_tags_and_projects(self):
+        env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": None, "TROP_PROJECT": "prøj"}
+        rc, out, err = self.trop("reserve", "--tag", "wéb", env=env)
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(self.rows(4), [(self.proj, "wéb", int(out), "prøj")])
+
+    def test_who_says_when_a_port_could_not_be_probed(self):
+        probe = ("tcp", "ipv4", "localhost", "127.0.0.1")
+        owners = types.SimpleNamespace(listeners=lambda port: [], lingering=lambda port: False)
+        with mock.patch.object(trop, "probe_port", return_value=([], [(probe, "Permission denied")])):
+            report = trop.who_holds(81, None, owners)
+        self.assertEqual(report["verdict"], "unknown")
+        self.assertIn("could not be probed (Permission denied)", report["detail"])
+
+    def test_listen_needs_an_address(self):
+        group = self.mkdir("proj", "g")
+        self.group_file(group, [("web", {})])
+        self.assertError(self.trop("run", "--listen", "--skip-ipv4", "--skip-ipv6", "--", "true", cwd=group), 2)
+
+
+class TestUnreadableDatabase(UnprivilegedCase):
+    def test_says_it_cannot_read(self):
+        h = self.handle()
+        h.reserve(self.proj)
+        h.close()
+        os.chmod(self.data, 0o755)
+        os.chmod(self.db, 0o600)
+        self.addCleanup(os.chmod, self.db, 0o644)
+        self.assertError(self.as_user("list"), 6, contains=["cannot read", "--data-dir"])
+
+
 # --- README ------------------------------------------------------------------
 
 README_PATH = os.path.join(TROP_DIR, "README.md")

@@ -16,12 +16,12 @@ data read outside the transaction that executes it.
 
 # Import policy.  Start-up is most of a command's run time, so the top of the
 # module imports only what every command line has loaded anyway: modules the
-# interpreter imports before trop runs (os, sys, stat, time, errno, codecs, io) or that
+# interpreter imports before trop runs (os, sys, stat, codecs, io; time and errno are builtins) or that
 # argparse imports for the parser every command builds (re, collections), plus
 # bisect (C-accelerated), which allocation needs.  Anything else costs a run
 # that uses it and no other: a module one function needs is imported in that
 # function; a module several functions need (argparse, json, sqlite3, socket,
-# subprocess, shutil, pwd) comes from one accessor below, so it is imported in
+# subprocess, shutil, pwd, fcntl, urllib.parse) comes from one accessor below, so it is imported in
 # one place.  `python3 tools/bench.py` prints the import figures that justify
 # the split (P0) next to the command timings (P1-P3).
 import codecs
@@ -76,6 +76,16 @@ def _subprocess():
 def _shutil():
     import shutil
     return shutil
+
+
+def _fcntl():
+    import fcntl                # POSIX only
+    return fcntl
+
+
+def _url_quote(text, safe="/"):
+    import urllib.parse
+    return urllib.parse.quote(text, safe=safe)
 
 
 def _pwd():
@@ -242,7 +252,7 @@ def identifier_problem(text):
 
 def check_identifier(field, value, source=None):
     """A trimmed project/task, or the configuration error that names it and its source."""
-    text = value.strip()
+    text = key_text(value).strip()
     problem = identifier_problem(text)
     if problem:
         raise ConfigError("validation error for '%s': %s %s"
@@ -256,7 +266,7 @@ def check_tag(tag, error=InvalidArguments):
         return None
     if not isinstance(tag, str):
         raise InvalidArguments("Invalid arguments: a tag must be a string, got %s" % type(tag).__name__)
-    text = tag.strip()
+    text = key_text(tag).strip()
     if not text:
         raise error("validation error for 'tag': tag must be non-empty after trimming whitespace")
     return text
@@ -273,7 +283,9 @@ class PosixPlatform(object):
     """How this operating system locks a directory, replaces a file, starts a command and probes ports.
 
     PLATFORM is the instance for this host; the tests drive WindowsPlatform
-    with fakes on any host.
+    with fakes on any host.  What the OS reports (reserved ports, the
+    ephemeral range, socket owners) is read by functions that ask
+    PLATFORM.name, and PLATFORM.paths (see Paths) spells keys.
     """
 
     name = "posix"
@@ -352,7 +364,7 @@ class _FlockLock(object):
         self.directory, self.fd = directory, None
 
     def __enter__(self):
-        import fcntl
+        fcntl = _fcntl()
         self.fd = os.open(self.directory, os.O_RDONLY)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -1115,6 +1127,11 @@ class _Switch(_Kind):
             raise ValueError("%s must be true or false, got %s" % (key, _describe(value)))
         return value
 
+    def from_flag(self, option, value):
+        if not isinstance(value, bool):
+            raise InvalidArguments("Invalid arguments: %s must be True or False, got %r" % (option.name, value))
+        return value
+
     def from_env(self, option, name, text):
         low = text.strip().lower()
         if low in ("true", "1", "yes", "on"):
@@ -1175,7 +1192,12 @@ class _Days(_Kind):
             raise ConfigError("validation error for '%s': Must be a positive integer" % name)
 
     def from_flag(self, option, value):
-        return value            # argparse's type (_u32) or the API's checks came first
+        """--days N (argparse has checked it is a u32) or days=N from the API: a positive integer."""
+        if not _is_int(value) or not 0 <= value <= 0xFFFFFFFF:
+            raise ConfigError("validation error for 'days': must be a positive integer, got %r" % (value,))
+        if value == 0:
+            raise ConfigError("validation error for '%s (%s)': must be greater than 0" % (option.key, CLI_SOURCE))
+        return value
 
 
 class _Seconds(_Kind):
@@ -1210,15 +1232,19 @@ class _Identifier(_Kind):
     def check(self, key, value):
         if not isinstance(value, str):
             raise ValueError("%s must be a string, got %s" % (key, _describe(value)))
-        problem = identifier_problem(value.strip())
+        text = value.strip()
+        problem = identifier_problem(text)
         if problem:
             raise ValueError("%s %s" % (key, problem))
-        return value.strip()
+        return text
 
     def from_env(self, option, name, text):
         return check_identifier(option.key, text, name)
 
     def from_flag(self, option, value):
+        if not isinstance(value, str):
+            raise InvalidArguments("Invalid arguments: %s must be a string, got %s"
+                                   % (option.key, type(value).__name__))
         return check_identifier(option.key, value, CLI_SOURCE)
 
 
@@ -1753,7 +1779,11 @@ def edit_exclusions(path, kind, change):
     """
     with PLATFORM.lock(os.path.dirname(os.path.realpath(path))):     # the directory whose file is replaced
         try:
-            text = _read_regular_file(path, MAX_CONFIG_BYTES + 1).decode("utf-8")
+            data = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError("%s: file is larger than %d bytes; not a trop configuration"
+                                  % (path, MAX_CONFIG_BYTES))
+            text = data.decode("utf-8")
         except FileNotFoundError:
             text = ""
         except (OSError, UnicodeDecodeError) as exc:
@@ -2637,9 +2667,6 @@ class Plan:
         self.touches = []        # Reservation: only last_used_at refreshed
         self.warnings = []
 
-    def __bool__(self):
-        return bool(self.inserts or self.deletes or self.touches or self.updates)
-
     def execute(self, store):
         for res in self.deletes:
             store.delete_exact(res)
@@ -2825,9 +2852,8 @@ class Store:
         number = _parse_version(version)
         if number is not None and number > SCHEMA_VERSION:
             raise LibraryError("unsupported schema version: expected %d, found %s" % (SCHEMA_VERSION, version))
-        raise LibraryError("database schema migration required from version %s to %d: %s is read-only for "
-                           "this user; run any trop command that writes with write access to it, or copy the "
-                           "database to a writable location; the data was not modified"
+        raise LibraryError("database schema migration required from version %s to %d: run any trop command that "
+                           "writes, with write access to %s (this one only reads); the data was not modified"
                            % (version, SCHEMA_VERSION, path))
 
     def snapshot_ok(self):
@@ -3124,6 +3150,10 @@ def _file_signature(path):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _kept_changing(path):
+    return LibraryError("database error: %s kept changing while it was read without a lock; retry" % path)
+
+
 def _snapshot_ok(path, snapshot):
     return snapshot is None or (snapshot == _file_signature(path) and not os.path.exists(path + "-wal"))
 
@@ -3147,8 +3177,13 @@ def _not_writable(path, why):
 def _connect_readonly(path):
     """(connection, snapshot): mode=ro, else immutable=1 where that is safe (see Store.open_readonly)."""
     sqlite3 = _sqlite()
-    import urllib.parse
-    uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+    full = os.path.abspath(path)
+    if PLATFORM.name == "windows":
+        full = "/" + full.replace("\\", "/")        # file:/C:/x/trop.db
+    uri = "file:/%s?mode=ro" % _url_quote(os.fsencode(full.lstrip("/")), safe="/:")   # '//x' is no authority
+    if not os.access(path, os.R_OK):
+        raise LibraryError("database error: cannot read %s (permission denied); ask its owner for read access, or "
+                           "use a data directory of your own: --data-dir DIR or TROP_DATA_DIR=DIR" % path)
     conn = None
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0, check_same_thread=False)
@@ -3199,7 +3234,6 @@ class _Transaction:
         if exc_type is None and not self.dry_run:
             try:
                 conn.execute("COMMIT")
-                Store.commits += 1
                 return False
             except _sqlite().Error as err:
                 if conn.in_transaction:
@@ -3320,13 +3354,17 @@ def validate_data_dir(data_dir, network_ok=False):
         conn, snapshot = _connect_readonly(path)
         try:
             validate_schema(conn)
-        except sqlite3.Error as exc:
+        except (TropError, sqlite3.Error) as exc:
+            if not _snapshot_ok(path, snapshot):
+                continue                        # a torn read of a file a writer was changing: read again
+            if isinstance(exc, TropError):
+                raise
             raise _database_error(exc, path, "opening and validating the database", 0)
         finally:
             conn.close()
         if _snapshot_ok(path, snapshot):
             return
-    raise LibraryError("database error: %s kept changing while it was read without a lock; retry" % path)
+    raise _kept_changing(path)
 
 
 # --- Occupancy ---------------------------------------------------------------
@@ -3812,7 +3850,7 @@ def parse_netsh_ranges(text):
 def os_reserved_ports(proc_root=None, netsh=None):
     """Ports the operating system keeps from applications: Linux's ip_local_reserved_ports, or the
     excluded port ranges of Windows (Hyper-V, WinNAT: binding there fails with "access denied")."""
-    if os.name == "nt" or netsh is not None:
+    if PLATFORM.name == "windows" or netsh is not None:
         return ExclusionList(rng for family in ("ipv4", "ipv6") for rng in parse_netsh_ranges(
             (netsh or _netsh)("int", family, "show", "excludedportrange", "protocol=tcp")))
     return ExclusionList(parse_reserved_ports(_read_proc(proc_root, "sys/net/ipv4/ip_local_reserved_ports") or ""))
@@ -3820,7 +3858,7 @@ def os_reserved_ports(proc_root=None, netsh=None):
 
 def ephemeral_range(proc_root=None, netsh=None):
     """The range the OS hands out for outgoing connections (a server there may find its port taken), or None."""
-    if os.name == "nt" or netsh is not None:
+    if PLATFORM.name == "windows" or netsh is not None:
         answer = (netsh or _netsh)("int", "ipv4", "show", "dynamicport", "tcp")
         numbers = [int(n) for n in re.findall(r":\s*(\d+)", answer)]
         return PortRange(numbers[0], numbers[0] + numbers[1] - 1) if len(numbers) >= 2 and numbers[1] else None
@@ -3903,7 +3941,7 @@ class Skips:
             out.append("port %d is on the browsers' bad-port list (WHATWG Fetch): browsers refuse to connect to it"
                        % port)
         if port in self.os_reserved:
-            out.append("port %d is reserved by the operating system (%s)" % (port, _OS_RESERVED_WHERE))
+            out.append("port %d is reserved by the operating system (%s)" % (port, _OS_RESERVED_WHERE[PLATFORM.name]))
         return out
 
     def refusal(self, port, taken, ignore_exclusions=False, ignore_occupied=False):
@@ -3964,8 +4002,8 @@ class Skips:
         return blockers
 
 
-_OS_RESERVED_WHERE = ("Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp"
-                      if os.name == "nt" else "net.ipv4.ip_local_reserved_ports")
+_OS_RESERVED_WHERE = {"windows": "Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp",
+                      "posix": "net.ipv4.ip_local_reserved_ports"}
 
 
 class Blockers:
@@ -4000,11 +4038,10 @@ class Blockers:
         return ", ".join(out) + (", ..." if more > 0 else "")
 
 
-def port_notes(port, skips=None, ephemeral=None):
+def port_notes(port, config):
     """What port-info says about a port besides its reservation: unsafe, OS-reserved, ephemeral."""
-    skips = skips or Skips(ExclusionList(), None)
-    notes = skips.cautions(port)
-    ephemeral = ephemeral_range() if ephemeral is None else ephemeral
+    notes = Skips.of(config).cautions(port)
+    ephemeral = ephemeral_range()
     if ephemeral and port in ephemeral:
         notes.append("port %d is in the ephemeral range %s: the OS may give it to an outgoing connection first"
                      % (port, ephemeral))
@@ -4478,7 +4515,7 @@ def run_migrate(session, source, target, recursive=False, force=False, dry_run=F
 
 # --- Operations: diagnosis (doctor) ---------------------------------------------
 
-def diagnose(session, ports=None):
+def diagnose(session):
     """The doctor's report, as plain data (its JSON is documented in the README).
 
     For the effective range: every port's standing (reserved, excluded,
@@ -4487,7 +4524,7 @@ def diagnose(session, ports=None):
     lock and creates nothing.
     """
     config = session.config
-    rng = ports or config.port_range
+    rng = config.port_range
     skips = Skips.of(config)
     ephemeral = ephemeral_range()
     report = {"cwd": session.cwd, "range": {"min": rng.min, "max": rng.max, "size": len(rng),
@@ -4496,12 +4533,15 @@ def diagnose(session, ports=None):
               "ports": {}, "data_dir": _data_dir_health(session), "layers": [], "warnings": [], "problems": []}
     health, rows = report["data_dir"], []
     database = health["database"]
-    if database["exists"] and not health["network"]:
+    network_refused = health["network"] and not config["allow_network_fs"]
+    if database["exists"] and not network_refused and database["error"] is None:
         try:
             database["schema_version"], rows = session.read(
-                lambda store: (_parse_version(store.schema_version()), store.all()), create=False)
+                lambda store: (_parse_version(store.schema_version()), store.all()), mode="look")
             database["reservations"] = len(rows)
-        except TropError as exc:
+        except (TropError, _sqlite().Error) as exc:
+            if not isinstance(exc, TropError):
+                exc = _database_error(exc, database["path"], "reading the database", 0)
             database["error"], database["exit_code"] = str(exc), exc.exit_code
     rows = [r for r in rows if r.port in rng]
     reserved = {r.port for r in rows}
@@ -4542,9 +4582,10 @@ def diagnose(session, ports=None):
                                                   for k in keys}})
     report["warnings"] = range_warnings(rng, ephemeral)
     if not probes:
-        report["warnings"].append("occupancy probes are off (occupancy_check.skip): ports in use were not looked for")
+        report["warnings"].append("occupancy probes are off (every probe is skipped): ports in use were not "
+                                  "looked for")
     problems = report["problems"]
-    if health["network"]:
+    if network_refused:
         problems.append({"exit_code": EXIT_CONFIG, "message": "the data directory is on a %s filesystem, where "
                          "SQLite's WAL mode is unsafe" % health["filesystem"]})
     if health["database"]["error"]:
@@ -4563,11 +4604,18 @@ def _data_dir_health(session):
     health = {"path": directory, "exists": os.path.isdir(directory), "filesystem": mount[0] if mount else None,
               "mount_point": mount[1] if mount else None, "network": bool(mount and is_network_filesystem(mount[0])),
               "writable": can_write(db)}
-    database = {"path": db, "exists": os.path.isfile(db), "size": None, "wal_size": None, "schema_version": None,
+    database = {"path": db, "exists": os.path.lexists(db), "size": None, "wal_size": None, "schema_version": None,
                 "reservations": None, "error": None, "exit_code": None}
-    if database["exists"]:
-        database["size"] = os.path.getsize(db)
-        database["wal_size"] = os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        database["error"], database["exit_code"] = "the data directory %s is not a directory" % directory, EXIT_LIBRARY
+    elif database["exists"] and not os.path.isfile(db):
+        database["error"], database["exit_code"] = "%s is not a regular file" % db, EXIT_LIBRARY
+    elif database["exists"]:
+        for key, name in (("size", db), ("wal_size", db + "-wal")):
+            try:
+                database[key] = os.path.getsize(name)
+            except OSError:                     # no WAL (or a writer just removed it)
+                database[key] = 0
     health["database"] = database
     return health
 
@@ -4607,7 +4655,7 @@ def _http_status(address, port, path, timeout):
     import http.client
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        conn.request("GET", path if path.startswith("/") else "/" + path, headers={"User-Agent": "trop-wait"})
+        conn.request("GET", path, headers={"User-Agent": "trop-wait"})
         return conn.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
         if isinstance(exc, _socket().timeout):
@@ -4628,6 +4676,9 @@ def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=
     naming what each port last showed.  progress(port, answer) is called as
     each port becomes ready.
     """
+    if http_path is not None:
+        http_path = _url_quote(http_path if http_path.startswith("/") else "/" + http_path,
+                               safe="/?&=%:@!$'()*+,;~-._#[]")
     started = time.monotonic()
     deadline = started + max(0.0, timeout)
     ready, last = {}, {}
@@ -4660,9 +4711,12 @@ def who_holds(port, reservation, owners, policy=None):
                                  "task": reservation.task, "last_used_at": format_timestamp(reservation.last_used_at)}
     if not listeners:
         found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
-        if (found or failed) and not owners.lingering(port):
+        if found and not owners.lingering(port):
             verdict = "unknown"
             detail = "in use, but the OS does not say by whom (another user's or container's process?)"
+        elif failed and not found:
+            verdict = "unknown"
+            detail = "could not be probed (%s): nothing visible listens on it" % failed[0][1]
         else:
             verdict = "free"
             detail = "nothing listens on it" + (" (closed connections linger in TIME_WAIT: a server that sets "
@@ -4694,6 +4748,8 @@ def listening_sockets(services, policy=None):
     socket = _socket()
     out = []
     families = [(f, a) for f, a in _LOOPBACKS if not (policy and getattr(policy, "skip_ip" + f[-1]))]
+    if not families:
+        raise UsageError("--listen needs an address: --skip-ipv4 and --skip-ipv6 leave none")
     try:
         for name, port in services:
             for family, address in families:
@@ -4705,7 +4761,8 @@ def listening_sockets(services, policy=None):
                         continue
                     raise
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # not a second listener: TIME_WAIT
+                    if sys.platform.startswith("linux"):   # TIME_WAIT only; BSDs would also allow it beside *:port
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if af == socket.AF_INET6:
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     sock.bind((address, port))
@@ -4734,7 +4791,7 @@ def socket_activation(sockets, env):
 
     LISTEN_PID is this process's pid: exec keeps it, so the command sees its own.
     """
-    import fcntl
+    fcntl = _fcntl()
     first = 3
     spare = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, first + len(sockets)) for _name, sock in sockets]
     for _name, sock in sockets:
@@ -4753,7 +4810,10 @@ def resolve_data_dir(explicit=None, environ=None):
     """--data-dir > TROP_DATA_DIR > $HOME/.trop > $USERPROFILE/.trop (verbatim, not normalized)."""
     environ = os.environ if environ is None else environ
     if explicit is not None:
-        explicit = os.fspath(explicit)
+        try:
+            explicit = os.fsdecode(os.fspath(explicit))
+        except TypeError:
+            raise InvalidArguments("Invalid arguments: data_dir must be a path, got %s" % type(explicit).__name__)
         if not explicit:
             raise ConfigError("validation error for 'data_dir (%s)': the data directory must not be empty"
                               % CLI_SOURCE)
@@ -4810,6 +4870,7 @@ class Session:
         self.project_dir = None
         if scope is None:
             return
+        flags = cli_layer(opts)             # read first: a bad --min is exit 4 before any file's exit 7
         layers = []
         if scope in ("discover", "file"):
             layers += user_layer(self.data_dir)
@@ -4820,8 +4881,7 @@ class Session:
         elif scope == "file":
             self.project_dir = os.path.dirname(config_file)
             layers += project_layers(self.project_dir, only_file=config_file)
-        layers.append(env_layer(self.environ))
-        layers.append(cli_layer(opts))
+        layers += [env_layer(self.environ), flags]
         self.config = Config(layers).validate()
 
     @property
@@ -4837,27 +4897,29 @@ class Session:
     def _setting(self, key):
         return self.config[key] if self.config else DEFAULTS[key]
 
-    def open_store(self, read_only=False, create=True):
-        """The store to read or plan against.
+    def open_store(self, mode="write"):
+        """The store for a command that may write ("write"), or only reads: "read" (the reference's read
+        commands), "dry-run" or "look" (doctor, wait, who).
 
-        A reader (read_only: read commands and dry runs) writes nothing it
-        cannot write: a missing trop.db is created as the reference does,
-        unless create is false (a dry run) or the data directory is not
-        writable, when an empty in-memory schema stands in; and a trop.db this
-        user cannot write is opened read-only.
-        With keep_open (the Python API's Trop handle) one writable connection
-        serves every call; it is reopened after a fork, or when trop.db is
-        another file (a recreated data directory).
+        Nothing is written that the mode or this user cannot write: a missing
+        trop.db is created only for "write", and for "read" as the reference
+        does when the directory is writable; otherwise an empty in-memory
+        schema stands in.  An existing trop.db is opened read-only for "look",
+        and for "read" and "dry-run" when this user cannot write it.  With
+        keep_open (the Python API's Trop handle) one writable connection serves
+        every call; it is reopened after a fork, or when trop.db is another
+        file (a recreated data directory).
         """
         path = os.path.join(self.data_dir, DB_FILE)
         network_ok = self._setting("allow_network_fs")
         autoinit = not self._setting("disable_autoinit")
-        if read_only and not os.path.exists(path):
-            if not create or (autoinit and not can_write(path)):
+        if mode != "write":
+            exists = os.path.exists(path)
+            if not exists and (mode != "read" or (autoinit and not can_write(path))):
                 check_local_filesystem(self.data_dir, network_ok)
                 return Store.open_empty()
-        elif read_only and not can_write(path):
-            return Store.open_readonly(self.data_dir, network_ok)
+            if exists and (mode == "look" or not can_write(path)):
+                return Store.open_readonly(self.data_dir, network_ok)
         store = self._store
         if store is not None and not store.is_current():
             store.close()
@@ -4889,26 +4951,31 @@ class Session:
                 plan = planner(store)
                 if not dry_run:
                     plan.execute(store)
+            if not dry_run:
+                Store.commits += 1
             return plan
-        return self._use(run, read_only=dry_run, create=not dry_run)
+        return self._use(run, "dry-run" if dry_run else "write")
 
-    def read(self, reader, create=True):
-        """Read-only access: never takes the write lock (create=False: not even a missing trop.db is made)."""
-        return self._use(reader, read_only=True, create=create)
+    def read(self, reader, mode="read"):
+        """Read-only access: never takes the write lock ("look": not even a missing trop.db is created)."""
+        return self._use(reader, mode)
 
-    def _use(self, work, read_only, create=True):
+    def _use(self, work, mode):
         """work(store) on a fresh or kept store; again if an unlocked read may have overlapped a writer."""
         with _Serialized(self._lock):
             for _attempt in range(3):
-                store = self.open_store(read_only, create)
+                store = self.open_store(mode)
                 try:
                     result = work(store)
+                except (TropError, _sqlite().Error):
                     if store.snapshot_ok():
-                        return result
+                        raise
+                    continue                    # a torn read of a file a writer was changing: read again
                 finally:
                     self._done(store)
-        raise LibraryError("database error: %s kept changing while it was read without a lock; retry"
-                           % os.path.join(self.data_dir, DB_FILE))
+                if store.snapshot_ok():
+                    return result
+        raise _kept_changing(os.path.join(self.data_dir, DB_FILE))
 
     def explicit_or_cwd(self, path, env_name="TROP_PATH"):
         """--path, else $TROP_PATH (explicit: normalized only), else the canonical cwd."""
@@ -4957,12 +5024,12 @@ def wait_targets(session, path=None, tag=None, port=None, group=False, config=No
     if group or config is not None:
         start = session.cwd if path is None or config is not None else normalize_path(path, session.cwd)
         _config_file, group_dir = locate_group_config(start, config)
-        rows = [r for r in session.read(lambda store: store.at_path(group_dir), create=False) if r.tag is not None]
+        rows = [r for r in session.read(lambda store: store.at_path(group_dir), mode="look") if r.tag is not None]
         if not rows:
             raise LibraryError("not found: no group is reserved at %s (run `trop autoreserve` first)" % group_dir)
         return [r.port for r in rows]
     key = ReservationKey(session.explicit_or_cwd(path), check_tag(tag))
-    res = session.read(lambda store: store.get(key), create=False)
+    res = session.read(lambda store: store.get(key), mode="look")
     if res is None:
         raise LibraryError("not found: no reservation for %s (reserve it first, or give --port)" % key)
     return [res.port]
@@ -4972,12 +5039,12 @@ def run_who(session, port=None, path=None, tag=None):
     """who's reports: one port, or every reservation of the directory (one tag with tag)."""
     if port is not None:
         number = cli_port(port)
-        rows = [session.read(lambda store: store.for_port(number), create=False)]
+        rows = [session.read(lambda store: store.for_port(number), mode="look")]
         ports = [number]
     else:
         target = session.explicit_or_cwd(path)
         tag = check_tag(tag)
-        rows = [r for r in session.read(lambda store: store.at_path(target), create=False)
+        rows = [r for r in session.read(lambda store: store.at_path(target), mode="look")
                 if tag is None or r.tag == tag]
         if not rows:
             raise LibraryError("not found: no reservation for %s" % ReservationKey(target, tag))
@@ -5010,7 +5077,8 @@ class Trop:
 
     Options are the CLI's flags with underscores (data_dir, min, max,
     skip_occupancy_check, allow_unrelated_path, busy_timeout, ...).  The
-    configuration files and environment are read when the handle is made;
+    configuration files and environment are read when the handle is made
+    (a group file, by each reserve_group/autoreserve/group_environment call);
     make a new handle to pick up changes.  Every call is still its own
     BEGIN IMMEDIATE transaction, so handles in many processes stay consistent,
     and threads may share a handle (calls take turns).  Close handles before
@@ -5117,9 +5185,8 @@ class Trop:
 
 
 def _days(days):
-    if days is not None and (not _is_int(days) or days < 1):
-        raise ConfigError("validation error for 'days': must be a positive integer")
-    return days
+    """The days argument of expire() and autoclean(): what --days takes."""
+    return days if days is None else OPTION["days"].kind.from_flag(OPTION["days"], days)
 
 
 def _with_handle(method, options, *args, **op_names):
@@ -5238,7 +5305,7 @@ class reservation:
         return self.port
 
     def __exit__(self, *exc):
-        options = {name: value for name, value in self.options.items() if name in API_OPTIONS}
+        options = {name: value for name, value in self.options.items() if name in API_OPTIONS or name == "force"}
         release(self.path, self.tag, untagged_only=self.tag is None, **options)
 
 
@@ -5456,13 +5523,14 @@ def format_diagnosis(report):
                                                      " (network: WAL is unsafe)" if health["network"] else "")
                                      if health["filesystem"] else "unknown"),
               "  writable     %s" % ("yes" if health["writable"] else "no (read commands still work)")]
-    if not database["exists"]:
-        lines.append("  trop.db      not created yet")
-    elif database["error"]:
+    if database["error"]:
         lines.append("  trop.db      %s" % database["error"])
+    elif not database["exists"]:
+        lines.append("  trop.db      not created yet")
     else:
-        lines.append("  trop.db      schema %s, %d bytes, WAL %d bytes, %d reservation(s)" % (
-            database["schema_version"], database["size"], database["wal_size"], database["reservations"]))
+        lines.append("  trop.db      %d bytes, WAL %d bytes, %s" % (
+            database["size"], database["wal_size"], "not read" if database["schema_version"] is None else
+            "schema %s, %d reservation(s)" % (database["schema_version"], database["reservations"])))
     lines.append("Configuration (lowest layer first)")
     for layer in report["layers"]:
         settings = ", ".join(sorted(layer["settings"]))
@@ -6360,7 +6428,7 @@ def cmd_port_info(args):
     port = cli_port(args.port)
     session = Session(vars(args))
     lines = format_port_info(port, session.read(lambda store: store.for_port(port)))
-    lines += ["Note: %s" % note for note in port_notes(port)]
+    lines += ["Note: %s" % note for note in port_notes(port, session.config)]
     if args.include_occupancy:
         lines += format_occupancy(port, session.config.occupancy)
     _out("\n".join(lines))
@@ -6862,6 +6930,8 @@ def cmd_init(args):
     if db_exists and not args.overwrite:
         raise LibraryError("validation error for 'database': Database already exists at %s. "
                            "Use --overwrite to replace it." % db)
+    network_ok = session.config["allow_network_fs"]
+    check_local_filesystem(directory, network_ok)                   # before anything is created or removed
     try:
         os.makedirs(directory, exist_ok=True)
         if db_exists:
@@ -6870,7 +6940,7 @@ def cmd_init(args):
                     os.remove(db + suffix)
     except OSError as exc:
         raise IoFailure("%s: %s" % (exc.filename or directory, exc.strerror or exc))
-    Store.open(directory, session.timeout, autoinit=True).close()
+    Store.open(directory, session.timeout, autoinit=True, network_ok=network_ok).close()
     lines = ["Initialized trop in: %s" % directory]
     if not dir_exists:
         lines.append("  - Created data directory")

@@ -202,9 +202,9 @@ import sys
 import argparse
 print(" ".join(sorted(sys.modules)))
 '''
-P0_TOP = ("errno", "os", "re", "stat", "sys", "time", "bisect", "collections")
+P0_TOP = ("codecs", "errno", "io", "os", "re", "stat", "sys", "time", "bisect", "collections")
 P0_LAZY = ("argparse", "json", "sqlite3", "socket", "subprocess", "shutil", "pwd", "threading", "fcntl",
-           "urllib.parse", "traceback")
+           "urllib.parse", "http.client", "ctypes", "traceback")
 
 
 def import_cost_ms(module, reps):
