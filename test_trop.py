@@ -7028,6 +7028,15 @@ class TestCompletionsCLI(TropTestCase):
                       "_files -/", res.stdout.splitlines())
         self.assertIn("reserve:Reserve a port [it's: 'x' $y `z`]", res.stdout.splitlines())
 
+    def check_real_completions(self, got):
+        """What every shell must answer: REAL_COMPLETIONS, and globals before the command only."""
+        for line, expected in REAL_COMPLETIONS:
+            with self.subTest(line=line):
+                self.assertEqual(sorted(got[line]), expected)
+        self.assertIn("--data-dir", got["trop reserve --"])
+        self.assertNotIn("--version", got["trop reserve --"])
+        self.assertIn("--version", got["trop -"])
+
     @unittest.skipUnless(shutil.which("zsh"), "zsh not installed")
     def test_zsh_completes(self):
         """Typed into zsh on a zpty, the script sourced as `eval "$(trop completions zsh)"` does."""
@@ -7037,13 +7046,8 @@ class TestCompletionsCLI(TropTestCase):
             "trop list --format=j", "trop reserve --", "trop -", "trop validate %s/" % tree,
             "trop --data-dir %s/" % tree, "trop reserve --path %s/fi" % tree]
         got = self.zsh_complete(lines, "source %s" % shlex.quote(path))
-        for line, expected in REAL_COMPLETIONS:
-            with self.subTest(line=line):
-                self.assertEqual(sorted(got[line]), expected)
+        self.check_real_completions(got)
         self.assertEqual(got["trop list --format=j"], ["json"])
-        self.assertIn("--data-dir", got["trop reserve --"])
-        self.assertNotIn("--version", got["trop reserve --"])
-        self.assertIn("--version", got["trop -"])
         self.assertEqual(sorted(got["trop validate %s/" % tree]), ["file.yaml", "sfile", "subdir"])
         self.assertEqual(got["trop --data-dir %s/" % tree], ["subdir"])
         self.assertEqual(got["trop reserve --path %s/fi" % tree], ["file.yaml"])
@@ -7085,13 +7089,8 @@ class TestCompletionsCLI(TropTestCase):
             "trop validate %s/" % tree, "trop --data-dir %s/" % tree, "trop reserve --path %s/fi" % tree,
             "trop reserve --tag "]
         got = self.fish_complete(path, lines)
-        for line, expected in REAL_COMPLETIONS:
-            with self.subTest(line=line):
-                self.assertEqual(sorted(got[line]), expected)
+        self.check_real_completions(got)
         self.assertEqual(got["trop list --format=j"], ["--format=json"])
-        self.assertIn("--data-dir", got["trop reserve --"])
-        self.assertNotIn("--version", got["trop reserve --"])
-        self.assertIn("--version", got["trop -"])
         # the value of --data-dir is not the subcommand, whichever way it is written
         self.assertIn("reserve", got["trop --data-dir /tmp "])
         self.assertEqual(got["trop --data-dir=/tmp sc"], ["scan"])
@@ -7157,13 +7156,8 @@ class TestCompletionsCLI(TropTestCase):
             text = fh.read()
         self.assertNotIn("FAILED", text)
         got = dict(zip(queries, (json.loads(l) for l in text.splitlines())))
-        for line, expected in REAL_COMPLETIONS:
-            with self.subTest(line=line):
-                self.assertEqual(sorted(got[line]), expected)
+        self.check_real_completions(got)
         self.assertEqual(got["trop list --format=j"], ["--format=json"])
-        self.assertIn("--data-dir", got["trop reserve --"])
-        self.assertNotIn("--version", got["trop reserve --"])
-        self.assertIn("--version", got["trop -"])
         self.assertEqual(got["trop validate %s/fi" % tree], [tree + "/file.yaml"])
         self.assertEqual(got["trop reserve --path=%s/fi" % tree], ["--path=%s/file.yaml" % tree])
         self.assertEqual(got["trop list --dry-run="], [])
@@ -7193,12 +7187,7 @@ class TestCompletionsCLI(TropTestCase):
         blocks = res.stdout.split("@@DONE@@")
         self.assertEqual(len(blocks), len(lines) + 1, res.stdout)
         got = dict(zip(lines, (b.split() for b in blocks)))
-        for line, expected in REAL_COMPLETIONS:
-            with self.subTest(line=line):
-                self.assertEqual(sorted(got[line]), expected)
-        self.assertIn("--data-dir", got["trop reserve --"])
-        self.assertNotIn("--version", got["trop reserve --"])
-        self.assertIn("--version", got["trop -"])
+        self.check_real_completions(got)
 
 
 # --- Command line ------------------------------------------------------------
