@@ -16,14 +16,15 @@ data read outside the transaction that executes it.
 
 # Import policy.  Start-up is most of a command's run time, so the top of the
 # module imports only what every command line has loaded anyway: modules the
-# interpreter imports before trop runs (os, sys, stat, codecs, io; time and errno are builtins) or that
-# argparse imports for the parser every command builds (re, collections), plus
-# bisect (C-accelerated), which allocation needs.  Anything else costs a run
-# that uses it and no other: a module one function needs is imported in that
-# function; a module several functions need (argparse, json, sqlite3, socket,
-# subprocess, shutil, pwd, fcntl, urllib.parse) comes from one accessor below, so it is imported in
-# one place.  `python3 tools/bench.py` prints the import figures that justify
-# the split (P0) next to the command timings (P1-P3).
+# interpreter imports before trop runs (os, sys, stat, codecs, io; time and
+# errno are builtins) or that argparse imports for the parser every command
+# builds (re, collections), plus bisect (C-accelerated), which allocation needs.
+# Anything else costs a run that uses it and no other: a module one function
+# needs is imported in that function; a module several functions need
+# (argparse, json, sqlite3, socket, subprocess, shutil, pwd, fcntl,
+# urllib.parse) comes from one accessor below, so it is imported in one place.
+# `python3 tools/bench.py` prints the import figures that justify the split
+# (P0) next to the command timings (P1-P3).
 import codecs
 import errno
 import io
