@@ -3920,7 +3920,8 @@ class Skips:
         self.exclusions = exclusions
         self.occupancy = occupancy
         self.unsafe = UNSAFE_PORTS if avoid_unsafe else frozenset()
-        self._os_reserved = os_reserved             # an ExclusionList, or what reads it when first needed
+        # an ExclusionList, or what reads it when first needed
+        self._os_reserved = os_reserved_ports if os_reserved is None else os_reserved
 
     @classmethod
     def of(cls, config):
@@ -3929,9 +3930,7 @@ class Skips:
 
     @property
     def os_reserved(self):
-        if self._os_reserved is None:
-            self._os_reserved = os_reserved_ports()
-        elif callable(self._os_reserved):
+        if callable(self._os_reserved):
             self._os_reserved = self._os_reserved()
         return self._os_reserved
 
