@@ -586,6 +586,102 @@ class TropTestCase(unittest.TestCase):
         self.assertEqual(len(ports), len(set(ports)), "duplicate ports in %r" % (rows,))
 
 
+# --- Module layout -----------------------------------------------------------
+
+class TestLayering(unittest.TestCase):
+    """trop.py's banner sections form layers: a section uses names of earlier sections and its own only.
+
+    A use of a later section's name is allowed on a line whose comment starts with "layering:" and says why.
+    """
+
+    BANNER = re.compile(r"^# --- (.+?) -+$")
+
+    @classmethod
+    def setUpClass(cls):
+        with open(trop.__file__, encoding="utf-8") as fh:
+            cls.source = fh.read()
+        cls.lines = cls.source.splitlines()
+        cls.tree = ast.parse(cls.source)
+        cls.starts = [(number, match.group(1)) for number, match in
+                      ((i + 1, cls.BANNER.match(line)) for i, line in enumerate(cls.lines)) if match]
+
+    def section_of(self, line):
+        """Index of the section holding a line (-1: the prelude before the first banner)."""
+        return sum(1 for start, _name in self.starts if start <= line) - 1
+
+    def definitions(self):
+        """Module-level name -> index of the section that defines it."""
+        defined = {}
+        for node in self.tree.body:
+            targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                for name in ([target.name] if hasattr(target, "name") else
+                             [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]):
+                    defined.setdefault(name, self.section_of(node.lineno))
+        return defined
+
+    def global_uses(self, node, local=frozenset()):
+        """(name, line) of every name node reads from the module's globals: locals of enclosing functions excluded."""
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            params = {a.arg for a in args.args + args.kwonlyargs + getattr(args, "posonlyargs", [])}
+            params |= {a.arg for a in (args.vararg, args.kwarg) if a}
+            body = node.body if isinstance(node.body, list) else [node.body]
+            assigned = {n.id for stmt in body for n in ast.walk(stmt)
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+            assigned |= {n.name for stmt in body for n in ast.walk(stmt)
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            declared = {name for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Global) for name in n.names}
+            local = local | params | (assigned - declared)
+            for default in args.defaults + [d for d in args.kw_defaults if d is not None]:
+                yield from self.global_uses(default, local)
+            for stmt in body:
+                yield from self.global_uses(stmt, local)
+            for decorator in getattr(node, "decorator_list", []):
+                yield from self.global_uses(decorator, local)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+            yield node.id, node.lineno
+        for child in ast.iter_child_nodes(node):
+            yield from self.global_uses(child, local)
+
+    def edges(self):
+        """{(using section, defining section): [(name, line)]} for every use of a later section's name."""
+        defined, found = self.definitions(), {}
+        for node in self.tree.body:
+            for name, line in self.global_uses(node):
+                user, owner = self.section_of(line), defined.get(name, -1)
+                if owner > user and not re.search(r"#.*\blayering: \S", self.lines[line - 1]):
+                    found.setdefault((user, owner), []).append((name, line))
+        return found
+
+    def test_sections_form_layers(self):
+        names = [name for _start, name in self.starts]
+        found = ["%s -> %s: %s" % (names[user] if user >= 0 else "prelude", names[owner],
+                                   ", ".join("%s (line %d)" % use for use in uses))
+                 for (user, owner), uses in sorted(self.edges().items())]
+        self.assertEqual(found, [])
+
+    def test_the_check_sees_a_forward_use(self):
+        """The check itself: a function of an early section calling a name of a later one is found."""
+        with mock.patch.object(self, "tree", ast.parse("def early():\n    return late()\n\n\ndef late():\n    pass\n")), \
+                mock.patch.object(self, "starts", [(1, "early"), (4, "late")]), \
+                mock.patch.object(self, "lines", ["", "    return late()", "", "", "", ""]):
+            self.assertEqual(self.edges(), {(0, 1): [("late", 2)]})
+            self.lines[1] += "  # layering: the late section is loaded by then"
+            self.assertEqual(self.edges(), {})
+
+    def test_library_before_command_line(self):
+        """Formatting comes after the operations, the Python API is the last library section, the CLI is last."""
+        names = [name for _start, name in self.starts]
+        api = next(i for i, name in enumerate(names) if name.startswith("Python API"))
+        self.assertTrue(names[api - 1].startswith("Output formatting"), names)
+        self.assertEqual([n.split(" ")[0] for n in names[api + 1:]], ["Shell", "Command"])
+        self.assertLess(max(i for i, name in enumerate(names) if name.startswith("Sessions")),
+                        min(i for i, name in enumerate(names) if name.startswith("Operations")))
+
+
 # --- Errors ------------------------------------------------------------------
 
 class TestErrors(unittest.TestCase):
@@ -1120,7 +1216,7 @@ class TestOptionTable(unittest.TestCase):
 
     def test_every_row_has_a_known_kind_and_help(self):
         for option in trop.OPTIONS:
-            self.assertIn(type(option.kind).__name__, self.SAMPLE, option)
+            self.assertIn(type(option.value_type).__name__, self.SAMPLE, option)
             self.assertTrue(option.help, option)
         self.assertEqual(len(trop.OPTION), len(trop.OPTIONS), "duplicate option names")
 
@@ -1139,7 +1235,7 @@ class TestOptionTable(unittest.TestCase):
 
     def test_each_variable_sets_its_key(self):
         for option in trop.OPTIONS:
-            expected, text, _flag = self.SAMPLE[type(option.kind).__name__]
+            expected, text, _flag = self.SAMPLE[type(option.value_type).__name__]
             for name in option.env:
                 if not option.keys or expected is None:
                     continue
@@ -1162,11 +1258,11 @@ class TestOptionTable(unittest.TestCase):
 
     def test_each_flag_is_an_api_keyword_and_sets_its_keys(self):
         for option in trop.OPTIONS:
-            value = self.SAMPLE[type(option.kind).__name__][2]
+            value = self.SAMPLE[type(option.value_type).__name__][2]
             if not (option.flag and option.keys) or value is None:
                 continue
             with self.subTest(option=option.name):
-                layer = trop.cli_layer({option.name: trop._u32(value) if type(option.kind).__name__ in (
+                layer = trop.cli_layer({option.name: trop._u32(value) if type(option.value_type).__name__ in (
                     "_Days", "_Seconds") else value if value != "true" else True})
                 for key in option.keys:
                     self.assertIn(key, layer.values)
@@ -2032,11 +2128,33 @@ class TestCompactExclusions(TropTestCase):
 
 
 class TestInitConfigTemplate(TropTestCase):
-    KEYS = ("project", "ports", "min", "max", "max_offset", "excluded_ports", "cleanup", "expire_after_days",
-            "occupancy_check", "skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces",
-            "reservations", "disable_autoinit", "disable_autoprune", "disable_autoexpire", "allow_unrelated_path",
-            "allow_change_project", "allow_change_task", "allow_change", "maximum_lock_wait_seconds",
-            "output_format")
+    def test_template_names_every_file_key_of_the_option_table(self):
+        """Generated from OPTIONS: each key a user file may hold is an example under its section, with its
+        value; each project-only key is named; the uncommented examples read back as those values."""
+        text = trop.CONFIG_TEMPLATE
+        for key, option in trop.FILE_OPTIONS.items():
+            top, _, leaf = key.partition(".")
+            if option.files == "project":
+                self.assertIn("`%s:`" % key, text)
+                continue
+            if leaf:
+                section = re.search(r"(?ms)^# %s:\n((?:#   .*\n)+)" % top, text)
+                self.assertIsNotNone(section, key)
+                self.assertRegex(section.group(1), r"(?m)^#   (# )?%s:" % leaf, key)
+            else:
+                self.assertRegex(text, r"(?m)^# %s:" % key, key)
+        examples = "".join(m.group(1) + "\n" for m in re.finditer(r"(?m)^# ( *(?:[a-z0-9_]+:|- ).*)$", text))
+        problems = trop.Problems("template")
+        layer = trop.read_config_document(trop.parse_yaml(examples), "template", "user", problems)
+        self.assertEqual(problems.items, [])
+        for key, option in trop.FILE_OPTIONS.items():
+            if option.files != "any" or key == "excluded_ports":
+                continue
+            if option.default is None and option.clears:     # the commented alternative (max_offset)
+                self.assertIsNone(layer.values.get(key), key)
+            else:
+                self.assertEqual(layer.values[key], option.example, key)
+        self.assertEqual([rng for rng, _line in layer.exclusions], [(5432, 5432), (6000, 6010), (6379, 6380)])
 
     def test_template_is_valid_and_mentions_every_key(self):
         rc, out, err = self.trop("init", "--data-dir", self.data, "--with-config")
@@ -2044,8 +2162,7 @@ class TestInitConfigTemplate(TropTestCase):
         self.assertIn("Created default configuration file", out)
         cfg = os.path.join(self.data, "config.yaml")
         text = self.read(cfg).decode("utf-8")
-        for key in self.KEYS:
-            self.assertRegex(text, r"(?<![A-Za-z0-9_])%s(?![A-Za-z0-9_])" % key, key)
+        self.assertEqual(text, trop.CONFIG_TEMPLATE)
         # the examples, uncommented, are a valid user configuration too
         examples = "".join(m.group(1) + "\n" for m in re.finditer(r"(?m)^# ( *(?:[a-z0-9_]+:|- ).*)$", text))
         self.assertIn("ports:", examples)
@@ -3345,7 +3462,7 @@ class TestScanOwnersDegrade(TropTestCase):
         self.assertEqual(table[2].split()[-4:], ["unavailable"] * 4)
         body = list(csv.reader(io.StringIO(trop.format_scan(rows, "csv"))))
         self.assertEqual(body[1][7:], ["unavailable"] * 4)
-        lines = trop.format_occupancy(self.port, self.policy, owners)
+        lines = trop.format_occupancy(trop.occupancy_evidence(self.port, self.policy, owners))
         self.assertEqual(lines[-4:], ["    Process ID: unavailable", "    Process: unavailable",
                                       "    User: unavailable", "    Owner metadata: unavailable"])
 
@@ -3359,7 +3476,7 @@ class TestScanOwnersDegrade(TropTestCase):
         with TestFakeProcOwners.unreadable_fds():
             owners = trop.OwnerTable(proc_root=root, use_lsof=False)
             rows = trop.scan_ports(trop.PortRange(self.port, self.port), self.policy, set(), owners)
-            lines = trop.format_occupancy(self.port, self.policy, owners)
+            lines = trop.format_occupancy(trop.occupancy_evidence(self.port, self.policy, owners))
         self.assertEqual(len(rows), 1)
         self.assertEqual((rows[0]["status"], rows[0]["process_id"], rows[0]["process_name"], rows[0]["user"],
                           rows[0]["owner_status"]), ("occupied", None, None, root_name, "partial"))
@@ -3512,8 +3629,8 @@ class TestProbes(unittest.TestCase):
             OSError(errno.EADDRINUSE, "in use"))
         owners = trop.OwnerTable("/nonexistent-proc", use_lsof=False)
         with patcher:
-            lines = trop.format_occupancy(41000, trop.OccupancyPolicy(skip_udp=True, skip_ip6=True,
-                                                                      check_all_interfaces=True), owners)
+            lines = trop.format_occupancy(trop.occupancy_evidence(
+                41000, trop.OccupancyPolicy(skip_udp=True, skip_ip6=True, check_all_interfaces=True), owners))
         probes = [l for l in lines if l.startswith("  - ")]
         self.assertEqual(len(probes), 2)
         self.assertTrue(probes[0].startswith("  - TCP IPv4 localhost at 127.0.0.1"), probes)
@@ -4009,10 +4126,11 @@ class TestAllocation(unittest.TestCase):
         skips = self.skips([(5059, 5059)], {5063}, os_reserved=[(5062, 5062)])
         self.assertEqual(skips.first_free(rng, port_set({5058})), 5064)
         self.assertEqual(self.skips(avoid_unsafe=False).first_free(trop.PortRange(5060, 5061), port_set()), 5060)
-        census = skips.census(rng, port_set({5058}))
-        self.assertEqual(census.counts, {"reserved": 1, "excluded": 1, "unsafe": 2, "OS-reserved": 1, "occupied": 1})
         with mock.patch.object(trop, "OwnerTable", lambda: types.SimpleNamespace(
                 lookup=lambda proto, family, port: (812, "node", "me") if proto == "tcp" else (None, None, None))):
+            census = skips.census(rng, port_set({5058}))            # owners are looked up here, not in str()
+        self.assertEqual(census.counts, {"reserved": 1, "excluded": 1, "unsafe": 2, "OS-reserved": 1, "occupied": 1})
+        with mock.patch.object(trop, "OwnerTable", None):          # formatting does no I/O
             self.assertEqual(str(census), "1 reserved, 1 excluded, 2 unsafe, 1 OS-reserved, 1 occupied "
                                           "(5063 by pid 812 node)")
 
@@ -9555,8 +9673,8 @@ def readme_tables():
         return "`%s`" % text
 
     def flag(option):
-        metavar = option.kind.argument().get("metavar", option.name.upper())
-        return option.flag + ("" if option.kind is trop._SWITCH else " " + metavar)
+        metavar = option.value_type.argument().get("metavar", option.name.upper())
+        return option.flag + ("" if option.value_type is trop._SWITCH else " " + metavar)
 
     def default(option):
         value = option.default

@@ -112,14 +112,18 @@ EXIT_CONFIG = 7
 
 
 class TropError(Exception):
-    """Base of every error trop reports; ``exit_code`` is the CLI's status."""
+    """Base of every error trop reports; ``exit_code`` is the CLI's status.
+
+    ``warnings`` are printed before the error (the library itself never prints).
+    """
 
     exit_code = EXIT_LIBRARY
     prefix = ""
 
-    def __init__(self, message):
+    def __init__(self, message, warnings=()):
         Exception.__init__(self, message)
         self.message = message
+        self.warnings = list(warnings)
 
     def __str__(self):
         return self.prefix + self.message
@@ -183,11 +187,16 @@ class CommandNotRunnable(TropError):
         self.exit_code = exit_code
 
 
-# --- Values: ports, ranges and identifiers -------------------------------------
+# --- Values: ports, ranges, identifiers and path text ------------------------
 #
 # One parser per concept.  Each raises ValueError saying why, in the
 # reference's words; the caller wraps it in the error of its context (a flag,
 # a variable, a line of a file).
+#
+# A key is a path as the reference stores it: text, always valid UTF-8.  The OS
+# may hand trop the same path another way (a C locale without UTF-8 mode decodes
+# names as ASCII with surrogate escapes), so text crosses that border in two
+# places only: key_text() for what the OS returns, os_path() for what it takes.
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
@@ -278,7 +287,241 @@ def _quote(value):
     return "none" if value is None else '"%s"' % value
 
 
+_FS_IS_UTF8 = codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def key_text(native):
+    """A path from the OS (getcwd, realpath, argv) as key text: the UTF-8 its bytes spell, where they do."""
+    try:
+        native.encode("utf-8")
+        return native
+    except UnicodeEncodeError:              # surrogate escapes: bytes the OS's encoding could not decode
+        try:
+            return os.fsencode(native).decode("utf-8")
+        except UnicodeError:
+            return native                   # not UTF-8 at all: normalize() refuses it clearly
+
+
+def os_path(key):
+    """Key text as the OS's path functions take it."""
+    return key if _FS_IS_UTF8 else os.fsdecode(key.encode("utf-8", "surrogateescape"))
+
+
+# --- Path flavours: keys as the reference spells them on POSIX and Windows -----
+
+_ROOT = ("RootDir",)
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _prefix(p):
+    """windows_prefix.rs parse_prefix: (length, value) or None."""
+    h = p[:8].replace("/", "\\")                # '/' reads as '\' here, but \\?\ is spelled with '\'
+    if h[:2] != "\\\\":
+        return (2, ("Disk", p[0].upper())) if p[1:2] == ":" and p[0] in _LETTERS else None
+    if h[2:4] == "?\\" and "/" not in p[:4]:    # verbatim: only '\' separates
+        if h[4:8] == "UNC\\":
+            server, _, rest = p[8:].partition("\\")
+            share = rest.partition("\\")[0]
+            return 8 + len(server) + (len(share) + 1 if share else 0), ("VerbatimUNC", server, share)
+        if p[5:6] == ":" and p[4] in _LETTERS and p[6:7] in ("", "\\", "/"):
+            return 6, ("VerbatimDisk", p[4].upper())
+        name = p[4:].partition("\\")[0]
+        return 4 + len(name), ("Verbatim", name)
+    q = p.replace("/", "\\")
+    if h[2:4] == ".\\":
+        name = q[4:].partition("\\")[0]
+        return 4 + len(name), ("DeviceNS", name)
+    server, _, rest = q[2:].partition("\\")
+    share = rest.partition("\\")[0]
+    return (3 + len(server) + len(share), ("UNC", server, share)) if server and share else None
+
+
+def _push_verbatim(names, comps, root):
+    """PathBuf::push into a verbatim path: a root restarts, '..' drops a name only (no error); -> root."""
+    for name, _, _ in comps:
+        if name is _ROOT:
+            names[:], root = [], True
+        elif name == "..":
+            if names and names[-1] not in (".", ".."):
+                names.pop()
+        elif name != ".":
+            names.append(name)
+    return root
+
+
+class PathFlavour(object):
+    r"""Keys as the Rust trop 0.2.0 stores them (normalize.rs over std::path), for one platform.
+
+    Windows: std's prefixes (C:, \\s\h or //s/h, \\?\C:, \\?\UNC\s\h, \\?\x, \\.\x) are kept
+    as spelled but compared by value (drive letter upper-cased; \\?\C: is not C:); '/' and '\' separate
+    except after \\?\; keys are rebuilt with '\'.  A path is parsed once into components (key, start,
+    end): the prefix value, _ROOT, or a name.  POSIX follows the reference too: '~\x' expands like '~/x',
+    an absolute rest after '~' replaces home, a relative HOME is joined to the cwd, HOME '/' shows '/srv'
+    as '~/srv', and rebase() gives '/x' for --from /a --to /.  cwd and home are passed in, so both
+    flavours run (and are tested) anywhere.
+    """
+
+    def __init__(self, windows):
+        self.windows = windows
+        self.sep = "\\" if windows else "/"
+        self._seps = "\\/" if windows else "/"
+
+    def home(self, environ):
+        """USERPROFILE on Windows (the home crate ignores HOME), HOME on POSIX; None if unset or empty."""
+        return environ.get("USERPROFILE" if self.windows else "HOME") or None
+
+    def _parse(self, path):
+        """(prefix value or None, has_root, components) as std's Path::components yields them."""
+        n, key = (_prefix(path) if self.windows else None) or (0, None)
+        verb, phys = bool(key) and key[0].startswith("Verbatim"), n < len(path) and path[n] in self._seps
+        comps = [(key, 0, n)] if key else []
+        if phys or (key and not verb and key[0] != "Disk"):         # non-verbatim roots are implicit
+            comps.append((_ROOT, n, n + phys))
+        pos = n + phys
+        for name in (path[pos:].replace("/", "\\") if self.windows and not verb else path[pos:]).split(self.sep):
+            if name and (name != "." or verb or pos == 0):           # pos 0: leading CurDir ('./x')
+                comps.append((name, pos, pos + len(name)))
+            pos += len(name) + 1
+        return key, phys or bool(key and key[0] != "Disk"), comps
+
+    def _strip(self, path, base):
+        """Path::strip_prefix: the rest of path after base's components, as spelled; or None."""
+        comps, want = self._parse(path)[2], [c[0] for c in self._parse(base)[2]]
+        if [c[0] for c in comps[:len(want)]] != want:
+            return None
+        return path[comps[len(want)][1]:comps[-1][2]] if comps[len(want):] else ""
+
+    def _join(self, base, rel):
+        """PathBuf::push(base, rel) as text (POSIX: trop.py's spelling, the same path once resolved)."""
+        if not self.windows:
+            return rel if rel.startswith("/") else base + "/" + rel
+        rkey, rroot, rcomps = self._parse(rel)
+        key, _, comps = self._parse(base)
+        n = comps[0][2] if key else 0
+        if rkey:
+            return rel
+        if key and key[0].startswith("Verbatim") and rel:          # rebuilt component by component
+            names = [c[0] for c in comps[1:] if c[0] is not _ROOT]
+            root = _push_verbatim(names, rcomps, any(c[0] is _ROOT for c in comps))
+            return base[:n] + ("\\" if root or names else "") + "\\".join(names)
+        if rroot:
+            return base[:n] + rel                                   # '\x' keeps only base's prefix
+        bare = not base or base[-1] in "\\/" or (key and key[0] == "Disk" and n == len(base))  # C: + x = C:x
+        return base + ("" if bare else "\\") + rel
+
+    def _resolve(self, path):
+        r"""normalize.rs resolve_components: the text; False if '..' escapes a root; None if a name
+        re-parses as a prefix (\\?\C:\a\C:, where push() starts over from that name): refused."""
+        key, _, comps = self._parse(path)
+        raw, root, names = path[:comps[0][2]] if key else "", False, []
+        for name, _, _ in comps[1 if key else 0:]:
+            if name is _ROOT:
+                root = True
+            elif name == "..":
+                if not names:
+                    return False
+                names.pop()
+            elif self.windows and (name[1:2] == ":" or "/" in name):  # only verbatim names hold a '/'
+                sub, _, scomps = self._parse(name)
+                if sub:
+                    return None
+                root = _push_verbatim(names, scomps, root)
+            elif name != ".":
+                names.append(name)
+            root = root or bool(names and key and key[0] != "Disk")  # \\?\C: + a is spelled \\?\C:\a
+            if key and key[0] == "VerbatimUNC" and not key[2] and names:
+                raw, key = raw + "\\" + names[0], key[:2] + (names.pop(0),)  # \\?\UNC\srv + x: x is the share
+                root = bool(names)
+        return raw + (self.sep if root else "") + self.sep.join(names)
+
+    def _key(self, full, path):
+        """The key for the absolute text full (typed as path), or ValueError."""
+        key = self._resolve(full)
+        if key is False:
+            raise ValueError("invalid path %s: Path contains too many '..' components (escapes root)" % full)
+        if key is None or not self.is_normal(key):      # C:foo: the reference stores it, then rejects its row
+            raise ValueError("invalid path %s: it does not normalize to an absolute path (drive-relative paths "
+                             "such as C:foo are not supported; write C:\\foo)" % path)
+        return key
+
+    def is_absolute(self, path):
+        r"""Windows: a prefix and a root (C:\x, \\s\h, \\?\C:; not C:x or \x); POSIX: a leading '/'."""
+        key, has_root, _ = self._parse(path)
+        return has_root and (key is not None or not self.windows)
+
+    def normalize(self, path, cwd, home):
+        """Key for an explicit path: expand ~, join to the plain cwd, resolve '.' and '..' lexically."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid path %s: path is not valid UTF-8"
+                             % path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        full = path
+        if path.startswith("~"):
+            if path != "~" and path[1] not in "/\\":
+                raise ValueError("invalid path %s: ~user syntax is not supported; use ~ or ~/path" % path)
+            if not home:
+                raise ValueError("invalid path %s: cannot expand ~ because %s is not set"
+                                 % (path, "USERPROFILE" if self.windows else "HOME"))
+            full = home if path == "~" and self.windows else self._join(home, path[2:])  # POSIX: home + "/"
+        if not self.is_absolute(full):
+            full = self._join(cwd, full)
+        return self._key(full, path)
+
+    def verbatim(self, final):
+        r"""Windows: the \\?\ spelling fs::canonicalize gives for a final path; POSIX: unchanged."""
+        if not self.windows or final.startswith(("\\\\?\\", "\\??\\")):
+            return final
+        prefix_type = (_prefix(final) or (0, ("",)))[1][0]
+        if prefix_type not in ("UNC", "Disk"):
+            raise ValueError("cannot spell %s as a verbatim path" % final)
+        return "\\\\?\\" + ("UNC\\" + final[2:] if prefix_type == "UNC" else final)
+
+    def is_within(self, path, root):
+        """path is root or below it, component-wise ('/w/ab' is not within '/w/a')."""
+        if self.windows:
+            return self._strip(path, root) is not None
+        return path == root or root == "/" or path.startswith(root + "/")
+
+    def related(self, a, b):
+        """relationship.rs between() is not Unrelated (Windows: one trailing separator dropped)."""
+        if self.windows:
+            a, b = [p[:-1] if len(p) > 1 and p[-1] in "\\/" else p for p in (a, b)]
+        return self.is_within(a, b) or self.is_within(b, a)
+
+    def is_normal(self, path):
+        """Row validation (validate_stored_path): its own absolute normal form, or '/'-rooted plain names."""
+        if self.windows and self.is_absolute(path):
+            return self._resolve(path) == path
+        tail = path + "/"                               # trop.py's _is_normal; on Windows also no '\'
+        return path == "/" or (path.startswith("/") and not path.endswith("/") and "//" not in path
+                               and "/./" not in tail and "/../" not in tail and not (self.windows and "\\" in path))
+
+    def rebase(self, path, source, target):
+        """migrate's new key for the row at path: normalize(target.join(path.strip_prefix(source)))."""
+        rest = self._strip(path, source)
+        if rest is None:
+            raise ValueError("invalid path %s: Path %s does not start with prefix %s" % (path, path, source))
+        return self._key(self._join(target, rest), path)
+
+    def descendant_where(self, path):
+        """(SQL condition, params) for rows at or below path.  POSIX: exact.  Windows: the reference's LIKE
+        pre-filter, a superset (ASCII case, '_', '%'): keep only the rows with is_within(row, path)."""
+        if self.windows:
+            return "path LIKE ? || '%'", (path,)
+        return ("1", ()) if path == "/" else ("path = ? OR (path >= ? AND path < ?)", (path, path + "/", path + "0"))
+
+    def shorten_home(self, path, home):
+        r"""list's display: '~/' + the rest below home (Windows: the rest as spelled, '~/proj\sub')."""
+        if not home:
+            return path
+        if self.windows:
+            rest = self._strip(path, home)
+            return path if rest is None else "~/" + rest
+        home = home.rstrip("/")
+        return "~/" + path[len(home) + 1:] if self.is_within(path, home or "/") else path
 # --- Platform: the one seam where POSIX and Windows differ -----------------------
+
 
 class PosixPlatform(object):
     """How this operating system locks a directory, replaces a file, starts a command and probes ports.
@@ -286,10 +529,11 @@ class PosixPlatform(object):
     PLATFORM is the instance for this host; the tests drive WindowsPlatform
     with fakes on any host.  What the OS reports (reserved ports, the
     ephemeral range, socket owners) is read by functions that ask
-    PLATFORM.name, and PLATFORM.paths (see Paths) spells keys.
+    PLATFORM.name, and PLATFORM.paths spells keys.
     """
 
     name = "posix"
+    paths = PathFlavour(windows=False)
     wildcard_probes = False     # a 127.0.0.1 bind already fails next to a 0.0.0.0 listener
 
     def lock(self, directory):
@@ -309,6 +553,7 @@ class PosixPlatform(object):
 
 class WindowsPlatform(PosixPlatform):
     name = "windows"
+    paths = PathFlavour(windows=True)
     wildcard_probes = True      # Windows lets 127.0.0.1 bind beside a 0.0.0.0 listener: probe the wildcard too
     _SHARING = (5, 32, 33)      # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION
 
@@ -403,7 +648,462 @@ class _SidecarLock(object):
 PLATFORM = WindowsPlatform() if os.name == "nt" else PosixPlatform()
 
 
+PROC_ROOT = "/proc"             # Linux's process and mount tables; tests point it at fake files
+
+
+# --- Models ------------------------------------------------------------------
+
+class ReservationKey:
+    """(path, tag): what a reservation is for.  tag None means untagged ('' in the database)."""
+
+    __slots__ = ("path", "tag")
+
+    def __init__(self, path, tag=None):
+        self.path = path
+        self.tag = tag or None
+
+    def __eq__(self, other):
+        return isinstance(other, ReservationKey) and (self.path, self.tag) == (other.path, other.tag)
+
+    def __hash__(self):
+        return hash((self.path, self.tag))
+
+    def __repr__(self):
+        return "ReservationKey(%r, %r)" % (self.path, self.tag)
+
+    def __str__(self):
+        return self.path if self.tag is None else "%s:%s" % (self.path, self.tag)
+
+    @property
+    def db_tag(self):
+        return self.tag or ""
+
+
+class Reservation:
+    """One stored row.  Timestamps are Unix seconds."""
+
+    __slots__ = ("path", "tag", "port", "project", "task", "created_at", "last_used_at")
+    FIELDS = __slots__
+
+    def __init__(self, path, tag, port, project=None, task=None, created_at=0, last_used_at=0):
+        self.path = path
+        self.tag = tag or None
+        self.port = port
+        self.project = project
+        self.task = task
+        self.created_at = created_at
+        self.last_used_at = last_used_at
+
+    @property
+    def key(self):
+        return ReservationKey(self.path, self.tag)
+
+    def row(self):
+        return (self.path, self.tag or "", self.port, self.project, self.task,
+                self.created_at, self.last_used_at)
+
+    def replace(self, **changes):
+        values = {name: getattr(self, name) for name in self.FIELDS}
+        values.update(changes)
+        return Reservation(**values)
+
+    def __eq__(self, other):
+        return isinstance(other, Reservation) and self.row() == other.row()
+
+    def __repr__(self):
+        return "Reservation(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.FIELDS)
+
+    @classmethod
+    def from_row(cls, row):
+        """Build from a database row, refusing anything the schema forbids (checked on every read)."""
+        path, tag, port, project, task, created, used = row
+        if type(path) is not str or not PLATFORM.paths.is_normal(path):
+            _corrupt(row, "path", "path must be a non-empty absolute, lexically normal path")
+        if type(tag) is not str or (tag and (tag[0].isspace() or tag[-1].isspace())):
+            _corrupt(row, "tag", "tag must be '' or trimmed non-empty text")
+        if type(port) is not int or not 0 < port < 65536:
+            _corrupt(row, "port", "port %r is not an integer in 1..65535" % (port,))
+        if project is not None and (type(project) is not str or not project or project != project.strip()):
+            _corrupt(row, "project", "project must be NULL or trimmed non-empty text")
+        if task is not None and (type(task) is not str or not task or task != task.strip()):
+            _corrupt(row, "task", "task must be NULL or trimmed non-empty text")
+        if type(created) is not int or not 0 <= created <= 253402300799:
+            _corrupt(row, "created_at", "created_at %r is not a valid timestamp" % (created,))
+        if type(used) is not int or not 0 <= used <= 253402300799:
+            _corrupt(row, "last_used_at", "last_used_at %r is not a valid timestamp" % (used,))
+        return cls(path, tag, port, project, task, created, used)
+
+
+def _corrupt(row, field, reason):
+    path, tag = row[0], row[1]
+    raise CorruptionError('table=reservations, field=%s, key=path="%s", tag=%s: %s'
+                          % (field, path, '"%s"' % tag if tag else "<untagged>", reason))
+
+
+_TIMESTAMPS = {}
+
+
+def format_timestamp(seconds):
+    """UTC '%Y-%m-%d %H:%M:%S'; memoised because listings repeat the same seconds."""
+    text = _TIMESTAMPS.get(seconds)
+    if text is None:
+        if len(_TIMESTAMPS) > 4096:
+            _TIMESTAMPS.clear()
+        text = _TIMESTAMPS[seconds] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    return text
+
+
+class PortRange:
+    """An inclusive range of ports to allocate from."""
+
+    __slots__ = ("min", "max")
+
+    def __init__(self, low, high):
+        self.min = low
+        self.max = high
+
+    def __contains__(self, port):
+        return self.min <= port <= self.max
+
+    def __iter__(self):
+        return iter(range(self.min, self.max + 1))
+
+    def __len__(self):
+        return max(0, self.max - self.min + 1)
+
+    def __eq__(self, other):
+        return isinstance(other, PortRange) and (self.min, self.max) == (other.min, other.max)
+
+    def __repr__(self):
+        return "PortRange(%d, %d)" % (self.min, self.max)
+
+    def __str__(self):
+        return "%d-%d" % (self.min, self.max)
+
+
+class ExclusionList:
+    """Excluded ports as merged, sorted ranges; membership by binary search."""
+
+    def __init__(self, ranges=()):
+        merged = []
+        for start, end in sorted(ranges):
+            if merged and start <= merged[-1][1] + 1:
+                if end > merged[-1][1]:
+                    merged[-1][1] = end
+            else:
+                merged.append([start, end])
+        self.ranges = [tuple(r) for r in merged]
+        self._starts = [r[0] for r in self.ranges]
+
+    def __contains__(self, port):
+        i = bisect_right(self._starts, port) - 1
+        return i >= 0 and self.ranges[i][1] >= port
+
+    def __len__(self):
+        return len(self.ranges)
+
+    def end_of(self, port):
+        """The last port of the excluded range containing port."""
+        return self.ranges[bisect_right(self._starts, port) - 1][1]
+
+    def entries(self):
+        """The minimal entry list: singles as ints, runs as (start, end)."""
+        return [s if s == e else (s, e) for s, e in self.ranges]
+
+
+class PortSet:
+    """Reserved ports: a set for membership plus a sorted list, so the next unreserved
+    port after a run of reserved ones is a binary search, not a walk."""
+
+    def __init__(self, ports=()):
+        self._set = set(ports)
+        self._sorted = sorted(self._set)
+
+    def __contains__(self, port):
+        return port in self._set
+
+    def __len__(self):
+        return len(self._set)
+
+    def __iter__(self):
+        return iter(self._sorted)
+
+    def __sub__(self, ports):
+        return PortSet(self._set.difference(ports))
+
+    def add(self, port):
+        if port not in self._set:
+            self._set.add(port)
+            insort(self._sorted, port)
+
+    def discard(self, port):
+        if port in self._set:
+            self._set.discard(port)
+            del self._sorted[bisect_left(self._sorted, port)]
+
+    def next_unreserved(self, port):
+        """The lowest port >= port that is not in the set."""
+        ports = self._sorted
+        i = bisect_left(ports, port)
+        if i == len(ports) or ports[i] != port:
+            return port
+        lo, hi = i, len(ports) - 1           # last j with ports[j] - port == j - i (a contiguous run)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ports[mid] - port == mid - i:
+                lo = mid
+            else:
+                hi = mid - 1
+        return ports[lo] + 1
+
+
+class OccupancyPolicy:
+    """Which bind() probes decide that a port is in use (the occupancy_check keys, as a test checks)."""
+
+    __slots__ = ("skip", "skip_ip4", "skip_ip6", "skip_tcp", "skip_udp", "check_all_interfaces")
+
+    def __init__(self, skip=False, skip_ip4=False, skip_ip6=False, skip_tcp=False, skip_udp=False,
+                 check_all_interfaces=False):
+        self.skip, self.skip_ip4, self.skip_ip6 = skip, skip_ip4, skip_ip6
+        self.skip_tcp, self.skip_udp, self.check_all_interfaces = skip_tcp, skip_udp, check_all_interfaces
+
+    def probes(self):
+        """The probe matrix in the reference's order: (protocol, family, scope, address)."""
+        if self.skip:
+            return []
+        out = []
+        families = []
+        if not self.skip_ip4:
+            families.append(("ipv4", "127.0.0.1", "0.0.0.0"))
+        if not self.skip_ip6:
+            families.append(("ipv6", "::1", "::"))
+        for family, local, wildcard in families:
+            wildcard_too = self.check_all_interfaces or PLATFORM.wildcard_probes
+            scopes = [("localhost", local)] + ([("wildcard", wildcard)] if wildcard_too else [])
+            for scope, address in scopes:
+                for proto, skipped in (("tcp", self.skip_tcp), ("udp", self.skip_udp)):
+                    if not skipped:
+                        out.append((proto, family, scope, address))
+        return out
+
+
+class ServiceSpec:
+    """One service of a group: a tag with an offset, maybe a preferred port and env name."""
+
+    __slots__ = ("tag", "offset", "preferred", "env", "line")
+
+    def __init__(self, tag, offset=0, preferred=None, env=None, line=None):
+        self.tag, self.offset, self.preferred, self.env, self.line = tag, offset, preferred, env, line
+
+    @property
+    def env_name(self):
+        if self.env is not None:
+            return self.env
+        return "".join(chr(ord(c) - 32) if "a" <= c <= "z" else c for c in self.tag).replace("-", "_")
+
+
+class GroupSpec:
+    """A `reservations:` group: services that share a base port plus offsets."""
+
+    def __init__(self, services, base=None, line=None):
+        self.services = sorted(services, key=lambda s: s.tag.encode("utf-8", "surrogateescape"))
+        self.base = base
+        self.line = line
+
+    def problems(self):
+        """Cross-service rules: unique offsets, preferred ports and variable names."""
+        out = []
+        offsets, preferred, names = {}, {}, {}
+        for svc in self.services:
+            if svc.offset in offsets:
+                out.append(("services '%s' and '%s' share offset %d" % (offsets[svc.offset], svc.tag, svc.offset),
+                            svc.line))
+            offsets.setdefault(svc.offset, svc.tag)
+            if svc.preferred is not None:
+                if svc.preferred in preferred:
+                    out.append(("services '%s' and '%s' share preferred port %d"
+                                % (preferred[svc.preferred], svc.tag, svc.preferred), svc.line))
+                preferred.setdefault(svc.preferred, svc.tag)
+            name = svc.env_name
+            problem = env_name_problem(name)
+            if problem:
+                how = "env" if svc.env is not None else "derived variable name"
+                out.append(("service '%s': %s %r %s%s" % (svc.tag, how, name, problem,
+                            "" if svc.env is not None else "; set env: explicitly"), svc.line))
+                continue
+            folded = name.upper()
+            if folded in names:
+                out.append(("services '%s' and '%s' have variable names that collide ignoring case (%s)"
+                            % (names[folded], svc.tag, name), svc.line))
+            names.setdefault(folded, svc.tag)
+        return out
+
+
+def env_name_problem(name):
+    """Why a variable name is unsafe to print into shell or dotenv output (None if safe)."""
+    if not name:
+        return "is empty"
+    first = name[0]
+    if not (first == "_" or ("A" <= first <= "Z") or ("a" <= first <= "z")):
+        return "must start with a letter or underscore"
+    for ch in name:
+        if not (ch == "_" or "A" <= ch <= "Z" or "a" <= ch <= "z" or "0" <= ch <= "9"):
+            return "must match [A-Za-z_][A-Za-z0-9_]*"
+    if len(name) > 255:                         # ASCII by now: characters are bytes
+        return "is longer than 255 bytes"
+    return None
+
+
+class Plan:
+    """What a command will do, as plain data: executed, or described and rolled back (a dry run).
+
+    A planner builds it inside the transaction that executes it; the
+    subclasses below add what their command reports.
+    """
+
+    def __init__(self):
+        self.inserts = []        # Reservation
+        self.deletes = []        # Reservation (deleted only if unchanged)
+        self.updates = []        # Reservation: same key and port, new project, task or last use
+        self.touches = []        # Reservation: only last_used_at refreshed
+        self.warnings = []
+
+    def execute(self, store):
+        for res in self.deletes:
+            store.delete_exact(res)
+        for res in self.updates:
+            store.update(res)
+        for res in self.touches:
+            store.touch(res)
+        for res in self.inserts:
+            store.insert(res)
+
+    def describe(self):
+        """Human lines for a dry run, in execution order (a moved key is one Reserve line)."""
+        inserted = {r.key for r in self.inserts}
+        lines = ["Delete reservation for %s" % r.key for r in self.deletes if r.key not in inserted]
+        lines += ["Update reservation for %s (port %d, project %s, task %s)"
+                  % (r.key, r.port, _quote(r.project), _quote(r.task)) for r in self.updates]
+        lines += ["Refresh reservation for %s (port %d)" % (r.key, r.port) for r in self.touches]
+        return lines + ["Reserve port %d for %s" % (r.port, r.key) for r in self.inserts]
+
+
+class ReservePlan(Plan):
+    """reserve: the plan and the port the key ends up with."""
+
+    def __init__(self):
+        Plan.__init__(self)
+        self.port = None
+
+
+class GroupPlan(Plan):
+    """reserve-group, autoreserve, run: the group and its ports by tag."""
+
+    def __init__(self, spec):
+        Plan.__init__(self)
+        self.spec = spec
+        self.ports = {}
+
+    def environment(self):
+        """{VARIABLE: "port"}, as `trop run` sets them."""
+        return {s.env_name: str(self.ports[s.tag]) for s in self.spec.services if s.tag in self.ports}
+
+
+class MigratePlan(Plan):
+    """migrate: where from and to, each (old, new) move, and the destination rows it replaces."""
+
+    def __init__(self, source, target):
+        Plan.__init__(self)
+        self.source, self.target = source, target
+        self.moves = []
+        self.conflicts = []
+# --- What the OS says about ports (reserved, ephemeral) ------------------------
+
+
+def parse_reserved_ports(text):
+    """Linux's ip_local_reserved_ports ('8080,9000-9100') as (start, end) ranges; junk is skipped."""
+    out = []
+    for item in text.replace("\n", ",").split(","):
+        first, _, last = item.strip().partition("-")
+        try:
+            out.append(parse_port_range("%s..%s" % (first, last) if last else first))
+        except ValueError:
+            continue
+    return out
+
+
+def parse_netsh_ranges(text):
+    """The 'Start Port  End Port' rows of `netsh int ipv4 show excludedportrange` (any language)."""
+    out = []
+    for line in text.splitlines():
+        match = re.match(r"\s*(\d+)\s+(\d+)\s*\*?\s*$", line)
+        if match:
+            try:
+                out.append(parse_port_range("%s..%s" % match.groups()))
+            except ValueError:
+                continue
+    return out
+
+
+def os_reserved_ports(proc_root=None, netsh=None):
+    """Ports the operating system keeps from applications: Linux's ip_local_reserved_ports, or the
+    excluded port ranges of Windows (Hyper-V, WinNAT: binding there fails with "access denied")."""
+    if PLATFORM.name == "windows" or netsh is not None:
+        return ExclusionList(rng for family in ("ipv4", "ipv6") for rng in parse_netsh_ranges(
+            (netsh or _netsh)("int", family, "show", "excludedportrange", "protocol=tcp")))
+    return ExclusionList(parse_reserved_ports(_read_proc(proc_root, "sys/net/ipv4/ip_local_reserved_ports") or ""))
+
+
+def ephemeral_range(proc_root=None, netsh=None):
+    """The range the OS hands out for outgoing connections (a server there may find its port taken), or None."""
+    if PLATFORM.name == "windows" or netsh is not None:
+        answer = (netsh or _netsh)("int", "ipv4", "show", "dynamicport", "tcp")
+        numbers = [int(n) for n in re.findall(r":\s*(\d+)", answer)]
+        return PortRange(numbers[0], numbers[0] + numbers[1] - 1) if len(numbers) >= 2 and numbers[1] else None
+    if sys.platform == "darwin" and proc_root is None:
+        return _darwin_ephemeral_range()
+    numbers = (_read_proc(proc_root, "sys/net/ipv4/ip_local_port_range") or "").split()
+    return PortRange(int(numbers[0]), int(numbers[1])) if len(numbers) == 2 and all(map(str.isdigit, numbers)) \
+        else None
+
+
+def _read_proc(proc_root, name):
+    try:
+        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _netsh(*args):
+    """netsh's answer (Windows), or '' when it cannot be run."""
+    try:
+        return _subprocess().run(["netsh"] + list(args), stdout=_subprocess().PIPE, stderr=_subprocess().DEVNULL,
+                                 stdin=_subprocess().DEVNULL, timeout=10).stdout.decode("ascii", "replace")
+    except (OSError, _subprocess().SubprocessError):
+        return ""
+
+
+def _darwin_ephemeral_range():
+    """macOS net.inet.ip.portrange.first/last through sysctlbyname: no subprocess."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        values = []
+        for name in (b"net.inet.ip.portrange.first", b"net.inet.ip.portrange.last"):
+            value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+            if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+                return None
+            values.append(value.value)
+        return PortRange(values[0], values[1])
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+
+
+_OS_RESERVED_WHERE = {"windows": "Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp",
+                      "posix": "net.ipv4.ip_local_reserved_ports"}
 # --- YAML reader -------------------------------------------------------------
+
 
 class YamlError(Exception):
     """A syntax error or a construct outside the supported subset.
@@ -519,21 +1219,21 @@ class _YamlParser(object):
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         self.lines = lines = text.split("\n")
         self.n = len(lines)
-        self.kinds = kinds = []
+        self.line_classes = line_classes = []
         self.inds = inds = []
         for line in lines:
             s = line.lstrip(" ")
             ind = len(line) - len(s)
             if not s or s[0] == "#":
-                kind = _YAML_BLANK
+                line_class = _YAML_BLANK
             elif s[0] == "\t":
                 s = s.lstrip(" \t")
-                kind = _YAML_BLANK if not s or s[0] == "#" else _YAML_TAB
+                line_class = _YAML_BLANK if not s or s[0] == "#" else _YAML_TAB
             elif ind == 0 and s[:3] in ("---", "...") and (len(s) == 3 or s[3] in " \t"):
-                kind = _YAML_MARKER
+                line_class = _YAML_MARKER
             else:
-                kind = _YAML_CONTENT
-            kinds.append(kind)
+                line_class = _YAML_CONTENT
+            line_classes.append(line_class)
             inds.append(ind)
         self.depth = 0
         self.last = 0               # index of the last line holding value content
@@ -544,20 +1244,20 @@ class _YamlParser(object):
 
     # -- document ------------------------------------------------------------
     def parse(self):
-        lines, kinds, n = self.lines, self.kinds, self.n
+        lines, line_classes, n = self.lines, self.line_classes, self.n
         li = self._next(0)
-        if li < n and kinds[li] == _YAML_MARKER and lines[li][0] == "-":
+        if li < n and line_classes[li] == _YAML_MARKER and lines[li][0] == "-":
             self._marker_rest(li)
             li = self._next(li + 1)
         root = None
         col = 0
-        if li < n and kinds[li] != _YAML_MARKER:
+        if li < n and line_classes[li] != _YAML_MARKER:
             col = self._level(li)
             self.root_line = li + 1
             root, li = self._node(li, col, 0)
             self.root_end = self.last
         if li < n:
-            if kinds[li] != _YAML_MARKER:
+            if line_classes[li] != _YAML_MARKER:
                 if self._level(li) < col:
                     raise YamlError("inconsistent indentation", li + 1)
                 raise YamlError("unexpected content after the top-level value", li + 1)
@@ -578,8 +1278,8 @@ class _YamlParser(object):
     # -- helpers -------------------------------------------------------------
     def _next(self, li):
         """Index of the next line at or after li that is not blank / comment-only."""
-        kinds, n = self.kinds, self.n
-        while li < n and kinds[li] == _YAML_BLANK:
+        line_classes, n = self.line_classes, self.n
+        while li < n and line_classes[li] == _YAML_BLANK:
             li += 1
         return li
 
@@ -587,10 +1287,10 @@ class _YamlParser(object):
         """Indentation of line li; -1 at the end of the document."""
         if li >= self.n:
             return -1
-        kind = self.kinds[li]
-        if kind == _YAML_CONTENT:
+        line_class = self.line_classes[li]
+        if line_class == _YAML_CONTENT:
             return self.inds[li]
-        if kind == _YAML_MARKER:
+        if line_class == _YAML_MARKER:
             return -1
         raise YamlError("tab characters are not allowed for indentation", li + 1)
 
@@ -863,14 +1563,14 @@ class _YamlParser(object):
                     return li, ci
                 self.comments[li] = ci
             li += 1
-            if li >= self.n or self.kinds[li] == _YAML_MARKER:
+            if li >= self.n or self.line_classes[li] == _YAML_MARKER:
                 raise YamlError("unclosed '%s' (missing '%s')" % ("[" if closer == "]" else "{", closer),
                                 open_line)
             line = lines[li]
             ci = 0
 
     def _fnode(self, li, ci):
-        """Flow node at (li, ci) -> (value or raw plain text, li, ci after, kind)."""
+        """Flow node at (li, ci) -> (value or raw plain text, li, ci after, node type)."""
         line = self.lines[li]
         ch = line[ci]
         if ch in "[{":
@@ -913,14 +1613,14 @@ class _YamlParser(object):
             if lines[li][ci] == closer:
                 break
             start = li + 1
-            value, key_li, ci, kind = self._fnode(li, ci)
+            value, key_li, ci, node_type = self._fnode(li, ci)
             li, ci = self._fskip(key_li, ci, open_line, closer)
             line = lines[li]
             ch = line[ci]
-            pair = ch == ":" and (kind != "plain" or len(line) == ci + 1 or line[ci + 1] in " \t,[]{}")
+            pair = ch == ":" and (node_type != "plain" or len(line) == ci + 1 or line[ci + 1] in " \t,[]{}")
             if pair and li != key_li:
                 raise YamlError("a mapping key and its ':' must be on the same line", li + 1)
-            if kind == "coll" and (pair or closer == "}"):
+            if node_type == "coll" and (pair or closer == "}"):
                 raise YamlError(_YAML_COMPLEX_KEY, start)
             key = value
             if pair:
@@ -935,7 +1635,7 @@ class _YamlParser(object):
                     li, ci = self._fskip(li, ci, open_line, closer)
                     ch = lines[li][ci]
             else:
-                value = None if closer == "}" else _yaml_resolve(value, start - 1) if kind == "plain" else value
+                value = None if closer == "}" else _yaml_resolve(value, start - 1) if node_type == "plain" else value
             if closer == "]":
                 if pair:                # [key: value] is a single-pair mapping
                     value = YamlMap({key: value})
@@ -1070,7 +1770,7 @@ MAX_LOCK_WAIT = 2147483
 MAX_CONFIG_BYTES = 1 << 20
 PROJECT_FILES = ("trop.yaml", "trop.local.yaml")
 OUTPUT_FORMATS = ("table", "json", "csv", "tsv")
-_INVALID = object()             # what a kind returns for a value it reported as a problem
+_INVALID = object()             # what a value type returns for a value it reported as a problem
 
 
 def _describe(value):
@@ -1083,7 +1783,7 @@ def _describe(value):
     return "%s %r" % (type(value).__name__.replace("str", "string"), value)
 
 
-class _Kind:
+class _ValueType:
     """How one type of setting is read from a file, an environment variable and a flag.
 
     check() is the file rule (ValueError: the problem, as `validate` lists it);
@@ -1117,7 +1817,7 @@ class _Kind:
             layer.set(option.clears, None, where)
 
 
-class _Switch(_Kind):
+class _Switch(_ValueType):
     """true/false in files, true/1/yes/on or false/0/no/off in variables; a flag can only turn it on."""
 
     def argument(self):
@@ -1143,7 +1843,7 @@ class _Switch(_Kind):
                           "(expected true/false/1/0/yes/no/on/off)" % (name, text))
 
 
-class _Port(_Kind):
+class _Port(_ValueType):
     """ports.min / ports.max: an integer port in files, a u16 in variables, a port on the command line."""
 
     env_what = "Invalid port number"
@@ -1177,7 +1877,14 @@ class _Offset(_Port):
         return value
 
 
-class _Days(_Kind):
+def _u32(text):
+    try:
+        return parse_uint(text, 0xFFFFFFFF)
+    except ValueError:
+        raise _argparse().ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
+
+
+class _Days(_ValueType):
     def argument(self):
         return {"type": _u32}
 
@@ -1201,7 +1908,7 @@ class _Days(_Kind):
         return value
 
 
-class _Seconds(_Kind):
+class _Seconds(_ValueType):
     def argument(self):
         return {"type": _u32, "metavar": "SECONDS"}
 
@@ -1227,7 +1934,7 @@ class _Seconds(_Kind):
         return value
 
 
-class _Identifier(_Kind):
+class _Identifier(_ValueType):
     """project / task: trimmed, non-empty, no NUL, at most 255 bytes."""
 
     def check(self, key, value):
@@ -1249,7 +1956,7 @@ class _Identifier(_Kind):
         return check_identifier(option.key, value, CLI_SOURCE)
 
 
-class _Choice(_Kind):
+class _Choice(_ValueType):
     def __init__(self, choices, what):
         self.choices, self.what = choices, what
 
@@ -1266,12 +1973,12 @@ class _Choice(_Kind):
         return low
 
 
-class _Text(_Kind):
+class _Text(_ValueType):
     def argument(self):
         return {"metavar": "PATH"}
 
 
-class _Exclusions(_Kind):
+class _Exclusions(_ValueType):
     """excluded_ports: they accumulate over every layer instead of overriding."""
 
     def from_file(self, option, value, problems, line):
@@ -1296,11 +2003,11 @@ class _Exclusions(_Kind):
         layer.exclusions.extend(value)          # (range, line or variable) pairs
 
 
-class _Group(_Kind):
+class _Group(_ValueType):
     """reservations: a whole group, replaced (or cleared with null) by a later file."""
 
     def from_file(self, option, value, problems, line):
-        return None if value is None else GroupSpec.read(value, problems, line)
+        return None if value is None else read_group(value, problems, line)
 
 
 class Option:
@@ -1311,14 +2018,17 @@ class Option:
     environment variables that set it, the first one present winning (each is
     checked); files where configuration files may hold it ("any", "project",
     or None); groups the flag sets that carry its flag (see _add_options);
-    clears a key it resets (ports.max and ports.max_offset exclude each other).
+    clears a key it resets (ports.max and ports.max_offset exclude each other);
+    example the value the config.yaml template shows (default: the default).
     """
 
-    __slots__ = ("name", "keys", "kind", "default", "env", "files", "groups", "help", "clears")
+    __slots__ = ("name", "keys", "value_type", "default", "env", "files", "groups", "help", "clears", "example")
 
-    def __init__(self, name, keys, kind, default=None, env=(), files="any", groups=(), help="", clears=None):
-        self.name, self.kind, self.default, self.files, self.help, self.clears = \
-            name, kind, default, files, help, clears
+    def __init__(self, name, keys, value_type, default=None, env=(), files="any", groups=(), help="", clears=None,
+                 example=None):
+        self.name, self.value_type, self.default, self.files, self.help, self.clears = \
+            name, value_type, default, files, help, clears
+        self.example = default if example is None else example     # the value config.yaml's template shows
         self.keys = (keys,) if isinstance(keys, str) else keys
         self.env = (env,) if isinstance(env, str) else env
         self.groups = (groups,) if isinstance(groups, str) else groups
@@ -1357,9 +2067,10 @@ OPTIONS = (
            help="lowest port of the range (default: ports.min, else 5000)"),
     Option("max", "ports.max", _PORT, 7000, env="TROP_PORT_MAX", groups="range", clears="ports.max_offset",
            help="highest port of the range (default: ports.max, else 7000)"),
-    Option("max_offset", "ports.max_offset", _Offset(), env="TROP_PORT_MAX_OFFSET", clears="ports.max",
+    Option("max_offset", "ports.max_offset", _Offset(), env="TROP_PORT_MAX_OFFSET", clears="ports.max", example=2000,
            help="the range's size above ports.min, instead of ports.max"),
     Option("excluded_ports", "excluded_ports", _Exclusions(), (), env="TROP_EXCLUDED_PORTS",
+           example=(5432, "6000..6010", {"start": 6379, "end": 6380}),
            help="ports never handed out: comma-separated N or A..B, added to the files' exclusions"),
     Option("days", "cleanup.expire_after_days", _Days(), 30, env="TROP_EXPIRE_AFTER_DAYS", groups="expire",
            help="expire reservations unused for more than N days (default: cleanup.expire_after_days, else 30)"),
@@ -1423,6 +2134,47 @@ for _key in FILE_OPTIONS:
         SECTIONS[_top] = SECTIONS.get(_top, ()) + (_leaf,)
 del _key, _top, _leaf
 OCCUPANCY_KEYS = SECTIONS["occupancy_check"]
+
+
+def _template_value(value):
+    """A value as the config.yaml template writes it (flow style for a mapping)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s: %s" % item for item in value.items())
+    return '"%s"' % value if isinstance(value, str) and not value.isalpha() else str(value)
+
+
+def config_template():
+    """A commented config.yaml naming every setting of OPTIONS a user configuration may hold, with its help."""
+    lines = ["# trop user configuration (<data-dir>/config.yaml).",
+             "# Every key is optional; uncomment what you need.  Projects can override these",
+             "# settings in trop.yaml / trop.local.yaml; environment variables and command-line",
+             "# flags override both."]
+    sections = set()
+    for option in OPTIONS:
+        if option.files != "any":
+            continue
+        top, _, leaf = option.key.partition(".")
+        if (leaf and top not in sections) or (not leaf and lines[-1].startswith("#  ")):
+            lines.append("#")                   # a blank comment line around each section
+        if leaf and top not in sections:
+            sections.add(top)
+            lines.append("# %s:" % top)
+        alternative = "# " if option.default is None and option.clears else ""   # not both: shown commented
+        text = "#%s %s%s:" % ("  " if leaf else "", alternative, leaf or top)
+        help_text = re.sub(r" \(default[^)]*\)", "", option.help)
+        if isinstance(option.example, tuple):
+            lines.append("%-30s # %s" % (text, help_text))
+            lines += ["#   - %s" % _template_value(item) for item in option.example]
+        else:
+            lines.append("%-30s # %s" % ("%s %s" % (text, _template_value(option.example)), help_text))
+    project_only = [key for key, option in FILE_OPTIONS.items() if option.files == "project"]
+    lines += ["#", "# %s belong in a project's trop.yaml, not here." % " and ".join("`%s:`" % k for k in project_only)]
+    return "\n".join(lines) + "\n"
+
+
+CONFIG_TEMPLATE = config_template()
 
 
 class Layer:
@@ -1536,6 +2288,61 @@ def parse_exclusion(item, problems=None, line=None):
     return rng
 
 
+def read_group(value, problems, line):
+    """A `reservations:` mapping as a GroupSpec (None if unusable), every problem reported."""
+    if _mapping(value, problems, line, "reservations", ("base", "services")) is None:
+        return None
+    base = None
+    if value.get("base") is not None:
+        base = _port_in_file(value["base"], problems, _line_of(value, "base", line), "reservations.base")
+    if "services" not in value:
+        problems.add(line, "reservations: missing field 'services'")
+        return None
+    raw = value["services"]
+    sline = _line_of(value, "services", line)
+    if not isinstance(raw, dict):
+        problems.add(sline, "reservations.services must be a mapping of tag to service, got %s"
+                     % _describe(raw))
+        return None
+    services, seen = [], {}
+    for name, body in raw.items():
+        tline = _line_of(raw, name, sline)
+        tag = name.strip() if isinstance(name, str) else str(name)
+        if identifier_problem(tag):
+            problems.add(tline, "service tag %r %s" % (name, identifier_problem(tag)))
+            continue
+        if tag in seen:
+            problems.add(tline, "duplicate service tag '%s' (after trimming)" % tag)
+            continue
+        seen[tag] = True
+        spec = ServiceSpec(tag, line=tline)
+        if body is not None and _mapping(body, problems, tline, "reservations.services." + tag,
+                                         ("offset", "preferred", "env")) is not None:
+            if body.get("offset") is not None:
+                off = body["offset"]
+                if not _is_int(off) or not 0 <= off <= 65535:
+                    problems.add(_line_of(body, "offset", tline), "service '%s': offset must be an integer "
+                                 "0..65535, got %s" % (tag, _describe(off)))
+                else:
+                    spec.offset = off
+            if body.get("preferred") is not None:
+                spec.preferred = _port_in_file(body["preferred"], problems, _line_of(body, "preferred", tline),
+                                               "service '%s' preferred" % tag)
+            if body.get("env") is not None:
+                env = body["env"]
+                if not isinstance(env, str):
+                    problems.add(_line_of(body, "env", tline), "service '%s': env must be a string" % tag)
+                else:
+                    spec.env = env
+        elif body is not None and not isinstance(body, dict):
+            continue
+        services.append(spec)
+    spec = GroupSpec(services, base, line)
+    for message, sline2 in spec.problems():
+        problems.add(sline2 or line, message)
+    return spec
+
+
 def read_config_document(doc, source, kind, problems):
     """Turn one parsed YAML document into a Layer, reporting every problem."""
     layer = Layer(source, kind)
@@ -1564,9 +2371,9 @@ def read_config_document(doc, source, kind, problems):
 
 
 def _read_setting(layer, option, value, problems, line):
-    value = option.kind.from_file(option, value, problems, line)
+    value = option.value_type.from_file(option, value, problems, line)
     if value is not _INVALID:
-        option.kind.store(layer, option, value, line)
+        option.value_type.store(layer, option, value, line)
 
 
 def _read_ports(value, layer, problems, line):
@@ -1583,21 +2390,21 @@ def _read_ports(value, layer, problems, line):
     for leaf in SECTIONS["ports"]:
         if leaf in present:
             option = FILE_OPTIONS["ports." + leaf]
-            read[leaf] = option.kind.from_file(option, value[leaf], problems, present[leaf])
+            read[leaf] = option.value_type.from_file(option, value[leaf], problems, present[leaf])
     low = read.get("min", _INVALID)
     if low is not _INVALID:
-        OPTION["min"].kind.store(layer, OPTION["min"], low, present["min"])
+        OPTION["min"].value_type.store(layer, OPTION["min"], low, present["min"])
     high = read.get("max", _INVALID)
     if high is not _INVALID:
         if low is not _INVALID and high < low:
             problems.add(present["max"], "ports.max (%d) must be >= min (%d)" % (high, low))
-        OPTION["max"].kind.store(layer, OPTION["max"], high, present["max"])
+        OPTION["max"].value_type.store(layer, OPTION["max"], high, present["max"])
     offset = read.get("max_offset", _INVALID)
     if offset is not _INVALID:
         if low is not _INVALID and low + offset > 65535:
             problems.add(present["max_offset"], "Offset %d would overflow port range from min %d" % (offset, low))
         else:
-            OPTION["max_offset"].kind.store(layer, OPTION["max_offset"], offset, present["max_offset"])
+            OPTION["max_offset"].value_type.store(layer, OPTION["max_offset"], offset, present["max_offset"])
 
 
 def read_config_file(path, kind, problems=None):
@@ -1641,11 +2448,11 @@ def env_layer(environ):
         for name in option.env:
             text = environ.get(name)
             if text is not None:
-                value = option.kind.from_env(option, name, text)
+                value = option.value_type.from_env(option, name, text)
                 if chosen is None:
                     chosen = (value, name)
         if chosen is not None and option.keys:
-            option.kind.store(layer, option, chosen[0], chosen[1])
+            option.value_type.store(layer, option, chosen[0], chosen[1])
     return layer
 
 
@@ -1655,7 +2462,7 @@ def cli_layer(opts):
     for option in OPTIONS:
         value = opts.get(option.name)
         if option.keys and option.flag and value is not None and value is not False:
-            option.kind.store(layer, option, option.kind.from_flag(option, value), None)
+            option.value_type.store(layer, option, option.value_type.from_flag(option, value), None)
     low, high = layer.values.get("ports.min"), layer.values.get("ports.max")
     if low is not None and high is not None and low > high:
         raise InvalidArguments("Invalid arguments: --min %d is greater than --max %d" % (low, high))
@@ -1839,13 +2646,13 @@ def config_kind(path):
     return "user" if os.path.basename(path) == "config.yaml" else "project"
 
 
-def exclusion_target(project_dir, data_dir):
+def exclusion_target(project_dir, data_directory):
     """Where exclude and scan --autoexclude write: trop.local.yaml, else trop.yaml, else the user config."""
     for name in reversed(PROJECT_FILES if project_dir else ()):
         path = os.path.join(project_dir, name)
         if os.path.exists(path):
             return path
-    return os.path.join(data_dir, "config.yaml")
+    return os.path.join(data_directory, "config.yaml")
 
 
 def find_project_dir(start):
@@ -1873,253 +2680,14 @@ def project_layers(directory, only_file=None):
     return layers
 
 
-def user_layer(data_dir):
-    path = os.path.join(data_dir, "config.yaml")
+def user_layer(directory):
+    path = os.path.join(directory, "config.yaml")
     if os.path.lexists(path):
         return [read_config_file(path, "user")]
     return []
 
 
-# --- Paths -------------------------------------------------------------------
-#
-# A key is a path as the reference stores it: text, always valid UTF-8.  The OS
-# may hand trop the same path another way (a C locale without UTF-8 mode decodes
-# names as ASCII with surrogate escapes), so text crosses that border in two
-# places only: key_text() for what the OS returns, os_path() for what it takes.
-
-_ROOT = ("RootDir",)
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _prefix(p):
-    """windows_prefix.rs parse_prefix: (length, value) or None."""
-    h = p[:8].replace("/", "\\")                # '/' reads as '\' here, but \\?\ is spelled with '\'
-    if h[:2] != "\\\\":
-        return (2, ("Disk", p[0].upper())) if p[1:2] == ":" and p[0] in _LETTERS else None
-    if h[2:4] == "?\\" and "/" not in p[:4]:    # verbatim: only '\' separates
-        if h[4:8] == "UNC\\":
-            server, _, rest = p[8:].partition("\\")
-            share = rest.partition("\\")[0]
-            return 8 + len(server) + (len(share) + 1 if share else 0), ("VerbatimUNC", server, share)
-        if p[5:6] == ":" and p[4] in _LETTERS and p[6:7] in ("", "\\", "/"):
-            return 6, ("VerbatimDisk", p[4].upper())
-        name = p[4:].partition("\\")[0]
-        return 4 + len(name), ("Verbatim", name)
-    q = p.replace("/", "\\")
-    if h[2:4] == ".\\":
-        name = q[4:].partition("\\")[0]
-        return 4 + len(name), ("DeviceNS", name)
-    server, _, rest = q[2:].partition("\\")
-    share = rest.partition("\\")[0]
-    return (3 + len(server) + len(share), ("UNC", server, share)) if server and share else None
-
-
-def _vpush(names, comps, root):
-    """PathBuf::push into a verbatim path: a root restarts, '..' drops a name only (no error); -> root."""
-    for name, _, _ in comps:
-        if name is _ROOT:
-            names[:], root = [], True
-        elif name == "..":
-            if names and names[-1] not in (".", ".."):
-                names.pop()
-        elif name != ".":
-            names.append(name)
-    return root
-
-
-class PathFlavour(object):
-    r"""Keys as the Rust trop 0.2.0 stores them (normalize.rs over std::path), for one platform.
-
-    Windows: std's prefixes (C:, \\s\h or //s/h, \\?\C:, \\?\UNC\s\h, \\?\x, \\.\x) are kept
-    as spelled but compared by value (drive letter upper-cased; \\?\C: is not C:); '/' and '\' separate
-    except after \\?\; keys are rebuilt with '\'.  A path is parsed once into components (key, start,
-    end): the prefix value, _ROOT, or a name.  POSIX follows the reference too: '~\x' expands like '~/x',
-    an absolute rest after '~' replaces home, a relative HOME is joined to the cwd, HOME '/' shows '/srv'
-    as '~/srv', and rebase() gives '/x' for --from /a --to /.  cwd and home are passed in, so both
-    flavours run (and are tested) anywhere.
-    """
-
-    def __init__(self, windows):
-        self.windows = windows
-        self.sep = "\\" if windows else "/"
-        self._seps = "\\/" if windows else "/"
-
-    def home(self, environ):
-        """USERPROFILE on Windows (the home crate ignores HOME), HOME on POSIX; None if unset or empty."""
-        return environ.get("USERPROFILE" if self.windows else "HOME") or None
-
-    def _parse(self, path):
-        """(prefix value or None, has_root, components) as std's Path::components yields them."""
-        n, key = (_prefix(path) if self.windows else None) or (0, None)
-        verb, phys = bool(key) and key[0].startswith("Verbatim"), n < len(path) and path[n] in self._seps
-        comps = [(key, 0, n)] if key else []
-        if phys or (key and not verb and key[0] != "Disk"):         # non-verbatim roots are implicit
-            comps.append((_ROOT, n, n + phys))
-        pos = n + phys
-        for name in (path[pos:].replace("/", "\\") if self.windows and not verb else path[pos:]).split(self.sep):
-            if name and (name != "." or verb or pos == 0):           # pos 0: leading CurDir ('./x')
-                comps.append((name, pos, pos + len(name)))
-            pos += len(name) + 1
-        return key, phys or bool(key and key[0] != "Disk"), comps
-
-    def _strip(self, path, base):
-        """Path::strip_prefix: the rest of path after base's components, as spelled; or None."""
-        comps, want = self._parse(path)[2], [c[0] for c in self._parse(base)[2]]
-        if [c[0] for c in comps[:len(want)]] != want:
-            return None
-        return path[comps[len(want)][1]:comps[-1][2]] if comps[len(want):] else ""
-
-    def _join(self, base, rel):
-        """PathBuf::push(base, rel) as text (POSIX: trop.py's spelling, the same path once resolved)."""
-        if not self.windows:
-            return rel if rel.startswith("/") else base + "/" + rel
-        rkey, rroot, rcomps = self._parse(rel)
-        key, _, comps = self._parse(base)
-        n = comps[0][2] if key else 0
-        if rkey:
-            return rel
-        if key and key[0].startswith("Verbatim") and rel:          # rebuilt component by component
-            names = [c[0] for c in comps[1:] if c[0] is not _ROOT]
-            root = _vpush(names, rcomps, any(c[0] is _ROOT for c in comps))
-            return base[:n] + ("\\" if root or names else "") + "\\".join(names)
-        if rroot:
-            return base[:n] + rel                                   # '\x' keeps only base's prefix
-        bare = not base or base[-1] in "\\/" or (key and key[0] == "Disk" and n == len(base))  # C: + x = C:x
-        return base + ("" if bare else "\\") + rel
-
-    def _resolve(self, path):
-        r"""normalize.rs resolve_components: the text; False if '..' escapes a root; None if a name
-        re-parses as a prefix (\\?\C:\a\C:, where push() starts over from that name): refused."""
-        key, _, comps = self._parse(path)
-        raw, root, names = path[:comps[0][2]] if key else "", False, []
-        for name, _, _ in comps[1 if key else 0:]:
-            if name is _ROOT:
-                root = True
-            elif name == "..":
-                if not names:
-                    return False
-                names.pop()
-            elif self.windows and (name[1:2] == ":" or "/" in name):  # only verbatim names hold a '/'
-                sub, _, scomps = self._parse(name)
-                if sub:
-                    return None
-                root = _vpush(names, scomps, root)
-            elif name != ".":
-                names.append(name)
-            root = root or bool(names and key and key[0] != "Disk")  # \\?\C: + a is spelled \\?\C:\a
-            if key and key[0] == "VerbatimUNC" and not key[2] and names:
-                raw, key = raw + "\\" + names[0], key[:2] + (names.pop(0),)  # \\?\UNC\srv + x: x is the share
-                root = bool(names)
-        return raw + (self.sep if root else "") + self.sep.join(names)
-
-    def _key(self, full, path):
-        """The key for the absolute text full (typed as path), or ValueError."""
-        key = self._resolve(full)
-        if key is False:
-            raise ValueError("invalid path %s: Path contains too many '..' components (escapes root)" % full)
-        if key is None or not self.is_normal(key):      # C:foo: the reference stores it, then rejects its row
-            raise ValueError("invalid path %s: it does not normalize to an absolute path (drive-relative paths "
-                             "such as C:foo are not supported; write C:\\foo)" % path)
-        return key
-
-    def is_absolute(self, path):
-        r"""Windows: a prefix and a root (C:\x, \\s\h, \\?\C:; not C:x or \x); POSIX: a leading '/'."""
-        key, has_root, _ = self._parse(path)
-        return has_root and (key is not None or not self.windows)
-
-    def normalize(self, path, cwd, home):
-        """Key for an explicit path: expand ~, join to the plain cwd, resolve '.' and '..' lexically."""
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("invalid path %s: path is not valid UTF-8"
-                             % path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-        full = path
-        if path.startswith("~"):
-            if path != "~" and path[1] not in "/\\":
-                raise ValueError("invalid path %s: ~user syntax is not supported; use ~ or ~/path" % path)
-            if not home:
-                raise ValueError("invalid path %s: cannot expand ~ because %s is not set"
-                                 % (path, "USERPROFILE" if self.windows else "HOME"))
-            full = home if path == "~" and self.windows else self._join(home, path[2:])  # POSIX: home + "/"
-        if not self.is_absolute(full):
-            full = self._join(cwd, full)
-        return self._key(full, path)
-
-    def verbatim(self, final):
-        r"""Windows: the \\?\ spelling fs::canonicalize gives for a final path; POSIX: unchanged."""
-        if not self.windows or final.startswith(("\\\\?\\", "\\??\\")):
-            return final
-        kind = (_prefix(final) or (0, ("",)))[1][0]
-        if kind not in ("UNC", "Disk"):
-            raise ValueError("cannot spell %s as a verbatim path" % final)
-        return "\\\\?\\" + ("UNC\\" + final[2:] if kind == "UNC" else final)
-
-    def is_within(self, path, root):
-        """path is root or below it, component-wise ('/w/ab' is not within '/w/a')."""
-        if self.windows:
-            return self._strip(path, root) is not None
-        return path == root or root == "/" or path.startswith(root + "/")
-
-    def related(self, a, b):
-        """relationship.rs between() is not Unrelated (Windows: one trailing separator dropped)."""
-        if self.windows:
-            a, b = [p[:-1] if len(p) > 1 and p[-1] in "\\/" else p for p in (a, b)]
-        return self.is_within(a, b) or self.is_within(b, a)
-
-    def is_normal(self, path):
-        """Row validation (validate_stored_path): its own absolute normal form, or '/'-rooted plain names."""
-        if self.windows and self.is_absolute(path):
-            return self._resolve(path) == path
-        tail = path + "/"                               # trop.py's _is_normal; on Windows also no '\'
-        return path == "/" or (path.startswith("/") and not path.endswith("/") and "//" not in path
-                               and "/./" not in tail and "/../" not in tail and not (self.windows and "\\" in path))
-
-    def rebase(self, path, source, target):
-        """migrate's new key for the row at path: normalize(target.join(path.strip_prefix(source)))."""
-        rest = self._strip(path, source)
-        if rest is None:
-            raise ValueError("invalid path %s: Path %s does not start with prefix %s" % (path, path, source))
-        return self._key(self._join(target, rest), path)
-
-    def descendant_where(self, path):
-        """(SQL condition, params) for rows at or below path.  POSIX: exact.  Windows: the reference's LIKE
-        pre-filter, a superset (ASCII case, '_', '%'): keep only the rows with is_within(row, path)."""
-        if self.windows:
-            return "path LIKE ? || '%'", (path,)
-        return ("1", ()) if path == "/" else ("path = ? OR (path >= ? AND path < ?)", (path, path + "/", path + "0"))
-
-    def shorten_home(self, path, home):
-        r"""list's display: '~/' + the rest below home (Windows: the rest as spelled, '~/proj\sub')."""
-        if not home:
-            return path
-        if self.windows:
-            rest = self._strip(path, home)
-            return path if rest is None else "~/" + rest
-        home = home.rstrip("/")
-        return "~/" + path[len(home) + 1:] if self.is_within(path, home or "/") else path
-
-
-PLATFORM.paths = PathFlavour(PLATFORM.name == "windows")
-_FS_IS_UTF8 = codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
-
-
-def key_text(native):
-    """A path from the OS (getcwd, realpath, argv) as key text: the UTF-8 its bytes spell, where they do."""
-    try:
-        native.encode("utf-8")
-        return native
-    except UnicodeEncodeError:              # surrogate escapes: bytes the OS's encoding could not decode
-        try:
-            return os.fsencode(native).decode("utf-8")
-        except UnicodeError:
-            return native                   # not UTF-8 at all: normalize() refuses it clearly
-
-
-def os_path(key):
-    """Key text as the OS's path functions take it."""
-    return key if _FS_IS_UTF8 else os.fsdecode(key.encode("utf-8", "surrogateescape"))
-
+# --- Paths: keys of the working directory, explicit paths and git metadata -----
 
 def home_dir():
     """The home directory: $HOME (Windows: USERPROFILE), else the password database, else None."""
@@ -2176,14 +2744,13 @@ def real_key(native):
     return key_text(os.path.realpath(native))
 
 
-def canonical_path(path, warn=True):
+def canonical_path(path):
     """The key of an inferred path (the cwd, a config file's directory): it must exist."""
     full = normalize_path(path)
     native = os_path(full)
     if not os.path.exists(native):
-        if warn:
-            _warn("Cannot canonicalize inferred path because it does not exist: %s" % full)
-        raise LibraryError("path not found: %s" % full)
+        raise LibraryError("path not found: %s" % full,
+                           ["Cannot canonicalize inferred path because it does not exist: %s" % full])
     return real_key(native)
 
 
@@ -2244,18 +2811,18 @@ def infer_git_metadata(path):
         here = current.rstrip(os.sep) + os.sep            # not os.path.join: this loop is on reserve's path
         dotgit = here + ".git"
         workdir = current
-        kind = _stat_kind(dotgit)
-        if kind == stat.S_IFDIR:
+        file_type = _file_type(dotgit)
+        if file_type == stat.S_IFDIR:
             gitdir, linked = dotgit, False
             break
-        if kind == stat.S_IFREG:
+        if file_type == stat.S_IFREG:
             text = _read_text(dotgit) or ""
             if not text.startswith("gitdir:"):
                 return None, None
             gitdir = os.path.normpath(os.path.join(current, text[7:].strip()))
             linked = True
             break
-        if _stat_kind(here + "HEAD") == stat.S_IFREG and os.path.isdir(here + "objects") and \
+        if _file_type(here + "HEAD") == stat.S_IFREG and os.path.isdir(here + "objects") and \
                 os.path.isdir(here + "refs"):
             gitdir, linked, workdir = current, False, None      # a bare repository
             break
@@ -2283,7 +2850,7 @@ def infer_git_metadata(path):
     return _git_name(key_text(project)), _git_name(key_text(task) if task else None)
 
 
-def _stat_kind(path):
+def _file_type(path):
     """The file type bits of path (following symlinks), or None: one stat per question."""
     try:
         return os.stat(path).st_mode & 0o170000
@@ -2295,429 +2862,6 @@ def _git_name(value):
     """An inferred project or task: trimmed, or None when it is not a valid identifier."""
     value = value.strip() if value is not None else ""
     return None if identifier_problem(value) else value
-
-
-# --- Models ------------------------------------------------------------------
-
-class ReservationKey:
-    """(path, tag): what a reservation is for.  tag None means untagged ('' in the database)."""
-
-    __slots__ = ("path", "tag")
-
-    def __init__(self, path, tag=None):
-        self.path = path
-        self.tag = tag or None
-
-    def __eq__(self, other):
-        return isinstance(other, ReservationKey) and (self.path, self.tag) == (other.path, other.tag)
-
-    def __hash__(self):
-        return hash((self.path, self.tag))
-
-    def __repr__(self):
-        return "ReservationKey(%r, %r)" % (self.path, self.tag)
-
-    def __str__(self):
-        return self.path if self.tag is None else "%s:%s" % (self.path, self.tag)
-
-    @property
-    def db_tag(self):
-        return self.tag or ""
-
-
-class Reservation:
-    """One stored row.  Timestamps are Unix seconds."""
-
-    __slots__ = ("path", "tag", "port", "project", "task", "created_at", "last_used_at")
-    FIELDS = __slots__
-
-    def __init__(self, path, tag, port, project=None, task=None, created_at=0, last_used_at=0):
-        self.path = path
-        self.tag = tag or None
-        self.port = port
-        self.project = project
-        self.task = task
-        self.created_at = created_at
-        self.last_used_at = last_used_at
-
-    @property
-    def key(self):
-        return ReservationKey(self.path, self.tag)
-
-    def row(self):
-        return (self.path, self.tag or "", self.port, self.project, self.task,
-                self.created_at, self.last_used_at)
-
-    def replace(self, **changes):
-        values = {name: getattr(self, name) for name in self.FIELDS}
-        values.update(changes)
-        return Reservation(**values)
-
-    def __eq__(self, other):
-        return isinstance(other, Reservation) and self.row() == other.row()
-
-    def __repr__(self):
-        return "Reservation(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.FIELDS)
-
-    @classmethod
-    def from_row(cls, row):
-        """Build from a database row, refusing anything the schema forbids (checked on every read)."""
-        path, tag, port, project, task, created, used = row
-        if type(path) is not str or not PLATFORM.paths.is_normal(path):
-            _corrupt(row, "path", "path must be a non-empty absolute, lexically normal path")
-        if type(tag) is not str or (tag and (tag[0].isspace() or tag[-1].isspace())):
-            _corrupt(row, "tag", "tag must be '' or trimmed non-empty text")
-        if type(port) is not int or not 0 < port < 65536:
-            _corrupt(row, "port", "port %r is not an integer in 1..65535" % (port,))
-        if project is not None and (type(project) is not str or not project or project != project.strip()):
-            _corrupt(row, "project", "project must be NULL or trimmed non-empty text")
-        if task is not None and (type(task) is not str or not task or task != task.strip()):
-            _corrupt(row, "task", "task must be NULL or trimmed non-empty text")
-        if type(created) is not int or not 0 <= created <= 253402300799:
-            _corrupt(row, "created_at", "created_at %r is not a valid timestamp" % (created,))
-        if type(used) is not int or not 0 <= used <= 253402300799:
-            _corrupt(row, "last_used_at", "last_used_at %r is not a valid timestamp" % (used,))
-        return cls(path, tag, port, project, task, created, used)
-
-
-def _corrupt(row, field, reason):
-    path, tag = row[0], row[1]
-    raise CorruptionError('table=reservations, field=%s, key=path="%s", tag=%s: %s'
-                          % (field, path, '"%s"' % tag if tag else "<untagged>", reason))
-
-
-_TIMESTAMPS = {}
-
-
-def format_timestamp(seconds):
-    """UTC '%Y-%m-%d %H:%M:%S'; memoised because listings repeat the same seconds."""
-    text = _TIMESTAMPS.get(seconds)
-    if text is None:
-        if len(_TIMESTAMPS) > 4096:
-            _TIMESTAMPS.clear()
-        text = _TIMESTAMPS[seconds] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
-    return text
-
-
-class PortRange:
-    """An inclusive range of ports to allocate from."""
-
-    __slots__ = ("min", "max")
-
-    def __init__(self, low, high):
-        self.min = low
-        self.max = high
-
-    def __contains__(self, port):
-        return self.min <= port <= self.max
-
-    def __iter__(self):
-        return iter(range(self.min, self.max + 1))
-
-    def __len__(self):
-        return max(0, self.max - self.min + 1)
-
-    def __eq__(self, other):
-        return isinstance(other, PortRange) and (self.min, self.max) == (other.min, other.max)
-
-    def __repr__(self):
-        return "PortRange(%d, %d)" % (self.min, self.max)
-
-    def __str__(self):
-        return "%d-%d" % (self.min, self.max)
-
-
-class ExclusionList:
-    """Excluded ports as merged, sorted ranges; membership by binary search."""
-
-    def __init__(self, ranges=()):
-        merged = []
-        for start, end in sorted(ranges):
-            if merged and start <= merged[-1][1] + 1:
-                if end > merged[-1][1]:
-                    merged[-1][1] = end
-            else:
-                merged.append([start, end])
-        self.ranges = [tuple(r) for r in merged]
-        self._starts = [r[0] for r in self.ranges]
-
-    def __contains__(self, port):
-        i = bisect_right(self._starts, port) - 1
-        return i >= 0 and self.ranges[i][1] >= port
-
-    def __len__(self):
-        return len(self.ranges)
-
-    def end_of(self, port):
-        """The last port of the excluded range containing port."""
-        return self.ranges[bisect_right(self._starts, port) - 1][1]
-
-    def entries(self):
-        """The minimal entry list: singles as ints, runs as (start, end)."""
-        return [s if s == e else (s, e) for s, e in self.ranges]
-
-
-class PortSet:
-    """Reserved ports: a set for membership plus a sorted list, so the next unreserved
-    port after a run of reserved ones is a binary search, not a walk."""
-
-    def __init__(self, ports=()):
-        self._set = set(ports)
-        self._sorted = sorted(self._set)
-
-    def __contains__(self, port):
-        return port in self._set
-
-    def __len__(self):
-        return len(self._set)
-
-    def __iter__(self):
-        return iter(self._sorted)
-
-    def __sub__(self, ports):
-        return PortSet(self._set.difference(ports))
-
-    def add(self, port):
-        if port not in self._set:
-            self._set.add(port)
-            insort(self._sorted, port)
-
-    def discard(self, port):
-        if port in self._set:
-            self._set.discard(port)
-            del self._sorted[bisect_left(self._sorted, port)]
-
-    def next_unreserved(self, port):
-        """The lowest port >= port that is not in the set."""
-        ports = self._sorted
-        i = bisect_left(ports, port)
-        if i == len(ports) or ports[i] != port:
-            return port
-        lo, hi = i, len(ports) - 1           # last j with ports[j] - port == j - i (a contiguous run)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if ports[mid] - port == mid - i:
-                lo = mid
-            else:
-                hi = mid - 1
-        return ports[lo] + 1
-
-
-class OccupancyPolicy:
-    """Which bind() probes decide that a port is in use."""
-
-    __slots__ = OCCUPANCY_KEYS
-
-    def __init__(self, skip=False, skip_ip4=False, skip_ip6=False, skip_tcp=False, skip_udp=False,
-                 check_all_interfaces=False):
-        self.skip, self.skip_ip4, self.skip_ip6 = skip, skip_ip4, skip_ip6
-        self.skip_tcp, self.skip_udp, self.check_all_interfaces = skip_tcp, skip_udp, check_all_interfaces
-
-    def probes(self):
-        """The probe matrix in the reference's order: (protocol, family, scope, address)."""
-        if self.skip:
-            return []
-        out = []
-        families = []
-        if not self.skip_ip4:
-            families.append(("ipv4", "127.0.0.1", "0.0.0.0"))
-        if not self.skip_ip6:
-            families.append(("ipv6", "::1", "::"))
-        for family, local, wildcard in families:
-            wildcard_too = self.check_all_interfaces or PLATFORM.wildcard_probes
-            scopes = [("localhost", local)] + ([("wildcard", wildcard)] if wildcard_too else [])
-            for scope, address in scopes:
-                for proto, skipped in (("tcp", self.skip_tcp), ("udp", self.skip_udp)):
-                    if not skipped:
-                        out.append((proto, family, scope, address))
-        return out
-
-
-class ServiceSpec:
-    """One service of a group: a tag with an offset, maybe a preferred port and env name."""
-
-    __slots__ = ("tag", "offset", "preferred", "env", "line")
-
-    def __init__(self, tag, offset=0, preferred=None, env=None, line=None):
-        self.tag, self.offset, self.preferred, self.env, self.line = tag, offset, preferred, env, line
-
-    @property
-    def env_name(self):
-        if self.env is not None:
-            return self.env
-        return "".join(chr(ord(c) - 32) if "a" <= c <= "z" else c for c in self.tag).replace("-", "_")
-
-
-class GroupSpec:
-    """A `reservations:` group: services that share a base port plus offsets."""
-
-    def __init__(self, services, base=None, line=None):
-        self.services = sorted(services, key=lambda s: s.tag.encode("utf-8", "surrogateescape"))
-        self.base = base
-        self.line = line
-
-    @classmethod
-    def read(cls, value, problems, line):
-        if _mapping(value, problems, line, "reservations", ("base", "services")) is None:
-            return None
-        base = None
-        if value.get("base") is not None:
-            base = _port_in_file(value["base"], problems, _line_of(value, "base", line), "reservations.base")
-        if "services" not in value:
-            problems.add(line, "reservations: missing field 'services'")
-            return None
-        raw = value["services"]
-        sline = _line_of(value, "services", line)
-        if not isinstance(raw, dict):
-            problems.add(sline, "reservations.services must be a mapping of tag to service, got %s"
-                         % _describe(raw))
-            return None
-        services, seen = [], {}
-        for name, body in raw.items():
-            tline = _line_of(raw, name, sline)
-            tag = name.strip() if isinstance(name, str) else str(name)
-            if identifier_problem(tag):
-                problems.add(tline, "service tag %r %s" % (name, identifier_problem(tag)))
-                continue
-            if tag in seen:
-                problems.add(tline, "duplicate service tag '%s' (after trimming)" % tag)
-                continue
-            seen[tag] = True
-            spec = ServiceSpec(tag, line=tline)
-            if body is not None and _mapping(body, problems, tline, "reservations.services." + tag,
-                                             ("offset", "preferred", "env")) is not None:
-                if body.get("offset") is not None:
-                    off = body["offset"]
-                    if not _is_int(off) or not 0 <= off <= 65535:
-                        problems.add(_line_of(body, "offset", tline), "service '%s': offset must be an integer "
-                                     "0..65535, got %s" % (tag, _describe(off)))
-                    else:
-                        spec.offset = off
-                if body.get("preferred") is not None:
-                    spec.preferred = _port_in_file(body["preferred"], problems, _line_of(body, "preferred", tline),
-                                                   "service '%s' preferred" % tag)
-                if body.get("env") is not None:
-                    env = body["env"]
-                    if not isinstance(env, str):
-                        problems.add(_line_of(body, "env", tline), "service '%s': env must be a string" % tag)
-                    else:
-                        spec.env = env
-            elif body is not None and not isinstance(body, dict):
-                continue
-            services.append(spec)
-        spec = cls(services, base, line)
-        for message, sline2 in spec.problems():
-            problems.add(sline2 or line, message)
-        return spec
-
-    def problems(self):
-        """Cross-service rules: unique offsets, preferred ports and variable names."""
-        out = []
-        offsets, preferred, names = {}, {}, {}
-        for svc in self.services:
-            if svc.offset in offsets:
-                out.append(("services '%s' and '%s' share offset %d" % (offsets[svc.offset], svc.tag, svc.offset),
-                            svc.line))
-            offsets.setdefault(svc.offset, svc.tag)
-            if svc.preferred is not None:
-                if svc.preferred in preferred:
-                    out.append(("services '%s' and '%s' share preferred port %d"
-                                % (preferred[svc.preferred], svc.tag, svc.preferred), svc.line))
-                preferred.setdefault(svc.preferred, svc.tag)
-            name = svc.env_name
-            problem = env_name_problem(name)
-            if problem:
-                how = "env" if svc.env is not None else "derived variable name"
-                out.append(("service '%s': %s %r %s%s" % (svc.tag, how, name, problem,
-                            "" if svc.env is not None else "; set env: explicitly"), svc.line))
-                continue
-            folded = name.upper()
-            if folded in names:
-                out.append(("services '%s' and '%s' have variable names that collide ignoring case (%s)"
-                            % (names[folded], svc.tag, name), svc.line))
-            names.setdefault(folded, svc.tag)
-        return out
-
-
-def env_name_problem(name):
-    """Why a variable name is unsafe to print into shell or dotenv output (None if safe)."""
-    if not name:
-        return "is empty"
-    first = name[0]
-    if not (first == "_" or ("A" <= first <= "Z") or ("a" <= first <= "z")):
-        return "must start with a letter or underscore"
-    for ch in name:
-        if not (ch == "_" or "A" <= ch <= "Z" or "a" <= ch <= "z" or "0" <= ch <= "9"):
-            return "must match [A-Za-z_][A-Za-z0-9_]*"
-    if len(name) > 255:                         # ASCII by now: characters are bytes
-        return "is longer than 255 bytes"
-    return None
-
-
-class Plan:
-    """What a command will do, as plain data: executed, or described and rolled back (a dry run).
-
-    A planner builds it inside the transaction that executes it; the
-    subclasses below add what their command reports.
-    """
-
-    def __init__(self):
-        self.inserts = []        # Reservation
-        self.deletes = []        # Reservation (deleted only if unchanged)
-        self.updates = []        # Reservation: same key and port, new project, task or last use
-        self.touches = []        # Reservation: only last_used_at refreshed
-        self.warnings = []
-
-    def execute(self, store):
-        for res in self.deletes:
-            store.delete_exact(res)
-        for res in self.updates:
-            store.update(res)
-        for res in self.touches:
-            store.touch(res)
-        for res in self.inserts:
-            store.insert(res)
-
-    def describe(self):
-        """Human lines for a dry run, in execution order (a moved key is one Reserve line)."""
-        inserted = {r.key for r in self.inserts}
-        lines = ["Delete reservation for %s" % r.key for r in self.deletes if r.key not in inserted]
-        lines += ["Update reservation for %s (port %d, project %s, task %s)"
-                  % (r.key, r.port, _quote(r.project), _quote(r.task)) for r in self.updates]
-        lines += ["Refresh reservation for %s (port %d)" % (r.key, r.port) for r in self.touches]
-        return lines + ["Reserve port %d for %s" % (r.port, r.key) for r in self.inserts]
-
-
-class ReservePlan(Plan):
-    """reserve: the plan and the port the key ends up with."""
-
-    def __init__(self):
-        Plan.__init__(self)
-        self.port = None
-
-
-class GroupPlan(Plan):
-    """reserve-group, autoreserve, run: the group, its ports by tag, and the output made before commit."""
-
-    def __init__(self, spec):
-        Plan.__init__(self)
-        self.spec = spec
-        self.ports = {}
-        self.output = None
-
-    def environment(self):
-        """{VARIABLE: "port"}, as `trop run` sets them."""
-        return {s.env_name: str(self.ports[s.tag]) for s in self.spec.services if s.tag in self.ports}
-
-
-class MigratePlan(Plan):
-    """migrate: where from and to, each (old, new) move, and the destination rows it replaces."""
-
-    def __init__(self, source, target):
-        Plan.__init__(self)
-        self.source, self.target = source, target
-        self.moves = []
-        self.conflicts = []
 
 
 # --- Store (SQLite) ----------------------------------------------------------
@@ -2791,20 +2935,20 @@ class Store:
     # -- opening --
 
     @classmethod
-    def open(cls, data_dir, timeout=5, autoinit=True, network_ok=False):
+    def open(cls, directory, timeout=5, autoinit=True, network_ok=False):
         """Open (creating or migrating when needed) the database of a data directory, to write."""
-        path = os.path.join(data_dir, DB_FILE)
-        check_local_filesystem(data_dir, network_ok)
+        path = os.path.join(directory, DB_FILE)
+        check_local_filesystem(directory, network_ok)
         if not os.path.exists(path):
             if not autoinit:
                 raise NoDataDirectory("Data directory not found: %s does not exist "
                                       "(use --data-dir, run `trop init`, or enable auto-init)" % path)
             try:
-                os.makedirs(data_dir, exist_ok=True)
+                os.makedirs(directory, exist_ok=True)
             except OSError as exc:
-                raise _not_writable(data_dir, exc.strerror or exc)
+                raise _not_writable(directory, exc.strerror or exc)
             if not can_write(path):
-                raise _not_writable(data_dir, "permission denied")
+                raise _not_writable(directory, "permission denied")
         elif not can_write(path):
             raise _not_writable(path, "read-only for this user")
         sqlite3 = _sqlite()
@@ -2824,7 +2968,7 @@ class Store:
         return store
 
     @classmethod
-    def open_readonly(cls, data_dir, network_ok=False):
+    def open_readonly(cls, directory, network_ok=False):
         """Open an existing trop.db only to read it: no lock taken, no file created, nothing changed.
 
         mode=ro reads a WAL database only while its -shm file exists or can
@@ -2836,8 +2980,8 @@ class Store:
         -wal, so Session.read() compares snapshot_ok() after reading and reads
         again (by then mode=ro works, through the writer's -shm).
         """
-        path = os.path.join(data_dir, DB_FILE)
-        check_local_filesystem(data_dir, network_ok)
+        path = os.path.join(directory, DB_FILE)
+        check_local_filesystem(directory, network_ok)
         conn, snapshot = _connect_readonly(path)
         store = cls(conn, path, 0, read_only=True, snapshot=snapshot)
         try:
@@ -3085,7 +3229,6 @@ def _migration_blocked(problems):
                         % "; ".join("%s=%d" % p for p in problems))
 
 
-PROC_ROOT = "/proc"             # Linux's process and mount tables; tests point it at fake files
 # Filesystems where SQLite's WAL (shared memory between processes) is unsafe: network and most FUSE mounts.
 _NETWORK_FILESYSTEMS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
                                   "lustre", "gpfs", "beegfs", "davfs", "vboxsf", "vmhgfs", "fuse"))
@@ -3124,15 +3267,15 @@ def is_network_filesystem(fstype):
     return fstype in _NETWORK_FILESYSTEMS or (fstype.startswith("fuse.") and fstype != "fuse.lxcfs")
 
 
-def check_local_filesystem(data_dir, allowed=False):
+def check_local_filesystem(directory, allowed=False):
     """Refuse a data directory where WAL is unsafe, unless TROP_ALLOW_NETWORK_FS says every user is on one host."""
     if allowed:
         return
-    mount = mount_of(data_dir)
+    mount = mount_of(directory)
     if mount and is_network_filesystem(mount[0]):
         raise ConfigError("the data directory %s is on a %s filesystem (mounted at %s), where SQLite's WAL mode is "
                           "unsafe: use a local data directory (--data-dir DIR or TROP_DATA_DIR=DIR), or set "
-                          "TROP_ALLOW_NETWORK_FS=1 if only one machine ever uses it" % (data_dir, mount[0], mount[1]))
+                          "TROP_ALLOW_NETWORK_FS=1 if only one machine ever uses it" % (directory, mount[0], mount[1]))
 
 
 def _file_identity(path):
@@ -3289,8 +3432,8 @@ def validate_schema(conn):
     rows = conn.execute("SELECT value, typeof(value) FROM metadata WHERE key = 'schema_version'").fetchall()
     if len(rows) != 1:
         fail("metadata must contain exactly one schema_version row (found %d)" % len(rows))
-    value, kind = rows[0]
-    number = _parse_version(value) if kind == "text" else None
+    value, sql_type = rows[0]
+    number = _parse_version(value) if sql_type == "text" else None
     if number is None:
         fail("schema_version must be a text integer, found %r" % (value,))
     if number < SCHEMA_VERSION:
@@ -3344,11 +3487,11 @@ def validate_schema(conn):
         raise CorruptionError("integrity_check reported: %s" % result)
 
 
-def validate_data_dir(data_dir, network_ok=False):
-    """Read-only validation of <data_dir>/trop.db; never creates or changes anything."""
+def validate_data_dir(directory, network_ok=False):
+    """Read-only validation of <directory>/trop.db; never creates or changes anything."""
     sqlite3 = _sqlite()
-    path = os.path.join(data_dir, DB_FILE)
-    check_local_filesystem(data_dir, network_ok)
+    path = os.path.join(directory, DB_FILE)
+    check_local_filesystem(directory, network_ok)
     if not os.path.isfile(path):
         raise LibraryError("database validation failed: %s does not exist" % path)
     for _attempt in range(3):
@@ -3688,12 +3831,15 @@ class Occupancy:
         """True if any probe finds the port in use (or cannot tell)."""
         if not self.probes:
             return False
+        found, failed = self.probe(port)
+        return bool(found or failed)
+
+    def probe(self, port):
+        """(probes that found port in use, [(failed probe, error text)]), probed once per port."""
         state = self._cache.get(port)
         if state is None:
-            found, failed = probe_port(port, self.probes)
-            for probe, error in failed:
-                self.failures.append((port, probe, error))
-            state = self._cache[port] = bool(found or failed)
+            state = self._cache[port] = probe_port(port, self.probes)
+            self.failures.extend((port, probe, error) for probe, error in state[1])
         return state
 
 
@@ -3714,9 +3860,9 @@ def probe_port(port, probes):
     for probe in probes:
         proto, family, _scope, address = probe
         af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
-        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        sock_type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         try:
-            sock = socket.socket(af, kind)
+            sock = socket.socket(af, sock_type)
         except OSError as exc:
             if exc.errno not in _NOT_APPLICABLE:
                 failed.append((probe, str(exc)))
@@ -3768,49 +3914,18 @@ def unreserved_occupied(rows):
     return sorted({r["port"] for r in rows if not r["reserved"]})
 
 
-def format_scan(rows, fmt):
-    if fmt == "json":
-        return _json().dumps(rows, indent=2, ensure_ascii=_ascii_stdout())
-
-    def text(row, key):
-        value = row[key]
-        if value is None:
-            return "unavailable"
-        return ("true" if value else "false") if isinstance(value, bool) else str(value)
-    if fmt in ("csv", "tsv"):
-        delimiter = "," if fmt == "csv" else "\t"
-        return "\n".join([_csv_line(SCAN_FIELDS, delimiter)] +
-                         [_csv_line([text(row, k) for k in SCAN_FIELDS], delimiter) for row in rows])
-    headers = ("Port", "Status", "Reserved", "Protocol", "Family", "Scope", "Address", "PID", "Process", "User",
-               "Owner Status")
-    widths = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
-
-    def line(cells):
-        return " ".join(c.ljust(w) for c, w in zip(cells, widths)) + " " + cells[-1]
-    out = [line(headers), "-" * 145]
-    out += [line([text(r, k) for k in SCAN_FIELDS]) for r in rows]
-    return "\n".join(out)
-
-
-def format_occupancy(port, policy, owners=None):
-    """port-info --include-occupancy: the probe evidence for one port."""
+def occupancy_evidence(port, policy, owners=None):
+    """The probes that find port in use (or failed), in matrix order, with their owners; None if no probe runs."""
     probes = policy.probes()
-    lines = ["", "Occupancy status:"]
     if not probes:
-        return lines + ["  Not checked: the effective policy disabled every probe"]
+        return None
     found, failed = probe_port(port, probes)
-    if not found and not failed:
-        return lines + ["  Port is available"]
-    lines.append("  Port is currently in use")
-    owners = owners or OwnerTable()
+    evidence = []
     for probe in sorted(found + [p for p, _e in failed], key=probes.index):
-        proto, family, scope, address = probe
-        pid, name, user = owners.lookup(proto, family, port)
-        lines += ["  - %s%s" % (describe_probe(probe), "" if probe in found else " (possibly occupied: probe failed)"),
-                  "    Process ID: %s" % (pid if pid is not None else "unavailable"),
-                  "    Process: %s" % (name or "unavailable"), "    User: %s" % (user or "unavailable"),
-                  "    Owner metadata: %s" % owner_status(pid, name, user)]
-    return lines
+        owners = owners or OwnerTable()
+        pid, name, user = owners.lookup(probe[0], probe[1], port)
+        evidence.append({"probe": probe, "failed": probe not in found, "pid": pid, "process": name, "user": user})
+    return evidence
 
 
 # --- Allocation --------------------------------------------------------------
@@ -3821,86 +3936,6 @@ UNSAFE_PORTS = frozenset((
     110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465, 512, 513, 514, 515, 526, 530,
     531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190,
     5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080))
-
-
-def parse_reserved_ports(text):
-    """Linux's ip_local_reserved_ports ('8080,9000-9100') as (start, end) ranges; junk is skipped."""
-    out = []
-    for item in text.replace("\n", ",").split(","):
-        first, _, last = item.strip().partition("-")
-        try:
-            out.append(parse_port_range("%s..%s" % (first, last) if last else first))
-        except ValueError:
-            continue
-    return out
-
-
-def parse_netsh_ranges(text):
-    """The 'Start Port  End Port' rows of `netsh int ipv4 show excludedportrange` (any language)."""
-    out = []
-    for line in text.splitlines():
-        match = re.match(r"\s*(\d+)\s+(\d+)\s*\*?\s*$", line)
-        if match:
-            try:
-                out.append(parse_port_range("%s..%s" % match.groups()))
-            except ValueError:
-                continue
-    return out
-
-
-def os_reserved_ports(proc_root=None, netsh=None):
-    """Ports the operating system keeps from applications: Linux's ip_local_reserved_ports, or the
-    excluded port ranges of Windows (Hyper-V, WinNAT: binding there fails with "access denied")."""
-    if PLATFORM.name == "windows" or netsh is not None:
-        return ExclusionList(rng for family in ("ipv4", "ipv6") for rng in parse_netsh_ranges(
-            (netsh or _netsh)("int", family, "show", "excludedportrange", "protocol=tcp")))
-    return ExclusionList(parse_reserved_ports(_read_proc(proc_root, "sys/net/ipv4/ip_local_reserved_ports") or ""))
-
-
-def ephemeral_range(proc_root=None, netsh=None):
-    """The range the OS hands out for outgoing connections (a server there may find its port taken), or None."""
-    if PLATFORM.name == "windows" or netsh is not None:
-        answer = (netsh or _netsh)("int", "ipv4", "show", "dynamicport", "tcp")
-        numbers = [int(n) for n in re.findall(r":\s*(\d+)", answer)]
-        return PortRange(numbers[0], numbers[0] + numbers[1] - 1) if len(numbers) >= 2 and numbers[1] else None
-    if sys.platform == "darwin" and proc_root is None:
-        return _darwin_ephemeral_range()
-    numbers = (_read_proc(proc_root, "sys/net/ipv4/ip_local_port_range") or "").split()
-    return PortRange(int(numbers[0]), int(numbers[1])) if len(numbers) == 2 and all(map(str.isdigit, numbers)) \
-        else None
-
-
-def _read_proc(proc_root, name):
-    try:
-        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _netsh(*args):
-    """netsh's answer (Windows), or '' when it cannot be run."""
-    try:
-        return _subprocess().run(["netsh"] + list(args), stdout=_subprocess().PIPE, stderr=_subprocess().DEVNULL,
-                                 stdin=_subprocess().DEVNULL, timeout=10).stdout.decode("ascii", "replace")
-    except (OSError, _subprocess().SubprocessError):
-        return ""
-
-
-def _darwin_ephemeral_range():
-    """macOS net.inet.ip.portrange.first/last through sysctlbyname: no subprocess."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        values = []
-        for name in (b"net.inet.ip.portrange.first", b"net.inet.ip.portrange.last"):
-            value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
-            if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
-                return None
-            values.append(value.value)
-        return PortRange(values[0], values[1])
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
 
 
 class Skips:
@@ -3999,11 +4034,9 @@ class Skips:
             reason = self.classify(port, taken)
             if reason:
                 blockers.add(reason, 1, port if reason == "occupied" else None)
+        if blockers.occupied:
+            blockers.name_owners(OwnerTable())
         return blockers
-
-
-_OS_RESERVED_WHERE = {"windows": "Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp",
-                      "posix": "net.ipv4.ip_local_reserved_ports"}
 
 
 class Blockers:
@@ -4012,28 +4045,34 @@ class Blockers:
     def __init__(self):
         self.counts = dict.fromkeys(Skips.REASONS, 0)
         self.occupied = []          # the first occupied ports, to name their owners
+        self.owners = {}            # port -> (pid, process name), where the OS says
 
     def add(self, reason, count, port=None):
         self.counts[reason] += count
         if port is not None and len(self.occupied) < 3:
             self.occupied.append(port)
 
+    def name_owners(self, owners):
+        """Look up who holds the first occupied ports (an OwnerTable), so the message can name them."""
+        for port in self.occupied:
+            pid, name = owners.lookup("tcp", "ipv4", port)[:2]
+            if pid is None:
+                pid, name = owners.lookup("udp", "ipv4", port)[:2]
+            if pid is not None:
+                self.owners[port] = (pid, name)
+
     def __str__(self):
         parts = []
         for reason in Skips.REASONS:
             if self.counts[reason]:
                 parts.append("%d %s%s" % (self.counts[reason], reason,
-                                          " (%s)" % self._owners() if reason == "occupied" else ""))
+                                          " (%s)" % self._occupied_text() if reason == "occupied" else ""))
         return ", ".join(parts) or "nothing in the range"
 
-    def _owners(self):
-        """'5003 by pid 812 node, 5004': the owners of the first occupied ports, where the OS says."""
-        owners, out = OwnerTable(), []
-        for port in self.occupied:
-            pid, name = owners.lookup("tcp", "ipv4", port)[:2]
-            if pid is None:
-                pid, name = owners.lookup("udp", "ipv4", port)[:2]
-            out.append("%d by pid %d %s" % (port, pid, name or "?") if pid is not None else str(port))
+    def _occupied_text(self):
+        """'5003 by pid 812 node, 5004': the first occupied ports and their owners."""
+        out = ["%d by pid %d %s" % (port, self.owners[port][0], self.owners[port][1] or "?")
+               if port in self.owners else str(port) for port in self.occupied]
         more = self.counts["occupied"] - len(self.occupied)
         return ", ".join(out) + (", ..." if more > 0 else "")
 
@@ -4067,744 +4106,7 @@ def allocate_single(req, taken, skips):
     return skips.first_free(req.port_range, taken), []
 
 
-# --- Operations: stale reservations (the prune and expire rules) ----------------
-
-_STALE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL))
-_UNKNOWABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ELOOP: "symlink loop",
-               errno.EIO: "transient I/O error", errno.EAGAIN: "transient I/O error",
-               errno.ETIMEDOUT: "transient I/O error", errno.ENOSYS: "unsupported filesystem operation",
-               errno.EOPNOTSUPP: "unsupported filesystem operation"}
-
-
-def inspect_path(path):
-    """'live', 'stale' (certainly gone) or (kind, message) when it cannot be told."""
-    try:
-        st = os.stat(os_path(path))
-    except OSError as exc:
-        if exc.errno in _STALE_ERRNOS:
-            return "stale"
-        return (_UNKNOWABLE.get(exc.errno, "unknown filesystem error"), exc.strerror or str(exc))
-    except ValueError:
-        return "stale"                      # embedded NUL: cannot name a directory
-    return "live" if stat.S_ISDIR(st.st_mode) else "stale"
-
-
-_ADVICE = {
-    "permission denied": "Restore access to the path and its parents, then retry.",
-    "symlink loop": "Repair the symlink loop, then retry.",
-    "transient I/O error": "Retry when the filesystem or mount is available.",
-    "unsupported filesystem operation": "Verify filesystem support or release the reservation explicitly.",
-    "unknown filesystem error": "Inspect the filesystem state or release the reservation explicitly.",
-}
-
-
-class CleanupPlan(Plan):
-    """prune / expire / autoclean: the rows each rule removes, and paths that could not be inspected."""
-
-    def __init__(self):
-        Plan.__init__(self)
-        self.pruned = []
-        self.expired = []
-
-
-def plan_cleanup(store, prune, expire_days, now=None):
-    """Select stale rows inside the caller's transaction; each distinct path is inspected once."""
-    now = int(time.time()) if now is None else now
-    plan = CleanupPlan()
-    rows = store.all()
-    pruned_keys = set()
-    if prune:
-        verdicts = {}
-        for res in rows:
-            verdict = verdicts.get(res.path)
-            if verdict is None:
-                verdict = verdicts[res.path] = inspect_path(res.path)
-                if isinstance(verdict, tuple):
-                    plan.warnings.append("could not inspect reserved directory %s (%s: %s); reservation "
-                                         "preserved by prune. %s" % (res.path, verdict[0], verdict[1],
-                                                                     _ADVICE[verdict[0]]))
-            if verdict == "stale":
-                plan.pruned.append(res)
-                pruned_keys.add(res.key)
-    if expire_days:
-        limit = expire_days * 86400
-        expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys]
-        expired.sort(key=lambda r: (r.last_used_at, r.path, r.tag or ""))
-        plan.expired = expired
-    plan.deletes = plan.pruned + plan.expired
-    return plan
-
-
-# --- Operations: reserve and release ------------------------------------------
-
-class ReserveRequest:
-    """Everything a single reservation depends on, resolved before the transaction."""
-
-    def __init__(self, key, config, preferred=None, overwrite=False, force=False, ignore_occupied=False,
-                 ignore_exclusions=False, project=None, task=None, infer_git=True):
-        self.key = key
-        self.preferred = preferred
-        self.overwrite = overwrite
-        self.force = force
-        self.ignore_occupied = ignore_occupied
-        self.ignore_exclusions = ignore_exclusions
-        self.project = project          # ("set", value) / ("clear",) / None to preserve
-        self.task = task
-        self.infer_git = infer_git
-        self.port_range = config.port_range
-        self.skips = Skips.of(config)
-        self.allow_project = force or config.allow("project")
-        self.allow_task = force or config.allow("task")
-        self.autoprune = not config["disable_autoprune"]
-        self.autoexpire = not config["disable_autoexpire"]
-        self.expire_days = config["cleanup.expire_after_days"]
-
-
-def _resolve_intent(intent, stored):
-    if intent is None:
-        return stored
-    return intent[1] if intent[0] == "set" else None
-
-
-def plan_reserve(store, req, now=None):
-    """Read the key and the taken ports, decide, and return the Plan (inside the transaction)."""
-    now = int(time.time()) if now is None else now
-    plan = ReservePlan()
-    existing = store.get(req.key)
-    if existing is not None:
-        project = _resolve_intent(req.project, existing.project)
-        task = _resolve_intent(req.task, existing.task)
-        _check_sticky("project", {existing.project}, project, req.allow_project)
-        _check_sticky("task", {existing.task}, task, req.allow_task)
-        if req.overwrite or req.force:
-            taken = store.taken_ports() - {existing.port}
-            port = _allocate_or_cleanup(store, req, taken, plan, now)
-            moved = existing.replace(port=port, project=project, task=task, last_used_at=now)
-            if port == existing.port:
-                plan.updates.append(moved)
-            else:
-                plan.deletes.append(existing)
-                plan.inserts.append(moved)
-            plan.port = port
-        else:
-            if (project, task) != (existing.project, existing.task):
-                plan.updates.append(existing.replace(project=project, task=task, last_used_at=now))
-            else:
-                plan.touches.append(existing.replace(last_used_at=now))
-            plan.port = existing.port
-        return plan
-    project, task = _resolve_intent(req.project, None), _resolve_intent(req.task, None)
-    if req.infer_git and (req.project is None or req.task is None):
-        git_project, git_task = infer_git_metadata(req.key.path)
-        project = git_project if req.project is None else project
-        task = git_task if req.task is None else task
-    port = _allocate_or_cleanup(store, req, store.taken_ports(), plan, now)
-    plan.inserts.append(Reservation(req.key.path, req.key.tag, port, project, task, now, now))
-    plan.port = port
-    return plan
-
-
-def _check_sticky(field, old, new, allowed, group_path=None):
-    """A recorded project or task changes only with --force or its permission."""
-    if old != {new} and not allowed:
-        raise SemanticFailure("cannot change sticky field '%s': Cannot change %s%s from %s to %s without --force "
-                              "or --allow-%s-change%s" % (field, "group " if group_path else "", field,
-                                                          ", ".join(sorted(_quote(o) for o in old)), _quote(new),
-                                                          field, " (group at %s)" % group_path if group_path else ""))
-
-
-def _allocate_or_cleanup(store, req, taken, plan, now):
-    """Allocate; on exhaustion clean up once (in the plan only) and retry exactly once."""
-    port, cautions = allocate_single(req, taken, req.skips)
-    plan.warnings.extend(cautions)
-    if port is not None:
-        return port
-    rng = req.port_range
-    if not (req.autoprune or req.autoexpire):
-        raise LibraryError("port range %s exhausted: cleanup was skipped (automatic pruning "
-                           "and expiration disabled); remaining blockers: %s%s"
-                           % (rng, req.skips.census(rng, taken), _probe_failures(req.skips.occupancy)))
-    cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
-    freed = {r.port for r in cleanup.deletes if r.key != req.key}
-    port, cautions = allocate_single(req, taken - freed, req.skips)
-    plan.warnings.extend(cautions)
-    if port is None:
-        policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
-                  "automatic expiration disabled" if req.autoprune else "automatic pruning disabled")
-        raise LibraryError("port range %s exhausted after cleanup: remaining blockers after "
-                           "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
-                           % (rng, req.skips.census(rng, taken - freed), len(cleanup.pruned), len(cleanup.expired),
-                              policy, _probe_failures(req.skips.occupancy)))
-    plan.deletes.extend(r for r in cleanup.deletes if r.key != req.key)
-    plan.warnings.extend(cleanup.warnings)
-    plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
-                         "reservation(s); allocation succeeded on the single retry."
-                         % (len(cleanup.pruned), len(cleanup.expired)))
-    return port
-
-
-def _probe_failures(occupancy):
-    if not occupancy.failures:
-        return ""
-    shown = ["port %d: %s: %s" % (port, describe_probe(probe), err) for port, probe, err in occupancy.failures[:3]]
-    more = len(occupancy.failures) - len(shown)
-    return "; ports possibly occupied because their occupancy probe failed: %s%s" % (
-        "; ".join(shown), " (and %d more)" % more if more else "")
-
-
-def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
-    """The rows to delete: every tag at path (or beneath it), one tag, or the untagged row."""
-    rows = store.under(path) if recursive else store.at_path(path)
-    if tag is not None:
-        rows = [r for r in rows if r.tag == tag]
-    elif untagged_only:
-        rows = [r for r in rows if r.tag is None]
-    plan = Plan()
-    plan.deletes = rows
-    if not rows:
-        if recursive:
-            plan.warnings.append("No reservations found under %s (already released)" % path)
-        elif tag is not None or untagged_only:
-            plan.warnings.append("No reservation found for %s (already released)" % ReservationKey(path, tag))
-        else:
-            plan.warnings.append("No reservations found for %s (already released)" % path)
-    return plan
-
-
-# --- Operations: groups --------------------------------------------------------
-
-class GroupRequest:
-    """A group reservation: the spec, where it lives, and the effective settings."""
-
-    def __init__(self, spec, path, config, task=None, force=False):
-        if not spec.services:
-            raise LibraryError("Reservation group must contain at least one service")
-        self.spec = spec
-        self.path = path
-        self.project = config["project"]
-        self.task = task
-        self.force = force
-        self.allow_project = force or config.allow("project")
-        self.allow_task = force or config.allow("task")
-        rng = config.port_range
-        if spec.base is not None and spec.base not in rng:
-            raise LibraryError("validation error for 'reservations.base': Base port %d must be within port range "
-                               "%d..%d" % (spec.base, rng.min, rng.max))
-        self.port_range = rng
-        self.scan_range = PortRange(spec.base if spec.base is not None else rng.min, rng.max)
-        self.skips = Skips.of(config)
-
-
-def allocate_group(req, taken):
-    """({tag: port}, cautions): preferred ports pinned first, then the lowest base whose whole pattern is free."""
-    skips = req.skips
-    mapping, pattern, cautions = {}, [], []
-    for svc in req.spec.services:
-        if svc.preferred is not None and skips.refusal(svc.preferred, taken) is None:
-            mapping[svc.tag] = svc.preferred
-            cautions += skips.cautions(svc.preferred)
-        else:
-            pattern.append(svc)
-    if not pattern:
-        return mapping, cautions
-    pinned = set(taken) | set(mapping.values())
-    top = max(s.offset for s in pattern)
-    rng = req.scan_range
-    for base in range(rng.min, rng.max - top + 1):
-        ports = [base + s.offset for s in pattern]
-        if all(skips.classify(p, pinned) is None for p in ports):
-            mapping.update((s.tag, p) for s, p in zip(pattern, ports))
-            return mapping, cautions
-    raise LibraryError("group allocation failed after attempting %d service(s): No scanned base can satisfy the "
-                       "complete offset fallback pattern in %s: %s%s"
-                       % (len(req.spec.services), rng, skips.census(rng, pinned), _probe_failures(skips.occupancy)))
-
-
-def group_incompatibility(req, stored):
-    """Why stored rows cannot serve the requested group (None if they can)."""
-    by_tag = {r.tag: r for r in stored}
-    if set(by_tag) != {s.tag for s in req.spec.services}:
-        return "requested service set does not match stored service set"
-    base = None
-    for svc in req.spec.services:
-        port = by_tag[svc.tag].port
-        if svc.preferred is not None and port == svc.preferred:
-            continue
-        if port < svc.offset:
-            return "stored port %d cannot satisfy requested offset %d" % (port, svc.offset)
-        implied = port - svc.offset
-        if base is not None and implied != base:
-            return "stored offset mappings imply different bases (%d and %d)" % (base, implied)
-        base = implied
-        if implied not in req.scan_range or port not in req.scan_range:
-            return "a stored service mapping is outside the current scan range"
-    return None
-
-
-def plan_group(store, req, now=None):
-    """Refresh a compatible stored group or allocate a fresh one; all rows or none."""
-    now = int(time.time()) if now is None else now
-    plan = GroupPlan(req.spec)
-    stored = [r for r in store.at_path(req.path) if r.tag is not None]
-    project, task = req.project, req.task
-    if stored:
-        reason = group_incompatibility(req, stored)
-        if reason is None:
-            for field, new, allowed in (("project", project, req.allow_project), ("task", task, req.allow_task)):
-                if new is not None:
-                    _check_sticky(field, {getattr(r, field) for r in stored}, new, allowed, req.path)
-            for res in stored:
-                changed = res.replace(project=res.project if project is None else project,
-                                      task=res.task if task is None else task, last_used_at=now)
-                plan.updates.append(changed)
-            plan.ports = {r.tag: r.port for r in stored}
-            return plan
-        if not req.force:
-            raise LibraryError("reservation conflict: existing group at %s is incompatible: %s (use --force to "
-                               "replace it)" % (req.path, reason))
-        project = _inherited(stored, "project", req.path) if project is None else project
-        task = _inherited(stored, "task", req.path) if task is None else task
-        plan.deletes = stored
-    taken = store.taken_ports() - {r.port for r in plan.deletes}
-    mapping, cautions = allocate_group(req, taken)
-    plan.warnings.extend(cautions)
-    plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
-    plan.ports = mapping
-    return plan
-
-
-def _inherited(rows, field, path):
-    """The value a replaced group passes on: only one all its rows agree on."""
-    values = {getattr(r, field) for r in rows}
-    if len(values) > 1:
-        raise LibraryError("reservation conflict: cannot inherit %s for the replaced group at %s: stored rows "
-                           "disagree" % (field, path))
-    return values.pop()
-
-
-SHELLS = {"bash": "bash", "sh": "bash", "zsh": "zsh", "fish": "fish", "powershell": "powershell",
-          "pwsh": "powershell", "ps": "powershell"}
-
-
-def detect_shell(name=None, environ=None):
-    """--shell if given, else detection; never fails without --shell.
-
-    Unlike the reference, SHELL and MSYSTEM come before PSModulePath, which
-    Windows sets machine-wide: Git Bash must get bash's syntax.
-    """
-    if name is not None:
-        shell = SHELLS.get(name.lower())
-        if shell is None:
-            raise LibraryError("validation error for 'shell': unknown shell type '%s': supported shells are bash, "
-                               "zsh, fish, powershell" % name)
-        return shell
-    env = os.environ if environ is None else environ
-    if env.get("ZSH_VERSION"):
-        return "zsh"
-    if env.get("FISH_VERSION"):
-        return "fish"
-    login = env.get("SHELL", "")
-    for needle, shell in (("zsh", "zsh"), ("fish", "fish"), ("pwsh", "powershell"), ("powershell", "powershell")):
-        if needle in login:
-            return shell
-    if login or env.get("MSYSTEM"):             # Git Bash and MSYS2 set these; Windows sets PSModulePath anyway
-        return "bash"
-    if env.get("PSModulePath"):
-        return "powershell"
-    return "bash"
-
-
-def format_group(spec, mapping, fmt, shell="bash"):
-    """Render a group's ports; every variable name was validated when the config was read."""
-    services = [s for s in spec.services if s.tag in mapping]
-    if fmt == "json":
-        return _json().dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True,
-                             ensure_ascii=_ascii_stdout())
-    if fmt == "human":
-        return "\n".join(["Reserved ports:"] + ["  %s: %d" % (s.tag, mapping[s.tag]) for s in services])
-    for svc in services:                       # defence in depth: nothing unvalidated reaches a shell
-        if env_name_problem(svc.env_name):
-            raise LibraryError("validation error for 'env': %r %s" % (svc.env_name, env_name_problem(svc.env_name)))
-    if fmt == "dotenv":
-        line = "%s=%d"
-    elif shell == "fish":
-        line = "set -x %s %d"
-    elif shell == "powershell":
-        line = '$env:%s="%d"'
-    else:
-        line = "export %s=%d"
-    return "\n".join(line % (s.env_name, mapping[s.tag]) for s in services)
-
-
-def locate_group_config(cwd, config_path=None):
-    """(config file, canonical group directory) for reserve-group FILE or autoreserve's discovery."""
-    if config_path is not None:
-        full = os_path(normalize_path(config_path, cwd))
-        if not os.path.exists(full):
-            raise InvalidArguments("Configuration file not found: %s" % config_path)
-        if not os.path.isfile(full):
-            raise InvalidArguments("Path is not a file: %s" % config_path)
-        return full, real_key(os.path.dirname(full))
-    start = os.path.realpath(os_path(cwd))
-    directory = find_project_dir(start)
-    if directory is None:
-        raise InvalidArguments("No trop configuration file found (searched from: %s)" % key_text(start))
-    names = [n for n in PROJECT_FILES if os.path.lexists(os.path.join(directory, n))]
-    return os.path.join(directory, names[-1]), real_key(directory)
-
-
-def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, fmt=None, shell=None):
-    """Reserve the session's group for group_dir; returns the GroupPlan, its output rendered before commit."""
-    spec = session.config.group
-    if spec is None:
-        raise LibraryError("Effective configuration does not contain a reservation group (no `reservations:` "
-                           "in %s)" % config_file)
-    req = GroupRequest(spec, group_dir, session.config, task or session.config["task"], force)
-    allowed = force or session.config.allow("unrelated_path")
-
-    def planner(store):
-        check_path_relationship(group_dir, allowed)
-        plan = plan_group(store, req)
-        plan.output = format_group(spec, plan.ports, fmt, shell) if fmt else None
-        return plan
-    return session.write(planner, dry_run)
-
-
-# --- Operations: cleanup commands and migrate ----------------------------------
-
-def run_cleanup(session, prune=True, expire=True, days=None, dry_run=False):
-    """Remove reservations whose directory is gone (prune) and/or unused for days (expire)."""
-    expire_days = (days or session.config["cleanup.expire_after_days"]) if expire else None
-    return session.write(lambda store: plan_cleanup(store, prune, expire_days), dry_run)
-
-
-def plan_migrate(store, source, target, recursive=False, force=False):
-    """Move every reservation at (or under) source to target, keeping ports and timestamps."""
-    rows = store.under(source) if recursive else store.at_path(source)
-    if not rows and not recursive:
-        raise LibraryError("not found: reservation at %s" % source)
-    plan = MigratePlan(source, target)
-    try:
-        plan.moves = [(r, r.replace(path=PLATFORM.paths.rebase(r.path, source, target))) for r in rows]
-    except ValueError as exc:
-        raise LibraryError(str(exc))
-    moving = {old.key for old, _new in plan.moves}
-    for _old, new in plan.moves:
-        existing = store.get(new.key)
-        if existing is not None and existing.key not in moving:
-            plan.conflicts.append(existing)
-    if plan.conflicts and not force:
-        raise LibraryError("reservation conflict: Found %d conflicting reservation(s) at destination. "
-                           "Use --force to overwrite." % len(plan.conflicts))
-    plan.deletes = [old for old, _new in plan.moves] + plan.conflicts
-    plan.inserts = [new for _old, new in plan.moves]
-    return plan
-
-
-def run_migrate(session, source, target, recursive=False, force=False, dry_run=False):
-    """Move reservations between explicit paths; returns the MigratePlan."""
-    src = normalize_path(source, session.cwd)
-    dst = normalize_path(target, session.cwd)
-    if src == dst:
-        raise InvalidArguments("Invalid arguments: --from and --to are the same path (%s)" % src)
-    if recursive and is_within(dst, src):
-        raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
-                               "recursively" % (dst, src))
-    return session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
-
-
-# --- Operations: diagnosis (doctor) ---------------------------------------------
-
-def diagnose(session):
-    """The doctor's report, as plain data (its JSON is documented in the README).
-
-    For the effective range: every port's standing (reserved, excluded,
-    occupied now, unsafe, OS-reserved, ephemeral, free); then the data
-    directory's health and the configuration layers.  Read-only: it takes no
-    lock and creates nothing.
-    """
-    config = session.config
-    rng = config.port_range
-    skips = Skips.of(config)
-    ephemeral = ephemeral_range()
-    report = {"cwd": session.cwd, "range": {"min": rng.min, "max": rng.max, "size": len(rng),
-                                            "sources": {k: config.sources[k] for k in ("ports.min", "ports.max",
-                                                                                       "ports.max_offset")}},
-              "ports": {}, "data_dir": _data_dir_health(session), "layers": [], "warnings": [], "problems": []}
-    health, rows = report["data_dir"], []
-    database = health["database"]
-    network_refused = health["network"] and not config["allow_network_fs"]
-    if database["exists"] and not network_refused and database["error"] is None:
-        try:
-            database["schema_version"], rows = session.read(
-                lambda store: (_parse_version(store.schema_version()), store.all()), mode="look")
-            database["reservations"] = len(rows)
-        except (TropError, _sqlite().Error) as exc:
-            if not isinstance(exc, TropError):
-                exc = _database_error(exc, database["path"], "reading the database", 0)
-            database["error"], database["exit_code"] = str(exc), exc.exit_code
-    rows = [r for r in rows if r.port in rng]
-    reserved = {r.port for r in rows}
-    excluded = {p for p in rng if p in config.exclusions}
-    unsafe = {p for p in UNSAFE_PORTS if p in rng}
-    os_reserved = {p for p in rng if p in skips.os_reserved}
-    probes = config.occupancy.probes()
-    occupied, owners = [], OwnerTable() if probes else None
-    for port in rng if probes else ():
-        found, failed = probe_port(port, probes)
-        if found or failed:
-            pid, name, user = owners.lookup(found[0][0], found[0][1], port) if found else (None, None, None)
-            occupied.append({"port": port, "pid": pid, "process": name, "user": user,
-                             "reserved": port in reserved, "probe_failed": not found})
-    blocked = reserved | excluded | os_reserved | {o["port"] for o in occupied} | (
-        unsafe if not config["allow_unsafe_ports"] else set())
-    free = [p for p in rng if p not in blocked]
-    ports_report = report["ports"]
-    ports_report["reserved"] = {"count": len(reserved), "paths": len({r.path for r in rows}),
-                                "projects": len({r.project for r in rows if r.project})}
-    ports_report["excluded"] = {"count": len(excluded), "sources": [
-        {"ports": range_text(*rng_), "source": where} for rng_, where in config.exclusion_sources
-        if rng_[0] <= rng.max and rng.min <= rng_[1]]}
-    ports_report["occupied"] = {"checked": bool(probes), "count": len(occupied), "ports": occupied}
-    ports_report["unsafe"] = {"count": len(unsafe), "ports": sorted(unsafe),
-                              "avoided": not config["allow_unsafe_ports"]}
-    ports_report["os_reserved"] = {"count": len(os_reserved), "ranges": [
-        range_text(*r) for r in ExclusionList((p, p) for p in os_reserved).ranges]}
-    ports_report["ephemeral"] = {"range": str(ephemeral) if ephemeral else None,
-                                 "count": len([p for p in rng if ephemeral and p in ephemeral])}
-    ports_report["free"] = {"count": len(free), "first": free[:5]}
-    report["layers"].append({"kind": "builtin", "source": BUILTIN_SOURCE, "settings": {}})
-    for layer in config.layers:
-        if layer.values or layer.exclusions or layer.kind in ("user", "project"):
-            keys = sorted(set(layer.values) | ({"excluded_ports"} if layer.exclusions else set()))
-            report["layers"].append({"kind": layer.kind, "source": layer.source,
-                                     "settings": {k: layer.where(k) if k in layer.values else layer.source
-                                                  for k in keys}})
-    report["warnings"] = range_warnings(rng, ephemeral)
-    if not probes:
-        report["warnings"].append("occupancy probes are off (every probe is skipped): ports in use were not "
-                                  "looked for")
-    problems = report["problems"]
-    if network_refused:
-        problems.append({"exit_code": EXIT_CONFIG, "message": "the data directory is on a %s filesystem, where "
-                         "SQLite's WAL mode is unsafe" % health["filesystem"]})
-    if health["database"]["error"]:
-        problems.append({"exit_code": health["database"]["exit_code"], "message": health["database"]["error"]})
-    if not free:
-        problems.append({"exit_code": EXIT_SEMANTIC, "message": "no free port in %s" % rng})
-    report["healthy"] = not problems
-    return report
-
-
-def _data_dir_health(session):
-    """Path, filesystem and writability of the data directory; the size of trop.db and its WAL."""
-    directory = session.data_dir
-    db = os.path.join(directory, DB_FILE)
-    mount = mount_of(directory)
-    health = {"path": directory, "exists": os.path.isdir(directory), "filesystem": mount[0] if mount else None,
-              "mount_point": mount[1] if mount else None, "network": bool(mount and is_network_filesystem(mount[0])),
-              "writable": can_write(db)}
-    database = {"path": db, "exists": os.path.lexists(db), "size": None, "wal_size": None, "schema_version": None,
-                "reservations": None, "error": None, "exit_code": None}
-    if os.path.lexists(directory) and not os.path.isdir(directory):
-        database["error"], database["exit_code"] = "the data directory %s is not a directory" % directory, EXIT_LIBRARY
-    elif database["exists"] and not os.path.isfile(db):
-        database["error"], database["exit_code"] = "%s is not a regular file" % db, EXIT_LIBRARY
-    elif database["exists"]:
-        for key, name in (("size", db), ("wal_size", db + "-wal")):
-            try:
-                database[key] = os.path.getsize(name)
-            except OSError:                     # no WAL (or a writer just removed it)
-                database[key] = 0
-    health["database"] = database
-    return health
-
-
-# --- Operations: servers on reserved ports (wait, who, socket handoff) -----------
-
-_LOOPBACKS = (("ipv4", "127.0.0.1"), ("ipv6", "::1"))     # what the probes bind, and what wait connects to
-
-
-def knock(port, http_path=None, timeout=1.0):
-    """One look at port: (family, address) of the first loopback that accepts (and, with http_path, answers an
-    HTTP GET with a status below 500), or (None, what was seen)."""
-    socket = _socket()
-    seen = []
-    for family, address in _LOOPBACKS:
-        try:
-            conn = socket.create_connection((address, port), timeout=timeout)
-        except OSError as exc:
-            seen.append("%s on %s" % (_socket_error(exc), address))
-            continue
-        conn.close()
-        if http_path is None:
-            return family, address
-        status = _http_status(address, port, http_path, timeout)
-        if isinstance(status, int) and status < 500:
-            return family, address
-        seen.append("%s from %s" % (status if isinstance(status, str) else "HTTP %d" % status, address))
-    return None, "; ".join(seen)
-
-
-def _socket_error(exc):
-    return {errno.ECONNREFUSED: "connection refused"}.get(exc.errno) or exc.strerror or str(exc) or "timed out"
-
-
-def _http_status(address, port, path, timeout):
-    """The status of GET path (an int), or what went wrong (a str)."""
-    import http.client
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"User-Agent": "trop-wait"})
-        return conn.getresponse().status
-    except (OSError, http.client.HTTPException) as exc:
-        if isinstance(exc, _socket().timeout):
-            return "no HTTP answer (timed out)"
-        return "no HTTP answer (%s)" % (getattr(exc, "strerror", None) or exc.__class__.__name__)
-    finally:
-        conn.close()
-
-
-class WaitTimeout(SemanticFailure):
-    """wait gave up: the ports that never answered, with what was last seen (exit 1)."""
-
-
-def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=None):
-    """Wait until every port accepts TCP connections on 127.0.0.1 or ::1 (either counts).
-
-    Returns {port: (family, address, seconds waited)}; raises WaitTimeout
-    naming what each port last showed.  progress(port, answer) is called as
-    each port becomes ready.
-    """
-    if http_path is not None:
-        http_path = _url_quote(http_path if http_path.startswith("/") else "/" + http_path,
-                               safe="/?&=%:@!$'()*+,;~-._#[]")
-    started = time.monotonic()
-    deadline = started + max(0.0, timeout)
-    ready, last = {}, {}
-    while True:
-        for port in ports:
-            if port in ready:
-                continue
-            family, detail = knock(port, http_path, max(0.05, deadline - time.monotonic()))
-            if family:
-                ready[port] = (family, detail, time.monotonic() - started)
-                if progress:
-                    progress(port, ready[port])
-            elif port not in last or "timed out" not in detail:     # cut short at the deadline: keep the news
-                last[port] = detail
-        if len(ready) == len(ports):
-            return ready
-        if time.monotonic() >= deadline:
-            waiting = [p for p in ports if p not in ready]
-            raise WaitTimeout("timed out after %ss waiting for %s" % (
-                "%g" % timeout, "; ".join("port %d (last seen: %s)" % (p, last.get(p, "nothing")) for p in waiting)))
-        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
-
-
-def who_holds(port, reservation, owners, policy=None):
-    """Who is on port: the reservation, the live listeners, and a verdict (free, reservation, other, unknown)."""
-    listeners = owners.listeners(port)
-    report = {"port": port, "reservation": None, "listeners": listeners}
-    if reservation is not None:
-        report["reservation"] = {"path": reservation.path, "tag": reservation.tag, "project": reservation.project,
-                                 "task": reservation.task, "last_used_at": format_timestamp(reservation.last_used_at)}
-    if not listeners:
-        found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
-        if found and not owners.lingering(port):
-            verdict = "unknown"
-            detail = "in use, but the OS does not say by whom (another user's or container's process?)"
-        elif failed and not found:
-            verdict = "unknown"
-            detail = "could not be probed (%s): nothing visible listens on it" % failed[0][1]
-        else:
-            verdict = "free"
-            detail = "nothing listens on it" + (" (closed connections linger in TIME_WAIT: a server that sets "
-                                                "SO_REUSEADDR can bind it)" if found or failed else "")
-    else:
-        homes = [] if reservation is None else [reservation.path, _canonical_prefix(reservation.path)]
-        mine = [entry for entry in listeners if entry["cwd"] and any(is_within(entry["cwd"], home)
-                                                                     for home in homes)]
-        verdict = "reservation" if mine else "other"
-        entry = (mine or listeners)[0]
-        who = "pid %s %s" % (entry["pid"], entry["process"] or "?") if entry["pid"] is not None else "a process"
-        if mine:
-            detail = "held by this reservation's directory: %s in %s" % (who, entry["cwd"])
-        else:
-            detail = "held by another process: %s%s" % (who, " in %s" % entry["cwd"] if entry["cwd"] else "")
-    report["verdict"], report["detail"] = verdict, detail
-    return report
-
-
-def listening_sockets(services, policy=None):
-    """Bind and listen on each (name, port) at the addresses the probes use; [(name, socket)], IPv4 first.
-
-    --skip-ipv6 (or --skip-ipv4) leaves that family out, for a server that takes a single fd.
-
-    For `run --listen`: the command inherits the sockets (systemd socket
-    activation), so no other process can take a port between the
-    reservation and the server's start.
-    """
-    socket = _socket()
-    out = []
-    families = [(f, a) for f, a in _LOOPBACKS if not (policy and getattr(policy, "skip_ip" + f[-1]))]
-    if not families:
-        raise UsageError("--listen needs an address: --skip-ipv4 and --skip-ipv6 leave none")
-    try:
-        for name, port in services:
-            for family, address in families:
-                af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
-                try:
-                    sock = socket.socket(af, socket.SOCK_STREAM)
-                except OSError as exc:
-                    if exc.errno in _NOT_APPLICABLE:
-                        continue
-                    raise
-                try:
-                    if sys.platform.startswith("linux"):   # TIME_WAIT only; BSDs would also allow it beside *:port
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if af == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind((address, port))
-                    sock.listen(128)
-                except OSError as exc:
-                    sock.close()
-                    if exc.errno in _NOT_APPLICABLE:
-                        continue
-                    raise LibraryError("cannot listen on %s port %d for %s: %s"
-                                       % (address, port, name, exc.strerror or exc))
-                out.append((name, sock))
-    except BaseException:
-        for _name, sock in out:
-            sock.close()
-        raise
-    return out
-
-
-def _fd_name(tag):
-    """A service tag as systemd allows an fd name: printable ASCII without ':', at most 255 characters."""
-    return "".join(c if " " < c <= "~" and c != ":" else "_" for c in tag)[:255]
-
-
-def socket_activation(sockets, env):
-    """Put the sockets on fds 3, 4, ... (inheritable) and set LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES in env.
-
-    LISTEN_PID is this process's pid: exec keeps it, so the command sees its own.
-    """
-    fcntl = _fcntl()
-    first = 3
-    spare = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, first + len(sockets)) for _name, sock in sockets]
-    for _name, sock in sockets:
-        os.close(sock.detach())                 # the originals may sit on 3, 4, ...: free them first
-    for index, fd in enumerate(spare):
-        os.dup2(fd, first + index)              # dup2's copy is inheritable
-        os.close(fd)
-    env.update(LISTEN_FDS=str(len(sockets)), LISTEN_PID=str(os.getpid()),
-               LISTEN_FDNAMES=":".join(_fd_name(name) for name, _sock in sockets))
-    return env
-
-
-# --- Operations: sessions and the Python API ---------------------------------
+# --- Sessions: what every command resolves first -------------------------------
 
 def resolve_data_dir(explicit=None, environ=None):
     """--data-dir > TROP_DATA_DIR > $HOME/.trop > $USERPROFILE/.trop (verbatim, not normalized)."""
@@ -4986,6 +4288,236 @@ class Session:
         return canonical_path(self.cwd)
 
 
+def _params(func):
+    """The parameter names of an operation after its first (session or self): what callers pass by keyword."""
+    code = func.__code__
+    return code.co_varnames[1:code.co_argcount]
+
+
+def _guard(func, what="running trop"):
+    """Run an operation, turning stray sqlite3 and OS errors into TropErrors."""
+    try:
+        return func()
+    except TropError:
+        raise
+    except OSError as exc:
+        raise IoFailure("%s%s" % (exc.strerror or exc, ": %s" % exc.filename if exc.filename else ""))
+    except Exception as exc:
+        module = type(exc).__module__ or ""
+        if module.startswith("sqlite3"):
+            raise _database_error(exc, "trop.db", what, 0)
+        raise
+# --- Operations: stale reservations (the prune and expire rules) ----------------
+
+
+_STALE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL))
+_UNKNOWABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ELOOP: "symlink loop",
+               errno.EIO: "transient I/O error", errno.EAGAIN: "transient I/O error",
+               errno.ETIMEDOUT: "transient I/O error", errno.ENOSYS: "unsupported filesystem operation",
+               errno.EOPNOTSUPP: "unsupported filesystem operation"}
+
+
+def inspect_path(path):
+    """'live', 'stale' (certainly gone) or (reason, message) when it cannot be told."""
+    try:
+        st = os.stat(os_path(path))
+    except OSError as exc:
+        if exc.errno in _STALE_ERRNOS:
+            return "stale"
+        return (_UNKNOWABLE.get(exc.errno, "unknown filesystem error"), exc.strerror or str(exc))
+    except ValueError:
+        return "stale"                      # embedded NUL: cannot name a directory
+    return "live" if stat.S_ISDIR(st.st_mode) else "stale"
+
+
+_ADVICE = {
+    "permission denied": "Restore access to the path and its parents, then retry.",
+    "symlink loop": "Repair the symlink loop, then retry.",
+    "transient I/O error": "Retry when the filesystem or mount is available.",
+    "unsupported filesystem operation": "Verify filesystem support or release the reservation explicitly.",
+    "unknown filesystem error": "Inspect the filesystem state or release the reservation explicitly.",
+}
+
+
+class CleanupPlan(Plan):
+    """prune / expire / autoclean: the rows each rule removes, and paths that could not be inspected."""
+
+    def __init__(self):
+        Plan.__init__(self)
+        self.pruned = []
+        self.expired = []
+
+
+def plan_cleanup(store, gone, expire_days, now=None):
+    """Select stale rows inside the caller's transaction; each distinct path is inspected once."""
+    now = int(time.time()) if now is None else now
+    plan = CleanupPlan()
+    rows = store.all()
+    pruned_keys = set()
+    if gone:
+        verdicts = {}
+        for res in rows:
+            verdict = verdicts.get(res.path)
+            if verdict is None:
+                verdict = verdicts[res.path] = inspect_path(res.path)
+                if isinstance(verdict, tuple):
+                    plan.warnings.append("could not inspect reserved directory %s (%s: %s); reservation "
+                                         "preserved by prune. %s" % (res.path, verdict[0], verdict[1],
+                                                                     _ADVICE[verdict[0]]))
+            if verdict == "stale":
+                plan.pruned.append(res)
+                pruned_keys.add(res.key)
+    if expire_days:
+        limit = expire_days * 86400
+        expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys]
+        expired.sort(key=lambda r: (r.last_used_at, r.path, r.tag or ""))
+        plan.expired = expired
+    plan.deletes = plan.pruned + plan.expired
+    return plan
+
+
+def run_cleanup(session, gone=True, unused=True, days=None, dry_run=False):
+    """Remove reservations whose directory is gone (prune) and/or that were unused for days (expire)."""
+    expire_days = (days or session.config["cleanup.expire_after_days"]) if unused else None
+    return session.write(lambda store: plan_cleanup(store, gone, expire_days), dry_run)
+
+
+# --- Operations: reserve, release and read (list, port-info) -----------------
+
+class ReserveRequest:
+    """Everything a single reservation depends on, resolved before the transaction."""
+
+    def __init__(self, key, config, preferred=None, overwrite=False, force=False, ignore_occupied=False,
+                 ignore_exclusions=False, project=None, task=None, infer_git=True):
+        self.key = key
+        self.preferred = preferred
+        self.overwrite = overwrite
+        self.force = force
+        self.ignore_occupied = ignore_occupied
+        self.ignore_exclusions = ignore_exclusions
+        self.project = project          # ("set", value) / ("clear",) / None to preserve
+        self.task = task
+        self.infer_git = infer_git
+        self.port_range = config.port_range
+        self.skips = Skips.of(config)
+        self.allow_project = force or config.allow("project")
+        self.allow_task = force or config.allow("task")
+        self.autoprune = not config["disable_autoprune"]
+        self.autoexpire = not config["disable_autoexpire"]
+        self.expire_days = config["cleanup.expire_after_days"]
+
+
+def _resolve_intent(intent, stored):
+    if intent is None:
+        return stored
+    return intent[1] if intent[0] == "set" else None
+
+
+def plan_reserve(store, req, now=None):
+    """Read the key and the taken ports, decide, and return the Plan (inside the transaction)."""
+    now = int(time.time()) if now is None else now
+    plan = ReservePlan()
+    existing = store.get(req.key)
+    if existing is not None:
+        project = _resolve_intent(req.project, existing.project)
+        task = _resolve_intent(req.task, existing.task)
+        _check_sticky("project", {existing.project}, project, req.allow_project)
+        _check_sticky("task", {existing.task}, task, req.allow_task)
+        if req.overwrite or req.force:
+            taken = store.taken_ports() - {existing.port}
+            port = _allocate_or_cleanup(store, req, taken, plan, now)
+            moved = existing.replace(port=port, project=project, task=task, last_used_at=now)
+            if port == existing.port:
+                plan.updates.append(moved)
+            else:
+                plan.deletes.append(existing)
+                plan.inserts.append(moved)
+            plan.port = port
+        else:
+            if (project, task) != (existing.project, existing.task):
+                plan.updates.append(existing.replace(project=project, task=task, last_used_at=now))
+            else:
+                plan.touches.append(existing.replace(last_used_at=now))
+            plan.port = existing.port
+        return plan
+    project, task = _resolve_intent(req.project, None), _resolve_intent(req.task, None)
+    if req.infer_git and (req.project is None or req.task is None):
+        git_project, git_task = infer_git_metadata(req.key.path)
+        project = git_project if req.project is None else project
+        task = git_task if req.task is None else task
+    port = _allocate_or_cleanup(store, req, store.taken_ports(), plan, now)
+    plan.inserts.append(Reservation(req.key.path, req.key.tag, port, project, task, now, now))
+    plan.port = port
+    return plan
+
+
+def _check_sticky(field, old, new, allowed, group_path=None):
+    """A recorded project or task changes only with --force or its permission."""
+    if old != {new} and not allowed:
+        raise SemanticFailure("cannot change sticky field '%s': Cannot change %s%s from %s to %s without --force "
+                              "or --allow-%s-change%s" % (field, "group " if group_path else "", field,
+                                                          ", ".join(sorted(_quote(o) for o in old)), _quote(new),
+                                                          field, " (group at %s)" % group_path if group_path else ""))
+
+
+def _allocate_or_cleanup(store, req, taken, plan, now):
+    """Allocate; on exhaustion clean up once (in the plan only) and retry exactly once."""
+    port, cautions = allocate_single(req, taken, req.skips)
+    plan.warnings.extend(cautions)
+    if port is not None:
+        return port
+    rng = req.port_range
+    if not (req.autoprune or req.autoexpire):
+        raise LibraryError("port range %s exhausted: cleanup was skipped (automatic pruning "
+                           "and expiration disabled); remaining blockers: %s%s"
+                           % (rng, req.skips.census(rng, taken), _probe_failures(req.skips.occupancy)))
+    cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
+    freed = {r.port for r in cleanup.deletes if r.key != req.key}
+    port, cautions = allocate_single(req, taken - freed, req.skips)
+    plan.warnings.extend(cautions)
+    if port is None:
+        policy = ("automatic pruning and expiration enabled" if req.autoprune and req.autoexpire else
+                  "automatic expiration disabled" if req.autoprune else "automatic pruning disabled")
+        raise LibraryError("port range %s exhausted after cleanup: remaining blockers after "
+                           "the single retry: %s; automatic cleanup pruned %d and expired %d reservation(s); %s%s"
+                           % (rng, req.skips.census(rng, taken - freed), len(cleanup.pruned), len(cleanup.expired),
+                              policy, _probe_failures(req.skips.occupancy)))
+    plan.deletes.extend(r for r in cleanup.deletes if r.key != req.key)
+    plan.warnings.extend(cleanup.warnings)
+    plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
+                         "reservation(s); allocation succeeded on the single retry."
+                         % (len(cleanup.pruned), len(cleanup.expired)))
+    return port
+
+
+def _probe_failures(occupancy):
+    if not occupancy.failures:
+        return ""
+    shown = ["port %d: %s: %s" % (port, describe_probe(probe), err) for port, probe, err in occupancy.failures[:3]]
+    more = len(occupancy.failures) - len(shown)
+    return "; ports possibly occupied because their occupancy probe failed: %s%s" % (
+        "; ".join(shown), " (and %d more)" % more if more else "")
+
+
+def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
+    """The rows to delete: every tag at path (or beneath it), one tag, or the untagged row."""
+    rows = store.under(path) if recursive else store.at_path(path)
+    if tag is not None:
+        rows = [r for r in rows if r.tag == tag]
+    elif untagged_only:
+        rows = [r for r in rows if r.tag is None]
+    plan = Plan()
+    plan.deletes = rows
+    if not rows:
+        if recursive:
+            plan.warnings.append("No reservations found under %s (already released)" % path)
+        elif tag is not None or untagged_only:
+            plan.warnings.append("No reservation found for %s (already released)" % ReservationKey(path, tag))
+        else:
+            plan.warnings.append("No reservations found for %s (already released)" % path)
+    return plan
+
+
 def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
                 ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
     """Reserve (or refresh) the port of (path, tag); returns the executed (or dry-run) Plan."""
@@ -5014,6 +4546,446 @@ def run_release(session, path=None, tag=None, untagged_only=False, recursive=Fal
     return session.write(planner, dry_run)
 
 
+def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
+    rows = session.read(lambda store: store.all())
+    if filter_project is not None:
+        rows = [r for r in rows if r.project == filter_project]
+    if filter_tag is not None:
+        rows = [r for r in rows if r.tag == filter_tag]
+    if filter_path is not None:
+        lexical = normalize_path(filter_path, session.cwd)
+        canonical = real_key(os_path(lexical)) if os.path.exists(os_path(lexical)) else None
+
+        def keep(res):
+            if is_within(res.path, lexical):
+                return True
+            return canonical is not None and os.path.exists(os_path(res.path)) and \
+                is_within(real_key(os_path(res.path)), canonical)
+        rows = [r for r in rows if keep(r)]
+    return rows
+
+
+def run_projects(session):
+    """The distinct project names, sorted."""
+    return session.read(lambda store: store.projects())
+
+
+def run_port_info(session, port, include_occupancy=False):
+    """port-info's facts: the reservation, whether its path exists, notes, and (when asked) the probe evidence."""
+    port = cli_port(port)
+    res = session.read(lambda store: store.for_port(port))
+    info = {"port": port, "reservation": res, "path_exists": res is not None and os.path.exists(os_path(res.path)),
+            "notes": port_notes(port, session.config)}
+    if include_occupancy:
+        info["occupancy"] = occupancy_evidence(port, session.config.occupancy)
+    return info
+
+
+# --- Operations: groups --------------------------------------------------------
+
+class GroupRequest:
+    """A group reservation: the spec, where it lives, and the effective settings."""
+
+    def __init__(self, spec, path, config, task=None, force=False):
+        if not spec.services:
+            raise LibraryError("Reservation group must contain at least one service")
+        self.spec = spec
+        self.path = path
+        self.project = config["project"]
+        self.task = task
+        self.force = force
+        self.allow_project = force or config.allow("project")
+        self.allow_task = force or config.allow("task")
+        rng = config.port_range
+        if spec.base is not None and spec.base not in rng:
+            raise LibraryError("validation error for 'reservations.base': Base port %d must be within port range "
+                               "%d..%d" % (spec.base, rng.min, rng.max))
+        self.port_range = rng
+        self.scan_range = PortRange(spec.base if spec.base is not None else rng.min, rng.max)
+        self.skips = Skips.of(config)
+        for svc in spec.services:              # defence in depth: nothing unvalidated reaches a shell
+            if env_name_problem(svc.env_name):
+                raise LibraryError("validation error for 'env': %r %s" % (svc.env_name,
+                                                                          env_name_problem(svc.env_name)))
+
+
+def allocate_group(req, taken):
+    """({tag: port}, cautions): preferred ports pinned first, then the lowest base whose whole pattern is free."""
+    skips = req.skips
+    mapping, pattern, cautions = {}, [], []
+    for svc in req.spec.services:
+        if svc.preferred is not None and skips.refusal(svc.preferred, taken) is None:
+            mapping[svc.tag] = svc.preferred
+            cautions += skips.cautions(svc.preferred)
+        else:
+            pattern.append(svc)
+    if not pattern:
+        return mapping, cautions
+    pinned = set(taken) | set(mapping.values())
+    top = max(s.offset for s in pattern)
+    rng = req.scan_range
+    for base in range(rng.min, rng.max - top + 1):
+        ports = [base + s.offset for s in pattern]
+        if all(skips.classify(p, pinned) is None for p in ports):
+            mapping.update((s.tag, p) for s, p in zip(pattern, ports))
+            return mapping, cautions
+    raise LibraryError("group allocation failed after attempting %d service(s): No scanned base can satisfy the "
+                       "complete offset fallback pattern in %s: %s%s"
+                       % (len(req.spec.services), rng, skips.census(rng, pinned), _probe_failures(skips.occupancy)))
+
+
+def group_incompatibility(req, stored):
+    """Why stored rows cannot serve the requested group (None if they can)."""
+    by_tag = {r.tag: r for r in stored}
+    if set(by_tag) != {s.tag for s in req.spec.services}:
+        return "requested service set does not match stored service set"
+    base = None
+    for svc in req.spec.services:
+        port = by_tag[svc.tag].port
+        if svc.preferred is not None and port == svc.preferred:
+            continue
+        if port < svc.offset:
+            return "stored port %d cannot satisfy requested offset %d" % (port, svc.offset)
+        implied = port - svc.offset
+        if base is not None and implied != base:
+            return "stored offset mappings imply different bases (%d and %d)" % (base, implied)
+        base = implied
+        if implied not in req.scan_range or port not in req.scan_range:
+            return "a stored service mapping is outside the current scan range"
+    return None
+
+
+def plan_group(store, req, now=None):
+    """Refresh a compatible stored group or allocate a fresh one; all rows or none."""
+    now = int(time.time()) if now is None else now
+    plan = GroupPlan(req.spec)
+    stored = [r for r in store.at_path(req.path) if r.tag is not None]
+    project, task = req.project, req.task
+    if stored:
+        reason = group_incompatibility(req, stored)
+        if reason is None:
+            for field, new, allowed in (("project", project, req.allow_project), ("task", task, req.allow_task)):
+                if new is not None:
+                    _check_sticky(field, {getattr(r, field) for r in stored}, new, allowed, req.path)
+            for res in stored:
+                changed = res.replace(project=res.project if project is None else project,
+                                      task=res.task if task is None else task, last_used_at=now)
+                plan.updates.append(changed)
+            plan.ports = {r.tag: r.port for r in stored}
+            return plan
+        if not req.force:
+            raise LibraryError("reservation conflict: existing group at %s is incompatible: %s (use --force to "
+                               "replace it)" % (req.path, reason))
+        project = _inherited(stored, "project", req.path) if project is None else project
+        task = _inherited(stored, "task", req.path) if task is None else task
+        plan.deletes = stored
+    taken = store.taken_ports() - {r.port for r in plan.deletes}
+    mapping, cautions = allocate_group(req, taken)
+    plan.warnings.extend(cautions)
+    plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
+    plan.ports = mapping
+    return plan
+
+
+def _inherited(rows, field, path):
+    """The value a replaced group passes on: only one all its rows agree on."""
+    values = {getattr(r, field) for r in rows}
+    if len(values) > 1:
+        raise LibraryError("reservation conflict: cannot inherit %s for the replaced group at %s: stored rows "
+                           "disagree" % (field, path))
+    return values.pop()
+
+
+def locate_group_config(cwd, config_path=None):
+    """(config file, canonical group directory) for reserve-group FILE or autoreserve's discovery."""
+    if config_path is not None:
+        full = os_path(normalize_path(config_path, cwd))
+        if not os.path.exists(full):
+            raise InvalidArguments("Configuration file not found: %s" % config_path)
+        if not os.path.isfile(full):
+            raise InvalidArguments("Path is not a file: %s" % config_path)
+        return full, real_key(os.path.dirname(full))
+    start = os.path.realpath(os_path(cwd))
+    directory = find_project_dir(start)
+    if directory is None:
+        raise InvalidArguments("No trop configuration file found (searched from: %s)" % key_text(start))
+    names = [n for n in PROJECT_FILES if os.path.lexists(os.path.join(directory, n))]
+    return os.path.join(directory, names[-1]), real_key(directory)
+
+
+def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False):
+    """Reserve the session's group for group_dir; returns the GroupPlan."""
+    spec = session.config.group
+    if spec is None:
+        raise LibraryError("Effective configuration does not contain a reservation group (no `reservations:` "
+                           "in %s)" % config_file)
+    req = GroupRequest(spec, group_dir, session.config, task or session.config["task"], force)
+    allowed = force or session.config.allow("unrelated_path")
+
+    def planner(store):
+        check_path_relationship(group_dir, allowed)
+        return plan_group(store, req)
+    return session.write(planner, dry_run)
+
+
+# --- Operations: cleanup commands and migrate ----------------------------------
+
+def plan_migrate(store, source, target, recursive=False, force=False):
+    """Move every reservation at (or under) source to target, keeping ports and timestamps."""
+    rows = store.under(source) if recursive else store.at_path(source)
+    if not rows and not recursive:
+        raise LibraryError("not found: reservation at %s" % source)
+    plan = MigratePlan(source, target)
+    try:
+        plan.moves = [(r, r.replace(path=PLATFORM.paths.rebase(r.path, source, target))) for r in rows]
+    except ValueError as exc:
+        raise LibraryError(str(exc))
+    moving = {old.key for old, _new in plan.moves}
+    for _old, new in plan.moves:
+        existing = store.get(new.key)
+        if existing is not None and existing.key not in moving:
+            plan.conflicts.append(existing)
+    if plan.conflicts and not force:
+        raise LibraryError("reservation conflict: Found %d conflicting reservation(s) at destination. "
+                           "Use --force to overwrite." % len(plan.conflicts))
+    plan.deletes = [old for old, _new in plan.moves] + plan.conflicts
+    plan.inserts = [new for _old, new in plan.moves]
+    return plan
+
+
+def run_migrate(session, source, target, recursive=False, force=False, dry_run=False):
+    """Move reservations between explicit paths; returns the MigratePlan."""
+    src = normalize_path(source, session.cwd)
+    dst = normalize_path(target, session.cwd)
+    if src == dst:
+        raise InvalidArguments("Invalid arguments: --from and --to are the same path (%s)" % src)
+    if recursive and is_within(dst, src):
+        raise InvalidArguments("Invalid arguments: --to (%s) must not be inside --from (%s) when migrating "
+                               "recursively" % (dst, src))
+    return session.write(lambda store: plan_migrate(store, src, dst, recursive, force), dry_run)
+
+
+# --- Operations: diagnosis (doctor) ---------------------------------------------
+
+def diagnose(session):
+    """The doctor's report, as plain data (its JSON is documented in the README).
+
+    For the effective range: every port's standing (reserved, excluded,
+    occupied now, unsafe, OS-reserved, ephemeral, free); then the data
+    directory's health and the configuration layers.  Read-only: it takes no
+    lock and creates nothing.
+    """
+    config = session.config
+    rng = config.port_range
+    skips = Skips.of(config)
+    ephemeral = ephemeral_range()
+    report = {"cwd": session.cwd, "range": {"min": rng.min, "max": rng.max, "size": len(rng),
+                                            "sources": {k: config.sources[k] for k in ("ports.min", "ports.max",
+                                                                                       "ports.max_offset")}},
+              "ports": {}, "data_dir": _data_dir_health(session), "layers": [], "warnings": [], "problems": []}
+    health, rows = report["data_dir"], []
+    database = health["database"]
+    network_refused = health["network"] and not config["allow_network_fs"]
+    if database["exists"] and not network_refused and database["error"] is None:
+        try:
+            database["schema_version"], rows = session.read(
+                lambda store: (_parse_version(store.schema_version()), store.all()), mode="look")
+            database["reservations"] = len(rows)
+        except (TropError, _sqlite().Error) as exc:
+            if not isinstance(exc, TropError):
+                exc = _database_error(exc, database["path"], "reading the database", 0)
+            database["error"], database["exit_code"] = str(exc), exc.exit_code
+    rows = [r for r in rows if r.port in rng]
+    reserved = {r.port for r in rows}
+    excluded = {p for p in rng if p in config.exclusions}
+    unsafe = {p for p in UNSAFE_PORTS if p in rng}
+    os_reserved = {p for p in rng if p in skips.os_reserved}
+    probes = skips.occupancy.probes
+    occupied, owners = [], OwnerTable() if probes else None
+    for port in rng if probes else ():
+        found, failed = skips.occupancy.probe(port)
+        if found or failed:
+            pid, name, user = owners.lookup(found[0][0], found[0][1], port) if found else (None, None, None)
+            occupied.append({"port": port, "pid": pid, "process": name, "user": user,
+                             "reserved": port in reserved, "probe_failed": not found})
+    free = [p for p in rng if skips.classify(p, reserved) is None]      # what the allocator would hand out
+    ports_report = report["ports"]
+    ports_report["reserved"] = {"count": len(reserved), "paths": len({r.path for r in rows}),
+                                "projects": len({r.project for r in rows if r.project})}
+    ports_report["excluded"] = {"count": len(excluded), "sources": [
+        {"ports": range_text(*rng_), "source": where} for rng_, where in config.exclusion_sources
+        if rng_[0] <= rng.max and rng.min <= rng_[1]]}
+    ports_report["occupied"] = {"checked": bool(probes), "count": len(occupied), "ports": occupied}
+    ports_report["unsafe"] = {"count": len(unsafe), "ports": sorted(unsafe),
+                              "avoided": not config["allow_unsafe_ports"]}
+    ports_report["os_reserved"] = {"count": len(os_reserved), "ranges": [
+        range_text(*r) for r in ExclusionList((p, p) for p in os_reserved).ranges]}
+    ports_report["ephemeral"] = {"range": str(ephemeral) if ephemeral else None,
+                                 "count": len([p for p in rng if ephemeral and p in ephemeral])}
+    ports_report["free"] = {"count": len(free), "first": free[:5]}
+    report["layers"].append({"kind": "builtin", "source": BUILTIN_SOURCE, "settings": {}})
+    for layer in config.layers:
+        if layer.values or layer.exclusions or layer.kind in ("user", "project"):
+            keys = sorted(set(layer.values) | ({"excluded_ports"} if layer.exclusions else set()))
+            report["layers"].append({"kind": layer.kind, "source": layer.source,
+                                     "settings": {k: layer.where(k) if k in layer.values else layer.source
+                                                  for k in keys}})
+    report["warnings"] = range_warnings(rng, ephemeral)
+    if not probes:
+        report["warnings"].append("occupancy probes are off (every probe is skipped): ports in use were not "
+                                  "looked for")
+    problems = report["problems"]
+    if network_refused:
+        problems.append({"exit_code": EXIT_CONFIG, "message": "the data directory is on a %s filesystem, where "
+                         "SQLite's WAL mode is unsafe" % health["filesystem"]})
+    if health["database"]["error"]:
+        problems.append({"exit_code": health["database"]["exit_code"], "message": health["database"]["error"]})
+    if not free:
+        problems.append({"exit_code": EXIT_SEMANTIC, "message": "no free port in %s" % rng})
+    report["healthy"] = not problems
+    return report
+
+
+def _data_dir_health(session):
+    """Path, filesystem and writability of the data directory; the size of trop.db and its WAL."""
+    directory = session.data_dir
+    db = os.path.join(directory, DB_FILE)
+    mount = mount_of(directory)
+    health = {"path": directory, "exists": os.path.isdir(directory), "filesystem": mount[0] if mount else None,
+              "mount_point": mount[1] if mount else None, "network": bool(mount and is_network_filesystem(mount[0])),
+              "writable": can_write(db)}
+    database = {"path": db, "exists": os.path.lexists(db), "size": None, "wal_size": None, "schema_version": None,
+                "reservations": None, "error": None, "exit_code": None}
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        database["error"], database["exit_code"] = "the data directory %s is not a directory" % directory, EXIT_LIBRARY
+    elif database["exists"] and not os.path.isfile(db):
+        database["error"], database["exit_code"] = "%s is not a regular file" % db, EXIT_LIBRARY
+    elif database["exists"]:
+        for key, name in (("size", db), ("wal_size", db + "-wal")):
+            try:
+                database[key] = os.path.getsize(name)
+            except OSError:                     # no WAL (or a writer just removed it)
+                database[key] = 0
+    health["database"] = database
+    return health
+
+
+# --- Operations: servers on reserved ports (wait, who, socket handoff) -----------
+
+_LOOPBACKS = (("ipv4", "127.0.0.1"), ("ipv6", "::1"))     # what the probes bind, and what wait connects to
+
+
+def knock(port, http_path=None, timeout=1.0):
+    """One look at port: (family, address) of the first loopback that accepts (and, with http_path, answers an
+    HTTP GET with a status below 500), or (None, what was seen)."""
+    socket = _socket()
+    seen = []
+    for family, address in _LOOPBACKS:
+        try:
+            conn = socket.create_connection((address, port), timeout=timeout)
+        except OSError as exc:
+            seen.append("%s on %s" % (_socket_error(exc), address))
+            continue
+        conn.close()
+        if http_path is None:
+            return family, address
+        status = _http_status(address, port, http_path, timeout)
+        if isinstance(status, int) and status < 500:
+            return family, address
+        seen.append("%s from %s" % (status if isinstance(status, str) else "HTTP %d" % status, address))
+    return None, "; ".join(seen)
+
+
+def _socket_error(exc):
+    return {errno.ECONNREFUSED: "connection refused"}.get(exc.errno) or exc.strerror or str(exc) or "timed out"
+
+
+def _http_status(address, port, path, timeout):
+    """The status of GET path (an int), or what went wrong (a str)."""
+    import http.client
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "trop-wait"})
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        if isinstance(exc, _socket().timeout):
+            return "no HTTP answer (timed out)"
+        return "no HTTP answer (%s)" % (getattr(exc, "strerror", None) or exc.__class__.__name__)
+    finally:
+        conn.close()
+
+
+class WaitTimeout(SemanticFailure):
+    """wait gave up: the ports that never answered, with what was last seen (exit 1)."""
+
+
+def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=None):
+    """Wait until every port accepts TCP connections on 127.0.0.1 or ::1 (either counts).
+
+    Returns {port: (family, address, seconds waited)}; raises WaitTimeout
+    naming what each port last showed.  progress(port, answer) is called as
+    each port becomes ready.
+    """
+    if http_path is not None:
+        http_path = _url_quote(http_path if http_path.startswith("/") else "/" + http_path,
+                               safe="/?&=%:@!$'()*+,;~-._#[]")
+    started = time.monotonic()
+    deadline = started + max(0.0, timeout)
+    ready, last = {}, {}
+    while True:
+        for port in ports:
+            if port in ready:
+                continue
+            family, detail = knock(port, http_path, max(0.05, deadline - time.monotonic()))
+            if family:
+                ready[port] = (family, detail, time.monotonic() - started)
+                if progress:
+                    progress(port, ready[port])
+            elif port not in last or "timed out" not in detail:     # cut short at the deadline: keep the news
+                last[port] = detail
+        if len(ready) == len(ports):
+            return ready
+        if time.monotonic() >= deadline:
+            waiting = [p for p in ports if p not in ready]
+            raise WaitTimeout("timed out after %ss waiting for %s" % (
+                "%g" % timeout, "; ".join("port %d (last seen: %s)" % (p, last.get(p, "nothing")) for p in waiting)))
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def who_holds(port, res, owners, policy=None):
+    """Who is on port: the reservation, the live listeners, and a verdict (free, reservation, other, unknown)."""
+    listeners = owners.listeners(port)
+    report = {"port": port, "reservation": None, "listeners": listeners}
+    if res is not None:
+        report["reservation"] = {"path": res.path, "tag": res.tag, "project": res.project,
+                                 "task": res.task, "last_used_at": format_timestamp(res.last_used_at)}
+    if not listeners:
+        found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
+        if found and not owners.lingering(port):
+            verdict = "unknown"
+            detail = "in use, but the OS does not say by whom (another user's or container's process?)"
+        elif failed and not found:
+            verdict = "unknown"
+            detail = "could not be probed (%s): nothing visible listens on it" % failed[0][1]
+        else:
+            verdict = "free"
+            detail = "nothing listens on it" + (" (closed connections linger in TIME_WAIT: a server that sets "
+                                                "SO_REUSEADDR can bind it)" if found or failed else "")
+    else:
+        homes = [] if res is None else [res.path, _canonical_prefix(res.path)]
+        mine = [entry for entry in listeners if entry["cwd"] and any(is_within(entry["cwd"], home)
+                                                                     for home in homes)]
+        verdict = "reservation" if mine else "other"
+        entry = (mine or listeners)[0]
+        holder = "pid %s %s" % (entry["pid"], entry["process"] or "?") if entry["pid"] is not None else "a process"
+        if mine:
+            detail = "held by this reservation's directory: %s in %s" % (holder, entry["cwd"])
+        else:
+            detail = "held by another process: %s%s" % (holder, " in %s" % entry["cwd"] if entry["cwd"] else "")
+    report["verdict"], report["detail"] = verdict, detail
+    return report
+
+
 def wait_targets(session, path=None, tag=None, port=None, group=False, config=None):
     """The ports wait watches: --port as given, every service of a group (the trop.yaml found from path, or
     the file config), or one reservation."""
@@ -5035,6 +5007,12 @@ def wait_targets(session, path=None, tag=None, port=None, group=False, config=No
     return [res.port]
 
 
+def run_wait(session, path=None, tag=None, port=None, group=False, config=None, timeout=30.0, interval=0.25,
+             http=None, progress=None):
+    """wait: until every target port accepts connections (see wait_targets, wait_for_ports)."""
+    return wait_for_ports(wait_targets(session, path, tag, port, group, config), timeout, interval, http, progress)
+
+
 def run_who(session, port=None, path=None, tag=None):
     """who's reports: one port, or every reservation of the directory (one tag with tag)."""
     if port is not None:
@@ -5053,299 +5031,197 @@ def run_who(session, port=None, path=None, tag=None):
     return [who_holds(p, r, owners, session.config.occupancy) for p, r in zip(ports, rows)]
 
 
-def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
-    rows = session.read(lambda store: store.all())
-    if filter_project is not None:
-        rows = [r for r in rows if r.project == filter_project]
-    if filter_tag is not None:
-        rows = [r for r in rows if r.tag == filter_tag]
-    if filter_path is not None:
-        lexical = normalize_path(filter_path, session.cwd)
-        canonical = real_key(os_path(lexical)) if os.path.exists(os_path(lexical)) else None
+def listening_sockets(services, policy=None):
+    """Bind and listen on each (name, port) at the addresses the probes use; [(name, socket)], IPv4 first.
 
-        def keep(res):
-            if is_within(res.path, lexical):
-                return True
-            return canonical is not None and os.path.exists(os_path(res.path)) and \
-                is_within(real_key(os_path(res.path)), canonical)
-        rows = [r for r in rows if keep(r)]
-    return rows
+    --skip-ipv6 (or --skip-ipv4) leaves that family out, for a server that takes a single fd.
 
-
-class Trop:
-    """A reusable handle for Python programs: configuration resolved once, one connection.
-
-    Options are the CLI's flags with underscores (data_dir, min, max,
-    skip_occupancy_check, allow_unrelated_path, busy_timeout, ...).  The
-    configuration files and environment are read when the handle is made
-    (a group file, by each reserve_group/autoreserve/group_environment call);
-    make a new handle to pick up changes.  Every call is still its own
-    BEGIN IMMEDIATE transaction, so handles in many processes stay consistent,
-    and threads may share a handle (calls take turns).  Close handles before
-    moving or replacing trop.db: SQLite files must not be renamed while open.
-
-        with trop.Trop(data_dir="/tmp/d") as t:
-            port = t.reserve("/srv/app", tag="web")
+    For `run --listen`: the command inherits the sockets (systemd socket
+    activation), so no other process can take a port between the
+    reservation and the server's start.
     """
-
-    def __init__(self, **options):
-        unknown = sorted(set(options) - API_OPTIONS)
-        if unknown:
-            raise TypeError("unexpected option%s %s (options are the CLI's global and configuration flags "
-                            "with underscores: %s)"
-                            % ("s" if len(unknown) > 1 else "", ", ".join(unknown), ", ".join(sorted(API_OPTIONS))))
-        self._options = options
-        self.session = _guard(lambda: Session(options, keep_open=True))
-
-    def close(self):
-        self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _scoped(self, scope, config_file=None):
-        """A session for a group file, sharing this handle's options."""
-        return Session(self._options, scope, config_file=config_file)
-
-    def reserve(self, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
-                ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
-        """Reserve (or refresh) the port of (path, tag) and return it."""
-        return _guard(lambda: run_reserve(self.session, path, tag, port, overwrite, force, ignore_occupied,
-                                          ignore_exclusions, clear_project, clear_task, dry_run).port)
-
-    def release(self, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
-        """Release reservations at path (one tag, the untagged one, or everything beneath); returns how many."""
-        return _guard(lambda: len(run_release(self.session, path, tag, untagged_only, recursive, force,
-                                              dry_run).deletes))
-
-    def reserve_group(self, config_path, task=None, force=False, dry_run=False):
-        """Reserve the group of a YAML file; returns {tag: port}."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
-            return run_group(self._scoped("file", config_file), config_file, group_dir, task, force,
-                             dry_run).ports
-        return _guard(op)
-
-    def autoreserve(self, task=None, force=False, dry_run=False):
-        """Reserve the group of the trop.yaml found from the working directory; returns {tag: port}."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd)
-            return run_group(self._scoped("discover"), config_file, group_dir, task, force, dry_run).ports
-        return _guard(op)
-
-    def group_environment(self, config_path=None, task=None, force=False):
-        """{VARIABLE: "port"} for a group (autoreserve when config_path is None), as `trop run` sets them."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
-            session = self._scoped("discover") if config_path is None else self._scoped("file", config_file)
-            return run_group(session, config_file, group_dir, task, force).environment()
-        return _guard(op)
-
-    def list(self, filter_project=None, filter_tag=None, filter_path=None):
-        """Reservations ordered by path then tag."""
-        return _guard(lambda: run_list(self.session, filter_project, filter_tag, filter_path))
-
-    def projects(self):
-        return _guard(lambda: self.session.read(lambda store: store.projects()))
-
-    def port_info(self, port):
-        """The Reservation holding port, or None."""
-        number = cli_port(port)
-        return _guard(lambda: self.session.read(lambda store: store.for_port(number)))
-
-    def prune(self, dry_run=False):
-        """Remove reservations whose directory is certainly gone; returns the removed Reservations."""
-        return _guard(lambda: run_cleanup(self.session, True, False, None, dry_run).deletes)
-
-    def expire(self, days=None, dry_run=False):
-        """Remove reservations unused for more than days (default: configuration, else 30)."""
-        return _guard(lambda: run_cleanup(self.session, False, True, _days(days), dry_run).deletes)
-
-    def autoclean(self, days=None, dry_run=False):
-        """prune and expire in one transaction; returns the removed Reservations."""
-        return _guard(lambda: run_cleanup(self.session, True, True, _days(days), dry_run).deletes)
-
-    def migrate(self, source, target, recursive=False, force=False, dry_run=False):
-        """Move reservations from source to target; returns [(old, new)] Reservations."""
-        return _guard(lambda: run_migrate(self.session, source, target, recursive, force, dry_run).moves)
-
-    def wait(self, path=None, tag=None, port=None, group=False, timeout=30.0, interval=0.25, http=None,
-             config=None):
-        """Wait until the reservation's port (or port, or every service of the group) accepts connections on
-        127.0.0.1 or ::1; returns {port: (family, address, seconds)}.  Raises WaitTimeout (exit 1)."""
-        return _guard(lambda: wait_for_ports(wait_targets(self.session, path, tag, port, group, config), timeout,
-                                             interval, http))
-
-    def who(self, port=None, path=None, tag=None):
-        """Who holds port (or each reservation of path): [{port, reservation, listeners, verdict, detail}]."""
-        return _guard(lambda: run_who(self.session, port, path, tag))
-
-
-def _days(days):
-    """The days argument of expire() and autoclean(): what --days takes."""
-    return days if days is None else OPTION["days"].kind.from_flag(OPTION["days"], days)
-
-
-def _with_handle(method, options, *args, **op_names):
-    """Module-level API: one short-lived handle per call."""
-    op = _pick(options, *op_names.get("names", ()))
-    with Trop(**options) as handle:
-        return getattr(handle, method)(*args, **op)
-
-
-def reserve(path=None, tag=None, **options):
-    """Reserve the port for (path, tag) and return it; the same call returns the same port.
-
-    Options: the CLI's flags with underscores -- data_dir, project, task,
-    port, min, max, overwrite, force, ignore_occupied, ignore_exclusions,
-    allow_unrelated_path, allow_project_change, allow_task_change,
-    allow_change, clear_project, clear_task, skip_occupancy_check, skip_tcp,
-    skip_udp, skip_ipv4, skip_ipv6, check_all_interfaces, disable_autoprune,
-    disable_autoexpire, disable_autoclean, disable_autoinit, busy_timeout,
-    dry_run.  Raises a TropError subclass (with .exit_code) on failure.
-    """
-    return _with_handle("reserve", options, path, tag, names=(
-        "port", "overwrite", "force", "ignore_occupied", "ignore_exclusions", "clear_project", "clear_task",
-        "dry_run"))
-
-
-def release(path=None, tag=None, **options):
-    """Release reservations at path (tag, untagged_only, recursive, force, dry_run); returns how many."""
-    return _with_handle("release", options, path, tag,
-                        names=("untagged_only", "recursive", "force", "dry_run"))
-
-
-def reserve_group(config_path, **options):
-    """Reserve the group of a YAML file (task, force, dry_run); returns {tag: port}."""
-    return _with_handle("reserve_group", options, config_path, names=("task", "force", "dry_run"))
-
-
-def autoreserve(**options):
-    """Reserve the group of the nearest trop.yaml (task, force, dry_run); returns {tag: port}."""
-    return _with_handle("autoreserve", options, names=("task", "force", "dry_run"))
-
-
-def list_reservations(**options):
-    """All reservations (filter_project, filter_tag, filter_path), ordered by path then tag."""
-    return _with_handle("list", options, names=("filter_project", "filter_tag", "filter_path"))
-
-
-def list_projects(**options):
-    """Distinct project names, sorted."""
-    return _with_handle("projects", options)
-
-
-def port_info(port, **options):
-    """The Reservation holding port, or None."""
-    return _with_handle("port_info", options, port)
-
-
-def prune(**options):
-    """Remove reservations whose directory is gone (dry_run); returns the removed Reservations."""
-    return _with_handle("prune", options, names=("dry_run",))
-
-
-def expire(**options):
-    """Remove reservations unused for more than days (days, dry_run); returns the removed Reservations."""
-    return _with_handle("expire", options, names=("days", "dry_run"))
-
-
-def autoclean(**options):
-    """prune + expire in one transaction (days, dry_run); returns the removed Reservations."""
-    return _with_handle("autoclean", options, names=("days", "dry_run"))
-
-
-def migrate(source, target, **options):
-    """Move reservations from source to target (recursive, force, dry_run); returns [(old, new)]."""
-    return _with_handle("migrate", options, source, target, names=("recursive", "force", "dry_run"))
-
-
-def wait(path=None, tag=None, **options):
-    """Wait until a reserved port accepts connections (port, group, timeout, interval, http); see Trop.wait."""
-    return _with_handle("wait", options, path, tag,
-                        names=("port", "group", "timeout", "interval", "http", "config"))
-
-
-def who(port=None, **options):
-    """Who holds port, or each reservation of path (path, tag); see Trop.who."""
-    return _with_handle("who", options, port, names=("path", "tag"))
-
-
-def data_dir(**options):
-    """The data directory trop would use."""
-    return resolve_data_dir(options.get("data_dir"))
-
-
-class ReservedPort(int):
-    """A reserved port number that can also wait for its server: port.wait(timeout=30, http=None)."""
-
-    def wait(self, timeout=30.0, interval=0.25, http=None):
-        """Block until something accepts connections on this port (127.0.0.1 or ::1); raises WaitTimeout."""
-        return wait_for_ports([int(self)], timeout, interval, http)[int(self)]
-
-
-class reservation:
-    """Context manager for test suites: reserve a port on entry, release it on exit.
-
-        with trop.reservation(tag="test_api") as port:
-            start_server(port)
-
-    Works the same under unittest and pytest (see also the `trop_port` fixture).
-    """
-
-    def __init__(self, path=None, tag=None, **options):
-        self.path, self.tag, self.options = path, tag, options
-        self.port = None
-
-    def __enter__(self):
-        self.port = ReservedPort(reserve(self.path, self.tag, **self.options))
-        return self.port
-
-    def __exit__(self, *exc):
-        options = {name: value for name, value in self.options.items() if name in API_OPTIONS or name == "force"}
-        release(self.path, self.tag, untagged_only=self.tag is None, **options)
-
-
-def pytest_configure(config):
-    """pytest plugin hook (entry point `pytest11`): adds the `trop_port` fixture.
-
-    Only pytest calls this, with pytest already loaded; trop itself never imports it.
-    """
-    pytest = sys.modules["pytest"]
-
-    class TropFixtures:
-        @pytest.fixture
-        def trop_port(self, request):
-            """A port reserved for this test (tag = the test's node id), released afterwards.
-
-            It is an int that can also wait for its server: trop_port.wait(timeout=30, http="/health").
-            """
-            with reservation(tag=request.node.nodeid, allow_unrelated_path=True) as port:
-                yield port
-
-    config.pluginmanager.register(TropFixtures(), "trop-fixtures")
-
-
-def _pick(options, *names):
-    return {name: options.pop(name) for name in names if name in options}
-
-
-def _guard(func, what="running trop"):
-    """Run an operation, turning stray sqlite3 and OS errors into TropErrors."""
+    socket = _socket()
+    out = []
+    families = [(f, a) for f, a in _LOOPBACKS if not (policy and getattr(policy, "skip_ip" + f[-1]))]
+    if not families:
+        raise UsageError("--listen needs an address: --skip-ipv4 and --skip-ipv6 leave none")
     try:
-        return func()
-    except TropError:
+        for name, port in services:
+            for family, address in families:
+                af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+                try:
+                    sock = socket.socket(af, socket.SOCK_STREAM)
+                except OSError as exc:
+                    if exc.errno in _NOT_APPLICABLE:
+                        continue
+                    raise
+                try:
+                    if sys.platform.startswith("linux"):   # TIME_WAIT only; BSDs would also allow it beside *:port
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if af == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind((address, port))
+                    sock.listen(128)
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno in _NOT_APPLICABLE:
+                        continue
+                    raise LibraryError("cannot listen on %s port %d for %s: %s"
+                                       % (address, port, name, exc.strerror or exc))
+                out.append((name, sock))
+    except BaseException:
+        for _name, sock in out:
+            sock.close()
         raise
+    return out
+
+
+def _fd_name(tag):
+    """A service tag as systemd allows an fd name: printable ASCII without ':', at most 255 characters."""
+    return "".join(c if " " < c <= "~" and c != ":" else "_" for c in tag)[:255]
+
+
+def socket_activation(sockets, env):
+    """Put the sockets on fds 3, 4, ... (inheritable) and set LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES in env.
+
+    LISTEN_PID is this process's pid: exec keeps it, so the command sees its own.
+    """
+    fcntl = _fcntl()
+    first = 3
+    spare = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, first + len(sockets)) for _name, sock in sockets]
+    for _name, sock in sockets:
+        os.close(sock.detach())                 # the originals may sit on 3, 4, ...: free them first
+    for index, fd in enumerate(spare):
+        os.dup2(fd, first + index)              # dup2's copy is inheritable
+        os.close(fd)
+    env.update(LISTEN_FDS=str(len(sockets)), LISTEN_PID=str(os.getpid()),
+               LISTEN_FDNAMES=":".join(_fd_name(name) for name, _sock in sockets))
+    return env
+
+
+# --- Operations: configuration files and the data directory -----------------
+#
+# init, exclude, scan --autoexclude, compact-exclusions and validate.  They
+# write configuration files (under a lock, re-read inside it) or create the
+# data directory, not reservations.
+
+class InitPlan:
+    """What init finds and will do: plain data, so a dry run prints the same plan."""
+
+    def __init__(self, directory, overwrite=False, with_config=False):
+        self.directory = directory
+        self.database = os.path.join(directory, DB_FILE)
+        self.config_file = os.path.join(directory, "config.yaml")
+        self.overwrite, self.with_config = overwrite, with_config
+        self.dir_exists = os.path.isdir(directory)
+        self.db_exists = os.path.exists(self.database)
+        self.config_exists = os.path.exists(self.config_file)
+
+
+def run_init(session, overwrite=False, with_config=False, dry_run=False):
+    """Create the data directory and a new trop.db (and a config.yaml template); returns the InitPlan."""
+    plan = InitPlan(session.data_dir, overwrite, with_config)
+    if dry_run:
+        return plan
+    if plan.db_exists and not overwrite:
+        raise LibraryError("validation error for 'database': Database already exists at %s. "
+                           "Use --overwrite to replace it." % plan.database)
+    network_ok = session.config["allow_network_fs"]
+    check_local_filesystem(plan.directory, network_ok)          # before anything is created or removed
+    try:
+        os.makedirs(plan.directory, exist_ok=True)
+        if plan.db_exists:
+            for suffix in ("", "-wal", "-shm"):       # a stale WAL must never replay into the new file
+                if os.path.exists(plan.database + suffix):
+                    os.remove(plan.database + suffix)
     except OSError as exc:
-        raise IoFailure("%s%s" % (exc.strerror or exc, ": %s" % exc.filename if exc.filename else ""))
-    except Exception as exc:
-        module = type(exc).__module__ or ""
-        if module.startswith("sqlite3"):
-            raise _database_error(exc, "trop.db", what, 0)
-        raise
+        raise IoFailure("%s: %s" % (exc.filename or plan.directory, exc.strerror or exc))
+    Store.open(plan.directory, session.timeout, autoinit=True, network_ok=network_ok).close()
+    if with_config and not plan.config_exists:
+        write_file_atomic(plan.config_file, CONFIG_TEMPLATE)
+    return plan
+
+
+def exclusion_range(text):
+    """exclude's PORT_OR_RANGE ('8080' or '8080..8090') as (start, end), or exit 4 in the reference's words."""
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        message = str(exc)
+        raise InvalidArguments("Invalid arguments: %s" % (
+            message if message.startswith("Invalid range") else "Invalid port number: " + message))
+
+
+def run_exclude(session, ports, use_global=False, force=False):
+    """Add a port or range ('N', 'A..B' or (start, end)) to the nearest configuration's excluded_ports.
+
+    Returns (file written, whether the entry is new).  Reserved ports are
+    refused unless force.
+    """
+    start, end = exclusion_range(ports) if isinstance(ports, str) else ports
+    if not force:
+        taken = session.read(lambda store: store.taken_ports())
+        for port in range(start, end + 1):
+            if port in taken:
+                raise InvalidArguments("Invalid arguments: Port %d is reserved. Use --force to override." % port)
+    target = exclusion_target(None if use_global else session.project_dir, session.data_dir)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    return target, bool(add_exclusions(target, [(start, end)], config_kind(target)))
+
+
+class ScanResult:
+    """scan's findings: rows per occupied probe, failed probes, and what --autoexclude wrote."""
+
+    def __init__(self, rows, failures):
+        self.rows, self.failures = rows, failures
+        self.unreserved = unreserved_occupied(rows)
+        self.excluded_to, self.excluded = None, 0
+
+
+def run_scan(session, autoexclude=False, autocompact=False):
+    """Probe the scan range; with autoexclude, add the occupied, unreserved ports to excluded_ports."""
+    config = session.config
+    reserved = session.read(lambda store: store.taken_ports())
+    failures = []
+    result = ScanResult(scan_ports(config.scan_range, config.occupancy, reserved, failures=failures), failures)
+    if autoexclude and result.unreserved:
+        result.excluded_to = exclusion_target(session.project_dir, session.data_dir)
+        result.excluded = add_exclusions(result.excluded_to, [(p, p) for p in result.unreserved],
+                                         config_kind(result.excluded_to), compact=autocompact)
+    return result
+
+
+def run_compact_exclusions(path, dry_run=False):
+    """Rewrite path's excluded_ports minimally (merged, sorted); returns (ranges before, ranges after)."""
+    if not os.path.exists(path):
+        raise InvalidArguments("File not found: %s" % path)
+    result = {}
+
+    def change(current):
+        result["before"] = current
+        result["after"] = compacted = ExclusionList(current).ranges
+        if len(compacted) == len(current) or dry_run:     # order alone is not worth a rewrite
+            return None
+        return compacted
+    edit_exclusions(path, config_kind(path), change)
+    return result["before"], result["after"]
+
+
+def run_validate(path):
+    """Check a configuration file by the rules of its kind: (every problem as 'file:line: ...', warnings)."""
+    if not os.path.exists(path):
+        raise InvalidArguments("File not found: %s" % path)
+    problems = Problems(path)
+    layer = read_config_file(path, config_kind(path), problems)
+    if not problems.items:
+        try:
+            Config([layer]).validate()
+        except ConfigError as exc:
+            problems.add(None, exc.message)
+    if problems.items:
+        return problems.lines(), []
+    return [], range_warnings(Config([layer]).port_range) if "ports.min" in layer.values else []
 
 
 # --- Output formatting -------------------------------------------------------
@@ -5458,9 +5334,11 @@ def _json_reservations(rows):
         null if r.task is None else q(r.task)) for r in rows) + "\n]"
 
 
-def format_port_info(port, res):
+def format_port_info(info):
+    """port-info's report (see run_port_info)."""
+    port, res = info["port"], info["reservation"]
     if res is None:
-        return ["Port %d is not reserved" % port]
+        return ["Port %d is not reserved" % port] + _port_info_notes(info)
     lines = ["Port: %d" % res.port, "Path: %s" % res.path]
     if res.tag is not None:
         lines.append("Tag: %s" % res.tag)
@@ -5469,8 +5347,64 @@ def format_port_info(port, res):
     if res.task is not None:
         lines.append("Task: %s" % res.task)
     lines += ["Created: %s" % format_timestamp(res.created_at), "Last used: %s" % format_timestamp(res.last_used_at),
-              "Path exists: %s" % ("yes" if os.path.exists(os_path(res.path)) else "no")]
-    return lines
+              "Path exists: %s" % ("yes" if info["path_exists"] else "no")]
+    return lines + _port_info_notes(info)
+
+
+def _port_info_notes(info):
+    lines = ["Note: %s" % note for note in info["notes"]]
+    return lines + (format_occupancy(info["occupancy"]) if "occupancy" in info else [])
+
+
+SHELLS = {"bash": "bash", "sh": "bash", "zsh": "zsh", "fish": "fish", "powershell": "powershell",
+          "pwsh": "powershell", "ps": "powershell"}
+
+
+def detect_shell(name=None, environ=None):
+    """--shell if given, else detection; never fails without --shell.
+
+    Unlike the reference, SHELL and MSYSTEM come before PSModulePath, which
+    Windows sets machine-wide: Git Bash must get bash's syntax.
+    """
+    if name is not None:
+        shell = SHELLS.get(name.lower())
+        if shell is None:
+            raise LibraryError("validation error for 'shell': unknown shell type '%s': supported shells are bash, "
+                               "zsh, fish, powershell" % name)
+        return shell
+    env = os.environ if environ is None else environ
+    if env.get("ZSH_VERSION"):
+        return "zsh"
+    if env.get("FISH_VERSION"):
+        return "fish"
+    login = env.get("SHELL", "")
+    for needle, shell in (("zsh", "zsh"), ("fish", "fish"), ("pwsh", "powershell"), ("powershell", "powershell")):
+        if needle in login:
+            return shell
+    if login or env.get("MSYSTEM"):             # Git Bash and MSYS2 set these; Windows sets PSModulePath anyway
+        return "bash"
+    if env.get("PSModulePath"):
+        return "powershell"
+    return "bash"
+
+
+def format_group(spec, mapping, fmt, shell="bash"):
+    """Render a group's ports; every variable name was validated by GroupRequest."""
+    services = [s for s in spec.services if s.tag in mapping]
+    if fmt == "json":
+        return _json().dumps({s.tag: mapping[s.tag] for s in services}, indent=2, sort_keys=True,
+                             ensure_ascii=_ascii_stdout())
+    if fmt == "human":
+        return "\n".join(["Reserved ports:"] + ["  %s: %d" % (s.tag, mapping[s.tag]) for s in services])
+    if fmt == "dotenv":
+        line = "%s=%d"
+    elif shell == "fish":
+        line = "set -x %s %d"
+    elif shell == "powershell":
+        line = '$env:%s="%d"'
+    else:
+        line = "export %s=%d"
+    return "\n".join(line % (s.env_name, mapping[s.tag]) for s in services)
 
 
 def format_who(reports):
@@ -5492,6 +5426,87 @@ def format_who(reports):
                 entry["pid"] if entry["pid"] is not None else "unknown", entry["process"] or "unknown process",
                 entry["user"] or "unknown", entry["cwd"] or "unknown"))
     return "\n".join(lines)
+
+
+def format_scan(rows, fmt):
+    if fmt == "json":
+        return _json().dumps(rows, indent=2, ensure_ascii=_ascii_stdout())
+
+    def text(row, key):
+        value = row[key]
+        if value is None:
+            return "unavailable"
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if fmt in ("csv", "tsv"):
+        delimiter = "," if fmt == "csv" else "\t"
+        return "\n".join([_csv_line(SCAN_FIELDS, delimiter)] +
+                         [_csv_line([text(row, k) for k in SCAN_FIELDS], delimiter) for row in rows])
+    headers = ("Port", "Status", "Reserved", "Protocol", "Family", "Scope", "Address", "PID", "Process", "User",
+               "Owner Status")
+    widths = (6, 20, 9, 9, 7, 10, 15, 12, 16, 16)
+
+    def line(cells):
+        return " ".join(c.ljust(w) for c, w in zip(cells, widths)) + " " + cells[-1]
+    out = [line(headers), "-" * 145]
+    out += [line([text(r, k) for k in SCAN_FIELDS]) for r in rows]
+    return "\n".join(out)
+
+
+def format_scan_notes(result):
+    """What scan says on stderr besides its table: exclusions written, probes that proved nothing."""
+    notes = []
+    if result.excluded_to:
+        notes.append("Added %d exclusions to %s" % (result.excluded, result.excluded_to))
+    if result.failures:
+        ports = sorted({port for port, _probe, _error in result.failures})
+        port, probe, error = result.failures[0]
+        notes.append("Note: %d probe(s) on %d port(s) failed and prove nothing (first: port %d, %s: %s)"
+                     % (len(result.failures), len(ports), port, describe_probe(probe), error))
+    return notes
+
+
+def format_init(plan, dry_run=False):
+    """init's report: what it would do (dry run), or what it did."""
+    if dry_run:
+        lines = ["Dry-run mode: no changes will be made", "", "Would initialize trop in: %s" % plan.directory,
+                 ("  - Data directory already exists: %s" if plan.dir_exists else "  - Create data directory: %s")
+                 % plan.directory]
+        if plan.db_exists and plan.overwrite:
+            lines += ["  - Remove existing database: %s" % plan.database, "  - Create new database: %s" % plan.database]
+        elif plan.db_exists:
+            lines.append("  - ERROR: Database already exists (use --overwrite to replace): %s" % plan.database)
+        else:
+            lines.append("  - Create database: %s" % plan.database)
+        if plan.with_config:
+            lines.append(("  - Configuration file already exists (will not overwrite): %s" if plan.config_exists
+                          else "  - Create configuration file: %s") % plan.config_file)
+        return lines
+    lines = ["Initialized trop in: %s" % plan.directory]
+    if not plan.dir_exists:
+        lines.append("  - Created data directory")
+    lines.append("  - Recreated database" if plan.overwrite else "  - Created database")
+    if plan.with_config:
+        lines.append("  - Configuration file already exists (not overwritten)" if plan.config_exists
+                     else "  - Created default configuration file")
+    return lines
+
+
+def format_occupancy(evidence):
+    """port-info --include-occupancy: the probe evidence for one port (see occupancy_evidence)."""
+    lines = ["", "Occupancy status:"]
+    if evidence is None:
+        return lines + ["  Not checked: the effective policy disabled every probe"]
+    if not evidence:
+        return lines + ["  Port is available"]
+    lines.append("  Port is currently in use")
+    for item in evidence:
+        pid, name, user = item["pid"], item["process"], item["user"]
+        lines += ["  - %s%s" % (describe_probe(item["probe"]), " (possibly occupied: probe failed)"
+                                if item["failed"] else ""),
+                  "    Process ID: %s" % (pid if pid is not None else "unavailable"),
+                  "    Process: %s" % (name or "unavailable"), "    User: %s" % (user or "unavailable"),
+                  "    Owner metadata: %s" % owner_status(pid, name, user)]
+    return lines
 
 
 def format_diagnosis(report):
@@ -5541,55 +5556,313 @@ def format_diagnosis(report):
     return "\n".join(lines)
 
 
-CONFIG_TEMPLATE = """\
-# trop user configuration (<data-dir>/config.yaml).
-# Every key is optional; uncomment what you need.  Projects can override these
-# settings in trop.yaml / trop.local.yaml; environment variables and command-line
-# flags override both.
-#
-# ports:                      # range that `trop reserve` allocates from
-#   min: 5000
-#   max: 7000                 # or max_offset: 2000 (not both)
-#
-# excluded_ports:             # never handed out; accumulates across files
-#   - 5432
-#   - "6000..6010"
-#   - {start: 6379, end: 6380}
-#
-# cleanup:
-#   expire_after_days: 30     # `expire` / `autoclean` threshold
-#
-# occupancy_check:            # bind() probes that detect ports in use
-#   skip: false
-#   skip_ip4: false
-#   skip_ip6: false
-#   skip_tcp: false
-#   skip_udp: false
-#   check_all_interfaces: false
-#
-# disable_autoinit: false      # true: never create trop.db implicitly
-# disable_autoprune: false     # true: no pruning when the range is exhausted
-# disable_autoexpire: false    # true: no expiry when the range is exhausted
-# allow_unrelated_path: false  # true: reserve paths unrelated to the cwd
-# allow_change_project: false
-# allow_change_task: false
-# allow_change: false          # both of the above
-# maximum_lock_wait_seconds: 5
-# output_format: table         # table, json, csv or tsv (for `trop list`)
-#
-# `project:` and `reservations:` belong in a project's trop.yaml, not here.
-"""
+# --- Python API ----------------------------------------------------------------
 
 
+def _passes_to(operation):
+    """Mark a Trop method that passes its keywords on to operation, whose signature declares them; say so."""
+    def mark(method):
+        method.operation = operation
+        method.__doc__ = "%s\n\n        Keywords: %s (see %s)." % (
+            (method.__doc__ or "").rstrip(), ", ".join(_params(operation)), operation.__name__)   # -OO: no docstring
+        return method
+    return mark
+
+
+class Trop:
+    """A reusable handle for Python programs: configuration resolved once, one connection.
+
+    Options are the CLI's flags with underscores (data_dir, min, max,
+    skip_occupancy_check, allow_unrelated_path, busy_timeout, ...).  The
+    configuration files and environment are read when the handle is made
+    (a group file, by each reserve_group/autoreserve/group_environment call);
+    make a new handle to pick up changes.  Every call is still its own
+    BEGIN IMMEDIATE transaction, so handles in many processes stay consistent,
+    and threads may share a handle (calls take turns).  Close handles before
+    moving or replacing trop.db: SQLite files must not be renamed while open.
+
+        with trop.Trop(data_dir="/tmp/d") as t:
+            port = t.reserve("/srv/app", tag="web")
+    """
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - API_OPTIONS)
+        if unknown:
+            raise TypeError("unexpected option%s %s (options are the CLI's global and configuration flags "
+                            "with underscores: %s)"
+                            % ("s" if len(unknown) > 1 else "", ", ".join(unknown), ", ".join(sorted(API_OPTIONS))))
+        self._options = options
+        self.session = _guard(lambda: Session(options, keep_open=True))
+
+    def close(self):
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _scoped(self, scope, config_file=None):
+        """A session for a group file, sharing this handle's options."""
+        return Session(self._options, scope, config_file=config_file)
+
+    @_passes_to(run_reserve)
+    def reserve(self, path=None, tag=None, **params):
+        """Reserve (or refresh) the port of (path, tag) and return it."""
+        return _guard(lambda: run_reserve(self.session, path, tag, **params).port)
+
+    @_passes_to(run_release)
+    def release(self, path=None, tag=None, **params):
+        """Release reservations at path (one tag, the untagged one, or everything beneath); returns how many."""
+        return _guard(lambda: len(run_release(self.session, path, tag, **params).deletes))
+
+    @_passes_to(run_group)
+    def reserve_group(self, config_path, **params):
+        """Reserve the group of a YAML file; returns {tag: port}."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
+            return run_group(self._scoped("file", config_file), config_file, group_dir, **params).ports
+        return _guard(op)
+
+    @_passes_to(run_group)
+    def autoreserve(self, **params):
+        """Reserve the group of the trop.yaml found from the working directory; returns {tag: port}."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd)
+            return run_group(self._scoped("discover"), config_file, group_dir, **params).ports
+        return _guard(op)
+
+    @_passes_to(run_group)
+    def group_environment(self, config_path=None, **params):
+        """{VARIABLE: "port"} for a group (autoreserve when config_path is None), as `trop run` sets them."""
+        def op():
+            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
+            session = self._scoped("discover") if config_path is None else self._scoped("file", config_file)
+            return run_group(session, config_file, group_dir, **params).environment()
+        return _guard(op)
+
+    @_passes_to(run_list)
+    def list(self, **params):
+        """Reservations ordered by path then tag."""
+        return _guard(lambda: run_list(self.session, **params))
+
+    def projects(self):
+        return _guard(lambda: run_projects(self.session))
+
+    def port_info(self, port):
+        """The Reservation holding port, or None."""
+        return _guard(lambda: run_port_info(self.session, port)["reservation"])
+
+    def prune(self, dry_run=False):
+        """Remove reservations whose directory is certainly gone; returns the removed Reservations."""
+        return _guard(lambda: run_cleanup(self.session, gone=True, unused=False, dry_run=dry_run).deletes)
+
+    def expire(self, days=None, dry_run=False):
+        """Remove reservations unused for more than days (default: configuration, else 30)."""
+        return _guard(lambda: run_cleanup(self.session, gone=False, unused=True, days=_days(days),
+                                          dry_run=dry_run).deletes)
+
+    def autoclean(self, days=None, dry_run=False):
+        """prune and expire in one transaction; returns the removed Reservations."""
+        return _guard(lambda: run_cleanup(self.session, gone=True, unused=True, days=_days(days),
+                                          dry_run=dry_run).deletes)
+
+    @_passes_to(run_migrate)
+    def migrate(self, source, target, **params):
+        """Move reservations from source to target; returns [(old, new)] Reservations."""
+        return _guard(lambda: run_migrate(self.session, source, target, **params).moves)
+
+    @_passes_to(run_wait)
+    def wait(self, path=None, tag=None, **params):
+        """Wait until the reservation's port (or port, or every service of the group) accepts connections on
+        127.0.0.1 or ::1; returns {port: (family, address, seconds)}.  Raises WaitTimeout (exit 1)."""
+        return _guard(lambda: run_wait(self.session, path, tag, **params))
+
+    @_passes_to(run_who)
+    def who(self, port=None, **params):
+        """Who holds port (or each reservation of path): [{port, reservation, listeners, verdict, detail}]."""
+        return _guard(lambda: run_who(self.session, port, **params))
+
+
+def _days(days):
+    """The days argument of expire() and autoclean(): what --days takes."""
+    return days if days is None else OPTION["days"].value_type.from_flag(OPTION["days"], days)
+
+
+def _keywords(method):
+    """The keywords Trop.<method> takes: its own, and its operation's when it passes them on (**params)."""
+    func = getattr(Trop, method)
+    return _params(func) + _params(getattr(func, "operation", _params))
+
+
+def _with_handle(method, options, *args):
+    """Module-level API: one short-lived handle per call; keywords of the method go to the call, the
+    others (the option table's) to the handle."""
+    params = _pick(options, *_keywords(method))
+    with Trop(**options) as handle:
+        return getattr(handle, method)(*args, **params)
+
+
+def _api(method):
+    """Document a module-level function of Trop.<method>: its keywords and the options, from their declarations."""
+    def document(func):
+        keywords = [name for name in _keywords(method) if name not in func.__code__.co_varnames[:2]]
+        options = [option.name for option in OPTIONS if option.name in API_OPTIONS]
+        func.__doc__ = "%s\n\n    Keywords: %s.  Options (the CLI's flags with underscores): %s." % (
+            (func.__doc__ or "").rstrip(), ", ".join(keywords), ", ".join(options))
+        return func
+    return document
+
+
+@_api("reserve")
+def reserve(path=None, tag=None, **options):
+    """Reserve the port for (path, tag) and return it; the same call returns the same port.
+
+    Raises a TropError subclass (with .exit_code) on failure.
+    """
+    return _with_handle("reserve", options, path, tag)
+
+
+@_api("release")
+def release(path=None, tag=None, **options):
+    """Release reservations at path; returns how many."""
+    return _with_handle("release", options, path, tag)
+
+
+@_api("reserve_group")
+def reserve_group(config_path, **options):
+    """Reserve the group of a YAML file; returns {tag: port}."""
+    return _with_handle("reserve_group", options, config_path)
+
+
+@_api("autoreserve")
+def autoreserve(**options):
+    """Reserve the group of the nearest trop.yaml; returns {tag: port}."""
+    return _with_handle("autoreserve", options)
+
+
+@_api("list")
+def list_reservations(**options):
+    """All reservations, ordered by path then tag."""
+    return _with_handle("list", options)
+
+
+@_api("projects")
+def list_projects(**options):
+    """Distinct project names, sorted."""
+    return _with_handle("projects", options)
+
+
+@_api("port_info")
+def port_info(port, **options):
+    """The Reservation holding port, or None."""
+    return _with_handle("port_info", options, port)
+
+
+@_api("prune")
+def prune(**options):
+    """Remove reservations whose directory is gone; returns the removed Reservations."""
+    return _with_handle("prune", options)
+
+
+@_api("expire")
+def expire(**options):
+    """Remove reservations unused for more than days; returns the removed Reservations."""
+    return _with_handle("expire", options)
+
+
+@_api("autoclean")
+def autoclean(**options):
+    """prune + expire in one transaction; returns the removed Reservations."""
+    return _with_handle("autoclean", options)
+
+
+@_api("migrate")
+def migrate(source, target, **options):
+    """Move reservations from source to target; returns [(old, new)]."""
+    return _with_handle("migrate", options, source, target)
+
+
+@_api("wait")
+def wait(path=None, tag=None, **options):
+    """Wait until a reserved port accepts connections; see Trop.wait."""
+    return _with_handle("wait", options, path, tag)
+
+
+@_api("who")
+def who(port=None, **options):
+    """Who holds port, or each reservation of path; see Trop.who."""
+    return _with_handle("who", options, port)
+
+
+def data_dir(**options):
+    """The data directory trop would use."""
+    return resolve_data_dir(options.get("data_dir"))
+
+
+class ReservedPort(int):
+    """A reserved port number that can also wait for its server: port.wait(timeout=30, http=None)."""
+
+    def wait(self, timeout=30.0, interval=0.25, http=None):
+        """Block until something accepts connections on this port (127.0.0.1 or ::1); raises WaitTimeout."""
+        return wait_for_ports([int(self)], timeout, interval, http)[int(self)]
+
+
+class reservation:
+    """Context manager for test suites: reserve a port on entry, release it on exit.
+
+        with trop.reservation(tag="test_api") as port:
+            start_server(port)
+
+    Works the same under unittest and pytest (see also the `trop_port` fixture).
+    """
+
+    def __init__(self, path=None, tag=None, **options):
+        self.path, self.tag, self.options = path, tag, options
+        self.port = None
+
+    def __enter__(self):
+        self.port = ReservedPort(reserve(self.path, self.tag, **self.options))
+        return self.port
+
+    def __exit__(self, *exc):
+        options = {name: value for name, value in self.options.items() if name in API_OPTIONS or name == "force"}
+        release(self.path, self.tag, untagged_only=self.tag is None, **options)
+
+
+def pytest_configure(config):
+    """pytest plugin hook (entry point `pytest11`): adds the `trop_port` fixture.
+
+    Only pytest calls this, with pytest already loaded; trop itself never imports it.
+    """
+    pytest = sys.modules["pytest"]
+
+    class TropFixtures:
+        @pytest.fixture
+        def trop_port(self, request):
+            """A port reserved for this test (tag = the test's node id), released afterwards.
+
+            It is an int that can also wait for its server: trop_port.wait(timeout=30, http="/health").
+            """
+            with reservation(tag=request.node.nodeid, allow_unrelated_path=True) as port:
+                yield port
+
+    config.pluginmanager.register(TropFixtures(), "trop-fixtures")
+
+
+def _pick(options, *names):
+    return {name: options.pop(name) for name in names if name in options}
 # --- Shell completions (generated from the argparse model) ---------------------
+
 
 COMPLETION_SHELLS = ("bash", "elvish", "fish", "powershell", "zsh")
 
 # flags: option strings ([] for positionals); value: takes an argument;
-# choices: completable values or None; kind: 'file' | 'dir' | None;
+# choices: completable values or None; completes: 'file' | 'dir' | None;
 # multi: may repeat (append/count or nargs */+)
-_CArg = namedtuple("_CArg", "flags help value choices kind multi name")
-_CSub = namedtuple("_CSub", "names help args")
+_CompletionArg = namedtuple("_CompletionArg", "flags help value choices completes multi name")
+_CompletionCommand = namedtuple("_CompletionCommand", "names help args")
 
 # Words we embed unquoted in completion word lists (compgen -W, zsh (...),
 # fish -a are expanded by the shell): anything else is dropped, never risked.
@@ -5631,8 +5904,8 @@ def completion_script(parser, shell, prog="trop"):
             "powershell": _pwsh_script, "elvish": _elvish_script}.get(shell)
     if emit is None:
         raise ValueError("unsupported shell: %r" % (shell,))
-    glob, subs = _completion_model(parser)
-    return emit(prog, glob, subs)
+    global_args, subs = _completion_model(parser)
+    return emit(prog, global_args, subs)
 
 
 # -- model -------------------------------------------------------------------
@@ -5660,7 +5933,7 @@ def _tokens(value):
 def _completion_arg(action, prog):
     argparse = _argparse()
     value = action.nargs != 0
-    choices, kind = None, None
+    choices, completes = None, None
     if value and action.choices is not None:
         try:
             if len(action.choices) <= 200:          # never enumerate range(65536)
@@ -5671,16 +5944,16 @@ def _completion_arg(action, prog):
         metavar = action.metavar if isinstance(action.metavar, str) else ""
         words = _tokens(action.dest) | _tokens(metavar)
         if words & {"dir", "directory"}:
-            kind = "dir"
+            completes = "dir"
         elif words & {"path", "file", "filename"}:
-            kind = "file"
+            completes = "file"
     multi = (type(action).__name__ in ("_AppendAction", "_AppendConstAction",
                                        "_CountAction", "_ExtendAction")
              or action.nargs in ("*", "+", argparse.REMAINDER))
     flags = [f for f in action.option_strings if _SAFE_WORD.match(f)]
     name = action.metavar if isinstance(action.metavar, str) else action.dest
-    return _CArg(flags, _clean_help(action.help, action, prog), value, choices,
-                 kind, multi, str(name or "value").upper() if flags else str(name))
+    return _CompletionArg(flags, _clean_help(action.help, action, prog), value, choices,
+                          completes, multi, str(name or "value").upper() if flags else str(name))
 
 
 def _completion_args(parser):
@@ -5699,7 +5972,7 @@ def _completion_args(parser):
 def _completion_model(parser):
     """Flatten the parser into (global args, [_CSub]) so emitters stay simple."""
     argparse = _argparse()
-    glob = [a for a in _completion_args(parser) if a.flags]
+    global_args = [a for a in _completion_args(parser) if a.flags]
     subs = []
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
@@ -5716,9 +5989,9 @@ def _completion_model(parser):
             if help_ == argparse.SUPPRESS or not _SAFE_WORD.match(name):
                 continue
             help_ = _clean_help(help_ or sub.description or "")
-            seen[id(sub)] = _CSub([name], help_, _completion_args(sub))
+            seen[id(sub)] = _CompletionCommand([name], help_, _completion_args(sub))
             subs.append(seen[id(sub)])
-    return glob, subs
+    return global_args, subs
 
 
 def _positionals(args):
@@ -5735,7 +6008,7 @@ def _sh_quote(s):
 
 
 # -- bash ----------------------------------------------------------------------
-def _bash_script(prog, glob, subs):
+def _bash_script(prog, global_args, subs):
     fn = _c_ident(prog)
 
     def pattern(flags):
@@ -5752,8 +6025,8 @@ def _bash_script(prog, glob, subs):
                 continue
             if a.choices is not None:
                 act = "COMPREPLY=( $(compgen -W %s -- \"$cur\") )" % words(a.choices)
-            elif a.kind:
-                act = "%s_files %s" % (fn, a.kind)
+            elif a.completes:
+                act = "%s_files %s" % (fn, a.completes)
             else:
                 act = ":"
             out.append("                %s) %s; return 0 ;;" % (pattern(a.flags), act))
@@ -5761,7 +6034,7 @@ def _bash_script(prog, glob, subs):
         pos = _positionals(args)
         flag_words = [f for a in args if a.flags for f in a.flags]
         extra = top_words + [c for a in pos for c in (a.choices or [])]
-        files = [a.kind for a in pos if a.kind and a.choices is None]
+        files = [a.completes for a in pos if a.completes and a.choices is None]
         out.append('            case "$cur" in')
         out.append("                -*) COMPREPLY=( $(compgen -W %s -- \"$cur\") ) ;;"
                    % words(flag_words))
@@ -5780,7 +6053,7 @@ def _bash_script(prog, glob, subs):
         out.append("            esac")
         return out
 
-    gvalue = [f for a in glob if a.value for f in a.flags]
+    gvalue = [f for a in global_args if a.value for f in a.flags]
     lines = [
         "# bash completion for %s (generated)" % prog,
         "%s_files() {" % fn,
@@ -5824,7 +6097,7 @@ def _bash_script(prog, glob, subs):
         "    case \"$sub\" in",
         "        '')",
     ]
-    lines += context(glob, False, [n for s in subs for n in s.names])
+    lines += context(global_args, False, [n for s in subs for n in s.names])
     lines.append("            ;;")
     for s in subs:
         lines.append("        %s)" % pattern(s.names))
@@ -5854,9 +6127,9 @@ def _zsh_specs(args):
     for a in args:
         if a.choices is not None:
             action = "(%s)" % " ".join(a.choices)
-        elif a.kind == "dir":
+        elif a.completes == "dir":
             action = "_files -/"
-        elif a.kind == "file":
+        elif a.completes == "file":
             action = "_files"
         else:
             action = " "
@@ -5875,7 +6148,7 @@ def _zsh_specs(args):
     return [_sh_quote(s) for s in out]
 
 
-def _zsh_script(prog, glob, subs):
+def _zsh_script(prog, global_args, subs):
     fn = _c_ident(prog)
     ind = " " * 8
     lines = [
@@ -5888,7 +6161,7 @@ def _zsh_script(prog, glob, subs):
         "",
         "    _arguments -C -s -S \\",
     ]
-    lines += [ind + s + " \\" for s in _zsh_specs(glob)]
+    lines += [ind + s + " \\" for s in _zsh_specs(global_args)]
     lines += [
         ind + "'1: :%s_commands' \\" % fn,
         ind + "'*:: :->args' && ret=0",
@@ -5956,10 +6229,10 @@ def _fish_line(prog, cond, a):
     if a.value or not a.flags:
         if a.choices is not None:
             parts += ["-r" if a.flags else "", "-f", "-a", _fish_quote(" ".join(a.choices))]
-        elif a.kind == "dir":
+        elif a.completes == "dir":
             parts += ["-r" if a.flags else "", "-f", "-a",
                       "'(__fish_complete_directories (commandline -ct))'"]
-        elif a.kind == "file":
+        elif a.completes == "file":
             parts += ["-r", "-F"]
         elif a.flags:
             parts += ["-x"]
@@ -5968,10 +6241,10 @@ def _fish_line(prog, cond, a):
     return " ".join(p for p in parts if p)
 
 
-def _fish_script(prog, glob, subs):
+def _fish_script(prog, global_args, subs):
     fn = "_" + _c_ident(prog)
     q = _fish_quote(prog)
-    gvalue = [f for a in glob if a.value for f in a.flags]
+    gvalue = [f for a in global_args if a.value for f in a.flags]
     # fish's own __fish_use_subcommand / __fish_seen_subcommand_from take the
     # value of `--data-dir DIR` for the subcommand: find it as argparse does.
     lines = [
@@ -6013,7 +6286,7 @@ def _fish_script(prog, glob, subs):
     ]
     top = "%s_needs_subcommand" % fn
     lines.append("complete -c %s -n %s -f" % (q, _fish_quote(top)))
-    lines += [_fish_line(prog, top, a) for a in glob]
+    lines += [_fish_line(prog, top, a) for a in global_args]
     for s in subs:
         for n in s.names:
             line = "complete -c %s -n %s -f -a %s" % (q, _fish_quote(top), _fish_quote(n))
@@ -6021,10 +6294,10 @@ def _fish_script(prog, glob, subs):
     for s in subs:
         cond = "%s_using_subcommand %s" % (fn, " ".join(s.names))
         pos = _positionals(s.args)
-        if not any(a.kind == "file" and a.choices is None for a in pos):
+        if not any(a.completes == "file" and a.choices is None for a in pos):
             lines.append("complete -c %s -n %s -f" % (q, _fish_quote(cond)))
         lines += [_fish_line(prog, cond, a) for a in s.args
-                  if a.flags or a.choices is not None or a.kind == "dir"]
+                  if a.flags or a.choices is not None or a.completes == "dir"]
     return "\n".join(lines) + "\n"
 
 
@@ -6038,9 +6311,9 @@ def _ps_list(items):
     return "@(%s)" % ", ".join(_ps_quote(i) for i in items)
 
 
-def _ps_result(text, kind, tip):
+def _ps_result(text, result_type, tip):
     return "[CompletionResult]::new(%s, %s, [CompletionResultType]::%s, %s)" % (
-        _ps_quote(text), _ps_quote(text), kind, _ps_quote(tip or text))
+        _ps_quote(text), _ps_quote(text), result_type, _ps_quote(tip or text))
 
 
 def _ps_context(args, top_subs):
@@ -6053,7 +6326,7 @@ def _ps_context(args, top_subs):
                        % (_ps_list(a.flags), vals, "; " if vals else ""))
     pos = _positionals(args)
     choices = [c for a in pos for c in (a.choices or [])]
-    if choices or any(a.kind for a in pos):
+    if choices or any(a.completes for a in pos):
         vals = "; ".join(_ps_result(c, "ParameterValue", c) for c in choices)
         out.append(ind + "if (-not $wordToComplete.StartsWith('-')) { %s%sbreak }"
                    % (vals, "; " if vals else ""))
@@ -6067,8 +6340,8 @@ def _ps_context(args, top_subs):
     return out
 
 
-def _pwsh_script(prog, glob, subs):
-    gvalue = [f for a in glob if a.value for f in a.flags]
+def _pwsh_script(prog, global_args, subs):
+    gvalue = [f for a in global_args if a.value for f in a.flags]
     lines = [
         "# PowerShell completion for %s (generated)" % prog,
         "using namespace System.Management.Automation",
@@ -6093,7 +6366,7 @@ def _pwsh_script(prog, glob, subs):
         "    $completions = @(switch ($sub) {",
         "        '' {",
     ]
-    lines += _ps_context(glob, subs)
+    lines += _ps_context(global_args, subs)
     lines.append("        }")
     for s in subs:
         lines.append("        { %s -contains $_ } {" % _ps_list(s.names))
@@ -6128,16 +6401,16 @@ def _elv_context(args, top_subs):
         if a.flags and a.value:
             if a.choices is not None:
                 body = "values %s" % " ".join(_elv_quote(c) for c in a.choices)
-            elif a.kind:
+            elif a.completes:
                 body = "files"
             else:
                 body = "nop"
             branches.append(("(has-value %s $prev)" % _elv_list(a.flags), body))
     pos = _positionals(args)
     choices = [c for a in pos for c in (a.choices or [])]
-    if choices or any(a.kind for a in pos):
+    if choices or any(a.completes for a in pos):
         body = []
-        if any(a.kind and a.choices is None for a in pos):
+        if any(a.completes and a.choices is None for a in pos):
             body.append("files")
         if choices:
             body.append("values %s" % " ".join(_elv_quote(c) for c in choices))
@@ -6159,8 +6432,8 @@ def _elv_context(args, top_subs):
     return out
 
 
-def _elvish_script(prog, glob, subs):
-    gvalue = [f for a in glob if a.value for f in a.flags]
+def _elvish_script(prog, global_args, subs):
+    gvalue = [f for a in global_args if a.value for f in a.flags]
     lines = [
         "# elvish completion for %s (generated)" % prog,
         "use str",
@@ -6202,7 +6475,7 @@ def _elvish_script(prog, glob, subs):
         "    }",
         "    if (eq $sub '') {",
     ]
-    lines += _elv_context(glob, subs)
+    lines += _elv_context(global_args, subs)
     for s in subs:
         lines.append("    } elif (has-value %s $sub) {" % _elv_list(s.names))
         lines += _elv_context(s.args, [])
@@ -6211,13 +6484,6 @@ def _elvish_script(prog, glob, subs):
 
 
 # --- Command line --------------------------------------------------------------
-
-def _u32(text):
-    try:
-        return parse_uint(text, 0xFFFFFFFF)
-    except ValueError:
-        raise _argparse().ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
-
 
 def _u16(text):
     try:
@@ -6233,7 +6499,7 @@ def _lower(text):
 def _add_option(parser, name, suffix="", **overrides):
     """The flag of one row of OPTIONS."""
     option = OPTION[name]
-    kwargs = dict(option.kind.argument(), dest=option.name, help=option.help + suffix)
+    kwargs = dict(option.value_type.argument(), dest=option.name, help=option.help + suffix)
     kwargs.update(overrides)
     parser.add_argument(option.flag, **kwargs)
 
@@ -6251,6 +6517,12 @@ def _add_path(parser, what):
 
 def _add_dry_run(parser, what="show what would happen without writing"):
     parser.add_argument("--dry-run", action="store_true", help=what)
+
+
+def _call(run, session, args, **given):
+    """run(session, ...) with the parsed arguments of the same names: run's signature declares them once."""
+    values = vars(args)
+    return run(session, **dict({name: values[name] for name in _params(run) if name in values}, **given))
 
 
 def _print_dry_run(lines, quiet=False):
@@ -6283,9 +6555,7 @@ def _args_reserve(p):
 
 def cmd_reserve(args):
     session = Session(vars(args))
-    plan = run_reserve(session, args.path, args.tag, args.port, args.overwrite, args.force,
-                       args.ignore_occupied, args.ignore_exclusions, args.clear_project, args.clear_task,
-                       args.dry_run)
+    plan = _call(run_reserve, session, args)
     if args.dry_run:
         _print_dry_run(plan.describe(), session.quiet)
     else:
@@ -6308,8 +6578,7 @@ def _args_release(p):
 
 def cmd_release(args):
     session = Session(vars(args))
-    plan = run_release(session, args.path, args.tag, args.untagged_only, args.recursive, args.force,
-                       args.dry_run)
+    plan = _call(run_release, session, args)
     if session.quiet:
         return 0
     if args.dry_run:
@@ -6344,14 +6613,14 @@ def _args_list(p):
 
 def cmd_list(args):
     session = Session(vars(args))
-    rows = run_list(session, args.filter_project, args.filter_tag, args.filter_path)
+    rows = _call(run_list, session, args)
     _out(format_reservations(rows, args.format or session.config["output_format"], args.show_full_paths))
     return 0
 
 
 def cmd_list_projects(args):
     session = Session(vars(args))
-    projects = session.read(lambda store: store.projects())
+    projects = run_projects(session)
     if projects:
         _out("\n".join(projects))
     return 0
@@ -6426,12 +6695,8 @@ def _args_port_info(p):
 
 def cmd_port_info(args):
     port = cli_port(args.port)
-    session = Session(vars(args))
-    lines = format_port_info(port, session.read(lambda store: store.for_port(port)))
-    lines += ["Note: %s" % note for note in port_notes(port, session.config)]
-    if args.include_occupancy:
-        lines += format_occupancy(port, session.config.occupancy)
-    _out("\n".join(lines))
+    info = run_port_info(Session(vars(args)), port, args.include_occupancy)
+    _out("\n".join(format_port_info(info)))
     return 0
 
 
@@ -6468,13 +6733,12 @@ def _group_command(args, config_path):
     session, config_file, group_dir = _group_session(args, config_path)
     discovered = config_path is None
     shell = detect_shell(args.shell) if args.format == "export" and not args.dry_run else None
-    plan = run_group(session, config_file, group_dir, None, args.force, args.dry_run,
-                     None if args.dry_run else args.format, shell)
+    plan = _call(run_group, session, args, config_file=config_file, group_dir=group_dir)
     if args.dry_run:
         _print_dry_run((["Discovered config: %s" % config_file] if discovered else []) + plan.describe(),
                        session.quiet)
         return 0
-    _out(plan.output)
+    _out(format_group(plan.spec, plan.ports, args.format, shell))
     if not session.quiet:
         if discovered:
             _err("Discovered config: %s" % config_file)
@@ -6511,7 +6775,7 @@ def cmd_run(args):
         raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
                          "without it and use `trop wait`")
     session, config_file, group_dir = _group_session(args, args.config)
-    plan = run_group(session, config_file, group_dir, None, args.force, args.dry_run)
+    plan = _call(run_group, session, args, config_file=config_file, group_dir=group_dir)
     variables = sorted(plan.environment().items())
     if args.dry_run:
         if not session.quiet:
@@ -6554,9 +6818,9 @@ def _args_expire(p):
     _add_dry_run(p, "show what would be removed without removing it")
 
 
-def _cleanup_command(args, prune, expire):
+def _cleanup_command(args, gone, unused):
     session = Session(vars(args))
-    plan = run_cleanup(session, prune, expire, getattr(args, "days", None), args.dry_run)
+    plan = run_cleanup(session, gone, unused, getattr(args, "days", None), args.dry_run)
     days = session.config["cleanup.expire_after_days"]
     total = len(plan.deletes)
     if session.quiet:
@@ -6568,7 +6832,7 @@ def _cleanup_command(args, prune, expire):
     dry = args.dry_run
     now = int(time.time())
     age = (lambda r: (now - r.last_used_at) // 86400)
-    if prune and expire:
+    if gone and unused:
         if dry:
             _err("[DRY RUN] Performing combined cleanup...")
         head = "%s %d total reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
@@ -6588,7 +6852,7 @@ def _cleanup_command(args, prune, expire):
                     _err("  - Port %d: %s (%d days old)" % (r.port, r.path, age(r)))
         else:
             _err(head + " (pruned: %d, expired: %d)" % (len(plan.pruned), len(plan.expired)))
-    elif prune:
+    elif gone:
         if dry:
             _err("[DRY RUN] Scanning for reservations with non-existent paths...")
         head = "%s %d reservation(s)" % ("[DRY RUN] Would remove" if dry else "Removed", total)
@@ -6613,15 +6877,15 @@ def _cleanup_command(args, prune, expire):
 
 
 def cmd_prune(args):
-    return _cleanup_command(args, prune=True, expire=False)
+    return _cleanup_command(args, gone=True, unused=False)
 
 
 def cmd_expire(args):
-    return _cleanup_command(args, prune=False, expire=True)
+    return _cleanup_command(args, gone=False, unused=True)
 
 
 def cmd_autoclean(args):
-    return _cleanup_command(args, prune=True, expire=True)
+    return _cleanup_command(args, gone=True, unused=True)
 
 
 def _args_migrate(p):
@@ -6634,7 +6898,7 @@ def _args_migrate(p):
 
 def cmd_migrate(args):
     session = Session(vars(args))
-    plan = run_migrate(session, args.source, args.target, args.recursive, args.force, args.dry_run)
+    plan = _call(run_migrate, session, args)
     if session.quiet:
         if not args.dry_run:
             _out(plan.target)
@@ -6678,28 +6942,14 @@ def _args_scan(p):
 
 def cmd_scan(args):
     session = Session(vars(args))
-    config = session.config
-    reserved = session.read(lambda store: store.taken_ports())
-    failures = []
-    rows = scan_ports(config.scan_range, config.occupancy, reserved, failures=failures)
-    free = unreserved_occupied(rows)
-    notes = []
-    if args.autoexclude and free:
-        target = exclusion_target(session.project_dir, session.data_dir)
-        added = add_exclusions(target, [(p, p) for p in free], config_kind(target), compact=args.autocompact)
-        notes.append("Added %d exclusions to %s" % (added, target))
-    _out(format_scan(rows, args.format))
-    if failures:
-        ports = sorted({port for port, _probe, _err in failures})
-        port, probe, err = failures[0]
-        notes.append("Note: %d probe(s) on %d port(s) failed and prove nothing (first: port %d, %s: %s)"
-                     % (len(failures), len(ports), port, describe_probe(probe), err))
+    result = run_scan(session, args.autoexclude, args.autocompact)
+    _out(format_scan(result.rows, args.format))
     if not session.quiet:
-        for note in notes:
+        for note in format_scan_notes(result):
             _err(note)
-    if free:
+    if result.unreserved:
         _err("")
-        _err("Found %d unreserved occupied port(s)" % len(free))
+        _err("Found %d unreserved occupied port(s)" % len(result.unreserved))
     return 0
 
 
@@ -6737,13 +6987,12 @@ def _args_wait(p):
 
 def cmd_wait(args):
     session = Session(vars(args))
-    ports = wait_targets(session, args.path, args.tag, args.port, args.group, args.config)
 
     def ready(port, answer):
         family, address, seconds = answer
         if not session.quiet:
             _out("%d: ready on %s (%s) after %.2fs" % (port, address, "IPv4" if family == "ipv4" else "IPv6", seconds))
-    wait_for_ports(ports, args.timeout, args.interval, args.http, ready)
+    _call(run_wait, session, args, progress=ready)
     return 0
 
 
@@ -6769,7 +7018,7 @@ def cmd_who(args):
     session = Session(vars(args))
     if args.port is not None and (args.tag is not None or args.path is not None):
         raise UsageError("give a PORT or --path/--tag, not both")
-    reports = run_who(session, args.port, args.path, args.tag)
+    reports = _call(run_who, session, args)
     if args.format == "json":
         _out(_json().dumps(reports, indent=2, sort_keys=True, ensure_ascii=_ascii_stdout()))
     else:
@@ -6796,22 +7045,9 @@ def _args_exclude(p):
 
 
 def cmd_exclude(args):
-    try:
-        start, end = parse_port_range(args.port_or_range)
-    except ValueError as exc:
-        message = str(exc)
-        raise InvalidArguments("Invalid arguments: %s" % (
-            message if message.startswith("Invalid range") else "Invalid port number: " + message))
+    ports = exclusion_range(args.port_or_range)         # a bad range is exit 4 before any configuration is read
     session = Session(vars(args))
-    if not args.force:
-        taken = session.read(lambda store: store.taken_ports())
-        for port in range(start, end + 1):
-            if port in taken:
-                raise InvalidArguments("Invalid arguments: Port %d is reserved. Use --force to override." % port)
-    target = exclusion_target(None if args.use_global else session.project_dir, session.data_dir)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-    added = add_exclusions(target, [(start, end)], config_kind(target))
+    target, added = run_exclude(session, ports, args.use_global, args.force)
     if not session.quiet:
         _out(("Added exclusion to %s" if added else "Exclusion already exists in %s") % target)
     return 0
@@ -6824,19 +7060,7 @@ def _args_compact(p):
 
 def cmd_compact_exclusions(args):
     Session(vars(args), scope=None)
-    path = args.path
-    if not os.path.exists(path):
-        raise InvalidArguments("File not found: %s" % path)
-    result = {}
-
-    def change(current):
-        result["before"] = current
-        result["after"] = compacted = ExclusionList(current).ranges
-        if len(compacted) == len(current) or args.dry_run:     # order alone is not worth a rewrite
-            return None
-        return compacted
-    edit_exclusions(path, config_kind(path), change)
-    before, after = result["before"], result["after"]
+    before, after = run_compact_exclusions(args.path, args.dry_run)
     if not before:
         _out("No exclusions to compact")
     elif len(before) == len(after):
@@ -6845,7 +7069,7 @@ def cmd_compact_exclusions(args):
         _out("Compacted %d exclusions to %d\nDry run - no changes made\nWould save: [%s]"
              % (len(before), len(after), ", ".join(range_text(s, e) for s, e in after)))
     else:
-        _out("Compacted %d exclusions to %d\nUpdated %s" % (len(before), len(after), path))
+        _out("Compacted %d exclusions to %d\nUpdated %s" % (len(before), len(after), args.path))
     return 0
 
 
@@ -6855,24 +7079,14 @@ def _args_validate(p):
 
 def cmd_validate(args):
     Session(vars(args), scope=None)
-    path = args.config_path
-    if not os.path.exists(path):
-        raise InvalidArguments("File not found: %s" % path)
-    problems = Problems(path)
-    layer = read_config_file(path, config_kind(path), problems)
-    if not problems.items:
-        try:
-            Config([layer]).validate()
-        except ConfigError as exc:
-            problems.add(None, exc.message)
-    if problems.items:
-        for line in problems.lines():
+    problems, warnings = run_validate(args.config_path)
+    if problems:
+        for line in problems:
             _err(line)
         raise SemanticFailure("Configuration file is invalid (%d problem%s)"
-                              % (len(problems.items), "" if len(problems.items) == 1 else "s"))
-    if "ports.min" in layer.values:
-        for warning in range_warnings(Config([layer]).port_range):
-            _warn(warning)
+                              % (len(problems), "" if len(problems) == 1 else "s"))
+    for warning in warnings:
+        _warn(warning)
     _out("Configuration is valid")
     return 0
 
@@ -6907,51 +7121,8 @@ def _args_init(p):
 
 
 def cmd_init(args):
-    session = Session(vars(args), scope="init")
-    directory = session.data_dir
-    db = os.path.join(directory, DB_FILE)
-    cfg = os.path.join(directory, "config.yaml")
-    dir_exists, db_exists, cfg_exists = os.path.isdir(directory), os.path.exists(db), os.path.exists(cfg)
-    if args.dry_run:
-        lines = ["Dry-run mode: no changes will be made", "", "Would initialize trop in: %s" % directory,
-                 ("  - Data directory already exists: %s" if dir_exists else "  - Create data directory: %s")
-                 % directory]
-        if db_exists and args.overwrite:
-            lines += ["  - Remove existing database: %s" % db, "  - Create new database: %s" % db]
-        elif db_exists:
-            lines.append("  - ERROR: Database already exists (use --overwrite to replace): %s" % db)
-        else:
-            lines.append("  - Create database: %s" % db)
-        if args.with_config:
-            lines.append(("  - Configuration file already exists (will not overwrite): %s" if cfg_exists
-                          else "  - Create configuration file: %s") % cfg)
-        _out("\n".join(lines))
-        return 0
-    if db_exists and not args.overwrite:
-        raise LibraryError("validation error for 'database': Database already exists at %s. "
-                           "Use --overwrite to replace it." % db)
-    network_ok = session.config["allow_network_fs"]
-    check_local_filesystem(directory, network_ok)                   # before anything is created or removed
-    try:
-        os.makedirs(directory, exist_ok=True)
-        if db_exists:
-            for suffix in ("", "-wal", "-shm"):       # a stale WAL must never replay into the new file
-                if os.path.exists(db + suffix):
-                    os.remove(db + suffix)
-    except OSError as exc:
-        raise IoFailure("%s: %s" % (exc.filename or directory, exc.strerror or exc))
-    Store.open(directory, session.timeout, autoinit=True, network_ok=network_ok).close()
-    lines = ["Initialized trop in: %s" % directory]
-    if not dir_exists:
-        lines.append("  - Created data directory")
-    lines.append("  - Recreated database" if args.overwrite else "  - Created database")
-    if args.with_config:
-        if cfg_exists:
-            lines.append("  - Configuration file already exists (not overwritten)")
-        else:
-            write_file_atomic(cfg, CONFIG_TEMPLATE)
-            lines.append("  - Created default configuration file")
-    _out("\n".join(lines))
+    plan = run_init(Session(vars(args), scope="init"), args.overwrite, args.with_config, args.dry_run)
+    _out("\n".join(format_init(plan, args.dry_run)))
     return 0
 
 
@@ -6986,7 +7157,7 @@ COMMANDS = {
     "autoclean": ("Prune and expire in one transaction", _args_expire, cmd_autoclean),
     "migrate": ("Move reservations from one path to another", _args_migrate, cmd_migrate),
 }
-_GLOBAL_VALUE_OPTIONS = tuple(o.flag for o in OPTIONS if "global" in o.groups and o.kind is not _SWITCH)
+_GLOBAL_VALUE_OPTIONS = tuple(o.flag for o in OPTIONS if "global" in o.groups and o.value_type is not _SWITCH)
 
 
 def _add_global_options(parser, nested):
@@ -6994,7 +7165,7 @@ def _add_global_options(parser, nested):
     for option in OPTIONS:
         if "global" not in option.groups or (nested and any(option.flag in a.option_strings for a in parser._actions)):
             continue                    # init and assert-data-dir have a --data-dir of their own
-        default = _argparse().SUPPRESS if nested else (False if option.kind is _SWITCH else None)
+        default = _argparse().SUPPRESS if nested else (False if option.value_type is _SWITCH else None)
         _add_option(parser, option.name, default=default)
 
 
@@ -7058,6 +7229,8 @@ def main(argv=None):
         _flush_stdout()
         return status
     except TropError as exc:
+        for warning in exc.warnings:
+            _warn(_one_line(warning))
         _err("Error: %s" % _one_line(str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
