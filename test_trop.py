@@ -2252,10 +2252,11 @@ class TestPaths(TropTestCase):
 
     def test_shorten_home(self):
         with mock.patch.dict(os.environ, {"HOME": "/home/me"}):
-            self.assertEqual(trop.shorten_home("/home/me"), "~/")
-            self.assertEqual(trop.shorten_home("/home/me/a/b"), "~/a/b")
-            self.assertEqual(trop.shorten_home("/home/meant"), "/home/meant")
-            self.assertEqual(trop.shorten_home("/srv"), "/srv")
+            shorten = trop.PLATFORM.paths.shorten_home
+            self.assertEqual(shorten("/home/me", trop.home_dir()), "~/")
+            self.assertEqual(shorten("/home/me/a/b", trop.home_dir()), "~/a/b")
+            self.assertEqual(shorten("/home/meant", trop.home_dir()), "/home/meant")
+            self.assertEqual(shorten("/srv", trop.home_dir()), "/srv")
 
 
 # --- Paths: the two flavours, table-driven ------------------------------------

@@ -2788,10 +2788,6 @@ def check_path_relationship(target, allowed):
                           "(use --allow-unrelated-path or --force)" % (target, cwd))
 
 
-def shorten_home(path):
-    return PLATFORM.paths.shorten_home(path, home_dir())
-
-
 def _read_text(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -4570,6 +4566,47 @@ def run_projects(session):
     return session.read(lambda store: store.projects())
 
 
+def run_assert_reservation(session, path=None, tag=None, negate=False):
+    """The reservation of (path, tag), or None with negate; SemanticFailure (exit 1) when that does not hold."""
+    key = ReservationKey(session.explicit_or_cwd(path), check_tag(tag, LibraryError))
+    res = session.read(lambda store: store.get(key))
+    if negate and res is not None:
+        raise SemanticFailure("Assertion failed: reservation exists for %s" % key)
+    if not negate and res is None:
+        raise SemanticFailure("Assertion failed: no reservation found for %s" % key)
+    return res
+
+
+def run_assert_port(session, port, negate=False):
+    """SemanticFailure unless port is reserved (not reserved, with negate)."""
+    port = cli_port(port)
+    res = session.read(lambda store: store.for_port(port))
+    if negate and res is not None:
+        raise SemanticFailure("Assertion failed: port %d is reserved" % port)
+    if not negate and res is None:
+        raise SemanticFailure("Assertion failed: port %d is not reserved" % port)
+
+
+def run_assert_data_dir(session, negate=False, validate=False):
+    """SemanticFailure unless the data directory exists (does not, with negate); validate checks its trop.db."""
+    directory = session.data_dir
+    exists = os.path.isdir(directory)
+    if exists and validate:
+        validate_data_dir(directory, session.config["allow_network_fs"])
+    if negate and exists:
+        raise SemanticFailure("Assertion failed: data directory exists at %s" % directory)
+    if not negate and not exists:
+        raise SemanticFailure("Assertion failed: data directory not found at %s" % directory)
+
+
+def run_show_path(session, path=None, canonicalize=False):
+    """The key a path stands for: the canonical cwd, or path normalized (and canonical, if asked)."""
+    if path is None:
+        return canonical_path(session.cwd)
+    key = normalize_path(path, session.cwd)
+    return canonical_path(key) if canonicalize else key
+
+
 def run_port_info(session, port, include_occupancy=False):
     """port-info's facts: the reservation, whether its path exists, notes, and (when asked) the probe evidence."""
     port = cli_port(port)
@@ -5076,6 +5113,36 @@ def listening_sockets(services, policy=None):
     return out
 
 
+def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run=False, listen=False):
+    """What `trop run` starts its command with: (the group's GroupPlan, the environment with its variables).
+
+    With listen, the group's ports are bound here and handed over on fds 3, 4, ... (see socket_activation).
+    """
+    if listen and PLATFORM.name != "posix":
+        raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
+                         "without it and use `trop wait`")
+    plan = run_group(session, config_file, group_dir, task, force, dry_run)
+    env = dict(os.environ)
+    env.update(plan.environment())
+    if listen and not dry_run:
+        services = [(s.tag, plan.ports[s.tag]) for s in plan.spec.services if s.tag in plan.ports]
+        socket_activation(listening_sockets(services, session.config.occupancy), env)
+    return plan, env
+
+
+def exec_command(argv, env):
+    """Replace this process with argv (POSIX) or run it and return its status; no shell involved."""
+    program = argv[0]
+    found = program if os.sep in program else _shutil().which(program, path=env.get("PATH"))
+    if not found or not os.path.exists(found):
+        raise CommandNotRunnable("command not found: %s" % program, 127)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise CommandNotRunnable("permission denied: %s" % program, 126)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return PLATFORM.run(found, argv, env)
+
+
 def _fd_name(tag):
     """A service tag as systemd allows an fd name: printable ASCII without ':', at most 255 characters."""
     return "".join(c if " " < c <= "~" and c != ":" else "_" for c in tag)[:255]
@@ -5288,8 +5355,8 @@ def _warn(message):
     _err("Warning: %s" % message)
 
 
-def format_reservations(rows, fmt, full_paths=False):
-    """list output: table (tab-separated), json (sorted keys), csv or tsv."""
+def format_reservations(rows, fmt, home=None):
+    """list output: table (tab-separated, paths below home shortened to ~/), json (sorted keys), csv or tsv."""
     if fmt == "json":
         return _json_reservations(rows)
     if fmt in ("csv", "tsv"):
@@ -5301,7 +5368,7 @@ def format_reservations(rows, fmt, full_paths=False):
         return "\n".join(lines)
     lines = ["\t".join(c.upper() for c in LIST_COLUMNS)]
     for r in rows:
-        lines.append("\t".join((str(r.port), r.path if full_paths else shorten_home(r.path), r.tag or "-",
+        lines.append("\t".join((str(r.port), PLATFORM.paths.shorten_home(r.path, home), r.tag or "-",
                                 r.project or "-", r.task or "-", format_timestamp(r.created_at),
                                 format_timestamp(r.last_used_at))))
     return "\n".join(lines)
@@ -6614,7 +6681,8 @@ def _args_list(p):
 def cmd_list(args):
     session = Session(vars(args))
     rows = _call(run_list, session, args)
-    _out(format_reservations(rows, args.format or session.config["output_format"], args.show_full_paths))
+    _out(format_reservations(rows, args.format or session.config["output_format"],
+                             None if args.show_full_paths else home_dir()))
     return 0
 
 
@@ -6634,15 +6702,8 @@ def _args_assert_reservation(p):
 
 def cmd_assert_reservation(args):
     session = Session(vars(args))
-    key = ReservationKey(session.explicit_or_cwd(args.path), check_tag(args.tag, LibraryError))
-    res = session.read(lambda store: store.get(key))
-    if args.negate:
-        if res is not None:
-            raise SemanticFailure("Assertion failed: reservation exists for %s" % key)
-        return 0
-    if res is None:
-        raise SemanticFailure("Assertion failed: no reservation found for %s" % key)
-    if not session.quiet:
+    res = _call(run_assert_reservation, session, args)
+    if res is not None and not session.quiet:
         _out(str(res.port))
     return 0
 
@@ -6658,12 +6719,7 @@ def _args_assert_port(p):
 
 def cmd_assert_port(args):
     port = cli_port(args.port)
-    session = Session(vars(args))
-    res = session.read(lambda store: store.for_port(port))
-    if args.negate and res is not None:
-        raise SemanticFailure("Assertion failed: port %d is reserved" % port)
-    if not args.negate and res is None:
-        raise SemanticFailure("Assertion failed: port %d is not reserved" % port)
+    run_assert_port(Session(vars(args)), port, args.negate)
     return 0
 
 
@@ -6674,15 +6730,7 @@ def _args_assert_data_dir(p):
 
 
 def cmd_assert_data_dir(args):
-    session = Session(vars(args), scope="discover" if args.validate else None)
-    directory = session.data_dir
-    exists = os.path.isdir(directory)
-    if exists and args.validate:
-        validate_data_dir(directory, session.config["allow_network_fs"])
-    if args.negate and exists:
-        raise SemanticFailure("Assertion failed: data directory exists at %s" % directory)
-    if not args.negate and not exists:
-        raise SemanticFailure("Assertion failed: data directory not found at %s" % directory)
+    _call(run_assert_data_dir, Session(vars(args), scope="discover" if args.validate else None), args)
     return 0
 
 
@@ -6771,11 +6819,8 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    if args.listen and PLATFORM.name != "posix":
-        raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
-                         "without it and use `trop wait`")
     session, config_file, group_dir = _group_session(args, args.config)
-    plan = _call(run_group, session, args, config_file=config_file, group_dir=group_dir)
+    plan, env = _call(run_prepare, session, args, config_file=config_file, group_dir=group_dir)
     variables = sorted(plan.environment().items())
     if args.dry_run:
         if not session.quiet:
@@ -6784,29 +6829,11 @@ def cmd_run(args):
     if not session.quiet:
         for warning in plan.warnings:
             _warn(warning)
-    env = dict(os.environ)
-    env.update(variables)
-    if args.listen:
-        services = [(s.tag, plan.ports[s.tag]) for s in plan.spec.services if s.tag in plan.ports]
-        socket_activation(listening_sockets(services, session.config.occupancy), env)
     if session.verbose:
         listen = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] if args.listen else []
         for name in [n for n, _v in variables] + listen:
             _err("%s=%s" % (name, env[name]))
     return exec_command(argv, env)
-
-
-def exec_command(argv, env):
-    """Replace this process with argv (POSIX) or run it and return its status; no shell involved."""
-    program = argv[0]
-    found = program if os.sep in program else _shutil().which(program, path=env.get("PATH"))
-    if not found or not os.path.exists(found):
-        raise CommandNotRunnable("command not found: %s" % program, 127)
-    if os.path.isdir(found) or not os.access(found, os.X_OK):
-        raise CommandNotRunnable("permission denied: %s" % program, 126)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return PLATFORM.run(found, argv, env)
 
 
 def _args_prune(p):
@@ -7102,14 +7129,7 @@ def _args_show_path(p):
 
 
 def cmd_show_path(args):
-    session = Session(vars(args), scope=None)
-    if args.path is None:
-        path = canonical_path(session.cwd)
-    else:
-        path = normalize_path(args.path, session.cwd)
-        if args.canonicalize:
-            path = canonical_path(path)
-    _out(path)
+    _out(_call(run_show_path, Session(vars(args), scope=None), args))
     return 0
 
 
