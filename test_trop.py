@@ -558,9 +558,14 @@ class TropTestCase(unittest.TestCase):
         for part in ([contains] if isinstance(contains, str) else contains or []):
             self.assertIn(part, err)
 
-    def assertPort(self, result, port):
+    def assertPort(self, result, port, warns=()):
+        """Exit 0 with port alone on stdout; stderr holds one 'Warning: ' line containing each of warns, in order."""
         rc, out, err = result
-        self.assertEqual((rc, out, err), (0, "%d\n" % port, ""))
+        self.assertEqual((rc, out), (0, "%d\n" % port), err)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), len(warns), err)
+        for line, part in zip(lines, warns):
+            self.assertTrue(line.startswith("Warning: ") and part in line, (line, part))
 
     def assertNoTraceback(self, err, what=""):
         self.assertNotIn("Traceback", err, what)
@@ -1262,8 +1267,8 @@ class TestOptionTable(unittest.TestCase):
             if not (option.flag and option.keys) or value is None:
                 continue
             with self.subTest(option=option.name):
-                layer = trop.cli_layer({option.name: trop._u32(value) if type(option.value_type).__name__ in (
-                    "_Days", "_Seconds") else value if value != "true" else True})
+                layer = trop.cli_layer({option.name: option.value_type.argument()["type"](value) if type(
+                    option.value_type).__name__ in ("_Days", "_Seconds") else value if value != "true" else True})
                 for key in option.keys:
                     self.assertIn(key, layer.values)
 
@@ -3534,18 +3539,24 @@ class TestProbes(unittest.TestCase):
                          [("tcp", "ipv4", "localhost", "127.0.0.1"), ("tcp", "ipv4", "wildcard", "0.0.0.0")])
         self.assertEqual(trop.OccupancyPolicy(skip=True, check_all_interfaces=True).probes(), [])
 
-    def test_bind_only_v6only_no_reuseaddr_all_probes_run(self):
-        patcher, created = self.fake_sockets(
-            lambda stage, fam, addr, port: OSError(errno.EADDRINUSE, "in use") if stage == "bind" else None)
-        with patcher:
-            found, failed = trop.probe_port(41000, self.ALL)
-        self.assertEqual((found, failed), (self.ALL, []))          # no short-circuit
-        self.assertEqual(len(created), 8)
-        for sock in created:
-            names = [opt[1] for opt in sock.options]
-            self.assertNotIn(socket.SO_REUSEADDR, names)
-            if sock.family == socket.AF_INET6:
-                self.assertIn((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1), sock.options)
+    def test_bind_only_v6only_reuseaddr_for_tcp_where_it_stays_strict_all_probes_run(self):
+        """SO_REUSEADDR on TCP probes only where the platform says it still fails beside any listener (Linux)."""
+        for reuse in (True, False):
+            patcher, created = self.fake_sockets(
+                lambda stage, fam, addr, port: OSError(errno.EADDRINUSE, "in use") if stage == "bind" else None)
+            with patcher, mock.patch.object(trop.PLATFORM, "reuse_address", reuse):
+                found, failed = trop.probe_port(41000, self.ALL)
+            self.assertEqual((found, failed), (self.ALL, []))          # no short-circuit
+            self.assertEqual(len(created), 8)
+            for sock in created:
+                reuses = (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1) in sock.options
+                self.assertEqual(reuses, reuse and sock.kind == socket.SOCK_STREAM, (reuse, sock.kind))
+                if sock.family == socket.AF_INET6:
+                    self.assertIn((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1), sock.options)
+
+    def test_platforms_that_reuse_addresses_in_probes(self):
+        self.assertEqual(trop.PosixPlatform.reuse_address, sys.platform.startswith("linux"))
+        self.assertFalse(trop.WindowsPlatform.reuse_address)
 
     def test_eacces_and_eperm_are_possibly_occupied(self):
         for code, exc_type in ((errno.EACCES, PermissionError), (errno.EPERM, PermissionError),
@@ -4306,7 +4317,7 @@ class TestUnsafeAndReservedPorts(TropTestCase):
                                 pmax=5061)
         rc, out, err = trop_main("--data-dir", self.data, "reserve-group", group)
         self.assertEqual(rc, 6)
-        self.assertIn("No scanned base can satisfy the complete offset fallback pattern in 5059-5061: 2 unsafe", err)
+        self.assertIn("no base in 5059-5061 leaves every offset free: 2 unsafe", err)
 
     def test_the_switch(self):
         self.fake_proc()
@@ -6565,7 +6576,7 @@ class TestPackaging(TropTestCase):
         script = os.path.join(bin_dir, "trop")
         self.assertEqual(self.execute([script, "--version"]), (0, "trop %s\n" % trop.__version__, ""))
         data = os.path.join(self.root, "venv-data")
-        target = os.path.join(self.root, "somewhere")
+        target = self.mkdir("somewhere")
         self.assertEqual(self.execute([script, "--data-dir", data, "reserve", "--path", target,
                                        "--allow-unrelated-path", "--skip-occupancy-check"]), (0, "5000\n", ""))
         rc, out, err = self.execute([script, "--data-dir", data, "assert-port", "1"])
@@ -6764,7 +6775,7 @@ class TestPackaging(TropTestCase):
         self.assertEqual(rc, 0, out + err)
         os.remove(os.path.join(src, "trop.py"))                  # only the archive can provide trop now
         data = os.path.join(self.root, "pyz-data")
-        target = os.path.join(self.root, "somewhere")
+        target = self.mkdir("somewhere")
 
         def pyz_run(*args):
             return self.execute([sys.executable, pyz] + list(args))
@@ -7338,7 +7349,7 @@ class TestReserveCLI(TropTestCase):
         self.assertPort(self.trop("reserve"), 5000)
         self.assertPort(self.trop("reserve", "--tag", "web"), 5001)
         self.assertPort(self.trop("reserve", "--tag", "  web "), 5001)
-        self.assertPort(self.trop("reserve", "--path", "sub"), 5002)
+        self.assertPort(self.trop("reserve", "--path", "sub"), 5002, ["directory %s/sub does not exist" % self.proj])
         rows = self.rows()
         self.assertEqual([r[:5] for r in rows], [(self.proj, "", 5000, None, None),
                                                  (self.proj, "web", 5001, None, None),
@@ -7349,18 +7360,30 @@ class TestReserveCLI(TropTestCase):
 
     def test_refresh_updates_last_used_only(self):
         make_v2_db(self.data, [(self.proj, "", 5004, "p", "t", T1, T1)])
-        self.assertPort(self.trop("reserve", "--port", "5000"), 5004)       # --port ignored for existing keys
+        self.assertPort(self.trop("reserve", "--port", "5000"), 5004,       # --port ignored for existing keys, and said
+                        ["%s already holds port 5004: the preferred port 5000 needs --overwrite" % self.proj])
         (row,) = self.rows()
         self.assertEqual(row[:6], (self.proj, "", 5004, "p", "t", T1))
         self.assertGreater(row[6], T1)
 
     def test_preferred_port(self):
+        """A moved preference is said on stderr, with why and the port given instead; stdout is the port alone."""
+        self.mkdir("proj", "b")
+        self.mkdir("proj", "c")
         self.assertPort(self.trop("reserve", "--port", "5005"), 5005)
-        self.assertPort(self.trop("reserve", "--path", "b", "--port", "5005"), 5000)
-        self.assertPort(self.trop("reserve", "--path", "c", "--port", "9000"), 5001)
+        self.assertPort(self.trop("reserve", "--path", "b", "--port", "5005"), 5000,
+                        ["preferred port 5005 is reserved for %s; reserved 5000 instead" % self.proj])
+        self.assertPort(self.trop("reserve", "--path", "c", "--port", "9000"), 5001,
+                        ["preferred port 9000 is outside the range 5000-7000; reserved 5001 instead"])
+        self.write("proj/trop.yaml", "excluded_ports: [5010]\n")
+        self.mkdir("proj", "d")
+        self.assertPort(self.trop("reserve", "--path", "d", "--port", "5010"), 5002,
+                        ["preferred port 5010 is excluded; reserved 5002 instead"])
+        self.assertPort(self.trop("reserve", "--path", "d", "--port", "5010", "--quiet"), 5002)
 
     def test_range_from_flags_and_environment(self):
         self.assertPort(self.trop("reserve", "--min", "20000", "--max", "20010"), 20000)
+        self.mkdir("proj", "b")
         self.assertPort(self.trop("reserve", "--path", "b", env={"TROP_PORT_MIN": "21000", "TROP_PORT_MAX": "21010"}),
                         21000)
 
@@ -7374,7 +7397,8 @@ class TestReserveCLI(TropTestCase):
                                (self.proj, "", 5003, "p", None, T1, T1)])
         self.assertPort(self.trop("reserve", "--overwrite"), 5001)
         self.assertPort(self.trop("reserve", "--overwrite", "--port", "5002"), 5002)
-        self.assertPort(self.trop("reserve", "--overwrite", "--port", "5000"), 5001)   # held by another key
+        self.assertPort(self.trop("reserve", "--overwrite", "--port", "5000"), 5001,   # held by another key
+                        ["preferred port 5000 is reserved for %s/other; reserved 5001 instead" % self.proj])
         row = [r for r in self.rows() if r[0] == self.proj][0]
         self.assertEqual(row[:6], (self.proj, "", 5001, "p", None, T1))
         self.assertGreater(row[6], T1)
@@ -7445,12 +7469,18 @@ class TestReserveCLI(TropTestCase):
     def test_path_guard(self):
         self.assertError(self.trop("reserve", "--path", "/unrelated"), 1,
                          startswith="path relationship violation: /unrelated and %s are unrelated paths" % self.proj)
-        self.assertPort(self.trop("reserve", "--path", "/unrelated", "--allow-unrelated-path"), 5000)
-        self.assertPort(self.trop("reserve", "--path", "/unrelated2", env={"TROP_ALLOW_UNRELATED_PATH": "1"}), 5001)
-        self.assertPort(self.trop("reserve", "--path", "/unrelated3", "--force"), 5002)
+        missing = "directory %s does not exist: the reservation is made, and prune removes it while the directory " \
+                  "is missing"
+        self.assertPort(self.trop("reserve", "--path", "/unrelated", "--allow-unrelated-path"), 5000,
+                        [missing % "/unrelated"])
+        self.assertPort(self.trop("reserve", "--path", "/unrelated2", env={"TROP_ALLOW_UNRELATED_PATH": "1"}), 5001,
+                        [missing % "/unrelated2"])
+        self.assertPort(self.trop("reserve", "--path", "/unrelated3", "--force"), 5002, [missing % "/unrelated3"])
         self.assertPort(self.trop("reserve", "--path", self.root), 5003)                       # ancestor
+        self.mkdir("proj", "sub", "deeper")
         self.assertPort(self.trop("reserve", "--path", self.proj + "/sub/deeper"), 5004)     # descendant
-        self.assertPort(self.trop("reserve", env={"TROP_PATH": self.proj + "/env"}), 5005)
+        self.assertPort(self.trop("reserve", env={"TROP_PATH": self.proj + "/env"}), 5005,
+                        [missing % (self.proj + "/env")])
         self.assertEqual(self.rows()[-1][0], "/unrelated3")
         self.assertIn((self.proj + "/env", "", 5005), [r[:3] for r in self.rows()])
 
@@ -7946,7 +7976,7 @@ class TestConcurrency(TropTestCase):
         return [r["port"] for r in json.loads(out)]
 
     def concurrent_reserves(self, count, prefix):
-        results = self.trop_many([("reserve", "--path", os.path.join(self.root, "%s-%d" % (prefix, i)),
+        results = self.trop_many([("reserve", "--path", self.mkdir("%s-%d" % (prefix, i)),
                                    "--allow-unrelated-path") for i in range(count)])
         for rc, out, err in results:
             self.assertEqual((rc, err), (0, ""), err)
@@ -7983,12 +8013,11 @@ print(json.dumps(seen))
 
     def test_readers_during_writes(self):
         for i in range(5):
-            self.reserve_port("--path", os.path.join(self.root, "seed-%d" % i), "--allow-unrelated-path")
+            self.reserve_port("--path", self.mkdir("seed-%d" % i), "--allow-unrelated-path")
         readers = [self.start_python(self.LIST_READER, self.data) for _ in range(10)]
         written = []
         for i in range(20):
-            written.append(self.trop("reserve", "--path", os.path.join(self.root, "writer-%d" % i),
-                                     "--allow-unrelated-path"))
+            written.append(self.trop("reserve", "--path", self.mkdir("writer-%d" % i), "--allow-unrelated-path"))
         self.assertEqual([(rc, err) for rc, _out, err in written], [(0, "")] * 20)
         for reader in readers:
             rc, out, err = finish(reader)
@@ -8030,6 +8059,7 @@ print(json.dumps(seen))
     def test_writer_waits_for_the_lock(self):
         conn = self.hold_write_lock()
         start = time.monotonic()
+        self.mkdir("proj", "waiting")
         proc = self.start("reserve", "--busy-timeout", "5", "--path", "waiting")
         time.sleep(0.5)
         self.assertIsNone(proc.poll())
@@ -8550,6 +8580,7 @@ time.sleep(120)
         self.assertEqual((rc, out, err), (2, "", LOCK_TIMEOUT_1S))
         os.kill(locker.pid, signal.SIGKILL)
         locker.communicate()
+        self.mkdir("w")
         rc, out, err = self.trop("reserve", "--path", self.root + "/w", "--busy-timeout", "5", *WIDE)
         self.assertEqual((rc, err), (0, ""))        # a lock still held would be a timeout (exit 2)
         self.assertEqual(self.rows(3), [(self.root + "/w", "", int(out))])
@@ -9550,6 +9581,162 @@ class TestServerFixes(ServerCase):
         self.assertEqual([s["family"] for s in report["sockets"]], ["ipv4"])
 
 
+class TestFirstHourWithServers(ServerCase):
+    """Real servers in their first hour: one service per `run --listen`, TIME_WAIT, groups that cannot fit,
+    number messages that agree with themselves, and the warnings that say what trop did."""
+
+    def get(self, port):
+        """The JSON report of a SOCKET_ACTIVATED_CHILD answering on 127.0.0.1:port."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/")
+            return json.loads(conn.getresponse().read().decode("utf-8"))
+        finally:
+            conn.close()
+
+    def linger(self, port):
+        """Serve one connection on 127.0.0.1:port and close it first, so the port is left in TIME_WAIT."""
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn, _ = server.accept()
+        conn.close()                        # the server closes first: its side of port lingers in TIME_WAIT
+        self.assertEqual(client.recv(1), b"")
+        client.close()
+        server.close()
+        self.assertTrue(trop.OwnerTable().lingering(port), "port %d was not left in TIME_WAIT" % port)
+
+    # -- one service per server --------------------------------------------------------------------------------
+    @unittest.skipIf(os.name == "nt", "socket handoff needs POSIX")
+    def test_two_run_listen_commands_one_service_each_serve_at_once(self):
+        port = self.free_block(2)
+        group = self.mkdir("proj", "two")
+        self.group_file(group, [("api", {"offset": 1}), ("web", {"offset": 0})], pmin=port, pmax=port + 1)
+        web = self.start("run", "--listen", "--service", "web", "--", sys.executable, "-c", SOCKET_ACTIVATED_CHILD,
+                         cwd=group)
+        api = self.start("run", "--listen", "--skip-ipv6", "--service", "api", "--", sys.executable, "-c",
+                         SOCKET_ACTIVATED_CHILD, cwd=group)
+        web_report, api_report = json.loads(first_line(web)), json.loads(first_line(api))
+        self.assertEqual(set(web_report["LISTEN_FDNAMES"].split(":")), {"web"})
+        self.assertEqual((api_report["LISTEN_FDS"], api_report["LISTEN_FDNAMES"]), ("1", "api"))
+        self.assertEqual({s["port"] for s in web_report["sockets"]}, {port})
+        self.assertEqual([s["port"] for s in api_report["sockets"]], [port + 1])
+        self.assertEqual((self.get(port)["pid"], self.get(port)["name"]), (web_report["pid"], "web"))
+        self.assertEqual((self.get(port + 1)["pid"], self.get(port + 1)["name"]), (api_report["pid"], "api"))
+        self.assertEqual(len(trop.list_reservations(data_dir=self.data)), 2)        # one group, reserved once
+
+    def test_service_names_a_service_of_the_group_and_needs_listen(self):
+        group = self.mkdir("proj", "svc")
+        self.group_file(group, [("web", {})])
+        self.assertError(self.trop("run", "--listen", "--service", "db", "--", "true", cwd=group), 4,
+                         contains="the group has no service 'db' (its services: web)")
+        self.assertError(self.trop("run", "--service", "web", "--", "true", cwd=group), 2,
+                         contains="--service chooses the sockets that --listen hands over")
+        self.assertEqual(trop.list_reservations(data_dir=self.data), [])           # refused before any write
+
+    # -- TIME_WAIT ---------------------------------------------------------------------------------------------
+    @unittest.skipUnless(LINUX_PROC, "TIME_WAIT is told apart from a listener on Linux")
+    def test_a_port_its_server_closed_comes_back_twenty_times_in_a_row(self):
+        low = self.free_block(4)
+        ports = []
+        for _ in range(20):
+            port = trop.reserve(self.proj, tag="loop", data_dir=self.data, min=low, max=low + 3, skip_udp=True,
+                                allow_unrelated_path=True)
+            self.linger(port)
+            trop.release(self.proj, tag="loop", data_dir=self.data, allow_unrelated_path=True)
+            ports.append(port)
+        self.assertEqual(ports, [low] * 20)
+
+    @unittest.skipUnless(LINUX_PROC, "TIME_WAIT is told apart from a listener on Linux")
+    def test_lingering_port_is_free_for_preferences_who_scan_and_doctor(self):
+        low = self.free_block(3)
+        self.linger(low + 1)
+        wide = ("--min", str(low), "--max", str(low + 2), "--skip-udp")
+        self.assertPort(self.trop("reserve", "--port", str(low + 1), *wide), low + 1)
+        self.assertEqual(self.trop("release")[0], 0)
+        rc, out, err = self.trop("who", str(low + 1), "--format", "json")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(json.loads(out)[0]["verdict"], "free")
+        self.assertIn("TIME_WAIT", json.loads(out)[0]["detail"])
+        rc, out, err = self.trop("scan", *wide, "--format", "json")
+        self.assertEqual((rc, json.loads(out)), (0, []), err)
+        rc, out, err = self.trop("doctor", *wide, "--format", "json")
+        report = json.loads(out)
+        self.assertEqual(report["ports"]["occupied"]["count"], 0, out)
+        self.assertEqual(report["ports"]["lingering"], {"count": 1, "ports": [low + 1]})
+        self.assertEqual(report["ports"]["free"]["count"], 3)
+        rc, out, err = self.trop("doctor", *wide)
+        self.assertRegex(out, r"(?m)^  lingering +1  %d " % (low + 1))
+        self.assertRegex(out, r"(?m)^  occupied +0")
+
+    def test_a_listener_is_still_occupied_whatever_the_probe_reuses(self):
+        holder = self.listen("tcp", "127.0.0.1")
+        found, failed = trop.probe_port(holder.getsockname()[1], trop.OccupancyPolicy(skip_udp=True).probes())
+        self.assertEqual((len(found), failed), (1, []))
+        wildcard = self.listen("tcp", "0.0.0.0")
+        found, failed = trop.probe_port(wildcard.getsockname()[1], trop.OccupancyPolicy(skip_udp=True).probes())
+        self.assertEqual((len(found), failed), (1, []))      # 127.0.0.1 cannot bind beside a 0.0.0.0 listener
+
+    # -- groups that cannot fit -----------------------------------------------------------------------------------
+    def test_a_group_whose_offsets_cannot_fit_is_refused_in_plain_words(self):
+        group = self.mkdir("proj", "narrow")
+        path = self.group_file(group, [("a", {"offset": 0}), ("b", {"offset": 5})], pmin=6000, pmax=6001)
+        rc, out, err = self.trop("validate", path)
+        self.assertEqual((rc, out), (1, ""))
+        self.assertIn("reservations: offset 5 does not fit in 6000-6001 (2 ports)", err)
+        rc, out, err = self.trop("autoreserve", cwd=group)
+        self.assertEqual(rc, 6)
+        self.assertEqual(err, "Error: group allocation failed: offset 5 does not fit in 6000-6001 (2 ports)\n")
+        many = self.group_file(self.mkdir("proj", "many"), numbered_services(3), pmin=6100, pmax=6101)
+        rc, out, err = self.trop("validate", many)
+        self.assertIn("reservations: 3 services do not fit in 6100-6101 (2 ports)", err)
+
+    def test_a_moved_group_preference_is_said(self):
+        low = self.free_block(4)
+        self.listen("tcp", "127.0.0.1", low)
+        group = self.mkdir("proj", "pref")
+        self.group_file(group, [("web", {"offset": 0, "preferred": low})], pmin=low, pmax=low + 3, skip=False)
+        rc, out, err = self.trop("autoreserve", "--format", "json", "--skip-udp", cwd=group)
+        self.assertEqual((rc, json.loads(out)), (0, {"web": low + 1}), err)
+        self.assertIn("Warning: service 'web': preferred port %d is occupied; reserved %d instead" % (low, low + 1),
+                      err)
+
+    # -- numbers -----------------------------------------------------------------------------------------------
+    def test_number_messages_state_the_range_accepted(self):
+        for args, status, text in ((("who", "70000"), 2, "invalid port '70000': expected a port, 1..65535"),
+                                   (("who", "0"), 4, "Invalid port number: port 0 is reserved"),
+                                   (("port-info", "-1"), 2, "expected a port, 1..65535"),
+                                   (("expire", "--days", "-3"), 2, "expected a whole number of days, 1..4294967295"),
+                                   (("expire", "--days", "0"), 7, "must be greater than 0"),
+                                   (("list", "--busy-timeout", "-1"), 2, "expected whole seconds, 0..2147483"),
+                                   (("list", "--busy-timeout", "2147484"), 7, "must not exceed 2147483 seconds")):
+            with self.subTest(args=args):
+                rc, out, err = self.trop(*args)
+                self.assertEqual((rc, out), (status, ""), err)
+                self.assertIn(text, err)
+        rc, out, _err = self.trop("list", "--help")
+        self.assertIn("whole seconds to wait for the database lock", " ".join(out.split()))
+
+    # -- small truths ------------------------------------------------------------------------------------------
+    def test_an_extra_tag_in_a_group_directory_warns_that_run_will_refuse(self):
+        group = self.mkdir("proj", "grp")
+        self.group_file(group, [("web", {})])
+        rc, out, err = self.trop("reserve", "--tag", "debug", *WIDE, cwd=group)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("which has no service 'debug': `trop run` and `autoreserve` there will refuse", err)
+        self.assertPort(self.trop("reserve", "--tag", "web", *WIDE, cwd=group), int(out) + 1)   # a service: no word
+
+    def test_wait_for_a_port_reads_no_configuration_file(self):
+        self.write("proj/trop.yaml", "ports: [not, a, mapping]\n")
+        self.assertEqual(self.trop("list")[0], 7)
+        holder = self.listen("tcp", "127.0.0.1")
+        rc, out, err = self.trop("wait", "--port", str(holder.getsockname()[1]), "--timeout", "10")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertIn(": ready on 127.0.0.1", out)
+
+
 class TestReviewedEdges(TropTestCase):
     """Edges found in review: each once broke a rule (no write by a reader, no internal error, no lost data)."""
     ENV = SKIP_PROBES
@@ -9808,6 +9995,16 @@ class TestReadme(TropTestCase):
                 self.assertNotIn("Traceback", err, "README.md line %d: `%s`" % (line, command))
         self.assertGreaterEqual(ran, 40, "too few README console lines ran")
         self.assertGreaterEqual(skipped, 1)
+
+    def test_documented_status_lines_are_what_trop_prints(self):
+        """The README's words for run --dry-run and the cleanup commands' --quiet, checked against trop."""
+        group = self.group_dir("readme-group", [("web", {"env": "WEB_PORT"})])
+        rc, _out, err = self.run_in(group, sys.executable, "-m", "trop", "run", "--dry-run", "--", "npm", "start")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(err.startswith("Dry run - would run npm start with WEB_PORT="), err)
+        self.assertIn("\nDry run - would run npm start with ", self.text)
+        self.assertEqual(self.run_in(self.proj, sys.executable, "-m", "trop", "autoclean", "--quiet"), (0, "", ""))
+        self.assertIn("`--quiet` prints only the count, on stdout, and nothing when it is 0", " ".join(self.text.split()))
 
     def test_yaml_examples_validate(self):
         blocks = [b for b in readme_blocks(self.text) if b[0] in ("yaml", "yml")]

@@ -535,6 +535,10 @@ class PosixPlatform(object):
     name = "posix"
     paths = PathFlavour(windows=False)
     wildcard_probes = False     # a 127.0.0.1 bind already fails next to a 0.0.0.0 listener
+    # SO_REUSEADDR on TCP probes and handed-over sockets: Linux then still refuses a bind beside any listener
+    # (wildcard or not) and allows it only beside closed connections in TIME_WAIT; BSDs and macOS would also
+    # allow a bind beside a wildcard listener, and Windows beside anything, so they probe strictly.
+    reuse_address = sys.platform.startswith("linux")
 
     def lock(self, directory):
         """An exclusive lock shared by every writer of the files in directory (flock on the directory)."""
@@ -555,6 +559,7 @@ class WindowsPlatform(PosixPlatform):
     name = "windows"
     paths = PathFlavour(windows=True)
     wildcard_probes = True      # Windows lets 127.0.0.1 bind beside a 0.0.0.0 listener: probe the wildcard too
+    reuse_address = False
     _SHARING = (5, 32, 33)      # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION
 
     def __init__(self, msvcrt=None, subprocess=None, sleep=time.sleep):
@@ -909,6 +914,15 @@ class GroupSpec:
         self.services = sorted(services, key=lambda s: s.tag.encode("utf-8", "surrogateescape"))
         self.base = base
         self.line = line
+
+    def fit_problem(self, port_range):
+        """Why the services can never fit in port_range, in plain words (None if they can)."""
+        if len(self.services) > len(port_range):
+            return "%d services do not fit in %s (%d ports)" % (len(self.services), port_range, len(port_range))
+        top = max([s.offset for s in self.services] or [0])
+        if top >= len(port_range):
+            return "offset %d does not fit in %s (%d ports)" % (top, port_range, len(port_range))
+        return None
 
     def problems(self):
         """Cross-service rules: unique offsets, preferred ports and variable names."""
@@ -1877,16 +1891,20 @@ class _Offset(_Port):
         return value
 
 
-def _u32(text):
-    try:
-        return parse_uint(text, 0xFFFFFFFF)
-    except ValueError:
-        raise _argparse().ArgumentTypeError("invalid value '%s': expected a non-negative integer" % text)
+def _u32_flag(expected):
+    """An argparse type for a u32 flag (not one, exit 2); expected names the values the command takes in the end
+    (a u32 outside them is refused later, with the reference's exit code)."""
+    def u32(text):
+        try:
+            return parse_uint(text, 0xFFFFFFFF)
+        except ValueError:
+            raise _argparse().ArgumentTypeError("invalid value '%s': expected %s" % (text, expected))
+    return u32
 
 
 class _Days(_ValueType):
     def argument(self):
-        return {"type": _u32}
+        return {"type": _u32_flag("a whole number of days, 1..4294967295")}
 
     def check(self, key, value):
         if not _is_int(value) or not 0 < value <= 0xFFFFFFFF:
@@ -1910,7 +1928,7 @@ class _Days(_ValueType):
 
 class _Seconds(_ValueType):
     def argument(self):
-        return {"type": _u32, "metavar": "SECONDS"}
+        return {"type": _u32_flag("whole seconds, 0..%d" % MAX_LOCK_WAIT), "metavar": "SECONDS"}
 
     def check(self, key, value):
         if not _is_int(value) or value < 0:
@@ -2054,7 +2072,8 @@ _SWITCH, _PORT = _Switch(), _Port()
 # occupancy (the commands that probe), probes (scan), permissions, autoclean.
 OPTIONS = (
     Option("verbose", (), _SWITCH, files=None, groups="global",
-           help="detailed lists from prune, expire and autoclean; run prints the variables it sets"),
+           help="more detail: prune, expire and autoclean list what they remove, run prints the variables it sets "
+                "(no effect on other commands)"),
     Option("quiet", (), _SWITCH, files=None, groups="global",
            help="no status text on stderr (errors still print); the cleanup commands print only their count"),
     Option("data_dir", (), _Text(), env="TROP_DATA_DIR", files=None, groups="global",
@@ -2112,7 +2131,7 @@ OPTIONS = (
                                       "bad-port list); a trop.py key the Rust trop does not know"),
     Option("busy_timeout", "maximum_lock_wait_seconds", _Seconds(), 5,
            env=("TROP_BUSY_TIMEOUT", "TROP_MAXIMUM_LOCK_WAIT_SECONDS"), groups="global",
-           help="seconds to wait for the database lock (default 5; 0: do not wait)"),
+           help="whole seconds to wait for the database lock (default 5; 0: do not wait)"),
     Option("output_format", "output_format", _Choice(OUTPUT_FORMATS, "output format"), "table",
            env="TROP_OUTPUT_FORMAT", help="the default `list --format`: table, json, csv or tsv"),
     Option("allow_network_fs", "allow_network_fs", _SWITCH, False, env="TROP_ALLOW_NETWORK_FS", files=None,
@@ -3864,6 +3883,8 @@ def probe_port(port, probes):
                 failed.append((probe, str(exc)))
             continue
         try:
+            if proto == "tcp" and PLATFORM.reuse_address:     # closed connections in TIME_WAIT do not count
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if af == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((address, port))
@@ -4093,12 +4114,18 @@ def range_warnings(port_range, ephemeral=None):
     return []
 
 
+def preference_refusal(req, taken, skips):
+    """Why the preferred port of a request cannot be had ('outside the range ...', 'reserved', 'excluded',
+    'occupied'), or None."""
+    if req.preferred not in req.port_range:
+        return "outside the range %s" % req.port_range
+    return skips.refusal(req.preferred, taken, req.ignore_exclusions or req.force, req.ignore_occupied or req.force)
+
+
 def allocate_single(req, taken, skips):
     """Preferred port if usable, else the lowest free port: (port or None, cautions)."""
-    if req.preferred is not None and req.preferred in req.port_range:
-        if skips.refusal(req.preferred, taken, req.ignore_exclusions or req.force,
-                         req.ignore_occupied or req.force) is None:
-            return req.preferred, skips.cautions(req.preferred)
+    if req.preferred is not None and preference_refusal(req, taken, skips) is None:
+        return req.preferred, skips.cautions(req.preferred)
     return skips.first_free(req.port_range, taken), []
 
 
@@ -4435,6 +4462,9 @@ def plan_reserve(store, req, now=None):
             else:
                 plan.touches.append(existing.replace(last_used_at=now))
             plan.port = existing.port
+            if req.preferred is not None and req.preferred != existing.port:
+                plan.warnings.append("%s already holds port %d: the preferred port %d needs --overwrite"
+                                     % (req.key, existing.port, req.preferred))
         return plan
     project, task = _resolve_intent(req.project, None), _resolve_intent(req.task, None)
     if req.infer_git and (req.project is None or req.task is None):
@@ -4458,6 +4488,16 @@ def _check_sticky(field, old, new, allowed, group_path=None):
 
 def _allocate_or_cleanup(store, req, taken, plan, now):
     """Allocate; on exhaustion clean up once (in the plan only) and retry exactly once."""
+    port = _allocate_once_or_cleanup(store, req, taken, plan, now)
+    if req.preferred is not None and port != req.preferred:      # a moved preference is said, with why
+        why = preference_refusal(req, taken, req.skips) or "reserved"
+        holder = store.for_port(req.preferred) if why == "reserved" else None
+        plan.warnings.append("preferred port %d is %s%s; reserved %d instead" % (
+            req.preferred, why, " for %s" % holder.key if holder is not None else "", port))
+    return port
+
+
+def _allocate_once_or_cleanup(store, req, taken, plan, now):
     port, cautions = allocate_single(req, taken, req.skips)
     plan.warnings.extend(cautions)
     if port is not None:
@@ -4526,7 +4566,18 @@ def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=
     req = ReserveRequest(key, config, preferred, overwrite, force, ignore_occupied, ignore_exclusions,
                          project, task)
     check_path_relationship(key.path, force or config.allow("unrelated_path"))
-    return session.write(lambda store: plan_reserve(store, req), dry_run)
+    plan = session.write(lambda store: plan_reserve(store, req), dry_run)
+    if not os.path.isdir(os_path(key.path)):
+        plan.warnings.append("directory %s does not exist: the reservation is made, and prune removes it while the "
+                             "directory is missing" % key.path)
+    group = config.group
+    if plan.inserts and key.tag and group is not None and session.project_dir and \
+            key.tag not in {svc.tag for svc in group.services} and \
+            _canonical_prefix(key.path) == real_key(session.project_dir):
+        plan.warnings.append("%s holds the group of %s, which has no service '%s': `trop run` and `autoreserve` "
+                             "there will refuse the stored rows until this tag is released"
+                             % (key.path, session.project_dir, key.tag))
+    return plan
 
 
 def run_release(session, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
@@ -4649,26 +4700,35 @@ class GroupRequest:
 def allocate_group(req, taken):
     """({tag: port}, cautions): preferred ports pinned first, then the lowest base whose whole pattern is free."""
     skips = req.skips
-    mapping, pattern, cautions = {}, [], []
+    mapping, pattern, cautions, moved = {}, [], [], {}
     for svc in req.spec.services:
-        if svc.preferred is not None and skips.refusal(svc.preferred, taken) is None:
+        refusal = None if svc.preferred is None else skips.refusal(svc.preferred, taken)
+        if svc.preferred is not None and refusal is None:
             mapping[svc.tag] = svc.preferred
             cautions += skips.cautions(svc.preferred)
         else:
             pattern.append(svc)
+            if refusal:
+                moved[svc.tag] = refusal
     if not pattern:
         return mapping, cautions
+    rng = req.scan_range
+    problem = GroupSpec(pattern).fit_problem(rng)
+    if problem:
+        raise LibraryError("group allocation failed: %s" % problem)
     pinned = set(taken) | set(mapping.values())
     top = max(s.offset for s in pattern)
-    rng = req.scan_range
     for base in range(rng.min, rng.max - top + 1):
         ports = [base + s.offset for s in pattern]
         if all(skips.classify(p, pinned) is None for p in ports):
             mapping.update((s.tag, p) for s, p in zip(pattern, ports))
+            cautions += ["service '%s': preferred port %d is %s; reserved %d instead"
+                         % (svc.tag, svc.preferred, moved[svc.tag], mapping[svc.tag])
+                         for svc in pattern if svc.tag in moved]
             return mapping, cautions
-    raise LibraryError("group allocation failed after attempting %d service(s): No scanned base can satisfy the "
-                       "complete offset fallback pattern in %s: %s%s"
-                       % (len(req.spec.services), rng, skips.census(rng, pinned), _probe_failures(skips.occupancy)))
+    raise LibraryError("group allocation failed after attempting %d service(s): no base in %s leaves every "
+                       "offset free: %s%s" % (len(req.spec.services), rng, skips.census(rng, pinned),
+                                              _probe_failures(skips.occupancy)))
 
 
 def group_incompatibility(req, stored):
@@ -4853,6 +4913,9 @@ def diagnose(session):
         {"ports": range_text(*rng_), "source": where} for rng_, where in config.exclusion_sources
         if rng_[0] <= rng.max and rng.min <= rng_[1]]}
     ports_report["occupied"] = {"checked": bool(probes), "count": len(occupied), "ports": occupied}
+    taken_now = {o["port"] for o in occupied}
+    lingering = [p for p in rng if p not in taken_now and owners.lingering(p)] if probes else []
+    ports_report["lingering"] = {"count": len(lingering), "ports": lingering[:20]}
     ports_report["unsafe"] = {"count": len(unsafe), "ports": sorted(unsafe),
                               "avoided": not config["allow_unsafe_ports"]}
     ports_report["os_reserved"] = {"count": len(os_reserved), "ranges": [
@@ -4989,6 +5052,9 @@ def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=
         time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
 
+LINGERING_NOTE = " (closed connections linger in TIME_WAIT: a server that sets SO_REUSEADDR, as most do, can bind it)"
+
+
 def who_holds(port, res, owners, policy=None):
     """Who is on port: the reservation, the live listeners, and a verdict (free, reservation, other, unknown)."""
     listeners = owners.listeners(port)
@@ -4998,7 +5064,8 @@ def who_holds(port, res, owners, policy=None):
                                  "task": res.task, "last_used_at": format_timestamp(res.last_used_at)}
     if not listeners:
         found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
-        if found and not owners.lingering(port):
+        lingering = owners.lingering(port)
+        if found and not lingering:
             verdict = "unknown"
             detail = "in use, but the OS does not say by whom (another user's or container's process?)"
         elif failed and not found:
@@ -5006,8 +5073,7 @@ def who_holds(port, res, owners, policy=None):
             detail = "could not be probed (%s): nothing visible listens on it" % failed[0][1]
         else:
             verdict = "free"
-            detail = "nothing listens on it" + (" (closed connections linger in TIME_WAIT: a server that sets "
-                                                "SO_REUSEADDR can bind it)" if found or failed else "")
+            detail = "nothing listens on it" + (LINGERING_NOTE if lingering else "")
     else:
         homes = [] if res is None else [res.path, _canonical_prefix(res.path)]
         mine = [entry for entry in listeners if entry["cwd"] and any(is_within(entry["cwd"], home)
@@ -5093,7 +5159,7 @@ def listening_sockets(services, policy=None):
                         continue
                     raise
                 try:
-                    if sys.platform.startswith("linux"):   # TIME_WAIT only; BSDs would also allow it beside *:port
+                    if PLATFORM.reuse_address:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if af == socket.AF_INET6:
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -5113,20 +5179,30 @@ def listening_sockets(services, policy=None):
     return out
 
 
-def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run=False, listen=False):
+def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run=False, listen=False, service=None):
     """What `trop run` starts its command with: (the group's GroupPlan, the environment with its variables).
 
-    With listen, the group's ports are bound here and handed over on fds 3, 4, ... (see socket_activation).
+    With listen, the group's ports are bound here and handed over on fds 3, 4, ... (see socket_activation):
+    every service's, or only those named in service (a list of tags), for a command that serves only them.
+    The whole group is reserved either way, so commands that serve different services agree on the ports.
     """
     if listen and PLATFORM.name != "posix":
         raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
                          "without it and use `trop wait`")
+    if service and not listen:
+        raise UsageError("--service chooses the sockets that --listen hands over: give --listen too")
+    group = session.config.group             # None: run_group says so
+    tags = [svc.tag for svc in group.services] if group else []
+    unknown = [tag for tag in service or () if tag not in tags]
+    if group and unknown:
+        raise InvalidArguments("Invalid arguments: the group has no service %s (its services: %s)"
+                               % (", ".join("'%s'" % tag for tag in unknown), ", ".join(tags)))
     plan = run_group(session, config_file, group_dir, task, force, dry_run)
     env = dict(os.environ)
     env.update(plan.environment())
     if listen and not dry_run:
-        services = [(s.tag, plan.ports[s.tag]) for s in plan.spec.services if s.tag in plan.ports]
-        socket_activation(listening_sockets(services, session.config.occupancy), env)
+        served = [(tag, plan.ports[tag]) for tag in tags if tag in plan.ports and (not service or tag in service)]
+        socket_activation(listening_sockets(served, session.config.occupancy), env)
     return plan, env
 
 
@@ -5281,14 +5357,21 @@ def run_validate(path):
         raise InvalidArguments("File not found: %s" % path)
     problems = Problems(path)
     layer = read_config_file(path, config_kind(path), problems)
+    config = Config([layer])
     if not problems.items:
         try:
-            Config([layer]).validate()
+            config.validate()
         except ConfigError as exc:
             problems.add(None, exc.message)
+    group = config.group
+    if not problems.items and group is not None:       # offsets that no base in the range can hold
+        rng = config.port_range
+        problem = group.fit_problem(PortRange(rng.min if group.base is None else group.base, rng.max))
+        if problem:
+            problems.add(group.line, "reservations: %s" % problem)
     if problems.items:
         return problems.lines(), []
-    return [], range_warnings(Config([layer]).port_range) if "ports.min" in layer.values else []
+    return [], range_warnings(config.port_range) if "ports.min" in layer.values else []
 
 
 # --- Output formatting -------------------------------------------------------
@@ -5593,6 +5676,9 @@ def format_diagnosis(report):
                  "%s (%s)" % (s["ports"], s["source"]) for s in ports["excluded"]["sources"][:5])),
              ports_line("occupied", occupied["count"], ", ".join(shown) if occupied["checked"] else
                         "not checked: occupancy probes are off"),
+             ports_line("lingering", ports["lingering"]["count"], "%s (closed connections in TIME_WAIT: free for "
+                        "servers that set SO_REUSEADDR)" % ", ".join(map(str, ports["lingering"]["ports"][:5]))
+                        if ports["lingering"]["count"] else ""),
              ports_line("unsafe", ports["unsafe"]["count"], "refused by browsers%s" % (
                  "" if ports["unsafe"]["avoided"] else "; handed out anyway (allow_unsafe_ports)")),
              ports_line("OS-reserved", ports["os_reserved"]["count"], ", ".join(ports["os_reserved"]["ranges"][:5])),
@@ -6556,7 +6642,7 @@ def _u16(text):
     try:
         return parse_port(text, allow_zero=True)        # 0 gets the reference's message from cli_port
     except ValueError:
-        raise _argparse().ArgumentTypeError("invalid port '%s': expected an integer 0..65535" % text)
+        raise _argparse().ArgumentTypeError("invalid port '%s': expected a port, 1..65535" % text)
 
 
 def _lower(text):
@@ -6808,6 +6894,9 @@ def _args_run(p):
     p.add_argument("--config", metavar="FILE", help="group file (default: discover trop.yaml from the cwd)")
     p.add_argument("--listen", action="store_true",
                    help="bind the group's ports and hand the sockets to COMMAND (systemd socket activation)")
+    p.add_argument("--service", action="append", metavar="TAG",
+                   help="with --listen: hand over only this service's sockets (repeatable), for a command that "
+                        "serves only some of the group")
     _args_group(p, with_file=False, with_format=False)
     p.add_argument("argv", nargs=_argparse().REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="command to run with the group's variables in its environment")
@@ -7013,7 +7102,7 @@ def _args_wait(p):
 
 
 def cmd_wait(args):
-    session = Session(vars(args))
+    session = Session(vars(args), scope=None if args.port is not None else "discover")   # --port: no file is read
 
     def ready(port, answer):
         family, address, seconds = answer
