@@ -21,6 +21,7 @@ import collections
 import configparser
 import contextlib
 import copy
+import ctypes
 import csv
 import email.parser
 import errno
@@ -39,6 +40,7 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import socket
 import sqlite3
 import subprocess
@@ -224,6 +226,21 @@ def make_v1_db(data_dir, rows=()):
 
 def insert_rows(conn, rows):
     conn.executemany("INSERT INTO reservations (%s) VALUES (?, ?, ?, ?, ?, ?, ?)" % COLUMNS, list(rows))
+
+
+def sqlite_rows(db, statement, params=()):
+    """The rows a query of trop.db returns; [] where the database or the table does not exist."""
+    if not os.path.exists(db):
+        return []
+    conn = sqlite3.connect(db)
+    try:
+        return [tuple(row) for row in conn.execute(statement, params)]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
 
 
 def db_rows(data_dir, width=7):
@@ -4389,7 +4406,8 @@ class TestDoctor(TropTestCase):
         rc, report = self.doctor(*rng, env={"TROP_EXCLUDED_PORTS": str(start + 3)})
         self.assertEqual(rc, 0)
         self.assertEqual(set(report), {"cwd", "range", "ports", "data_dir", "layers", "warnings", "problems",
-                                       "healthy"})
+                                       "healthy", "leases"})
+        self.assertEqual(report["leases"], {"live": 0, "dead": 0, "unverifiable": 0})
         self.assertEqual(report["cwd"], self.proj)
         self.assertEqual(report["range"]["min"], start)
         self.assertEqual(report["range"]["size"], 8)
@@ -9229,7 +9247,8 @@ class TestWhoNamesServers(ServerCase):
         self.assertEqual(reports[self.port], {
             "port": self.port, "verdict": "reservation",
             "detail": "held by this reservation's directory: pid %d %s in %s" % (self.mine.pid, name, self.inside),
-            "reservation": {"path": self.proj, "tag": "web", "project": "shop", "task": "t1", "last_used_at": S2},
+            "reservation": {"path": self.proj, "tag": "web", "project": "shop", "task": "t1", "last_used_at": S2,
+                            "lease": None},
             "listeners": [self.listener_entry(self.mine, self.inside)]})
         other = reports[self.port + 1]
         self.assertEqual(other["verdict"], "other")
@@ -9837,6 +9856,295 @@ class TestUnreadableDatabase(UnprivilegedCase):
         os.chmod(self.db, 0o600)
         self.addCleanup(os.chmod, self.db, 0o644)
         self.assertError(self.as_user("list"), 6, contains=["cannot read", "--data-dir"])
+
+
+# --- Leases: ports held by a live process --------------------------------------
+
+LEASE_CHILD = r"""
+import socket, sys, time, trop
+data, start_at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+with trop.reservation(tag="same", data_dir=data, allow_unrelated_path=True, skip_udp=True) as port:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+        print("bound %d" % port, flush=True)
+    except OSError as exc:
+        print("failed %d %s" % (port, exc), flush=True)
+    time.sleep(1.5)                     # everyone holds the port at once
+    sock.close()
+"""
+
+
+class TestLeases(ServerCase):
+    """Reservations held by a live process: distinct ports for concurrent holders, the same port for a lone
+    one, and a dead holder's port taken back."""
+
+    def held(self, *args, cwd=None):
+        """`sh -c 'trop reserve --lease ARGS; sleep'`: (the shell, which holds the lease; the port)."""
+        command = "%s -m trop reserve --lease %s && exec sleep 120" % (
+            shlex.quote(sys.executable), " ".join(shlex.quote(str(a)) for a in args))
+        shell = self._started(spawn(["sh", "-c", command], cwd or self.proj, self.environment()))
+        return shell, int(first_line(shell))
+
+    def kill(self, proc):
+        proc.kill()
+        proc.wait()
+
+    def leases(self):
+        return sqlite_rows(self.db, "SELECT path, tag, base_tag, slot, port, pid FROM trop_py_leases "
+                                    "ORDER BY path, tag")
+
+    def test_eight_holders_at_once_bind_eight_ports_and_leave_nothing(self):
+        low = self.free_block(12)
+        start_at = time.time() + 2.0
+        env = self.environment({"TROP_PORT_MIN": str(low), "TROP_PORT_MAX": str(low + 11)})
+        children = [spawn([sys.executable, "-c", LEASE_CHILD, self.data, start_at], self.proj, env)
+                    for _ in range(8)]
+        results = [finish(child) for child in children]
+        self.assertEqual([(rc, err) for rc, _out, err in results], [(0, "")] * 8)
+        lines = [out.strip() for _rc, out, _err in results]
+        self.assertTrue(all(line.startswith("bound ") for line in lines), lines)
+        self.assertEqual(len({line.split()[1] for line in lines}), 8, lines)
+        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.leases(), [])
+
+    @unittest.skipUnless(LINUX_PROC or sys.platform == "darwin", "needs a platform whose process start times trop reads")
+    def test_a_killed_holders_port_is_taken_back_and_prune_names_it_first(self):
+        port = self.free_block(1)
+        shell, held = self.held("--min", port, "--max", port)
+        self.assertEqual(held, port)
+        self.assertError(self.trop("reserve", "--tag", "other", "--min", str(port), "--max", str(port),
+                                   "--disable-autoclean"), 6, contains="exhausted")           # alive: kept
+        self.kill(shell)
+        rc, out, err = self.trop("prune", "--dry-run")
+        self.assertEqual((rc, out), (0, ""))
+        self.assertTrue(err.startswith("[DRY RUN] Would take back 1 lease(s) of dead holders:\n"
+                                       "  - Port %d: %s (tag: none; its holder has died)\n" % (port, self.proj)), err)
+        self.assertEqual(len(self.rows()), 1)                                                  # a dry run
+        rc, out, err = self.trop("reserve", "--tag", "other", "--min", str(port), "--max", str(port),
+                                 "--disable-autoclean")
+        self.assertEqual((rc, out), (0, "%d\n" % port), err)
+        self.assertIn("took back 1 lease(s) of dead holders", err)
+        self.assertEqual([r[:3] for r in self.rows(3)], [(self.proj, "other", port)])
+        self.assertEqual(self.leases(), [])
+
+    def test_a_live_pid_with_another_start_time_is_a_dead_holder(self):
+        port = self.free_block(1)
+        opts = dict(data_dir=self.data, allow_unrelated_path=True, min=port, max=port, skip_occupancy_check=True)
+        self.assertEqual(trop.reserve(self.proj, "t", holder=os.getpid(), **opts), port)
+        self.sql("UPDATE trop_py_leases SET start = 'another process'")              # the pid was reused
+        self.assertEqual(trop.reserve(self.proj, "u", disable_autoclean=True, **opts), port)
+        self.assertEqual([r[:3] for r in self.rows(3)], [(self.proj, "u", port)])
+
+    def test_a_lone_holder_gets_the_same_port_run_after_run(self):
+        low = self.free_block(6)
+        opts = dict(data_dir=self.data, allow_unrelated_path=True, min=low, max=low + 5, skip_udp=True)
+        trop.reserve(self.proj, "before", **opts)                                    # an ordinary neighbour
+        ports = []
+        for _ in range(2):
+            with trop.reservation(self.proj, "suite", **opts) as port:
+                ports.append(port)
+                self.assertEqual(len(self.leases()), 1)
+        self.assertEqual(ports, [low + 1, low + 1])
+        self.assertEqual([r[1] for r in self.rows(3)], ["before"])
+
+    def test_concurrent_holders_of_one_key_get_slots_and_release_only_their_own(self):
+        low = self.free_block(6)
+        wide = ("--min", low, "--max", low + 5, "--skip-occupancy-check")
+        sleepers = [self._started(spawn(["sleep", "60"])) for _ in range(3)]
+        ports = []
+        for sleeper in sleepers:
+            rc, out, err = self.trop("reserve", "--tag", "t", "--holder", str(sleeper.pid), *map(str, wide))
+            self.assertEqual((rc, err), (0, ""))
+            ports.append(int(out))
+        self.assertEqual(ports, [low, low + 1, low + 2])
+        self.assertEqual([(tag, base, slot, pid) for _p, tag, base, slot, _port, pid in self.leases()],
+                         [("t", "t", 1, sleepers[0].pid), ("t~2", "t", 2, sleepers[1].pid),
+                          ("t~3", "t", 3, sleepers[2].pid)])
+        rc, out, err = self.trop("reserve", "--tag", "t", "--holder", str(sleepers[1].pid), *map(str, wide))
+        self.assertEqual(int(out), low + 1)                                  # the same holder: its own lease
+        self.assertEqual(trop.release(self.proj, "t", data_dir=self.data, holder=sleepers[1].pid,
+                                      allow_unrelated_path=True), 1)
+        self.assertEqual([r[1:3] for r in self.rows(3)], [("t", low), ("t~3", low + 2)])
+        self.assertEqual([row[1] for row in self.leases()], ["t", "t~3"])
+        rc, out, err = self.trop("assert-data-dir", "--validate")
+        self.assertEqual((rc, out, err), (0, "", ""))
+        for path, tag, *_rest in self.leases():                             # the reference's row rules hold
+            self.assertEqual(tag, tag.strip())
+            self.assertTrue(tag and "\0" not in tag and path == trop.normalize_path(path))
+        rc, out, err = self.trop("list", "--format", "json")
+        rows = json.loads(out)
+        self.assertEqual(rows[0]["lease"], {"pid": sleepers[0].pid, "host": trop.PLATFORM.host(),
+                                            "state": "alive", "slot": 1})
+        self.assertEqual(set(rows[0]), {"port", "path", "tag", "project", "task", "created_at", "last_used_at",
+                                        "lease"})
+        self.assertEqual(out, json.dumps(rows, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        rc, table, err = self.trop("list")
+        self.assertEqual(table.splitlines()[0].split("\t"), [c.upper() for c in trop.LIST_COLUMNS])
+        rc, out, err = self.trop("who", str(low), "--format", "json")
+        self.assertEqual(json.loads(out)[0]["reservation"]["lease"]["state"], "alive")
+        rc, out, err = self.trop("who", str(low))
+        self.assertIn("leased to pid %d on %s: alive" % (sleepers[0].pid, trop.PLATFORM.host()), out)
+
+    def test_an_unverifiable_lease_is_never_taken_back_and_doctor_says_why(self):
+        port = self.free_block(1)
+        opts = dict(data_dir=self.data, allow_unrelated_path=True, min=port, max=port, skip_occupancy_check=True)
+        trop.reserve(self.proj, "t", holder=os.getpid(), **opts)
+        self.sql("UPDATE trop_py_leases SET host = 'another-host', pid = 1")
+        self.assertError(self.trop("reserve", "--tag", "u", "--min", str(port), "--max", str(port),
+                                   "--skip-occupancy-check"), 6, contains="exhausted")
+        self.assertEqual(trop.prune(data_dir=self.data), [])
+        rc, out, err = self.trop("doctor", "--min", str(port), "--max", str(port), "--format", "json")
+        self.assertEqual(json.loads(out)["leases"], {"live": 0, "dead": 0, "unverifiable": 1})
+        rc, out, err = self.trop("doctor", "--min", str(port), "--max", str(port))
+        self.assertIn("1 unverifiable (another host or pid namespace: only expire removes them)", out)
+        self.sql("UPDATE reservations SET last_used_at = ?", (int(time.time()) - 40 * 86400,))
+        self.assertEqual(len(trop.expire(data_dir=self.data)), 1)                       # age alone removes it
+
+    @unittest.skipUnless(LINUX_PROC, "needs Linux /proc for the holder's start time")
+    def test_run_lease_frees_its_ports_when_the_child_exits_or_is_killed(self):
+        for how in ("exits", "killed"):
+            with self.subTest(how=how):
+                port = self.free_block(1)
+                group = self.mkdir("proj", "run-" + how)
+                self.group_file(group, [("web", {})], pmin=port, pmax=port)
+                child = "import os, time; print(os.environ['WEB'], os.getpid(), flush=True); time.sleep(%d)" % (
+                    0 if how == "exits" else 120)
+                proc = self.start("run", "--lease", "--", sys.executable, "-c", child, cwd=group)
+                web, pid = map(int, first_line(proc).split())
+                self.assertEqual((web, pid), (port, proc.pid))                  # exec: the lease's holder is the child
+                self.assertEqual(sqlite_rows(self.db, "SELECT tag, pid FROM trop_py_leases WHERE path = ?",
+                                             (group,)), [("web", proc.pid)])
+                if how == "killed":
+                    self.assertError(self.trop("reserve", "--tag", how, "--min", str(port), "--max", str(port),
+                                               "--skip-occupancy-check"), 6, contains="exhausted")
+                    proc.kill()
+                proc.wait()
+                rc, out, err = self.trop("reserve", "--tag", how, "--min", str(port), "--max", str(port),
+                                         "--skip-occupancy-check")
+                self.assertEqual((rc, out), (0, "%d\n" % port), err)
+
+    def test_a_group_is_leased_to_one_live_run_at_a_time(self):
+        group = self.mkdir("proj", "busy")
+        self.group_file(group, [("web", {})])
+        first = self.start("run", "--lease", "--", "sleep", "120", cwd=group)
+        deadline = time.time() + 30
+        while not sqlite_rows(self.db, "SELECT pid FROM trop_py_leases") and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertError(self.trop("run", "--lease", "--", "true", cwd=group), 6,
+                         contains="is leased to pid %d (alive): one `trop run --lease` at a time" % first.pid)
+
+    def test_pytest_runs_at_once_get_different_ports(self):
+        if importlib.util.find_spec("pytest") is None:
+            self.skipTest("pytest is not installed")
+        work = self.mkdir("suite")
+        self.write(os.path.join(work, "test_port.py"),
+                   "import os, time\n\ndef test_port(trop_port):\n    time.sleep(2)\n"
+                   "    with open(os.environ['OUT'], 'w') as fh:\n        fh.write(str(trop_port))\n")
+        low = self.free_block(4)
+        runs = []
+        for n in range(2):
+            env = self.child_env(PYTHONPATH=TROP_DIR, TROP_DATA_DIR=self.data, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+                                 TROP_PORT_MIN=str(low), TROP_PORT_MAX=str(low + 3), OUT=self.path("port-%d" % n))
+            runs.append(spawn([sys.executable, "-m", "pytest", "-p", "trop", "-p", "no:cacheprovider", "-q",
+                               "test_port.py"], work, env))
+        for run in runs:
+            rc, out, err = finish(run)
+            self.assertEqual(rc, 0, out + err)
+        ports = {self.read(self.path("port-%d" % n)) for n in range(2)}
+        self.assertEqual(len(ports), 2, ports)
+        self.assertEqual(self.rows(), [])
+
+
+class TestHolderIdentity(unittest.TestCase):
+    """Each platform's way to tell a holder apart, with stand-ins where it cannot run here."""
+
+    def test_linux_stat_parsing_with_an_awkward_name_and_a_zombie(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        for pid, name, state in ((10, "a) b (c", "S"), (11, "zomb", "Z")):
+            os.makedirs(os.path.join(root, str(pid)))
+            fields = [state] + ["0"] * 18 + ["%d00" % pid] + ["0"] * 10
+            with open(os.path.join(root, str(pid), "stat"), "w") as fh:
+                fh.write("%d (%s) %s\n" % (pid, name, " ".join(fields)))
+        with mock.patch.object(trop, "PROC_ROOT", root):
+            self.assertEqual(trop._linux_process(10), ("1000", False))
+            self.assertEqual(trop._linux_process(11), ("1100", True))
+            self.assertIsNone(trop._linux_process(12))
+
+    def test_darwin_kinfo_proc_through_a_stand_in_libc(self):
+        class Libc(object):
+            def __init__(self, size, stat=2):
+                self.size, self.stat = size, stat
+
+            def sysctl(self, mib, count, buf, size, new, new_size):
+                if list(mib) != [1, 14, 1, 4242] or count != 4:
+                    return -1
+                size._obj.value = self.size
+                data = bytearray(648)
+                struct.pack_into("=qi", data, 0, 1700000000, 123456)
+                data[36] = self.stat
+                ctypes.memmove(buf, bytes(data), 648)
+                return 0
+        self.assertEqual(trop._darwin_process(4242, Libc(648)), ("1700000000.123456", False))
+        self.assertEqual(trop._darwin_process(4242, Libc(648, stat=5)), ("1700000000.123456", True))   # zombie
+        self.assertIsNone(trop._darwin_process(4242, Libc(0)))                                       # no such pid
+        with self.assertRaises(OSError):
+            trop._darwin_process(4242, Libc(600))
+
+    def test_windows_process_times_through_a_stand_in_kernel32(self):
+        class Kernel32(object):
+            def __init__(self, exists=True, status=259, error=87):
+                self.exists, self.status, self.error, self.closed = exists, status, error, []
+
+            def OpenProcess(self, access, inherit, pid):
+                return 77 if self.exists and access == 0x1000 else 0
+
+            def GetLastError(self):
+                return self.error
+
+            def GetProcessTimes(self, handle, created, exited, kernel, user):
+                created._obj.dwHighDateTime, created._obj.dwLowDateTime = 1, 2
+                return 1
+
+            def GetExitCodeProcess(self, handle, status):
+                status._obj.value = self.status
+                return 1
+
+            def CloseHandle(self, handle):
+                self.closed.append(handle)
+        try:
+            importlib.import_module("ctypes.wintypes")      # the Windows types, which import on other hosts too
+        except (ImportError, ValueError):
+            self.skipTest("ctypes.wintypes is not importable here")
+        windows = trop.WindowsPlatform()
+        kernel = Kernel32()
+        self.assertEqual(windows.process(9, kernel), (str((1 << 32) | 2), False))
+        self.assertEqual(kernel.closed, [77])
+        self.assertEqual(windows.process(9, Kernel32(status=0)), (str((1 << 32) | 2), True))         # exited
+        self.assertIsNone(windows.process(9, Kernel32(exists=False)))
+        with self.assertRaises(OSError):
+            windows.process(9, Kernel32(exists=False, error=5))                          # access denied: unknown
+
+    def test_holder_states(self):
+        me = trop.Holder.of(os.getpid())
+        self.assertEqual(me.state(), "alive")
+        for change, state in (({"start": "x"}, "dead"), ({"host": "elsewhere"}, "unknown"),
+                              ({"platform": "other"}, "unknown"), ({"namespace": "9:9"}, "unknown")):
+            other = trop.Holder(**dict({n: getattr(me, n) for n in trop.Holder.__slots__}, **change))
+            self.assertEqual(other.state(), state, change)
+        if me.boot:
+            self.assertEqual(trop.Holder(**dict({n: getattr(me, n) for n in trop.Holder.__slots__},
+                                                boot="another boot", namespace="9:9")).state(), "dead")
+        with mock.patch.object(trop.PLATFORM, "process", side_effect=OSError(38, "cannot say")):
+            self.assertEqual(me.state(), "unknown")                       # never taken back on a guess
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        with self.assertRaises(trop.LibraryError):
+            trop.Holder.of(gone.pid)
 
 
 # --- README ------------------------------------------------------------------

@@ -520,6 +520,8 @@ class PathFlavour(object):
             return path if rest is None else "~/" + rest
         home = home.rstrip("/")
         return "~/" + path[len(home) + 1:] if self.is_within(path, home or "/") else path
+
+
 # --- Platform: the one seam where POSIX and Windows differ -----------------------
 
 
@@ -553,6 +555,35 @@ class PosixPlatform(object):
             os.execve(program, argv, env)
         except OSError as exc:
             raise CommandNotRunnable("cannot run %s: %s" % (argv[0], exc.strerror or exc), 126)
+
+    # What tells a lease's holder apart: see Holder.  OSError means "this OS cannot say".
+
+    def process(self, pid):
+        """(start time token, ended) of pid, or None if there is no such process."""
+        if sys.platform.startswith("linux"):
+            return _linux_process(pid)
+        if sys.platform == "darwin":
+            return _darwin_process(pid)
+        raise OSError(errno.ENOSYS, "no way to read a process's start time on %s" % sys.platform)
+
+    def boot_id(self):
+        """This boot of the host ('' if unknown): Linux's boot_id, macOS's boot session UUID."""
+        if sys.platform.startswith("linux"):
+            return (_read_proc_file("sys/kernel/random/boot_id") or "").strip()
+        return _darwin_sysctl_text(b"kern.bootsessionuuid") if sys.platform == "darwin" else ""
+
+    def pid_namespace(self):
+        """Linux: the pid namespace whose pids this process sees ('' elsewhere, or when /proc is another's)."""
+        try:
+            if os.readlink(os.path.join(PROC_ROOT, "self")) != str(os.getpid()):
+                return ""
+            info = os.stat(os.path.join(PROC_ROOT, "self", "ns", "pid"))
+            return "%d:%d" % (info.st_dev, info.st_ino)
+        except OSError:
+            return ""
+
+    def host(self):
+        return os.uname()[1]
 
 
 class WindowsPlatform(PosixPlatform):
@@ -602,6 +633,86 @@ class WindowsPlatform(PosixPlatform):
             raise CommandNotRunnable("cannot run %s: %s" % (argv[0], exc.strerror or exc), 126)
         finally:
             signal.signal(signal.SIGINT, previous)
+
+    def process(self, pid, kernel32=None):
+        """OpenProcess + GetProcessTimes (creation time is absolute: no boot id is needed); a pid that exited
+        but is still open somewhere reports STILL_ACTIVE no more."""
+        import ctypes
+        from ctypes import wintypes
+        kernel32 = kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)          # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            error = kernel32.GetLastError()
+            if error == 87:                                        # ERROR_INVALID_PARAMETER: no such process
+                return None
+            raise OSError(errno.EACCES, "OpenProcess(%d) failed with Windows error %d" % (pid, error))
+        try:
+            times = [wintypes.FILETIME() for _ in range(4)]
+            status = wintypes.DWORD()
+            if not kernel32.GetProcessTimes(handle, *[ctypes.byref(t) for t in times]) or \
+                    not kernel32.GetExitCodeProcess(handle, ctypes.byref(status)):
+                raise OSError(errno.EIO, "cannot read the times of process %d" % pid)
+            return "%d" % (times[0].dwHighDateTime << 32 | times[0].dwLowDateTime), status.value != 259
+        finally:
+            kernel32.CloseHandle(handle)
+
+    def boot_id(self):
+        return ""
+
+    def pid_namespace(self):
+        return ""
+
+    def host(self):
+        return os.environ.get("COMPUTERNAME", "")
+
+
+def _read_proc_file(name, proc_root=None):
+    """A file under /proc (PROC_ROOT, or proc_root) as text, or None."""
+    try:
+        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _linux_process(pid):
+    """/proc/PID/stat: field 22 is the start time in ticks since boot; a zombie (Z) or dead (X) one has ended."""
+    try:
+        with open(os.path.join(PROC_ROOT, str(pid), "stat"), "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    rest = data[data.rindex(b")") + 2:].split()                    # the name may hold spaces and ')'
+    return rest[19].decode("ascii"), rest[0] in (b"Z", b"X")
+
+
+def _darwin_process(pid, libc=None):
+    """sysctl KERN_PROC_PID: struct kinfo_proc (648 bytes) starts with p_starttime; p_stat is at 36."""
+    import ctypes
+    import struct
+    libc = libc or ctypes.CDLL(None, use_errno=True)
+    mib = (ctypes.c_int * 4)(1, 14, 1, pid)                       # CTL_KERN, KERN_PROC, KERN_PROC_PID
+    buf, size = ctypes.create_string_buffer(648), ctypes.c_size_t(648)
+    if libc.sysctl(mib, 4, buf, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        raise OSError(ctypes.get_errno() or errno.EIO, "sysctl(KERN_PROC_PID) failed")
+    if size.value == 0:
+        return None
+    if size.value != 648:
+        raise OSError(errno.EINVAL, "unexpected kinfo_proc size %d" % size.value)
+    seconds, micros = struct.unpack_from("=qi", buf.raw, 0)
+    return "%d.%06d" % (seconds, micros), buf.raw[36] == 5       # SZOMB
+
+
+def _darwin_sysctl_text(name, libc=None):
+    try:
+        import ctypes
+        libc = libc or ctypes.CDLL(None)
+        buf, size = ctypes.create_string_buffer(64), ctypes.c_size_t(64)
+        if libc.sysctlbyname(name, buf, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+            return ""
+        return buf.value.decode("ascii", "replace")
+    except (ImportError, OSError, AttributeError):
+        return ""
 
 
 def windows_exit_status(code):
@@ -687,10 +798,11 @@ class ReservationKey:
 class Reservation:
     """One stored row.  Timestamps are Unix seconds."""
 
-    __slots__ = ("path", "tag", "port", "project", "task", "created_at", "last_used_at")
-    FIELDS = __slots__
+    FIELDS = ("path", "tag", "port", "project", "task", "created_at", "last_used_at")
+    __slots__ = FIELDS + ("lease",)
 
     def __init__(self, path, tag, port, project=None, task=None, created_at=0, last_used_at=0):
+        self.lease = None               # (Lease, its holder's state) where a reader looked (list, who)
         self.path = path
         self.tag = tag or None
         self.port = port
@@ -968,6 +1080,91 @@ def env_name_problem(name):
     return None
 
 
+class Holder:
+    """A process that holds a lease, told apart from a later process with the same pid.
+
+    start is the process's start time as the OS reports it (compared, never interpreted); boot and namespace
+    say which boot and pid namespace the pid belongs to; host and platform where it runs ('' where unknown).
+    """
+
+    __slots__ = ("pid", "start", "boot", "namespace", "host", "platform")
+
+    def __init__(self, pid, start, boot="", namespace="", host="", platform=""):
+        self.pid, self.start, self.boot, self.namespace, self.host, self.platform = \
+            pid, start, boot, namespace, host, platform
+
+    @classmethod
+    def of(cls, pid):
+        """The Holder that pid is now; LibraryError if there is no such process or this OS cannot say."""
+        try:
+            found = PLATFORM.process(pid)
+        except OSError as exc:
+            raise LibraryError("cannot hold a lease for pid %d: %s" % (pid, exc.strerror or exc))
+        if found is None or found[1]:
+            raise LibraryError("cannot hold a lease for pid %d: no such process" % pid)
+        return cls(pid, found[0], PLATFORM.boot_id(), PLATFORM.pid_namespace(), PLATFORM.host(), sys.platform)
+
+    def state(self):
+        """'alive', 'dead', or 'unknown': another host, platform or pid namespace, or an OS that cannot say.
+
+        Only a dead holder's lease is ever taken back.
+        """
+        try:
+            if (self.platform, self.host) != (sys.platform, PLATFORM.host()):
+                return "unknown"
+            boot = PLATFORM.boot_id()
+            if self.boot and boot and self.boot != boot:
+                return "dead"                   # its pids are from an earlier boot
+            if self.namespace != PLATFORM.pid_namespace():
+                return "unknown"
+            found = PLATFORM.process(self.pid)
+        except OSError:
+            return "unknown"
+        return "dead" if found is None or found[1] or found[0] != self.start else "alive"
+
+    def __eq__(self, other):
+        return isinstance(other, Holder) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self):
+        return "Holder(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.__slots__)
+
+
+class Lease:
+    """A reservation row held by a live process: (path, tag) is the row it holds, base_tag the tag asked for.
+
+    Concurrent holders of one (path, tag) hold slots 1, 2, ...: slot 1 is the row (path, tag) itself, slot n
+    the row tagged 'tag~n' (an untagged base gives '~n').  port and created_at copy the row's when the lease
+    was taken: a row the Rust trop released and someone reserved again is not this lease.
+    """
+
+    __slots__ = ("path", "tag", "base_tag", "slot", "port", "created_at", "holder", "leased_at")
+
+    def __init__(self, path, tag, base_tag, slot, port, created_at, holder, leased_at):
+        self.path, self.tag, self.base_tag, self.slot, self.port = path, tag or None, base_tag or None, slot, port
+        self.created_at, self.holder, self.leased_at = created_at, holder, leased_at
+
+    @property
+    def key(self):
+        return ReservationKey(self.path, self.tag)
+
+    @staticmethod
+    def slot_tag(base_tag, slot):
+        return base_tag if slot == 1 else "%s~%d" % (base_tag or "", slot)
+
+    def holds(self, res):
+        """Whether res is still the row this lease took (not released and reserved again)."""
+        return res is not None and (res.port, res.created_at) == (self.port, self.created_at)
+
+    def row(self):
+        h = self.holder
+        return (self.path, self.tag or "", self.base_tag or "", self.slot, self.port, self.created_at, h.pid, h.start,
+                h.boot, h.namespace, h.host, h.platform, self.leased_at)
+
+    @classmethod
+    def from_row(cls, row):
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], Holder(*row[6:12]), row[12])
+
+
 class Plan:
     """What a command will do, as plain data: executed, or described and rolled back (a dry run).
 
@@ -980,9 +1177,13 @@ class Plan:
         self.deletes = []        # Reservation (deleted only if unchanged)
         self.updates = []        # Reservation: same key and port, new project, task or last use
         self.touches = []        # Reservation: only last_used_at refreshed
+        self.leases = []         # Lease: taken (or taken over) by this plan
+        self.freed = []          # Lease: ended (its row may stay, e.g. adopted by a new holder)
         self.warnings = []
 
     def execute(self, store):
+        for lease in self.freed:
+            store.delete_lease(lease)
         for res in self.deletes:
             store.delete_exact(res)
         for res in self.updates:
@@ -991,6 +1192,8 @@ class Plan:
             store.touch(res)
         for res in self.inserts:
             store.insert(res)
+        for lease in self.leases:
+            store.insert_lease(lease)
 
     def describe(self):
         """Human lines for a dry run, in execution order (a moved key is one Reserve line)."""
@@ -999,7 +1202,9 @@ class Plan:
         lines += ["Update reservation for %s (port %d, project %s, task %s)"
                   % (r.key, r.port, _quote(r.project), _quote(r.task)) for r in self.updates]
         lines += ["Refresh reservation for %s (port %d)" % (r.key, r.port) for r in self.touches]
-        return lines + ["Reserve port %d for %s" % (r.port, r.key) for r in self.inserts]
+        lines += ["Reserve port %d for %s" % (r.port, r.key) for r in self.inserts]
+        return lines + ["Lease port %d of %s to pid %d" % (lease.port, lease.key, lease.holder.pid)
+                        for lease in self.leases]
 
 
 class ReservePlan(Plan):
@@ -1031,6 +1236,8 @@ class MigratePlan(Plan):
         self.source, self.target = source, target
         self.moves = []
         self.conflicts = []
+
+
 # --- What the OS says about ports (reserved, ephemeral) ------------------------
 
 
@@ -1065,7 +1272,8 @@ def os_reserved_ports(proc_root=None, netsh=None):
     if PLATFORM.name == "windows" or netsh is not None:
         return ExclusionList(rng for family in ("ipv4", "ipv6") for rng in parse_netsh_ranges(
             (netsh or _netsh)("int", family, "show", "excludedportrange", "protocol=tcp")))
-    return ExclusionList(parse_reserved_ports(_read_proc(proc_root, "sys/net/ipv4/ip_local_reserved_ports") or ""))
+    text = _read_proc_file("sys/net/ipv4/ip_local_reserved_ports", proc_root)
+    return ExclusionList(parse_reserved_ports(text or ""))
 
 
 def ephemeral_range(proc_root=None, netsh=None):
@@ -1076,17 +1284,9 @@ def ephemeral_range(proc_root=None, netsh=None):
         return PortRange(numbers[0], numbers[0] + numbers[1] - 1) if len(numbers) >= 2 and numbers[1] else None
     if sys.platform == "darwin" and proc_root is None:
         return _darwin_ephemeral_range()
-    numbers = (_read_proc(proc_root, "sys/net/ipv4/ip_local_port_range") or "").split()
+    numbers = (_read_proc_file("sys/net/ipv4/ip_local_port_range", proc_root) or "").split()
     return PortRange(int(numbers[0]), int(numbers[1])) if len(numbers) == 2 and all(map(str.isdigit, numbers)) \
         else None
-
-
-def _read_proc(proc_root, name):
-    try:
-        with open(os.path.join(proc_root or PROC_ROOT, name), encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return None
 
 
 def _netsh(*args):
@@ -1116,6 +1316,8 @@ def _darwin_ephemeral_range():
 
 _OS_RESERVED_WHERE = {"windows": "Windows excluded port range: netsh int ipv4 show excludedportrange protocol=tcp",
                       "posix": "net.ipv4.ip_local_reserved_ports"}
+
+
 # --- YAML reader -------------------------------------------------------------
 
 
@@ -2910,6 +3112,16 @@ def _strict_supported():
     return _sqlite().sqlite_version_info >= (3, 37, 0)
 
 
+# Leases live beside the reference's tables, which the Rust trop validates exactly (it ignores other tables).
+# No foreign key: the Rust trop deletes rows it knows nothing of, and a dangling key would fail both validators;
+# a lease whose row is gone, or is another row now, is simply over (Lease.holds).
+_LEASES_SQL = ("CREATE TABLE IF NOT EXISTS trop_py_leases (path TEXT NOT NULL, tag TEXT NOT NULL, "
+               "base_tag TEXT NOT NULL, slot INTEGER NOT NULL, port INTEGER NOT NULL, created_at INTEGER NOT NULL, "
+               "pid INTEGER NOT NULL, start TEXT NOT NULL, boot TEXT NOT NULL, namespace TEXT NOT NULL, "
+               "host TEXT NOT NULL, platform TEXT NOT NULL, leased_at INTEGER NOT NULL, PRIMARY KEY (path, tag))")
+_LEASE_COLUMNS = "path, tag, base_tag, slot, port, created_at, pid, start, boot, namespace, host, platform, leased_at"
+
+
 def _table_sql(sql, name=None):
     if name:
         sql = sql.replace("CREATE TABLE %s " % name.split("_")[0], "CREATE TABLE %s " % name, 1)
@@ -2942,6 +3154,7 @@ class Store:
         self.identity = _file_identity(path)
         self._ports = None
         self._ports_version = None
+        self._has_leases = False    # once the table exists it stays
 
     def is_current(self):
         """Still safe to use: same process, and trop.db is still the file this connection opened."""
@@ -3186,8 +3399,9 @@ class Store:
         return self._ports
 
     def forget_cache(self):
-        """After a rollback the cached ports may include writes that never happened."""
+        """After a rollback the cached ports (and a just-made leases table) may be writes that never happened."""
         self._ports = None
+        self._has_leases = False
 
     def all(self):
         return [Reservation.from_row(r) for r in self.conn.execute(_SELECT + " ORDER BY path, tag")]
@@ -3210,6 +3424,33 @@ class Store:
         return [r[0] for r in self.conn.execute(
             "SELECT DISTINCT project FROM reservations WHERE project IS NOT NULL ORDER BY project")]
 
+    def with_leases(self, rows):
+        """rows, each held by a lease given .lease = (Lease, 'alive' | 'dead' | 'unknown')."""
+        by_key = {r.key: r for r in rows}
+        memo = {}
+        for lease in self.leases():
+            res = by_key.get(lease.key)
+            if lease.holds(res):
+                ident = (lease.holder.pid, lease.holder.start, lease.holder.host)
+                if ident not in memo:
+                    memo[ident] = lease.holder.state()
+                res.lease = (lease, memo[ident])
+        return rows
+
+    def has_leases(self):
+        if not self._has_leases:
+            self._has_leases = self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trop_py_leases'").fetchone() is not None
+        return self._has_leases
+
+    def leases(self, path=None):
+        """Every lease (at path), ordered by path, base tag and slot; none where the table was never made."""
+        if not self.has_leases():
+            return []
+        where, params = ("", ()) if path is None else (" WHERE path = ?", (path,))
+        return [Lease.from_row(row) for row in self.conn.execute(
+            "SELECT %s FROM trop_py_leases%s ORDER BY path, base_tag, slot" % (_LEASE_COLUMNS, where), params)]
+
     # -- writes (inside a transaction) --
 
     def insert(self, res):
@@ -3221,13 +3462,28 @@ class Store:
             raise LibraryError("reservation conflict: cannot store %s on port %d: %s" % (res.key, res.port, exc))
 
     def delete_exact(self, res):
-        """Delete a row only if it is still exactly as planned."""
+        """Delete a row only if it is still exactly as planned (and any lease of it)."""
         cur = self.conn.execute(
             "DELETE FROM reservations WHERE path = ? AND tag = ? AND port = ? AND project IS ? AND task IS ? "
             "AND created_at = ? AND last_used_at = ?", res.row())
         if cur.rowcount and self._ports is not None:
             self._ports.discard(res.port)
+        if cur.rowcount and self.has_leases():
+            self.conn.execute("DELETE FROM trop_py_leases WHERE path = ? AND tag = ?", (res.path, res.tag or ""))
         return cur.rowcount
+
+    def insert_lease(self, lease):
+        if not self.has_leases():
+            self.conn.execute(_table_sql(_LEASES_SQL))
+            self._has_leases = True
+        self.conn.execute("INSERT OR REPLACE INTO trop_py_leases (%s) VALUES (%s)"
+                          % (_LEASE_COLUMNS, ", ".join("?" * 13)), lease.row())
+
+    def delete_lease(self, lease):
+        """End a lease (its holder's, and only if it still holds it); the reservation row is left alone."""
+        if self.has_leases():
+            self.conn.execute("DELETE FROM trop_py_leases WHERE path = ? AND tag = ? AND pid = ? AND start = ?",
+                              (lease.path, lease.tag or "", lease.holder.pid, lease.holder.start))
 
     def update(self, res):
         self.conn.execute("UPDATE reservations SET project = ?, task = ?, last_used_at = ? "
@@ -4330,6 +4586,8 @@ def _guard(func, what="running trop"):
         if module.startswith("sqlite3"):
             raise _database_error(exc, "trop.db", what, 0)
         raise
+
+
 # --- Operations: stale reservations (the prune and expire rules) ----------------
 
 
@@ -4367,6 +4625,7 @@ class CleanupPlan(Plan):
 
     def __init__(self):
         Plan.__init__(self)
+        self.dead = []           # rows leased by a holder that has died (always taken back)
         self.pruned = []
         self.expired = []
 
@@ -4376,7 +4635,10 @@ def plan_cleanup(store, gone, expire_days, now=None):
     now = int(time.time()) if now is None else now
     plan = CleanupPlan()
     rows = store.all()
-    pruned_keys = set()
+    leased = lease_states(store, rows, plan)
+    plan.dead = [r for r in rows if leased.get(r.key) == "dead"]
+    pruned_keys = {r.key for r in plan.dead}
+    rows = [r for r in rows if r.key not in pruned_keys]
     if gone:
         verdicts = {}
         for res in rows:
@@ -4387,16 +4649,25 @@ def plan_cleanup(store, gone, expire_days, now=None):
                     plan.warnings.append("could not inspect reserved directory %s (%s: %s); reservation "
                                          "preserved by prune. %s" % (res.path, verdict[0], verdict[1],
                                                                      _ADVICE[verdict[0]]))
-            if verdict == "stale":
+            if verdict == "stale" and res.key not in leased:        # a live (or unverifiable) holder keeps it
                 plan.pruned.append(res)
                 pruned_keys.add(res.key)
     if expire_days:
         limit = expire_days * 86400
-        expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys]
+        expired = [r for r in rows if now - r.last_used_at > limit and r.key not in pruned_keys
+                   and leased.get(r.key) != "alive"]
         expired.sort(key=lambda r: (r.last_used_at, r.path, r.tag or ""))
         plan.expired = expired
-    plan.deletes = plan.pruned + plan.expired
+    plan.deletes = plan.dead + plan.pruned + plan.expired
     return plan
+
+
+def lease_states(store, rows, plan):
+    """{key: 'alive' | 'dead' | 'unknown'} of the rows held by a lease; leases that are over go to plan.freed."""
+    store.with_leases(rows)
+    held = {r.lease[0].key for r in rows if r.lease}
+    plan.freed += [lease for lease in store.leases() if lease.key not in held]
+    return {r.key: r.lease[1] for r in rows if r.lease}
 
 
 def run_cleanup(session, gone=True, unused=True, days=None, dry_run=False):
@@ -4477,6 +4748,55 @@ def plan_reserve(store, req, now=None):
     return plan
 
 
+def plan_lease(store, req, holder, now=None):
+    """Reserve (path, tag) for holder as a lease, inside the transaction: a ReservePlan with the Lease.
+
+    Slot 1 is the row (path, tag) itself: an ordinary row there is adopted, and so is a dead holder's, so a
+    lone holder keeps its port run after run.  While slot 1 is held by a live (or unverifiable) holder, the
+    next free slot n gets the row tagged 'tag~n' and a port of its own.
+    """
+    now = int(time.time()) if now is None else now
+    path, base = req.key.path, req.key.tag
+    plan = ReservePlan()
+    slots = {}
+    for lease in store.leases(path):
+        if lease.base_tag == base:
+            if lease.holds(store.get(lease.key)):
+                slots[lease.slot] = lease
+            else:
+                plan.freed.append(lease)            # the row was released, or is another row now
+    slot = 1
+    while True:
+        lease = slots.get(slot)
+        key = ReservationKey(path, Lease.slot_tag(base, slot))
+        if lease is not None and (lease.holder == holder or lease.holder.state() == "dead"):
+            plan.freed.append(lease)
+            break
+        if lease is None and (slot == 1 or store.get(key) is None):    # slot n must not take an ordinary row
+            break
+        slot += 1
+    req.key = key
+    inner = plan_reserve(store, req, now)
+    for name in ("inserts", "deletes", "updates", "touches", "warnings"):
+        getattr(plan, name).extend(getattr(inner, name))
+    plan.port = inner.port
+    row = next(r for r in inner.inserts + inner.updates + inner.touches if r.key == key)
+    plan.leases.append(Lease(path, key.tag, base, slot, row.port, row.created_at, holder, now))
+    return plan
+
+
+def plan_release_lease(store, path, tag, holder):
+    """End holder's lease of (path, tag) and release its row; other holders' leases are left alone."""
+    plan = Plan()
+    for lease in store.leases(path):
+        if lease.base_tag == tag and lease.holder == holder:
+            res = store.get(lease.key)
+            if lease.holds(res):
+                plan.deletes.append(res)
+            plan.freed.append(lease)
+    return plan
+
+
 def _check_sticky(field, old, new, allowed, group_path=None):
     """A recorded project or task changes only with --force or its permission."""
     if old != {new} and not allowed:
@@ -4503,11 +4823,11 @@ def _allocate_once_or_cleanup(store, req, taken, plan, now):
     if port is not None:
         return port
     rng = req.port_range
-    if not (req.autoprune or req.autoexpire):
+    cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
+    if not (req.autoprune or req.autoexpire or cleanup.dead):      # a dead holder's lease is always taken back
         raise LibraryError("port range %s exhausted: cleanup was skipped (automatic pruning "
                            "and expiration disabled); remaining blockers: %s%s"
                            % (rng, req.skips.census(rng, taken), _probe_failures(req.skips.occupancy)))
-    cleanup = plan_cleanup(store, req.autoprune, req.expire_days if req.autoexpire else None, now)
     freed = {r.port for r in cleanup.deletes if r.key != req.key}
     port, cautions = allocate_single(req, taken - freed, req.skips)
     plan.warnings.extend(cautions)
@@ -4520,9 +4840,10 @@ def _allocate_once_or_cleanup(store, req, taken, plan, now):
                               policy, _probe_failures(req.skips.occupancy)))
     plan.deletes.extend(r for r in cleanup.deletes if r.key != req.key)
     plan.warnings.extend(cleanup.warnings)
-    plan.warnings.append("Automatic cleanup after initial port exhaustion pruned %d and expired %d "
+    plan.warnings.append("Automatic cleanup after initial port exhaustion %spruned %d and expired %d "
                          "reservation(s); allocation succeeded on the single retry."
-                         % (len(cleanup.pruned), len(cleanup.expired)))
+                         % ("took back %d lease(s) of dead holders, " % len(cleanup.dead) if cleanup.dead else "",
+                            len(cleanup.pruned), len(cleanup.expired)))
     return port
 
 
@@ -4555,8 +4876,13 @@ def plan_release(store, path, tag=None, untagged_only=False, recursive=False):
 
 
 def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=False, ignore_occupied=False,
-                ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False):
-    """Reserve (or refresh) the port of (path, tag); returns the executed (or dry-run) Plan."""
+                ignore_exclusions=False, clear_project=False, clear_task=False, dry_run=False, lease=False,
+                holder=None):
+    """Reserve (or refresh) the port of (path, tag); returns the executed (or dry-run) Plan.
+
+    lease (or a holder pid): held by a live process, the holder (default: this process's parent, the shell
+    or script that ran `trop reserve --lease`), and taken back once it has died (see plan_lease).
+    """
     config = session.config
     key_path = session.explicit_or_cwd(path)
     key = ReservationKey(key_path, check_tag(tag))
@@ -4566,7 +4892,11 @@ def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=
     req = ReserveRequest(key, config, preferred, overwrite, force, ignore_occupied, ignore_exclusions,
                          project, task)
     check_path_relationship(key.path, force or config.allow("unrelated_path"))
-    plan = session.write(lambda store: plan_reserve(store, req), dry_run)
+    if lease or holder is not None:
+        held_by = Holder.of(os.getppid() if holder is None else _holder_pid(holder))
+        plan = session.write(lambda store: plan_lease(store, req, held_by), dry_run)
+    else:
+        plan = session.write(lambda store: plan_reserve(store, req), dry_run)
     if not os.path.isdir(os_path(key.path)):
         plan.warnings.append("directory %s does not exist: the reservation is made, and prune removes it while the "
                              "directory is missing" % key.path)
@@ -4580,21 +4910,38 @@ def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=
     return plan
 
 
-def run_release(session, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False):
+def run_release(session, path=None, tag=None, untagged_only=False, recursive=False, force=False, dry_run=False,
+                holder=None):
+    """Release reservations; with holder (a pid), only the lease that process holds of (path, tag)."""
     if tag is not None and untagged_only:
         raise InvalidArguments("Cannot specify both --tag and --untagged-only")
     target = session.explicit_or_cwd(path)
     tag = check_tag(tag)
     allowed = force or session.config.allow("unrelated_path")
+    held_by = None if holder is None else Holder.of(_holder_pid(holder))
 
     def planner(store):
         check_path_relationship(target, allowed)
+        if held_by is not None:
+            return plan_release_lease(store, target, tag, held_by)
         return plan_release(store, target, tag, untagged_only, recursive)
     return session.write(planner, dry_run)
 
 
+def _holder_pid(value):
+    """--holder PID / holder=: a positive pid."""
+    try:
+        pid = parse_uint(value if _is_int(value) else str(value), 0x7FFFFFFF)
+    except ValueError:
+        pid = 0
+    if not pid:
+        raise InvalidArguments("Invalid arguments: --holder must be a process id, got %r" % (value,))
+    return pid
+
+
 def run_list(session, filter_project=None, filter_tag=None, filter_path=None):
-    rows = session.read(lambda store: store.all())
+    """Reservations by path and tag; a leased row's .lease says who holds it."""
+    rows = session.read(lambda store: store.with_leases(store.all()))
     if filter_project is not None:
         rows = [r for r in rows if r.project == filter_project]
     if filter_tag is not None:
@@ -4674,9 +5021,10 @@ def run_port_info(session, port, include_occupancy=False):
 class GroupRequest:
     """A group reservation: the spec, where it lives, and the effective settings."""
 
-    def __init__(self, spec, path, config, task=None, force=False):
+    def __init__(self, spec, path, config, task=None, force=False, holder=None):
         if not spec.services:
             raise LibraryError("Reservation group must contain at least one service")
+        self.holder = holder            # a Holder: the group's rows are leased to it (trop run --lease)
         self.spec = spec
         self.path = path
         self.project = config["project"]
@@ -4810,19 +5158,39 @@ def locate_group_config(cwd, config_path=None):
     return os.path.join(directory, names[-1]), real_key(directory)
 
 
-def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False):
-    """Reserve the session's group for group_dir; returns the GroupPlan."""
+def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, holder=None):
+    """Reserve the session's group for group_dir; returns the GroupPlan.  holder (a pid): the rows are leased
+    to that process, which must be the only live holder of the group."""
     spec = session.config.group
     if spec is None:
         raise LibraryError("Effective configuration does not contain a reservation group (no `reservations:` "
                            "in %s)" % config_file)
-    req = GroupRequest(spec, group_dir, session.config, task or session.config["task"], force)
+    req = GroupRequest(spec, group_dir, session.config, task or session.config["task"], force,
+                       None if holder is None else Holder.of(_holder_pid(holder)))
     allowed = force or session.config.allow("unrelated_path")
 
     def planner(store):
         check_path_relationship(group_dir, allowed)
-        return plan_group(store, req)
+        plan = plan_group(store, req)
+        if req.holder is not None:
+            _lease_group(store, plan, req)
+        return plan
     return session.write(planner, dry_run)
+
+
+def _lease_group(store, plan, req, now=None):
+    """Lease every row of the group to req.holder; a group is held by one live process at a time."""
+    now = int(time.time()) if now is None else now
+    current = {lease.key: lease for lease in store.leases(req.path)}
+    rows = {r.key: r for r in plan.inserts + plan.updates + plan.touches}
+    for key, row in sorted(rows.items(), key=lambda item: item[0].db_tag):
+        lease = current.get(key)
+        if lease is not None and lease.holds(store.get(key)) and lease.holder != req.holder:
+            state = lease.holder.state()
+            if state != "dead":
+                raise LibraryError("the group at %s is leased to pid %d (%s): one `trop run --lease` at a time "
+                                   "holds a group" % (req.path, lease.holder.pid, state))
+        plan.leases.append(Lease(key.path, key.tag, key.tag, 1, row.port, row.created_at, req.holder, now))
 
 
 # --- Operations: cleanup commands and migrate ----------------------------------
@@ -4886,12 +5254,15 @@ def diagnose(session):
     if database["exists"] and not network_refused and database["error"] is None:
         try:
             database["schema_version"], rows = session.read(
-                lambda store: (_parse_version(store.schema_version()), store.all()), mode="look")
+                lambda store: (_parse_version(store.schema_version()), store.with_leases(store.all())), mode="look")
             database["reservations"] = len(rows)
         except (TropError, _sqlite().Error) as exc:
             if not isinstance(exc, TropError):
                 exc = _database_error(exc, database["path"], "reading the database", 0)
             database["error"], database["exit_code"] = str(exc), exc.exit_code
+    states = [r.lease[1] for r in rows if r.lease]
+    report["leases"] = {"live": states.count("alive"), "dead": states.count("dead"),
+                        "unverifiable": states.count("unknown")}
     rows = [r for r in rows if r.port in rng]
     reserved = {r.port for r in rows}
     excluded = {p for p in rng if p in config.exclusions}
@@ -5055,13 +5426,22 @@ def wait_for_ports(ports, timeout=30.0, interval=0.25, http_path=None, progress=
 LINGERING_NOTE = " (closed connections linger in TIME_WAIT: a server that sets SO_REUSEADDR, as most do, can bind it)"
 
 
+def _lease_report(lease):
+    """A row's lease as JSON: its holder and whether that process is alive (None: not leased)."""
+    if lease is None:
+        return None
+    holder = lease[0].holder
+    return {"pid": holder.pid, "host": holder.host, "state": lease[1], "slot": lease[0].slot}
+
+
 def who_holds(port, res, owners, policy=None):
     """Who is on port: the reservation, the live listeners, and a verdict (free, reservation, other, unknown)."""
     listeners = owners.listeners(port)
     report = {"port": port, "reservation": None, "listeners": listeners}
     if res is not None:
         report["reservation"] = {"path": res.path, "tag": res.tag, "project": res.project,
-                                 "task": res.task, "last_used_at": format_timestamp(res.last_used_at)}
+                                 "task": res.task, "last_used_at": format_timestamp(res.last_used_at),
+                                 "lease": _lease_report(res.lease)}
     if not listeners:
         found, failed = probe_port(port, (policy or OccupancyPolicy()).probes())
         lingering = owners.lingering(port)
@@ -5120,12 +5500,13 @@ def run_who(session, port=None, path=None, tag=None):
     """who's reports: one port, or every reservation of the directory (one tag with tag)."""
     if port is not None:
         number = cli_port(port)
-        rows = [session.read(lambda store: store.for_port(number), mode="look")]
+        rows = session.read(lambda store: store.with_leases([r for r in [store.for_port(number)] if r]),
+                            mode="look") or [None]
         ports = [number]
     else:
         target = session.explicit_or_cwd(path)
         tag = check_tag(tag)
-        rows = [r for r in session.read(lambda store: store.at_path(target), mode="look")
+        rows = [r for r in session.read(lambda store: store.with_leases(store.at_path(target)), mode="look")
                 if tag is None or r.tag == tag]
         if not rows:
             raise LibraryError("not found: no reservation for %s" % ReservationKey(target, tag))
@@ -5179,12 +5560,14 @@ def listening_sockets(services, policy=None):
     return out
 
 
-def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run=False, listen=False, service=None):
+def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run=False, listen=False, service=None,
+                lease=False):
     """What `trop run` starts its command with: (the group's GroupPlan, the environment with its variables).
 
     With listen, the group's ports are bound here and handed over on fds 3, 4, ... (see socket_activation):
     every service's, or only those named in service (a list of tags), for a command that serves only them.
     The whole group is reserved either way, so commands that serve different services agree on the ports.
+    With lease, the rows are leased to this process, which the command becomes (exec keeps the pid).
     """
     if listen and PLATFORM.name != "posix":
         raise UsageError("--listen hands sockets over as systemd does, which needs POSIX; start the server "
@@ -5197,7 +5580,7 @@ def run_prepare(session, config_file, group_dir, task=None, force=False, dry_run
     if group and unknown:
         raise InvalidArguments("Invalid arguments: the group has no service %s (its services: %s)"
                                % (", ".join("'%s'" % tag for tag in unknown), ", ".join(tags)))
-    plan = run_group(session, config_file, group_dir, task, force, dry_run)
+    plan = run_group(session, config_file, group_dir, task, force, dry_run, os.getpid() if lease else None)
     env = dict(os.environ)
     env.update(plan.environment())
     if listen and not dry_run:
@@ -5481,7 +5864,16 @@ def _json_reservations(rows):
     return "[\n" + ",\n".join(_JSON_ROW % (
         format_timestamp(r.created_at), format_timestamp(r.last_used_at), q(r.path), r.port,
         null if r.project is None else q(r.project), null if r.tag is None else q(r.tag),
-        null if r.task is None else q(r.task)) for r in rows) + "\n]"
+        null if r.task is None else q(r.task)) if r.lease is None else _json_leased_row(r) for r in rows) + "\n]"
+
+
+def _json_leased_row(r):
+    """A leased row: the reference's fields plus "lease" (its holder), as json.dumps(indent=2) nests it."""
+    row = {name: getattr(r, name) for name in Reservation.FIELDS}
+    row.update(created_at=format_timestamp(r.created_at), last_used_at=format_timestamp(r.last_used_at),
+               lease=_lease_report(r.lease))
+    text = _json().dumps(row, indent=2, sort_keys=True, ensure_ascii=_ascii_stdout())
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 def format_port_info(info):
@@ -5568,6 +5960,11 @@ def format_who(reports):
                 res["path"], " tag %s" % res["tag"] if res["tag"] else "",
                 ", project %s" % res["project"] if res["project"] else "",
                 ", task %s" % res["task"] if res["task"] else "", res["last_used_at"]))
+            lease = res["lease"]
+            if lease:
+                lines.append("  leased to pid %d on %s: %s" % (lease["pid"], lease["host"] or "?", {
+                    "alive": "alive", "dead": "dead (the port comes back when needed)",
+                    "unknown": "cannot be checked from here"}[lease["state"]]))
         else:
             lines.append("  not reserved")
         for entry in report["listeners"]:
@@ -5699,6 +6096,10 @@ def format_diagnosis(report):
         lines.append("  trop.db      %d bytes, WAL %d bytes, %s" % (
             database["size"], database["wal_size"], "not read" if database["schema_version"] is None else
             "schema %s, %d reservation(s)" % (database["schema_version"], database["reservations"])))
+    leases = report["leases"]
+    lines.append("Leases       %d live, %d dead (taken back when a port is needed, or by prune), %d unverifiable "
+                 "(another host or pid namespace: only expire removes them)"
+                 % (leases["live"], leases["dead"], leases["unverifiable"]))
     lines.append("Configuration (lowest layer first)")
     for layer in report["layers"]:
         settings = ", ".join(sorted(layer["settings"]))
@@ -5968,20 +6369,26 @@ class reservation:
         with trop.reservation(tag="test_api") as port:
             start_server(port)
 
+    The port is leased to this process (lease=False: an ordinary reservation): copies of a test suite run at
+    once get distinct ports, a lone run gets the same port every time, and a killed run's port comes back.
     Works the same under unittest and pytest (see also the `trop_port` fixture).
     """
 
-    def __init__(self, path=None, tag=None, **options):
-        self.path, self.tag, self.options = path, tag, options
+    def __init__(self, path=None, tag=None, lease=True, **options):
+        self.path, self.tag, self.lease, self.options = path, tag, lease, options
         self.port = None
 
     def __enter__(self):
-        self.port = ReservedPort(reserve(self.path, self.tag, **self.options))
+        holder = {"holder": os.getpid()} if self.lease else {}
+        self.port = ReservedPort(reserve(self.path, self.tag, **dict(self.options, **holder)))
         return self.port
 
     def __exit__(self, *exc):
         options = {name: value for name, value in self.options.items() if name in API_OPTIONS or name == "force"}
-        release(self.path, self.tag, untagged_only=self.tag is None, **options)
+        if self.lease:
+            release(self.path, self.tag, holder=os.getpid(), **options)
+        else:
+            release(self.path, self.tag, untagged_only=self.tag is None, **options)
 
 
 def pytest_configure(config):
@@ -6006,6 +6413,8 @@ def pytest_configure(config):
 
 def _pick(options, *names):
     return {name: options.pop(name) for name in names if name in options}
+
+
 # --- Shell completions (generated from the argparse model) ---------------------
 
 
@@ -6700,6 +7109,10 @@ def _args_reserve(p):
     p.add_argument("--ignore-occupied", action="store_true", help="accept a preferred port that is in use")
     p.add_argument("--ignore-exclusions", action="store_true", help="accept a preferred port that is excluded")
     p.add_argument("--force", action="store_true", help="overwrite, ignore the path guard and sticky fields")
+    p.add_argument("--lease", action="store_true",
+                   help="hold the port for a live process, the holder (default: trop's parent, the script or shell "
+                        "that runs it): concurrent holders get distinct ports, a dead holder's port comes back")
+    p.add_argument("--holder", metavar="PID", help="the lease's holder (implies --lease)")
     _add_options(p, "permissions")
     _add_options(p, "autoclean")
     _add_dry_run(p)
@@ -6894,6 +7307,8 @@ def _args_run(p):
     p.add_argument("--config", metavar="FILE", help="group file (default: discover trop.yaml from the cwd)")
     p.add_argument("--listen", action="store_true",
                    help="bind the group's ports and hand the sockets to COMMAND (systemd socket activation)")
+    p.add_argument("--lease", action="store_true",
+                   help="the group's ports are held by COMMAND while it runs, and come back when it dies")
     p.add_argument("--service", action="append", metavar="TAG",
                    help="with --listen: hand over only this service's sockets (repeatable), for a command that "
                         "serves only some of the group")
@@ -6946,6 +7361,11 @@ def _cleanup_command(args, gone, unused):
     for warning in plan.warnings:
         _warn(warning)
     dry = args.dry_run
+    if plan.dead:                       # listed first: taken back whatever the rule, as allocation would
+        _err("%s %d lease(s) of dead holders:" % ("[DRY RUN] Would take back" if dry else "Took back", len(plan.dead)))
+        for r in plan.dead:
+            _err("  - Port %d: %s (tag: %s; its holder has died)" % (r.port, r.path, _quote(r.tag)))
+        total -= len(plan.dead)
     now = int(time.time())
     age = (lambda r: (now - r.last_used_at) // 86400)
     if gone and unused:

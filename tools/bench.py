@@ -23,6 +23,8 @@ are reported as ratios against the floor, so they compare across machines:
                                                                  BEGIN IMMEDIATE /
                                                                  INSERT / COMMIT
     P6  scan --min 5000 --max 7000                            <= 0.5 s absolute
+    P7  Python API lease acquire + release (Trop.reserve with  <= 10x P5's floor
+        holder=, Trop.release with holder=) per pair
 
 P1-P3 are measured three ways: with a bytecode cache (the normal case), cold
 (a fresh copy of trop.py, PYTHONDONTWRITEBYTECODE=1, no __pycache__: every
@@ -287,8 +289,18 @@ for b in range(batches):                # interleaved so drift hits both alike
     raw_ms.append((time.perf_counter() - t0) * 1000 / per_batch)
     k += per_batch
 raw.close()
+lease_ms = None
+if hasattr(mod, "Holder"):              # P7: a lease taken and released (two transactions, the holder checked)
+    me, lease_ms = os.getpid(), []
+    for b in range(batches):
+        t0 = time.perf_counter()
+        for j in range(per_batch):
+            handle.reserve("/bench/lease", "t", holder=me)
+            handle.release("/bench/lease", "t", holder=me)
+        lease_ms.append((time.perf_counter() - t0) * 1000 / per_batch)
+    lease_ms = statistics.median(lease_ms)
 print(json.dumps({"api_ms": statistics.median(api_ms), "raw_ms": statistics.median(raw_ms),
-                  "ops": batches * per_batch}))
+                  "lease_ms": lease_ms, "ops": batches * per_batch}))
 '''
 
 
@@ -450,6 +462,10 @@ def main(argv=None):
                        p5["api_ms"] / p5["raw_ms"], 4, p5["raw_ms"],
                        extra="floor: raw sqlite3 BEGIN IMMEDIATE/INSERT/COMMIT = %.3f ms"
                              % p5["raw_ms"])
+                if p5.get("lease_ms") is not None:
+                    figure("P7", "API lease acquire + release", p5["lease_ms"], "ms",
+                           p5["lease_ms"] / p5["raw_ms"], 10, p5["raw_ms"],
+                           extra="two transactions and a holder check; floor as P5")
 
             # P6: scan wall time, absolute.
             t = b.median_time(lambda i: b.trop(d1k, "scan", "--min", "5000", "--max", "7000"),
