@@ -9931,6 +9931,20 @@ class TestLeases(ServerCase):
         self.assertEqual([r[:3] for r in self.rows(3)], [(self.proj, "other", port)])
         self.assertEqual(self.leases(), [])
 
+    def test_a_dead_holders_port_comes_back_to_a_preference_and_a_group(self):
+        low = self.free_block(3)
+        opts = dict(data_dir=self.data, allow_unrelated_path=True, min=low, max=low + 2, skip_occupancy_check=True)
+        for tag in ("a", "b"):
+            trop.reserve(self.proj, tag, holder=os.getpid(), **opts)
+        self.sql("UPDATE trop_py_leases SET start = 'a process that has died'")
+        self.assertEqual(trop.reserve(self.proj, "c", port=low + 1, **opts), low + 1)          # asked by number
+        group = self.mkdir("proj", "grp")
+        self.group_file(group, [("x", {})], pmin=low, pmax=low)
+        rc, out, err = self.trop("autoreserve", "--format", "json", cwd=group)
+        self.assertEqual((rc, json.loads(out)), (0, {"x": low}), err)                         # a's port
+        self.assertEqual(sorted((r[1], r[2]) for r in self.rows(3)), [("c", low + 1), ("x", low)])
+        self.assertEqual(sqlite_rows(self.db, "SELECT tag FROM trop_py_leases"), [])
+
     def test_a_live_pid_with_another_start_time_is_a_dead_holder(self):
         port = self.free_block(1)
         opts = dict(data_dir=self.data, allow_unrelated_path=True, min=port, max=port, skip_occupancy_check=True)

@@ -4818,6 +4818,11 @@ def _allocate_or_cleanup(store, req, taken, plan, now):
 
 
 def _allocate_once_or_cleanup(store, req, taken, plan, now):
+    if req.preferred is not None and req.preferred in taken:     # a dead holder's lease gives the port back
+        row = store.for_port(req.preferred)
+        if row.key != req.key and store.with_leases([row])[0].lease and row.lease[1] == "dead":
+            plan.deletes.append(row)
+            taken = taken - {row.port}
     port, cautions = allocate_single(req, taken, req.skips)
     plan.warnings.extend(cautions)
     if port is not None:
@@ -5125,7 +5130,14 @@ def plan_group(store, req, now=None):
         task = _inherited(stored, "task", req.path) if task is None else task
         plan.deletes = stored
     taken = store.taken_ports() - {r.port for r in plan.deletes}
-    mapping, cautions = allocate_group(req, taken)
+    try:
+        mapping, cautions = allocate_group(req, taken)
+    except LibraryError:
+        dead = [r for r in plan_cleanup(store, False, None, now).dead if r.path != req.path]
+        if not dead:
+            raise
+        plan.deletes += dead                                    # a dead holder's ports come back, then once more
+        mapping, cautions = allocate_group(req, taken - {r.port for r in dead})
     plan.warnings.extend(cautions)
     plan.inserts = [Reservation(req.path, tag, port, project, task, now, now) for tag, port in mapping.items()]
     plan.ports = mapping
