@@ -699,7 +699,7 @@ class TestLayering(unittest.TestCase):
         names = [name for _start, name in self.starts]
         api = next(i for i, name in enumerate(names) if name.startswith("Python API"))
         self.assertTrue(names[api - 1].startswith("Output formatting"), names)
-        self.assertEqual([n.split(" ")[0] for n in names[api + 1:]], ["Shell", "Command"])
+        self.assertEqual([n.split(" ")[0] for n in names[api + 1:]], ["Shell", "MCP", "Command"])
         self.assertLess(max(i for i, name in enumerate(names) if name.startswith("Sessions")),
                         min(i for i, name in enumerate(names) if name.startswith("Operations")))
 
@@ -10159,6 +10159,261 @@ class TestHolderIdentity(unittest.TestCase):
         gone.wait()
         with self.assertRaises(trop.LibraryError):
             trop.Holder.of(gone.pid)
+
+
+# --- For coding agents: MCP server, .env files, service URLs --------------------
+
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+               "io.modelcontextprotocol/clientCapabilities": {}}
+JSON_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def check_json_schema(test, schema, where="schema"):
+    """A structural check of a JSON Schema (2020-12) as trop's tools use it."""
+    test.assertIsInstance(schema, dict, where)
+    test.assertIn(schema.get("type"), JSON_SCHEMA_TYPES, where)
+    known = {"type", "properties", "required", "additionalProperties", "description", "minimum", "maximum",
+             "enum", "minLength", "items"}
+    test.assertEqual(set(schema) - known, set(), where)
+    if "properties" in schema:
+        test.assertEqual(schema["type"], "object", where)
+        for name, sub in schema["properties"].items():
+            test.assertRegex(name, r"^[a-z][a-z0-9_]*$", where)
+            check_json_schema(test, sub, "%s.%s" % (where, name))
+    for name in schema.get("required", ()):
+        test.assertIn(name, schema["properties"], where)
+    if "enum" in schema:
+        test.assertTrue(schema["enum"] and all(isinstance(v, str) for v in schema["enum"]), where)
+    for bound in ("minimum", "maximum"):
+        if bound in schema:
+            test.assertIn(schema["type"], ("integer", "number"), where)
+            test.assertIsInstance(schema[bound], (int, float), where)
+    if "minimum" in schema and "maximum" in schema:
+        test.assertLessEqual(schema["minimum"], schema["maximum"], where)
+    if "additionalProperties" in schema:
+        test.assertIsInstance(schema["additionalProperties"], bool, where)
+    if "description" in schema:
+        test.assertIsInstance(schema["description"], str, where)
+
+
+class McpClient(object):
+    """`python -m trop mcp` over pipes, spoken to in raw JSON-RPC lines."""
+
+    def __init__(self, test, cwd, env):
+        self.proc = subprocess.Popen([sys.executable, "-m", "trop", "mcp"], cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        test.addCleanup(self.close)
+        self.next_id = 0
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode("utf-8") + b"\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError("trop mcp closed stdout; stderr: %s" % self.proc.stderr.read().decode())
+        return json.loads(line.decode("utf-8"))
+
+    def request(self, method, params=None, meta=True):
+        self.next_id += 1
+        params = dict(params or {})
+        if meta:
+            params["_meta"] = dict(MODERN_META, **(meta if isinstance(meta, dict) else {}))
+        self.send(json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}))
+        answer = self.receive()
+        assert answer["id"] == self.next_id, answer
+        return answer
+
+    def call(self, tool, meta=True, **arguments):
+        answer = self.request("tools/call", {"name": tool, "arguments": arguments}, meta)
+        return answer["result"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+class TestMcpServer(TropTestCase):
+    ENV = SKIP_PROBES
+
+    def client(self):
+        return McpClient(self, self.proj, self.environment())
+
+    def test_the_2026_07_28_flow(self):
+        mcp = self.client()
+        found = mcp.request("server/discover")["result"]
+        self.assertEqual(found["supportedVersions"], ["2026-07-28"])
+        self.assertEqual((found["resultType"], found["cacheScope"], found["ttlMs"]), ("complete", "public", 0))
+        self.assertIn("tools", found["capabilities"])
+        self.assertEqual(found["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "trop")
+        listed = mcp.request("tools/list")["result"]
+        self.assertEqual(listed["resultType"], "complete")
+        tools = {tool["name"]: tool for tool in listed["tools"]}
+        self.assertEqual(sorted(tools), ["doctor", "list", "release", "reserve", "reserve_group", "url", "wait",
+                                         "who"])
+        for tool in listed["tools"]:
+            check_json_schema(self, tool["inputSchema"], tool["name"])
+            self.assertEqual(tool["inputSchema"]["type"], "object")
+            self.assertTrue(tool["description"])
+        # the schemas come from the operations and the option table, not from a copy
+        reserve = tools["reserve"]["inputSchema"]["properties"]
+        for name in trop._params(trop.run_reserve):
+            self.assertIn(name, reserve)
+        for option in trop.OPTIONS:
+            if option.name in trop.API_OPTIONS and option.name not in ("verbose", "quiet"):
+                self.assertEqual({k: v for k, v in reserve[option.name].items() if k != "description"},
+                                 option.value_type.schema, option.name)
+        self.assertEqual(tools["wait"]["inputSchema"]["required"], ["timeout"])
+        self.assertEqual(tools["wait"]["inputSchema"]["properties"]["timeout"]["maximum"], trop.MCP_WAIT_LIMIT)
+        result = mcp.call("reserve", tag="web")
+        self.assertEqual((result["isError"], result["structuredContent"]["port"], result["resultType"]),
+                         (False, 5000, "complete"))
+        self.assertEqual(result["content"], [{"type": "text", "text": "port 5000"}])
+        self.assertEqual(mcp.call("reserve", tag="web")["structuredContent"]["port"], 5000)      # stable
+        rows = mcp.call("list")["structuredContent"]["reservations"]
+        self.assertEqual([(r["path"], r["tag"], r["port"], r["lease"]) for r in rows], [(self.proj, "web", 5000, None)])
+        who = mcp.call("who", port=5000)["structuredContent"]["reports"]
+        self.assertEqual((who[0]["port"], who[0]["reservation"]["tag"]), (5000, "web"))
+        self.assertEqual(mcp.call("url", service="web", route="api")["structuredContent"]["url"],
+                         "http://localhost:5000/api")
+        released = mcp.call("release", tag="web")["structuredContent"]["released"]
+        self.assertEqual([r["port"] for r in released], [5000])
+        self.assertEqual(self.rows(), [])
+
+    def test_the_initialize_flows_2025_11_25_and_2024_11_05(self):
+        for version in ("2025-11-25", "2024-11-05"):
+            with self.subTest(version=version):
+                mcp = self.client()
+                self.assertEqual(mcp.request("tools/list", meta=False)["error"]["code"], -32602)   # not yet
+                answer = mcp.request("initialize", {"protocolVersion": version, "capabilities": {},
+                                                    "clientInfo": {"name": "test", "version": "1"}}, meta=False)
+                result = answer["result"]
+                self.assertEqual(result["protocolVersion"], version)
+                self.assertEqual(result["serverInfo"]["name"], "trop")
+                self.assertEqual("title" in result["serverInfo"], version >= "2025-06-18")
+                self.assertNotIn("resultType", result)
+                mcp.send('{"jsonrpc":"2.0","method":"notifications/initialized"}')         # no answer to it
+                self.assertEqual(mcp.request("ping", meta=False)["result"], {})
+                listed = mcp.request("tools/list", meta=False)["result"]
+                self.assertEqual(set(listed), {"tools"})
+                port = mcp.call("reserve", meta=False, tag=version)["structuredContent"]["port"]
+                self.assertEqual(mcp.call("url", meta=False, service=version)["structuredContent"]["port"], port)
+        self.assertEqual(self.client().request("initialize", {"protocolVersion": "1999-01-01", "capabilities": {},
+                                                              "clientInfo": {"name": "t", "version": "1"}},
+                                               meta=False)["result"]["protocolVersion"], "2025-11-25")
+
+    def test_errors_are_results_or_json_rpc_errors_and_the_server_lives_on(self):
+        mcp = self.client()
+        failed = mcp.call("reserve", port=0)
+        self.assertTrue(failed["isError"])
+        self.assertEqual(failed["structuredContent"]["exit_code"], 4)
+        self.assertEqual(failed["structuredContent"]["exit_name"], "EXIT_INVALID_ARGS")
+        self.assertIn("port 0 is reserved", failed["content"][0]["text"])
+        self.assertTrue(mcp.call("reserve", colour="red")["isError"])                # unknown argument
+        self.assertTrue(mcp.call("wait", port=1)["isError"])                         # timeout is required
+        mcp.send("{not json")
+        self.assertEqual(mcp.receive()["error"]["code"], -32700)
+        mcp.send('[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]')
+        self.assertEqual(mcp.receive()["error"]["code"], -32600)
+        self.assertEqual(mcp.request("resources/list")["error"]["code"], -32601)
+        self.assertEqual(mcp.request("tools/call", {"name": "format_disk"})["error"]["code"], -32602)
+        unsupported = mcp.request("tools/list", meta={"io.modelcontextprotocol/protocolVersion": "2030-01-01"})
+        self.assertEqual(unsupported["error"]["code"], -32022)
+        self.assertEqual(unsupported["error"]["data"]["requested"], "2030-01-01")
+        self.assertIn("2026-07-28", unsupported["error"]["data"]["supported"])
+        self.assertEqual(mcp.call("reserve")["structuredContent"]["port"], 5000)                   # still serving
+        mcp.proc.stdin.close()
+        self.assertEqual(mcp.proc.wait(30), 0)                                       # end of input: exit 0
+        self.assertEqual(mcp.proc.stdout.read(), b"")
+
+    def test_wait_is_bounded(self):
+        mcp = self.client()
+        started = time.monotonic()
+        result = mcp.call("wait", port=self.free_block(1), timeout=0.3)
+        self.assertTrue(result["isError"])
+        self.assertEqual(result["structuredContent"]["exit_code"], 1)
+        self.assertLess(time.monotonic() - started, 60)
+
+    def test_two_servers_and_a_command_line_loop_never_share_a_port(self):
+        servers = [self.client() for _ in range(2)]
+        cli = [popen(["reserve", "--tag", "cli-%d" % i], self.proj, self.environment()) for i in range(10)]
+        ports = []
+        for i in range(10):
+            for n, server in enumerate(servers):
+                ports.append(server.call("reserve", tag="mcp-%d-%d" % (n, i))["structuredContent"]["port"])
+        for proc in cli:
+            rc, out, err = finish(proc)
+            self.assertEqual(rc, 0, err)
+            ports.append(int(out))
+        self.assertEqual(len(ports), 30)
+        self.assertEqual(len(set(ports)), 30)
+        self.assertEqual(sorted(r[2] for r in self.rows(3)), sorted(ports))
+
+
+class TestEnvFile(TropTestCase):
+    ENV = SKIP_PROBES
+
+    def test_managed_section_keeps_every_other_line_and_is_idempotent(self):
+        path = self.write("proj/.env.local", "# mine\r\nSECRET=x\n\nOTHER=1")
+        self.assertTrue(trop.run_write_env(path, {"WEB_PORT": "5000", "API_PORT": "5001"}))
+        text = self.read(path).decode("utf-8")
+        self.assertEqual(text, "# mine\r\nSECRET=x\n\nOTHER=1\n%s\nWEB_PORT=5000\nAPI_PORT=5001\n%s\n"
+                         % (trop.ENV_BEGIN, trop.ENV_END))
+        before = os.stat(path)
+        self.assertFalse(trop.run_write_env(path, {"WEB_PORT": "5000", "API_PORT": "5001"}))      # unchanged
+        self.assertEqual(os.stat(path).st_mtime_ns, before.st_mtime_ns)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("AFTER=2\n")
+        self.assertTrue(trop.run_write_env(path, {"WEB_PORT": "6000"}))
+        self.assertEqual(self.read(path).decode("utf-8"), "# mine\r\nSECRET=x\n\nOTHER=1\n%s\nWEB_PORT=6000\n%s\n"
+                         "AFTER=2\n" % (trop.ENV_BEGIN, trop.ENV_END))
+
+    def test_the_replace_is_atomic(self):
+        path = self.write("proj/.env", "KEEP=1\n")
+        inode = os.stat(path).st_ino
+        replaced = []
+        with mock.patch.object(trop.PLATFORM, "replace", side_effect=lambda s, t: replaced.append(t) or
+                               os.replace(s, t)):
+            trop.run_write_env(path, {"WEB": "5000"})
+        self.assertEqual(replaced, [os.path.realpath(path)])                 # written aside, then renamed over
+        self.assertNotEqual(os.stat(path).st_ino, inode)
+        with mock.patch.object(trop.PLATFORM, "replace", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(trop.IoFailure):
+                trop.run_write_env(path, {"WEB": "6000"})
+        self.assertIn("WEB=5000", self.read(path).decode())                  # the old file, whole
+        self.assertEqual([n for n in os.listdir(self.proj) if n.endswith(".tmp")], [])
+
+    @unittest.skipUnless(shutil.which("git"), "needs git")
+    def test_a_file_git_tracks_is_refused_unless_allowed(self):
+        repo = self.mkdir("repo")
+        git = lambda *a: subprocess.run(["git", "-C", repo] + list(a), stdout=subprocess.DEVNULL,   # noqa: E731
+                                        stderr=subprocess.DEVNULL, check=True)
+        git("init", "-q")
+        tracked = self.write("repo/.env", "A=1\n")
+        git("add", ".env")
+        with self.assertRaises(trop.InvalidArguments) as caught:
+            trop.run_write_env(tracked, {"WEB": "5000"})
+        self.assertIn("tracked by git", str(caught.exception))
+        self.assertEqual(self.read(tracked), b"A=1\n")
+        self.assertTrue(trop.run_write_env(tracked, {"WEB": "5000"}, allow_tracked=True))
+        self.assertTrue(trop.run_write_env(os.path.join(repo, ".env.local"), {"WEB": "5000"}))     # untracked
+
+    def test_autoreserve_write_env_and_url(self):
+        self.group_file(self.proj, [("web", {"env": "WEB_PORT"}), ("api", {"offset": 1})], pmin=5000, pmax=5100)
+        rc, out, err = self.trop("autoreserve", "--write-env", ".env.local", "--format", "json")
+        self.assertEqual((rc, json.loads(out)), (0, {"api": 5001, "web": 5000}), err)
+        self.assertIn("Wrote 2 variable(s) to .env.local", err)
+        self.assertIn("API=5001\nWEB_PORT=5000\n", self.read(os.path.join(self.proj, ".env.local")).decode())
+        rc, out, err = self.trop("autoreserve", "--write-env", ".env.local", "--format", "json")
+        self.assertIn("2 variable(s) already up to date in .env.local", err)
+        self.assertEqual(self.trop("url", "web"), (0, "http://localhost:5000\n", ""))
+        self.assertEqual(self.trop("url", "api", "--scheme", "https", "--host", "::1", "--route", "v1/x"),
+                         (0, "https://[::1]:5001/v1/x\n", ""))
+        self.assertError(self.trop("url", "db"), 6, contains="not found: no reservation for %s:db" % self.proj)
 
 
 # --- README ------------------------------------------------------------------

@@ -2006,6 +2006,8 @@ class _ValueType:
     from_env() and from_flag() raise the error of their source.
     """
 
+    schema = {"type": "string"}                                     # the JSON Schema of a value (MCP tools)
+
     def argument(self):
         """add_argument keywords of the setting's flag."""
         return {}
@@ -2036,6 +2038,8 @@ class _ValueType:
 class _Switch(_ValueType):
     """true/false in files, true/1/yes/on or false/0/no/off in variables; a flag can only turn it on."""
 
+    schema = {"type": "boolean"}
+
     def argument(self):
         return {"action": "store_true"}
 
@@ -2061,6 +2065,8 @@ class _Switch(_ValueType):
 
 class _Port(_ValueType):
     """ports.min / ports.max: an integer port in files, a u16 in variables, a port on the command line."""
+
+    schema = {"type": "integer", "minimum": 1, "maximum": 65535}
 
     env_what = "Invalid port number"
 
@@ -2105,6 +2111,8 @@ def _u32_flag(expected):
 
 
 class _Days(_ValueType):
+    schema = {"type": "integer", "minimum": 1, "maximum": 0xFFFFFFFF}
+
     def argument(self):
         return {"type": _u32_flag("a whole number of days, 1..4294967295")}
 
@@ -2129,6 +2137,8 @@ class _Days(_ValueType):
 
 
 class _Seconds(_ValueType):
+    schema = {"type": "integer", "minimum": 0, "maximum": MAX_LOCK_WAIT}
+
     def argument(self):
         return {"type": _u32_flag("whole seconds, 0..%d" % MAX_LOCK_WAIT), "metavar": "SECONDS"}
 
@@ -2179,6 +2189,7 @@ class _Identifier(_ValueType):
 class _Choice(_ValueType):
     def __init__(self, choices, what):
         self.choices, self.what = choices, what
+        self.schema = {"type": "string", "enum": list(choices)}
 
     def check(self, key, value):
         if value not in self.choices:
@@ -5481,6 +5492,26 @@ def who_holds(port, res, owners, policy=None):
     return report
 
 
+def run_url(session, service=None, path=None, scheme="http", host="localhost", route=""):
+    """The URL of a service: a service (tag) of the group whose trop.yaml is found from here, else the
+    reservation of path (default: the cwd) with that tag (none: the untagged one).  Reads, never reserves."""
+    group = session.config.group if session.config else None
+    if service is not None and group is not None and session.project_dir and \
+            service in {svc.tag for svc in group.services}:
+        key = ReservationKey(real_key(session.project_dir), check_tag(service))
+    else:
+        key = ReservationKey(session.explicit_or_cwd(path), check_tag(service))
+    res = session.read(lambda store: store.get(key), mode="look")
+    if res is None:
+        raise LibraryError("not found: no reservation for %s (reserve it first: `trop %s`)"
+                           % (key, "autoreserve" if group is not None else "reserve" + (
+                               " --tag %s" % key.tag if key.tag else "")))
+    route = route if not route or route.startswith("/") else "/" + route
+    bracketed = "[%s]" % host if ":" in host and not host.startswith("[") else host
+    return {"url": "%s://%s:%d%s" % (scheme, bracketed, res.port, _url_quote(route, safe="/?&=%:@!$'()*+,;~-._#[]")),
+            "port": res.port, "service": res.tag, "path": res.path}
+
+
 def wait_targets(session, path=None, tag=None, port=None, group=False, config=None):
     """The ports wait watches: --port as given, every service of a group (the trop.yaml found from path, or
     the file config), or one reservation."""
@@ -5708,6 +5739,55 @@ def run_exclude(session, ports, use_global=False, force=False):
     return target, bool(add_exclusions(target, [(start, end)], config_kind(target)))
 
 
+ENV_BEGIN = "# >>> trop: this working copy's ports (written by `trop autoreserve --write-env`; edits are replaced)"
+ENV_END = "# <<< trop"
+
+
+def run_write_env(path, environment, allow_tracked=False):
+    """Write {VARIABLE: port} between ENV_BEGIN and ENV_END in the dotenv file path; every other line is kept
+    byte for byte.  Atomic, idempotent (an unchanged file is not rewritten: returns False), and refused for a
+    file that git tracks unless allow_tracked, so that ports are never committed."""
+    full = os.path.abspath(path)
+    if not allow_tracked and _git_tracks(full):
+        raise InvalidArguments("Invalid arguments: %s is tracked by git: writing this working copy's ports there "
+                               "would commit them (use an untracked file such as .env.local, or --allow-tracked)"
+                               % path)
+    with PLATFORM.lock(os.path.dirname(os.path.realpath(full))):
+        try:
+            with open(full, "rb") as fh:
+                old = fh.read().decode("utf-8")
+        except FileNotFoundError:
+            old = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IoFailure("%s: %s" % (path, getattr(exc, "strerror", None) or exc))
+        block = [ENV_BEGIN + "\n"] + ["%s=%s\n" % item for item in environment.items()] + [ENV_END + "\n"]
+        lines = old.splitlines(True)
+        marks = [i for i, line in enumerate(lines) if line.rstrip("\r\n") in (ENV_BEGIN, ENV_END)]
+        if len(marks) >= 2 and lines[marks[0]].startswith(ENV_BEGIN) and lines[marks[1]].startswith(ENV_END):
+            lines[marks[0]:marks[1] + 1] = block
+        else:
+            lines += (["\n"] if lines and not lines[-1].endswith("\n") else []) + block
+        new = "".join(lines)
+        if new == old:
+            return False
+        write_file_atomic(full, new)
+        return True
+
+
+def _git_tracks(path):
+    """Whether git tracks path (False outside a work tree, or where git is not installed)."""
+    directory = os.path.dirname(path)
+    git = _shutil().which("git")
+    if git is None:
+        return False
+    try:
+        return _subprocess().run([git, "-C", directory, "ls-files", "--error-unmatch", "--", os.path.basename(path)],
+                                 stdout=_subprocess().DEVNULL, stderr=_subprocess().DEVNULL,
+                                 stdin=_subprocess().DEVNULL, timeout=10).returncode == 0
+    except (OSError, _subprocess().SubprocessError):
+        return False
+
+
 class ScanResult:
     """scan's findings: rows per occupied probe, failed probes, and what --autoexclude wrote."""
 
@@ -5879,12 +5959,17 @@ def _json_reservations(rows):
         null if r.task is None else q(r.task)) if r.lease is None else _json_leased_row(r) for r in rows) + "\n]"
 
 
-def _json_leased_row(r):
-    """A leased row: the reference's fields plus "lease" (its holder), as json.dumps(indent=2) nests it."""
+def reservation_record(r):
+    """A row as `list --format json` shows a leased one: the reference's fields, and "lease" (None: not leased)."""
     row = {name: getattr(r, name) for name in Reservation.FIELDS}
     row.update(created_at=format_timestamp(r.created_at), last_used_at=format_timestamp(r.last_used_at),
                lease=_lease_report(r.lease))
-    text = _json().dumps(row, indent=2, sort_keys=True, ensure_ascii=_ascii_stdout())
+    return row
+
+
+def _json_leased_row(r):
+    """A leased row, as json.dumps(indent=2) nests it."""
+    text = _json().dumps(reservation_record(r), indent=2, sort_keys=True, ensure_ascii=_ascii_stdout())
     return "\n".join("  " + line for line in text.splitlines())
 
 
@@ -7057,6 +7142,289 @@ def _elvish_script(prog, global_args, subs):
     return "\n".join(lines)
 
 
+# --- MCP server: the operations as tools, JSON-RPC on stdin/stdout -------------
+#
+# `trop mcp` serves the Model Context Protocol over stdio: one JSON-RPC 2.0
+# message a line.  Both eras of the protocol: the stateless revision 2026-07-28
+# (every request carries its version and the client's capabilities in _meta;
+# server/discover; resultType in every result) and the handshake revisions
+# 2024-11-05 to 2025-11-25 (initialize, then requests without _meta).  Each
+# tool call is one operation with a fresh Session, so it runs the same planners
+# and transactions as the command line.  Nothing but protocol goes to stdout.
+
+MCP_MODERN = "2026-07-28"
+MCP_LEGACY = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+_MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+_MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+MCP_WAIT_LIMIT = 120.0          # seconds: a tool call must not hang the client
+
+# JSON Schemas of the operations' own parameters (the settings' come from OPTIONS); a parameter whose
+# default is False is a boolean.
+_PARAMETER_SCHEMAS = {
+    "path": {"type": "string", "description": "directory (default: the server's working directory)"},
+    "tag": {"type": "string", "description": "a separate port of the directory"},
+    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    "holder": {"type": "integer", "minimum": 1, "description": "pid of the process that holds the lease"},
+    "days": OPTION["days"].value_type.schema,
+    "service": {"type": "string", "description": "a service (tag) of the group, or of the directory"},
+    "scheme": {"type": "string"}, "host": {"type": "string"}, "route": {"type": "string"},
+    "config": {"type": "string", "description": "a group file (default: trop.yaml found from the directory)"},
+    "timeout": {"type": "number", "minimum": 0, "maximum": MCP_WAIT_LIMIT},
+    "interval": {"type": "number", "minimum": 0.01, "maximum": 10},
+    "http": {"type": "string", "description": "also require GET of this path to answer below 500"},
+    "filter_project": {"type": "string"}, "filter_tag": {"type": "string"}, "filter_path": {"type": "string"},
+}
+
+
+def _mcp_reserve(session, **params):
+    plan = run_reserve(session, **params)
+    return {"port": plan.port, "warnings": plan.warnings}, "port %d" % plan.port
+
+
+def _mcp_release(session, **params):
+    plan = run_release(session, **params)
+    released = [reservation_record(r) for r in plan.deletes]
+    return {"released": released, "warnings": plan.warnings}, "released %d reservation(s)" % len(released)
+
+
+def _mcp_list(session, **params):
+    rows = [reservation_record(r) for r in run_list(session, **params)]
+    return {"reservations": rows}, "%d reservation(s)" % len(rows)
+
+
+def _mcp_reserve_group(session, config=None, task=None, force=False, dry_run=False, holder=None):
+    config_file, group_dir = locate_group_config(session.cwd, config)
+    scoped = Session(session.options, "discover" if config is None else "file", config_file=config_file)
+    plan = run_group(scoped, config_file, group_dir, task, force, dry_run, holder)
+    return ({"ports": plan.ports, "environment": plan.environment(), "path": group_dir, "warnings": plan.warnings},
+            ", ".join("%s=%s" % item for item in plan.environment().items()))
+
+
+def _mcp_who(session, **params):
+    reports = run_who(session, **params)
+    return {"reports": reports}, "; ".join("%d: %s" % (r["port"], r["detail"]) for r in reports)
+
+
+def _mcp_wait(session, timeout, path=None, tag=None, port=None, group=False, config=None, interval=0.25, http=None):
+    ready = run_wait(session, path, tag, port, group, config, min(float(timeout), MCP_WAIT_LIMIT), interval, http)
+    return ({"ready": {str(p): {"family": f, "address": a, "seconds": round(t, 3)} for p, (f, a, t) in ready.items()}},
+            "ready: %s" % ", ".join(str(p) for p in sorted(ready)))
+
+
+def _mcp_doctor(session):
+    report = diagnose(session)
+    return report, "healthy" if report["healthy"] else "; ".join(p["message"] for p in report["problems"])
+
+
+def _mcp_url(session, **params):
+    found = run_url(session, **params)
+    return found, found["url"]
+
+
+# name -> (the function whose signature declares the parameters, runner, description, read-only)
+MCP_TOOLS = {
+    "reserve": (run_reserve, _mcp_reserve, "Reserve (or refresh) the stable port of a directory (and tag). "
+                "Never pick a port yourself: ask this tool.", False),
+    "release": (run_release, _mcp_release, "Release the reservations of a directory (one tag, or all).", False),
+    "list": (run_list, _mcp_list, "List reservations, with the holder of leased ones.", True),
+    "reserve_group": (_mcp_reserve_group, _mcp_reserve_group, "Reserve every service of the project's trop.yaml group "
+                      "(or of config); returns {tag: port} and the environment variables to set.", False),
+    "who": (run_who, _mcp_who, "Who holds a port (or each port of a directory): its reservation, its listeners "
+            "and a verdict.", True),
+    "wait": (_mcp_wait, _mcp_wait, "Wait until reserved ports accept connections; timeout (seconds) is required "
+             "and at most %g." % MCP_WAIT_LIMIT, True),
+    "doctor": (_mcp_doctor, _mcp_doctor, "Explain the port range port by port, and check the data directory.",
+               True),
+    "url": (run_url, _mcp_url, "The URL of a service: http://localhost:PORT of a group service or tag.", True),
+}
+
+
+def _mcp_parameters(name):
+    """The parameters a tool passes to its operation (progress is the command line's)."""
+    return [param for param in _params(MCP_TOOLS[name][0]) if param != "progress"]
+
+
+def mcp_tool_schema(name):
+    """The input JSON Schema of a tool: its operation's parameters, then every setting of the option table."""
+    declared = MCP_TOOLS[name][0]
+    names = _params(declared)
+    defaults = dict(zip(names[len(names) - len(declared.__defaults__ or ()):], declared.__defaults__ or ()))
+    properties, required = {}, []
+    for param in _mcp_parameters(name):
+        if param not in defaults:
+            required.append(param)
+        properties[param] = dict(_PARAMETER_SCHEMAS.get(param) or (
+            {"type": "boolean"} if defaults.get(param) is False else {"type": "string"}))
+    for option in OPTIONS:
+        if option.name in API_OPTIONS and option.name not in properties and option.name not in ("verbose", "quiet"):
+            properties[option.name] = dict(option.value_type.schema, description=option.help)
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def mcp_tools():
+    return [{"name": name, "description": MCP_TOOLS[name][2], "inputSchema": mcp_tool_schema(name),
+             "annotations": {"readOnlyHint": MCP_TOOLS[name][3], "destructiveHint": name == "release",
+                             "openWorldHint": False}} for name in MCP_TOOLS]
+
+
+def mcp_call(name, arguments, base_options=None):
+    """Run one tool: (structuredContent, text, is_error).  A trop error is a result, not an exception."""
+    schema = mcp_tool_schema(name)
+    arguments = dict(arguments or {})
+    try:
+        unknown = sorted(set(arguments) - set(schema["properties"]))
+        if unknown:
+            raise InvalidArguments("Invalid arguments: unknown argument%s %s for %s (known: %s)" % (
+                "s" if len(unknown) > 1 else "", ", ".join(unknown), name, ", ".join(sorted(schema["properties"]))))
+        missing = [param for param in schema.get("required", ()) if param not in arguments]
+        if missing:
+            raise InvalidArguments("Invalid arguments: %s needs %s" % (name, ", ".join(missing)))
+        declared = _mcp_parameters(name)
+        params = {k: v for k, v in arguments.items() if k in declared}
+        options = dict(base_options or {}, **{k: v for k, v in arguments.items() if k not in declared})
+        session = _guard(lambda: Session(options))
+        structured, text = _guard(lambda: MCP_TOOLS[name][1](session, **params), "running the %s tool" % name)
+        return structured, text, False
+    except TropError as exc:
+        return ({"error": str(exc), "exit_code": exc.exit_code, "exit_name": exit_name(exc)},
+                "Error: %s" % str(exc), True)
+
+
+def exit_name(exc):
+    """The name of an error's exit code, as the README's table gives it (2 is a lock timeout or a usage error)."""
+    if isinstance(exc, LockTimeout):
+        return "EXIT_LOCK_TIMEOUT"
+    names = [n for n, v in sorted(globals().items()) if n.startswith("EXIT_") and v == exc.exit_code
+             and n != "EXIT_LOCK_TIMEOUT"]
+    return names[0] if names else "EXIT_%d" % exc.exit_code
+
+
+class McpServer:
+    """One stdio connection: answers each message; remembers only whether a legacy client said initialize."""
+
+    def __init__(self, options=None):
+        self.options = options or {}
+        self.legacy = None              # the version a legacy client agreed on with initialize
+
+    def handle(self, line):
+        """The response to one line (a dict), or None for a notification."""
+        json = _json()
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            return _rpc_error(None, -32700, "Parse error: %s" % exc)
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or \
+                not isinstance(message.get("method"), str):
+            return _rpc_error(message.get("id") if isinstance(message, dict) else None, -32600,
+                              "Invalid Request: one JSON-RPC 2.0 object with a method (batches are not supported)")
+        if "id" not in message:
+            return None                 # notifications/initialized, notifications/cancelled, ...
+        msg_id, method, params = message["id"], message["method"], message.get("params") or {}
+        if not isinstance(params, dict):
+            return _rpc_error(msg_id, -32602, "Invalid params: params must be an object")
+        try:
+            return {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
+        except _RpcError as exc:
+            return _rpc_error(msg_id, exc.code, exc.message, exc.data)
+
+    def dispatch(self, method, params):
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        if method == "initialize":
+            asked = params.get("protocolVersion")
+            self.legacy = asked if asked in MCP_LEGACY else MCP_LEGACY[-1]
+            return {"protocolVersion": self.legacy, "capabilities": {"tools": {"listChanged": False}},
+                    "serverInfo": _mcp_server_info(self.legacy), "instructions": _MCP_INSTRUCTIONS}
+        if _MCP_VERSION_KEY in meta:
+            version = meta[_MCP_VERSION_KEY]
+            if version != MCP_MODERN:
+                raise _RpcError(-32022, "Unsupported protocol version", {
+                    "supported": [MCP_MODERN] + list(reversed(MCP_LEGACY)), "requested": version})
+            if not isinstance(meta.get(_MCP_CAPABILITIES_KEY), dict):
+                raise _RpcError(-32602, "Invalid params: _meta needs %s" % _MCP_CAPABILITIES_KEY)
+            result = self.serve(method, params, modern=True)
+            result["resultType"] = "complete"
+            result.setdefault("_meta", {})["io.modelcontextprotocol/serverInfo"] = _mcp_server_info(MCP_MODERN)
+            return result
+        if self.legacy is None:
+            raise _RpcError(-32602, "Invalid params: a request carries %s and %s in _meta (protocol %s), or comes "
+                            "after initialize" % (_MCP_VERSION_KEY, _MCP_CAPABILITIES_KEY, MCP_MODERN))
+        if method == "ping":
+            return {}
+        return self.serve(method, params, modern=False)
+
+    def serve(self, method, params, modern):
+        if method == "server/discover" and modern:
+            return {"supportedVersions": [MCP_MODERN], "capabilities": {"tools": {"listChanged": False}},
+                    "instructions": _MCP_INSTRUCTIONS, "ttlMs": 0, "cacheScope": "public"}
+        if method == "tools/list":
+            result = {"tools": mcp_tools()}
+            if modern:
+                result.update(ttlMs=0, cacheScope="public")
+            return result
+        if method == "tools/call":
+            name = params.get("name")
+            if name not in MCP_TOOLS:
+                raise _RpcError(-32602, "Unknown tool: %s" % (name,))
+            if not isinstance(params.get("arguments", {}), dict):
+                raise _RpcError(-32602, "Invalid params: arguments must be an object")
+            structured, text, is_error = mcp_call(name, params.get("arguments"), self.options)
+            return {"content": [{"type": "text", "text": text}], "structuredContent": structured,
+                    "isError": is_error}
+        raise _RpcError(-32601, "Method not found: %s" % method)
+
+
+class _RpcError(Exception):
+    def __init__(self, code, message, data=None):
+        Exception.__init__(self, message)
+        self.code, self.message, self.data = code, message, data
+
+
+def _rpc_error(msg_id, code, message, data=None):
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": msg_id, "error": error}
+
+
+def _mcp_server_info(version):
+    info = {"name": "trop", "version": __version__}
+    if version >= "2025-06-18":
+        info["title"] = "trop port reservations"
+    return info
+
+
+_MCP_INSTRUCTIONS = ("trop hands out stable, collision-free TCP ports per directory (worktree) and tag. Never pick a "
+                     "port yourself: call reserve (or reserve_group for the project's services), then use the port "
+                     "it returns; release what you no longer need. url gives a service's URL, wait waits until a "
+                     "server answers, who tells who holds a port.")
+
+
+def serve_mcp(stdin, stdout, stderr, options=None):
+    """Answer every line of stdin (bytes) on stdout (bytes) until end of file."""
+    server = McpServer(options)
+    json = _json()
+    while True:
+        line = stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        try:
+            response = server.handle(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            response = _rpc_error(None, -32700, "Parse error: not UTF-8 (%s)" % exc)
+        except Exception as exc:        # a bug: say so on stderr, answer the client, serve on
+            stderr.write(("trop mcp: internal error: %s: %s\n" % (type(exc).__name__, exc)).encode("utf-8"))
+            stderr.flush()
+            response = _rpc_error(None, -32603, "Internal error: %s" % type(exc).__name__)
+        if response is not None:
+            stdout.write(json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n")
+            stdout.flush()
+
+
 # --- Command line --------------------------------------------------------------
 
 def _u16(text):
@@ -7267,6 +7635,9 @@ def _args_group(p, with_file=True, with_format=True):
         p.add_argument("--format", choices=("export", "json", "dotenv", "human"), default="export",
                        help="output format (default: export)")
         p.add_argument("--shell", help="shell for export lines: bash, zsh, fish, powershell (default: detected)")
+        p.add_argument("--write-env", metavar="FILE",
+                       help="also write the variables into a managed section of FILE (e.g. .env.local)")
+        p.add_argument("--allow-tracked", action="store_true", help="--write-env even to a file git tracks")
     p.add_argument("--force", action="store_true", help="replace an incompatible stored group")
     _add_options(p, "permissions")
     _add_dry_run(p, "show what would be reserved without writing")
@@ -7298,7 +7669,11 @@ def _group_command(args, config_path):
                        session.quiet)
         return 0
     _out(format_group(plan.spec, plan.ports, args.format, shell))
+    written = args.write_env and run_write_env(args.write_env, plan.environment(), args.allow_tracked)
     if not session.quiet:
+        if args.write_env:
+            _err(("Wrote %d variable(s) to %s" if written else "%d variable(s) already up to date in %s")
+                 % (len(plan.ports), args.write_env))
         if discovered:
             _err("Discovered config: %s" % config_file)
         _err("Reserved %d ports." % len(plan.ports))
@@ -7574,6 +7949,30 @@ def cmd_who(args):
     return 0
 
 
+def _args_url(p):
+    p.add_argument("service", metavar="SERVICE", nargs="?", help="a group service or a tag (default: untagged)")
+    _add_path(p, "whose reservation to use")
+    p.add_argument("--scheme", default="http", help="URL scheme (default: http)")
+    p.add_argument("--host", default="localhost", help="host name (default: localhost)")
+    p.add_argument("--route", default="", metavar="PATH", help="path after the port, e.g. /api")
+    p.add_argument("--open", action="store_true", help="also open the URL in a web browser")
+
+
+def cmd_url(args):
+    found = _call(run_url, Session(vars(args)), args)
+    _out(found["url"])
+    if args.open:
+        import webbrowser
+        webbrowser.open(found["url"])
+    return 0
+
+
+def cmd_mcp(args):
+    options = {name: value for name, value in vars(args).items() if name in API_OPTIONS and value not in (None, False)}
+    sys.stdout.flush()
+    return serve_mcp(sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer, options)
+
+
 def _args_completions(p):
     p.add_argument("shell", choices=COMPLETION_SHELLS, help="shell to generate the script for")
 
@@ -7689,6 +8088,8 @@ COMMANDS = {
                cmd_doctor),
     "wait": ("Wait until a reserved port accepts connections", _args_wait, cmd_wait),
     "who": ("Show who holds a port: its reservation, its listeners and a verdict", _args_who, cmd_who),
+    "url": ("Print the URL of a service (http://localhost:PORT)", _args_url, cmd_url),
+    "mcp": ("Serve the Model Context Protocol on stdin/stdout, for coding agents", None, cmd_mcp),
     "completions": ("Print a shell completion script", _args_completions, cmd_completions),
     "validate": ("Check a configuration file and report every problem", _args_validate, cmd_validate),
     "exclude": ("Add a port or range to excluded_ports", _args_exclude, cmd_exclude),

@@ -25,6 +25,8 @@ are reported as ratios against the floor, so they compare across machines:
     P6  scan --min 5000 --max 7000                            <= 0.5 s absolute
     P7  Python API lease acquire + release (Trop.reserve with  <= 10x P5's floor
         holder=, Trop.release with holder=) per pair
+    P8  `trop mcp` start-up until it answers server/discover   <= 1.5x floor
+    P9  one tools/call reserve (a refresh) in a running server <= 6x P5's floor
 
 P1-P3 are measured three ways: with a bytecode cache (the normal case), cold
 (a fresh copy of trop.py, PYTHONDONTWRITEBYTECODE=1, no __pycache__: every
@@ -135,6 +137,36 @@ class Bench:
         """median_time for commands run in cwd with env (one warm-up: a cold run has nothing to warm)."""
         self.run(make_argv(-1), cwd=cwd, env=env)
         return statistics.median(self.run(make_argv(i), cwd=cwd, env=env)[0] for i in range(reps))
+
+    def mcp_session(self, data_dir, calls):
+        """Start `-m trop mcp`, ask server/discover, then make `calls` reserve calls (a refresh of one key):
+        (seconds until the first answer, median seconds per tool call)."""
+        meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(self.trop(data_dir, "mcp"), cwd=REPO, env=self.env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def ask(n, method, params):
+            proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": n, "method": method,
+                                          "params": dict(params, _meta=meta)}) + "\n").encode())
+            proc.stdin.flush()
+            answer = json.loads(proc.stdout.readline())
+            if "error" in answer or answer["result"].get("isError"):
+                raise CommandFailed(self.trop(data_dir, "mcp"), proc)
+        try:
+            ask(0, "server/discover", {})
+            first = time.perf_counter() - t0
+            costs = []
+            for n in range(1, calls + 1):
+                t1 = time.perf_counter()
+                ask(n, "tools/call", {"name": "reserve", "arguments": {"path": "/bench/mcp",
+                                                                       "allow_unrelated_path": True}})
+                costs.append(time.perf_counter() - t1)
+        finally:
+            proc.stdin.close()
+            proc.wait()
+        return first, statistics.median(costs[1:] or costs)
 
     def floor_cmd(self):
         return [PY, "-c", "import sqlite3"]
@@ -466,6 +498,16 @@ def main(argv=None):
                     figure("P7", "API lease acquire + release", p5["lease_ms"], "ms",
                            p5["lease_ms"] / p5["raw_ms"], 10, p5["raw_ms"],
                            extra="two transactions and a holder check; floor as P5")
+
+            # P8/P9: the MCP server: start-up to its first answer, and a tool call inside it.
+            dmcp = b.new_data_dir(rows=1000, first_port=5000)
+            firsts, calls = zip(*[b.mcp_session(dmcp, 20) for _ in range(p5_batches)])
+            figure("P8", "mcp start-up to its first answer", statistics.median(firsts), "s",
+                   statistics.median(firsts) / floor, 1.5, floor, extra="floor: 'import sqlite3'")
+            if "raw_ms" in p5:
+                call_ms = statistics.median(calls) * 1000
+                figure("P9", "mcp tools/call reserve (refresh)", call_ms, "ms", call_ms / p5["raw_ms"], 6,
+                       p5["raw_ms"], extra="floor as P5: one raw sqlite3 write transaction")
 
             # P6: scan wall time, absolute.
             t = b.median_time(lambda i: b.trop(d1k, "scan", "--min", "5000", "--max", "7000"),
