@@ -1258,6 +1258,9 @@ class TestOptionTable(unittest.TestCase):
     def test_each_variable_sets_its_key(self):
         for option in trop.OPTIONS:
             expected, text, _flag = self.SAMPLE[type(option.value_type).__name__]
+            if isinstance(option.value_type, trop._Choice):              # any of its choices, in capitals
+                expected = option.value_type.choices[-1]
+                text = expected.upper()
             for name in option.env:
                 if not option.keys or expected is None:
                     continue
@@ -4437,7 +4440,7 @@ class TestDoctor(TropTestCase):
         self.assertTrue(report["healthy"])
 
     def test_text_report_and_exit_codes(self):
-        start = self.free_block(3)
+        start = self.free_block(4)                  # start + 3 must be free too (below)
         h = self.handle()
         for i in range(3):
             h.reserve(self.proj + "/d%d" % i)
@@ -10414,6 +10417,174 @@ class TestEnvFile(TropTestCase):
         self.assertEqual(self.trop("url", "api", "--scheme", "https", "--host", "::1", "--route", "v1/x"),
                          (0, "https://[::1]:5001/v1/x\n", ""))
         self.assertError(self.trop("url", "db"), 6, contains="not found: no reservation for %s:db" % self.proj)
+
+
+# --- One data directory for a whole host ----------------------------------------
+
+# Runs as a member of a team: imports first, then drops to UID with the team's group GID as its only
+# supplementary group and the given umask; then `trop.main(ARGS)`, or CODE with `trop` imported.
+AS_MEMBER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import trop, argparse, fcntl, grp, http.client, json, pwd, shutil, socket, sqlite3, subprocess, threading, time
+import traceback, encodings.ascii, encodings.latin_1, urllib.parse
+uid, gid, mask = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 8)
+os.setgroups([gid])
+os.setgid(uid)
+os.setuid(uid)
+os.umask(mask)
+os.chdir(sys.argv[5])
+if sys.argv[6] == "code":
+    exec(sys.argv[7])
+else:
+    sys.exit(trop.main(sys.argv[7:]))
+"""
+
+
+def unused_ids(count):
+    """count ids that are neither a user nor a group here, or None where this process cannot switch users."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None
+    import grp
+    found = []
+    for number in range(54321, 60000):
+        try:
+            pwd.getpwuid(number)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(number)
+            continue
+        except KeyError:
+            found.append(number)
+        if len(found) == count:
+            return found
+    return None
+
+
+class TestTeamDataDirectory(TropTestCase):
+    """Two users in one group share /srv/trop/data: what each creates the other can write, whatever the umask;
+    neither can cost the other a reservation; doctor explains the directory.  Needs root to switch users."""
+
+    def setUp(self):
+        super().setUp()
+        ids = unused_ids(3)
+        if ids is None:
+            self.skipTest("needs root (to run as two users of one group)")
+        self.a, self.b, self.team = ids
+        for directory in (self.root, self.proj, self.home):
+            os.chmod(directory, 0o755)
+        self.srv = self.mkdir("srv")
+        os.chown(self.srv, 0, self.team)
+        os.chmod(self.srv, 0o2775)                               # install -d -m 2775 -g team /srv/trop
+        self.shared = os.path.join(self.srv, "data")
+        self.work = {}
+        for user in (self.a, self.b):
+            home = self.mkdir("home-%d" % user)
+            os.chown(home, user, user)
+            os.chmod(home, 0o700)                                  # nobody else may look inside
+            work = os.path.join(home, "work")
+            os.mkdir(work)
+            os.chown(work, user, user)
+            self.work[user] = work
+
+    def member(self, user, *args, mask="022", code=None, cwd=None, env=None):
+        """(exit code, stdout, stderr) of trop ARGS (or CODE) run as user, a member of the team."""
+        environ = self.environment(dict({"PYTHONDONTWRITEBYTECODE": "1", "TROP_DATA_DIR": self.shared,
+                                         "TROP_SKIP_OCCUPANCY_CHECK": "1"}, **(env or {})))
+        argv = [sys.executable, "-c", AS_MEMBER, TROP_DIR, user, self.team, mask, cwd or self.work[user]]
+        argv += ["code", code] if code is not None else ["main"] + list(args)
+        return self._started(spawn(argv, self.root, environ))
+
+    def run_as(self, user, *args, **kw):
+        return finish(self.member(user, *args, **kw))
+
+    def modes(self):
+        return {name: os.stat(os.path.join(self.shared, name)).st_mode & 0o7777
+                for name in ["."] + sorted(os.listdir(self.shared))}
+
+    def test_a_creates_b_reserves_lists_releases_and_prunes_with_umask_022_and_077(self):
+        for mask in ("022", "077"):
+            with self.subTest(umask=mask):
+                if os.path.exists(self.shared):
+                    shutil.rmtree(self.shared)
+                rc, out, err = self.run_as(self.a, "reserve", mask=mask)
+                self.assertEqual((rc, out, err), (0, "5000\n", ""))
+                modes = self.modes()
+                self.assertEqual(modes["."] & 0o2070, 0o2070, modes)                 # group rwx, setgid
+                self.assertEqual(modes["trop.db"] & 0o060, 0o060, modes)
+                self.assertEqual(os.stat(os.path.join(self.shared, "trop.db")).st_gid, self.team)
+                # B's connection, held open: SQLite made -wal and -shm with trop.db's mode
+                code = ("h = trop.Trop(data_dir=%r, skip_occupancy_check=True)\nprint(h.reserve(), flush=True)\n"
+                        "print(json.dumps({n: os.stat(os.path.join(%r, n)).st_mode & 0o777 for n in "
+                        "('trop.db-wal', 'trop.db-shm')}))\nh.close()\n" % (self.shared, self.shared))
+                rc, out, err = self.run_as(self.b, code=code)
+                self.assertEqual((rc, err), (0, ""))
+                port, wal = out.splitlines()
+                self.assertEqual(port, "5001")
+                self.assertEqual({k: v & 0o060 for k, v in json.loads(wal).items()},
+                                 {"trop.db-wal": 0o060, "trop.db-shm": 0o060}, wal)
+                rc, out, err = self.run_as(self.b, "list", "--format", "json")
+                self.assertEqual(rc, 0, err)
+                self.assertEqual(sorted(r["port"] for r in json.loads(out)), [5000, 5001])
+                rc, out, err = self.run_as(self.b, "prune")
+                self.assertEqual(rc, 0, err)
+                self.assertIn("reservation preserved by prune", err)            # A's directory: permission denied
+                self.assertIn("Removed 0 reservation(s)", err)
+                rc, out, err = self.run_as(self.b, "release")
+                self.assertEqual((rc, err), (0, "Released reservation successfully\n"))
+                self.assertEqual([r[:3] for r in self.rows(3, self.shared)], [(self.work[self.a], "", 5000)])
+
+    def test_both_users_reserving_at_once_get_distinct_ports(self):
+        self.assertEqual(self.run_as(self.a, "init")[0], 0)
+        procs = []
+        for user in (self.a, self.b):
+            for n in range(20):
+                procs.append(self.member(user, "reserve", "--tag", "t%d" % n, "--busy-timeout", "60"))
+        results = [finish(proc) for proc in procs]
+        self.assertEqual([(rc, err) for rc, _out, err in results], [(0, "")] * 40)
+        ports = [int(out) for _rc, out, _err in results]
+        self.assertEqual(len(set(ports)), 40)
+        self.assertEqual(sorted(r[2] for r in self.rows(3, self.shared)), sorted(ports))
+
+    def test_a_lock_held_by_one_user_is_waited_for_by_the_other(self):
+        self.assertEqual(self.run_as(self.a, "reserve")[0], 0)
+        holder = self.member(self.b, code="c = sqlite3.connect(%r, isolation_level=None)\nc.execute('BEGIN "
+                                          "IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(60)\n"
+                                          % os.path.join(self.shared, "trop.db"))
+        self.assertEqual(first_line(holder), "locked")
+        rc, out, err = self.run_as(self.a, "reserve", "--tag", "x", "--busy-timeout", "1")
+        self.assertEqual((rc, out, err), (2, "", LOCK_TIMEOUT_1S))
+
+    def test_doctor_names_a_file_the_group_cannot_write_and_its_fix(self):
+        self.assertEqual(self.run_as(self.a, "reserve")[0], 0)
+        db = os.path.join(self.shared, "trop.db")
+        os.chmod(db, 0o644)
+        rc, out, err = self.run_as(self.b, "doctor", "--format", "json")
+        self.assertEqual(rc, 0, err)
+        sharing = json.loads(out)["data_dir"]["sharing"]
+        self.assertTrue(sharing["shared"])
+        self.assertEqual(sharing["group"], str(self.team))
+        self.assertEqual(sharing["fixes"][0], {"path": db, "command": "chmod g+rw %s" % db})
+        entry = [f for f in sharing["files"] if f["path"] == db][0]
+        self.assertEqual((entry["owner"], entry["mode"], entry["group_can_write"]), (str(self.a), "0644", False))
+        rc, out, err = self.run_as(self.b, "doctor")
+        self.assertIn("Warning: members of group %s cannot write %s: run `chmod g+rw %s`" % (self.team, db, db), out)
+        for name in os.listdir(self.shared):           # the -wal and -shm that B's read made have trop.db's mode
+            os.chmod(os.path.join(self.shared, name), 0o664)
+        rc, out, err = self.run_as(self.b, "doctor", "--format", "json")
+        self.assertEqual(json.loads(out)["data_dir"]["sharing"]["fixes"], [])
+
+    def test_the_setting_turns_sharing_off_or_on(self):
+        rc, out, err = self.run_as(self.a, "reserve", mask="077", env={"TROP_SHARE_WITH_GROUP": "no"})
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.modes()["trop.db"] & 0o077, 0)
+        private = os.path.join(os.path.dirname(self.work[self.a]), "private-data")
+        rc, out, err = self.run_as(self.a, "--data-dir", private, "reserve", mask="077",
+                                   env={"TROP_SHARE_WITH_GROUP": "yes"})
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(os.stat(os.path.join(private, "trop.db")).st_mode & 0o060, 0o060)
 
 
 # --- README ------------------------------------------------------------------

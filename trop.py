@@ -666,6 +666,29 @@ class WindowsPlatform(PosixPlatform):
         return os.environ.get("COMPUTERNAME", "")
 
 
+def group_sharing(directory, setting="auto"):
+    """Whether what trop creates in directory is its group's too: setting "yes" or "no", or "auto": the
+    directory is group-writable (a team directory such as `install -d -m 2775 -g devs /srv/trop`)."""
+    if setting != "auto":
+        return setting == "yes"
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IWGRP)
+    except OSError:
+        return False
+
+
+def share_with_group(path):
+    """Give path's group read and write access whatever the umask, as git's core.sharedRepository=group does
+    (a directory also gets setgid, so that what is created in it keeps the group).  Only the owner can."""
+    try:
+        mode = os.stat(path).st_mode
+        extra = (0o070 | stat.S_ISGID) if stat.S_ISDIR(mode) else 0o060
+        if mode & extra != extra:
+            os.chmod(path, (mode & 0o7777) | extra)
+    except OSError:
+        pass
+
+
 def _read_proc_file(name, proc_root=None):
     """A file under /proc (PROC_ROOT, or proc_root) as text, or None."""
     try:
@@ -2347,6 +2370,10 @@ OPTIONS = (
            help="whole seconds to wait for the database lock (default 5; 0: do not wait)"),
     Option("output_format", "output_format", _Choice(OUTPUT_FORMATS, "output format"), "table",
            env="TROP_OUTPUT_FORMAT", help="the default `list --format`: table, json, csv or tsv"),
+    Option("share_with_group", "share_with_group", _Choice(("auto", "yes", "no"), "group sharing"), "auto",
+           env="TROP_SHARE_WITH_GROUP", files=None,
+           help="give the data directory's group read and write access to what trop creates there: auto (when the "
+                "directory it is created in is group-writable, as a setgid team directory is), yes or no"),
     Option("allow_network_fs", "allow_network_fs", _SWITCH, False, env="TROP_ALLOW_NETWORK_FS", files=None,
            help="use a data directory on NFS, SMB or FUSE anyway (safe only if one machine uses it)"),
     Option("log_mode", (), _Choice(("quiet", "normal", "verbose"), "log mode"), env="TROP_LOG_MODE", files=None,
@@ -3174,8 +3201,13 @@ class Store:
     # -- opening --
 
     @classmethod
-    def open(cls, directory, timeout=5, autoinit=True, network_ok=False):
-        """Open (creating or migrating when needed) the database of a data directory, to write."""
+    def open(cls, directory, timeout=5, autoinit=True, network_ok=False, share="auto"):
+        """Open (creating or migrating when needed) the database of a data directory, to write.
+
+        What it creates is shared with the group when group_sharing() says so: the directory (if the one it is
+        created in is shared), and trop.db, made empty and shared before SQLite opens it, because SQLite gives
+        the -wal and -shm files the database file's mode.
+        """
         path = os.path.join(directory, DB_FILE)
         check_local_filesystem(directory, network_ok)
         if not os.path.exists(path):
@@ -3183,11 +3215,20 @@ class Store:
                 raise NoDataDirectory("Data directory not found: %s does not exist "
                                       "(use --data-dir, run `trop init`, or enable auto-init)" % path)
             try:
-                os.makedirs(directory, exist_ok=True)
+                if not os.path.isdir(directory):
+                    os.makedirs(directory, exist_ok=True)
+                    if group_sharing(os.path.dirname(os.path.abspath(directory)), share):
+                        share_with_group(directory)
             except OSError as exc:
                 raise _not_writable(directory, exc.strerror or exc)
             if not can_write(path):
                 raise _not_writable(directory, "permission denied")
+            if group_sharing(directory, share):
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    share_with_group(path)
+                except FileExistsError:
+                    pass                    # another process made it first
         elif not can_write(path):
             raise _not_writable(path, "read-only for this user")
         sqlite3 = _sqlite()
@@ -4517,7 +4558,7 @@ class Session:
             store.close()
             store = self._store = None
         if store is None:
-            store = Store.open(self.data_dir, self.timeout, autoinit, network_ok)
+            store = Store.open(self.data_dir, self.timeout, autoinit, network_ok, self._setting("share_with_group"))
             if self.keep_open:
                 self._store = store
         return store
@@ -5325,6 +5366,10 @@ def diagnose(session):
                                      "settings": {k: layer.where(k) if k in layer.values else layer.source
                                                   for k in keys}})
     report["warnings"] = range_warnings(rng, ephemeral)
+    sharing = health["sharing"]
+    for fix in sharing["fixes"] if sharing else ():
+        report["warnings"].append("members of group %s cannot write %s: run `%s`"
+                                  % (sharing["group"], fix["path"], fix["command"]))
     if not probes:
         report["warnings"].append("occupancy probes are off (every probe is skipped): ports in use were not "
                                   "looked for")
@@ -5338,6 +5383,50 @@ def diagnose(session):
         problems.append({"exit_code": EXIT_SEMANTIC, "message": "no free port in %s" % rng})
     report["healthy"] = not problems
     return report
+
+
+def sharing_report(directory):
+    """For a data directory its group may write (a team directory): who owns each file, which ones group
+    members cannot write, and the commands that fix them.  None where POSIX permissions do not apply."""
+    if os.name != "posix":
+        return None
+    try:
+        top = os.stat(directory)
+    except OSError:
+        return None
+    shared = bool(top.st_mode & stat.S_IWGRP)
+    report = {"shared": shared, "group": _group_name(top.st_gid), "files": [], "fixes": []}
+    for name in ("", DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", "config.yaml"):
+        path = os.path.join(directory, name) if name else directory
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        need = 0o070 | stat.S_ISGID if not name else 0o060
+        right_group, right_mode = info.st_gid == top.st_gid, info.st_mode & need == need
+        report["files"].append({"path": path, "owner": _user_name(info.st_uid), "group": _group_name(info.st_gid),
+                                "mode": "%04o" % (info.st_mode & 0o7777),
+                                "group_can_write": right_group and right_mode})
+        if shared and not (right_group and right_mode):
+            fix = ([] if right_group else ["chgrp %s %s" % (report["group"], path)]) + \
+                ([] if right_mode else ["chmod %s %s" % ("g+rwxs" if not name else "g+rw", path)])
+            report["fixes"].append({"path": path, "command": " && ".join(fix)})
+    return report
+
+
+def _user_name(uid):
+    try:
+        return _pwd().getpwuid(uid).pw_name
+    except (AttributeError, KeyError):
+        return str(uid)
+
+
+def _group_name(gid):
+    try:
+        import grp
+        return grp.getgrgid(gid).gr_name
+    except (ImportError, KeyError):
+        return str(gid)
 
 
 def _data_dir_health(session):
@@ -5361,6 +5450,7 @@ def _data_dir_health(session):
             except OSError:                     # no WAL (or a writer just removed it)
                 database[key] = 0
     health["database"] = database
+    health["sharing"] = sharing_report(directory)
     return health
 
 
@@ -5695,19 +5785,23 @@ def run_init(session, overwrite=False, with_config=False, dry_run=False):
     if plan.db_exists and not overwrite:
         raise LibraryError("validation error for 'database': Database already exists at %s. "
                            "Use --overwrite to replace it." % plan.database)
-    network_ok = session.config["allow_network_fs"]
+    network_ok, share = session.config["allow_network_fs"], session.config["share_with_group"]
     check_local_filesystem(plan.directory, network_ok)          # before anything is created or removed
     try:
         os.makedirs(plan.directory, exist_ok=True)
+        if not plan.dir_exists and group_sharing(os.path.dirname(os.path.abspath(plan.directory)), share):
+            share_with_group(plan.directory)
         if plan.db_exists:
             for suffix in ("", "-wal", "-shm"):       # a stale WAL must never replay into the new file
                 if os.path.exists(plan.database + suffix):
                     os.remove(plan.database + suffix)
     except OSError as exc:
         raise IoFailure("%s: %s" % (exc.filename or plan.directory, exc.strerror or exc))
-    Store.open(plan.directory, session.timeout, autoinit=True, network_ok=network_ok).close()
+    Store.open(plan.directory, session.timeout, autoinit=True, network_ok=network_ok, share=share).close()
     if with_config and not plan.config_exists:
         write_file_atomic(plan.config_file, CONFIG_TEMPLATE)
+        if group_sharing(plan.directory, share):
+            share_with_group(plan.config_file)
     return plan
 
 
@@ -5734,9 +5828,13 @@ def run_exclude(session, ports, use_global=False, force=False):
             if port in taken:
                 raise InvalidArguments("Invalid arguments: Port %d is reserved. Use --force to override." % port)
     target = exclusion_target(None if use_global else session.project_dir, session.data_dir)
-    if not os.path.exists(target):
+    created = not os.path.exists(target)
+    if created:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-    return target, bool(add_exclusions(target, [(start, end)], config_kind(target)))
+    added = add_exclusions(target, [(start, end)], config_kind(target))
+    if created and group_sharing(os.path.dirname(target), session.config["share_with_group"]):
+        share_with_group(target)
+    return target, bool(added)
 
 
 ENV_BEGIN = "# >>> trop: this working copy's ports (written by `trop autoreserve --write-env`; edits are replaced)"
@@ -6185,6 +6283,11 @@ def format_diagnosis(report):
                                                      " (network: WAL is unsafe)" if health["network"] else "")
                                      if health["filesystem"] else "unknown"),
               "  writable     %s" % ("yes" if health["writable"] else "no (read commands still work)")]
+    sharing = health["sharing"]
+    if sharing and sharing["shared"]:
+        lines.append("  shared       with group %s: %s" % (sharing["group"], "; ".join(
+            "%s %s:%s %s" % (os.path.basename(f["path"]) or f["path"], f["owner"], f["group"], f["mode"])
+            for f in sharing["files"])))
     if database["error"]:
         lines.append("  trop.db      %s" % database["error"])
     elif not database["exists"]:
