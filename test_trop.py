@@ -9864,8 +9864,8 @@ class TestUnreadableDatabase(UnprivilegedCase):
 # --- Leases: ports held by a live process --------------------------------------
 
 LEASE_CHILD = r"""
-import socket, sys, time, trop
-data, start_at = sys.argv[1], float(sys.argv[2])
+import os, socket, sys, time, trop
+data, start_at, barrier, count = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 time.sleep(max(0.0, start_at - time.time()))
 with trop.reservation(tag="same", data_dir=data, allow_unrelated_path=True, skip_udp=True) as port:
     sock = socket.socket()
@@ -9876,7 +9876,10 @@ with trop.reservation(tag="same", data_dir=data, allow_unrelated_path=True, skip
         print("bound %d" % port, flush=True)
     except OSError as exc:
         print("failed %d %s" % (port, exc), flush=True)
-    time.sleep(1.5)                     # everyone holds the port at once
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.time() + 120
+    while len(os.listdir(barrier)) < count and time.time() < deadline:    # everyone holds its port at once
+        time.sleep(0.05)
     sock.close()
 """
 
@@ -9903,8 +9906,9 @@ class TestLeases(ServerCase):
     def test_eight_holders_at_once_bind_eight_ports_and_leave_nothing(self):
         low = self.free_block(12)
         start_at = time.time() + 2.0
+        barrier = self.mkdir("barrier")
         env = self.environment({"TROP_PORT_MIN": str(low), "TROP_PORT_MAX": str(low + 11)})
-        children = [spawn([sys.executable, "-c", LEASE_CHILD, self.data, start_at], self.proj, env)
+        children = [spawn([sys.executable, "-c", LEASE_CHILD, self.data, start_at, barrier, 8], self.proj, env)
                     for _ in range(8)]
         results = [finish(child) for child in children]
         self.assertEqual([(rc, err) for rc, _out, err in results], [(0, "")] * 8)
@@ -9947,6 +9951,42 @@ class TestLeases(ServerCase):
         self.assertEqual((rc, json.loads(out)), (0, {"x": low}), err)                         # a's port
         self.assertEqual(sorted((r[1], r[2]) for r in self.rows(3)), [("c", low + 1), ("x", low)])
         self.assertEqual(sqlite_rows(self.db, "SELECT tag FROM trop_py_leases"), [])
+
+    def test_a_lease_of_an_ordinary_reservation_leaves_it_as_it_was(self):
+        port = self.free_block(2)
+        wide = ("--min", str(port), "--max", str(port + 1), "--skip-occupancy-check")
+        self.assertPort(self.trop("reserve", "--tag", "web", "--project", "keep", *wide), port)
+        sleeper = self._started(spawn(["sleep", "60"]))
+        self.assertPort(self.trop("reserve", "--tag", "web", "--holder", str(sleeper.pid), *wide), port)   # adopted
+        self.assertEqual(self.trop("release", "--tag", "web", "--holder", str(sleeper.pid)),
+                         (0, "", "Released the lease; the reservation it took over stays\n"))
+        self.assertEqual([r[1:4] for r in self.rows(4)], [("web", port, "keep")])        # still there
+        shell, held = self.held("--tag", "web", *wide)
+        self.kill(shell)
+        rc, out, err = self.trop("prune")
+        self.assertEqual((rc, out), (0, ""), err)
+        self.assertNotIn("dead holders", err)                       # an adopted row is not taken back
+        self.assertEqual([r[1:4] for r in self.rows(4)], [("web", port, "keep")])
+        self.assertEqual(self.leases(), [])
+
+    def test_a_slot_row_in_a_groups_directory_is_said(self):
+        group = self.mkdir("proj", "grp")
+        self.group_file(group, [("web", {})])
+        sleeper = self._started(spawn(["sleep", "60"]))
+        self.assertEqual(self.trop("reserve", "--tag", "web", "--holder", str(sleeper.pid), *WIDE, cwd=group)[0], 0)
+        rc, out, err = self.trop("reserve", "--tag", "web", "--lease", *WIDE, cwd=group)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("which has no service 'web~2'", err)
+
+    def test_reserving_a_dead_holders_row_again_makes_it_an_ordinary_reservation(self):
+        port = self.free_block(1)
+        opts = dict(data_dir=self.data, allow_unrelated_path=True, min=port, max=port, skip_occupancy_check=True)
+        trop.reserve(self.proj, "t", holder=os.getpid(), **opts)
+        self.sql("UPDATE trop_py_leases SET start = 'a process that has died'")
+        self.assertEqual(trop.reserve(self.proj, "t", **opts), port)                 # the same key: refreshed
+        self.assertEqual(self.leases(), [])
+        with self.assertRaises(trop.LibraryError):                                   # and no longer taken back
+            trop.reserve(self.proj, "u", disable_autoclean=True, **opts)
 
     def test_a_live_pid_with_another_start_time_is_a_dead_holder(self):
         port = self.free_block(1)
@@ -10058,9 +10098,14 @@ class TestLeases(ServerCase):
         if importlib.util.find_spec("pytest") is None:
             self.skipTest("pytest is not installed")
         work = self.mkdir("suite")
+        barrier = self.mkdir("barrier")
         self.write(os.path.join(work, "test_port.py"),
-                   "import os, time\n\ndef test_port(trop_port):\n    time.sleep(2)\n"
-                   "    with open(os.environ['OUT'], 'w') as fh:\n        fh.write(str(trop_port))\n")
+                   "import os, time\n\ndef test_port(trop_port):\n"
+                   "    with open(os.environ['OUT'], 'w') as fh:\n        fh.write(str(trop_port))\n"
+                   "    open(os.path.join(%r, str(os.getpid())), 'w').close()\n"
+                   "    deadline = time.time() + 120\n"
+                   "    while len(os.listdir(%r)) < 2 and time.time() < deadline:\n"
+                   "        time.sleep(0.05)\n" % (barrier, barrier))
         low = self.free_block(4)
         runs = []
         for n in range(2):
@@ -10147,7 +10192,10 @@ class TestHolderIdentity(unittest.TestCase):
             windows.process(9, Kernel32(exists=False, error=5))                          # access denied: unknown
 
     def test_holder_states(self):
-        me = trop.Holder.of(os.getpid())
+        try:
+            me = trop.Holder.of(os.getpid())
+        except trop.LibraryError as exc:
+            self.skipTest("this platform cannot tell holders apart: %s" % exc)
         self.assertEqual(me.state(), "alive")
         for change, state in (({"start": "x"}, "dead"), ({"host": "elsewhere"}, "unknown"),
                               ({"platform": "other"}, "unknown"), ({"namespace": "9:9"}, "unknown")):
@@ -10212,11 +10260,17 @@ class McpClient(object):
         self.proc.stdin.write(line.encode("utf-8") + b"\n")
         self.proc.stdin.flush()
 
-    def receive(self):
-        line = self.proc.stdout.readline()
-        if not line:
+    def receive(self, timeout=TIMEOUT):
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not lines:
+            self.proc.kill()
+            raise AssertionError("trop mcp gave no answer within %ss" % timeout)
+        if not lines[0]:
             raise AssertionError("trop mcp closed stdout; stderr: %s" % self.proc.stderr.read().decode())
-        return json.loads(line.decode("utf-8"))
+        return json.loads(lines[0].decode("utf-8"))
 
     def request(self, method, params=None, meta=True):
         self.next_id += 1
@@ -10318,6 +10372,8 @@ class TestMcpServer(TropTestCase):
         self.assertIn("port 0 is reserved", failed["content"][0]["text"])
         self.assertTrue(mcp.call("reserve", colour="red")["isError"])                # unknown argument
         self.assertTrue(mcp.call("wait", port=1)["isError"])                         # timeout is required
+        wrong = mcp.call("wait", port=1, timeout="soon")                             # a value of the wrong type
+        self.assertEqual((wrong["isError"], wrong["structuredContent"]["exit_code"]), (True, 4))
         mcp.send("{not json")
         self.assertEqual(mcp.receive()["error"]["code"], -32700)
         mcp.send('[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]')
@@ -10328,6 +10384,11 @@ class TestMcpServer(TropTestCase):
         self.assertEqual(unsupported["error"]["code"], -32022)
         self.assertEqual(unsupported["error"]["data"]["requested"], "2030-01-01")
         self.assertIn("2026-07-28", unsupported["error"]["data"]["supported"])
+        mcp.send('{"jsonrpc":"2.0","id":null,"method":"tools/list"}')
+        self.assertEqual(mcp.receive()["error"]["code"], -32600)                  # ids are strings or integers
+        mcp.send('{"jsonrpc":"2.0","id":"s","method":"tools/call","params":{"name":"list","arguments":'
+                 '{"filter_tag":"\\ud800"},"_meta":%s}}' % json.dumps(MODERN_META))
+        self.assertEqual(mcp.receive()["id"], "s")                                # a lone surrogate: still a line
         self.assertEqual(mcp.call("reserve")["structuredContent"]["port"], 5000)                   # still serving
         mcp.proc.stdin.close()
         self.assertEqual(mcp.proc.wait(30), 0)                                       # end of input: exit 0
@@ -10375,6 +10436,17 @@ class TestEnvFile(TropTestCase):
         self.assertEqual(self.read(path).decode("utf-8"), "# mine\r\nSECRET=x\n\nOTHER=1\n%s\nWEB_PORT=6000\n%s\n"
                          "AFTER=2\n" % (trop.ENV_BEGIN, trop.ENV_END))
 
+    def test_stray_markers_and_repeated_sections(self):
+        path = self.write("proj/.env", "A=1\n%s\nX=1\n%s\nB=2\n%s\nY=2\n%s\n" % (
+            trop.ENV_BEGIN, trop.ENV_END, trop.ENV_BEGIN, trop.ENV_END))
+        self.assertTrue(trop.run_write_env(path, {"WEB": "5000"}))             # one section, where the first was
+        self.assertEqual(self.read(path).decode(), "A=1\n%s\nWEB=5000\n%s\nB=2\n" % (trop.ENV_BEGIN, trop.ENV_END))
+        for text in ("A=1\n%s\nX=1\n" % trop.ENV_BEGIN, "%s\nA=1\n" % trop.ENV_END):
+            lone = self.write("proj/.env.lone", text)
+            with self.assertRaises(trop.InvalidArguments):
+                trop.run_write_env(lone, {"WEB": "5000"})
+            self.assertEqual(self.read(lone).decode(), text)
+
     def test_the_replace_is_atomic(self):
         path = self.write("proj/.env", "KEEP=1\n")
         inode = os.stat(path).st_ino
@@ -10417,6 +10489,9 @@ class TestEnvFile(TropTestCase):
         self.assertEqual(self.trop("url", "api", "--scheme", "https", "--host", "::1", "--route", "v1/x"),
                          (0, "https://[::1]:5001/v1/x\n", ""))
         self.assertError(self.trop("url", "db"), 6, contains="not found: no reservation for %s:db" % self.proj)
+        other = self.mkdir("other")
+        self.assertEqual(self.trop("reserve", "--path", other, "--tag", "web", *WIDE)[0], 0)
+        self.assertEqual(self.trop("url", "web", "--path", other), (0, "http://localhost:20000\n", ""))   # not the group's
 
 
 # --- One data directory for a whole host ----------------------------------------
@@ -10575,6 +10650,13 @@ class TestTeamDataDirectory(TropTestCase):
             os.chmod(os.path.join(self.shared, name), 0o664)
         rc, out, err = self.run_as(self.b, "doctor", "--format", "json")
         self.assertEqual(json.loads(out)["data_dir"]["sharing"]["fixes"], [])
+
+    def test_a_world_writable_directory_is_not_a_team_directory(self):
+        scratch = self.mkdir("scratch")
+        os.chmod(scratch, 0o1777)                                          # like /tmp
+        self.assertFalse(trop.group_sharing(scratch))
+        self.assertTrue(trop.group_sharing(self.srv))
+        self.assertEqual((trop.group_sharing(scratch, "yes"), trop.group_sharing(self.srv, "no")), (True, False))
 
     def test_the_setting_turns_sharing_off_or_on(self):
         rc, out, err = self.run_as(self.a, "reserve", mask="077", env={"TROP_SHARE_WITH_GROUP": "no"})

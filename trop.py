@@ -668,13 +668,15 @@ class WindowsPlatform(PosixPlatform):
 
 def group_sharing(directory, setting="auto"):
     """Whether what trop creates in directory is its group's too: setting "yes" or "no", or "auto": the
-    directory is group-writable (a team directory such as `install -d -m 2775 -g devs /srv/trop`)."""
+    directory is group-writable but not world-writable (a team directory such as `install -d -m 2775 -g devs
+    /srv/trop`)."""
     if setting != "auto":
         return setting == "yes"
     try:
-        return bool(os.stat(directory).st_mode & stat.S_IWGRP)
+        mode = os.stat(directory).st_mode
     except OSError:
         return False
+    return bool(mode & stat.S_IWGRP) and not mode & stat.S_IWOTH      # /tmp is everyone's, not a team's
 
 
 def share_with_group(path):
@@ -687,6 +689,14 @@ def share_with_group(path):
             os.chmod(path, (mode & 0o7777) | extra)
     except OSError:
         pass
+
+
+def user_name(uid):
+    """The name of a uid, or the number where there is no passwd entry (or no passwd at all)."""
+    try:
+        return _pwd().getpwuid(uid).pw_name
+    except (AttributeError, KeyError, OverflowError):
+        return str(uid)
 
 
 def _read_proc_file(name, proc_root=None):
@@ -1157,14 +1167,15 @@ class Lease:
 
     Concurrent holders of one (path, tag) hold slots 1, 2, ...: slot 1 is the row (path, tag) itself, slot n
     the row tagged 'tag~n' (an untagged base gives '~n').  port and created_at copy the row's when the lease
-    was taken: a row the Rust trop released and someone reserved again is not this lease.
+    was taken: a row the Rust trop released and someone reserved again is not this lease.  adopted: the row
+    was an ordinary reservation before; when the lease ends it is one again (a lease's own row goes away).
     """
 
-    __slots__ = ("path", "tag", "base_tag", "slot", "port", "created_at", "holder", "leased_at")
+    __slots__ = ("path", "tag", "base_tag", "slot", "port", "created_at", "holder", "leased_at", "adopted")
 
-    def __init__(self, path, tag, base_tag, slot, port, created_at, holder, leased_at):
+    def __init__(self, path, tag, base_tag, slot, port, created_at, holder, leased_at, adopted=False):
         self.path, self.tag, self.base_tag, self.slot, self.port = path, tag or None, base_tag or None, slot, port
-        self.created_at, self.holder, self.leased_at = created_at, holder, leased_at
+        self.created_at, self.holder, self.leased_at, self.adopted = created_at, holder, leased_at, bool(adopted)
 
     @property
     def key(self):
@@ -1181,11 +1192,11 @@ class Lease:
     def row(self):
         h = self.holder
         return (self.path, self.tag or "", self.base_tag or "", self.slot, self.port, self.created_at, h.pid, h.start,
-                h.boot, h.namespace, h.host, h.platform, self.leased_at)
+                h.boot, h.namespace, h.host, h.platform, self.leased_at, int(self.adopted))
 
     @classmethod
     def from_row(cls, row):
-        return cls(row[0], row[1], row[2], row[3], row[4], row[5], Holder(*row[6:12]), row[12])
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], Holder(*row[6:12]), row[12], row[13])
 
 
 class Plan:
@@ -2823,11 +2834,16 @@ def write_file_atomic(path, text):
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        exists = os.path.exists(path)
+        if os.path.lexists(tmp):
+            os.remove(tmp)                      # left by a crashed writer with this pid
+        # an existing file's copy is private until it has the file's own mode (a 0600 .env stays unread)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if exists else 0o666)
+        with io.open(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        if os.path.exists(path):
+        if exists:
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         PLATFORM.replace(tmp, path)
     except OSError as exc:
@@ -3156,8 +3172,10 @@ def _strict_supported():
 _LEASES_SQL = ("CREATE TABLE IF NOT EXISTS trop_py_leases (path TEXT NOT NULL, tag TEXT NOT NULL, "
                "base_tag TEXT NOT NULL, slot INTEGER NOT NULL, port INTEGER NOT NULL, created_at INTEGER NOT NULL, "
                "pid INTEGER NOT NULL, start TEXT NOT NULL, boot TEXT NOT NULL, namespace TEXT NOT NULL, "
-               "host TEXT NOT NULL, platform TEXT NOT NULL, leased_at INTEGER NOT NULL, PRIMARY KEY (path, tag))")
-_LEASE_COLUMNS = "path, tag, base_tag, slot, port, created_at, pid, start, boot, namespace, host, platform, leased_at"
+               "host TEXT NOT NULL, platform TEXT NOT NULL, leased_at INTEGER NOT NULL, adopted INTEGER NOT NULL, "
+               "PRIMARY KEY (path, tag))")
+_LEASE_COLUMNS = ("path, tag, base_tag, slot, port, created_at, pid, start, boot, namespace, host, platform, "
+                  "leased_at, adopted")
 
 
 def _table_sql(sql, name=None):
@@ -3529,7 +3547,7 @@ class Store:
             self.conn.execute(_table_sql(_LEASES_SQL))
             self._has_leases = True
         self.conn.execute("INSERT OR REPLACE INTO trop_py_leases (%s) VALUES (%s)"
-                          % (_LEASE_COLUMNS, ", ".join("?" * 13)), lease.row())
+                          % (_LEASE_COLUMNS, ", ".join("?" * 14)), lease.row())
 
     def delete_lease(self, lease):
         """End a lease (its holder's, and only if it still holds it); the reservation row is left alone."""
@@ -4044,10 +4062,7 @@ class OwnerTable:
         if uid is None:
             return None
         if uid not in self._users:
-            try:
-                self._users[uid] = _pwd().getpwuid(uid).pw_name
-            except (AttributeError, KeyError, OverflowError):
-                self._users[uid] = str(uid)   # no passwd entry (or no passwd at all): numeric uid
+            self._users[uid] = user_name(uid)
         return self._users[uid]
 
     def lookup(self, protocol, family, port):
@@ -4682,13 +4697,22 @@ class CleanupPlan(Plan):
         self.expired = []
 
 
-def plan_cleanup(store, gone, expire_days, now=None):
-    """Select stale rows inside the caller's transaction; each distinct path is inspected once."""
+def plan_cleanup(store, gone, expire_days, now=None, dead=True):
+    """Select stale rows inside the caller's transaction; each distinct path is inspected once.
+
+    dead: take back the rows of leases whose holder has died (an adopted row stays, as an ordinary one).
+    """
     now = int(time.time()) if now is None else now
     plan = CleanupPlan()
     rows = store.all()
     leased = lease_states(store, rows, plan)
-    plan.dead = [r for r in rows if leased.get(r.key) == "dead"]
+    for res in rows if dead else ():
+        if leased.get(res.key) == "dead":
+            if res.lease[0].adopted:
+                plan.freed.append(res.lease[0])
+                del leased[res.key]
+            else:
+                plan.dead.append(res)
     pruned_keys = {r.key for r in plan.dead}
     rows = [r for r in rows if r.key not in pruned_keys]
     if gone:
@@ -4725,7 +4749,7 @@ def lease_states(store, rows, plan):
 def run_cleanup(session, gone=True, unused=True, days=None, dry_run=False):
     """Remove reservations whose directory is gone (prune) and/or that were unused for days (expire)."""
     expire_days = (days or session.config["cleanup.expire_after_days"]) if unused else None
-    return session.write(lambda store: plan_cleanup(store, gone, expire_days), dry_run)
+    return session.write(lambda store: plan_cleanup(store, gone, expire_days, dead=gone), dry_run)
 
 
 # --- Operations: reserve, release and read (list, port-info) -----------------
@@ -4765,6 +4789,7 @@ def plan_reserve(store, req, now=None):
     plan = ReservePlan()
     existing = store.get(req.key)
     if existing is not None:
+        plan.freed += _dead_leases(store, req.key.path, {req.key})     # refreshed: the row is the caller's now
         project = _resolve_intent(req.project, existing.project)
         task = _resolve_intent(req.task, existing.task)
         _check_sticky("project", {existing.project}, project, req.allow_project)
@@ -4822,19 +4847,28 @@ def plan_lease(store, req, holder, now=None):
         lease = slots.get(slot)
         key = ReservationKey(path, Lease.slot_tag(base, slot))
         if lease is not None and (lease.holder == holder or lease.holder.state() == "dead"):
-            plan.freed.append(lease)
+            plan.freed.append(lease)            # taken over: the row passes on as it came
+            adopted = lease.adopted
             break
         if lease is None and (slot == 1 or store.get(key) is None):    # slot n must not take an ordinary row
+            adopted = store.get(key) is not None
             break
         slot += 1
+    import copy
+    req = copy.copy(req)                        # the request stays for (path, tag); this plan is for the slot
     req.key = key
     inner = plan_reserve(store, req, now)
     for name in ("inserts", "deletes", "updates", "touches", "warnings"):
         getattr(plan, name).extend(getattr(inner, name))
     plan.port = inner.port
     row = next(r for r in inner.inserts + inner.updates + inner.touches if r.key == key)
-    plan.leases.append(Lease(path, key.tag, base, slot, row.port, row.created_at, holder, now))
+    plan.leases.append(Lease(path, key.tag, base, slot, row.port, row.created_at, holder, now, adopted))
     return plan
+
+
+def _dead_leases(store, path, keys):
+    """The leases of keys (rows at path) whose holder has died: rows that a caller refreshes are its own now."""
+    return [lease for lease in store.leases(path) if lease.key in keys and lease.holder.state() == "dead"]
 
 
 def plan_release_lease(store, path, tag, holder):
@@ -4843,7 +4877,7 @@ def plan_release_lease(store, path, tag, holder):
     for lease in store.leases(path):
         if lease.base_tag == tag and lease.holder == holder:
             res = store.get(lease.key)
-            if lease.holds(res):
+            if lease.holds(res) and not lease.adopted:
                 plan.deletes.append(res)
             plan.freed.append(lease)
     return plan
@@ -4871,8 +4905,9 @@ def _allocate_or_cleanup(store, req, taken, plan, now):
 
 def _allocate_once_or_cleanup(store, req, taken, plan, now):
     if req.preferred is not None and req.preferred in taken:     # a dead holder's lease gives the port back
-        row = store.for_port(req.preferred)
-        if row.key != req.key and store.with_leases([row])[0].lease and row.lease[1] == "dead":
+        row = store.with_leases([store.for_port(req.preferred)])[0]
+        if row.key != req.key and row.lease and row.lease[1] == "dead" and not row.lease[0].adopted and \
+                preference_refusal(req, taken - {row.port}, req.skips) is None:
             plan.deletes.append(row)
             taken = taken - {row.port}
     port, cautions = allocate_single(req, taken, req.skips)
@@ -4950,6 +4985,9 @@ def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=
                          project, task)
     check_path_relationship(key.path, force or config.allow("unrelated_path"))
     if lease or holder is not None:
+        if holder is None and os.getppid() <= 1:
+            raise InvalidArguments("Invalid arguments: trop's parent is init, which never exits: give the lease's "
+                                   "holder with --holder PID")
         held_by = Holder.of(os.getppid() if holder is None else _holder_pid(holder))
         plan = session.write(lambda store: plan_lease(store, req, held_by), dry_run)
     else:
@@ -4958,12 +4996,12 @@ def run_reserve(session, path=None, tag=None, port=None, overwrite=False, force=
         plan.warnings.append("directory %s does not exist: the reservation is made, and prune removes it while the "
                              "directory is missing" % key.path)
     group = config.group
-    if plan.inserts and key.tag and group is not None and session.project_dir and \
-            key.tag not in {svc.tag for svc in group.services} and \
-            _canonical_prefix(key.path) == real_key(session.project_dir):
+    extra = [r.tag for r in plan.inserts if r.tag and group is not None and
+             r.tag not in {svc.tag for svc in group.services}]          # a lease's slot row ('web~2') too
+    if extra and session.project_dir and _canonical_prefix(key.path) == real_key(session.project_dir):
         plan.warnings.append("%s holds the group of %s, which has no service '%s': `trop run` and `autoreserve` "
                              "there will refuse the stored rows until this tag is released"
-                             % (key.path, session.project_dir, key.tag))
+                             % (key.path, session.project_dir, extra[0]))
     return plan
 
 
@@ -5173,6 +5211,7 @@ def plan_group(store, req, now=None):
                 changed = res.replace(project=res.project if project is None else project,
                                       task=res.task if task is None else task, last_used_at=now)
                 plan.updates.append(changed)
+            plan.freed += _dead_leases(store, req.path, {r.key for r in stored})
             plan.ports = {r.tag: r.port for r in stored}
             return plan
         if not req.force:
@@ -5185,7 +5224,8 @@ def plan_group(store, req, now=None):
     try:
         mapping, cautions = allocate_group(req, taken)
     except LibraryError:
-        dead = [r for r in plan_cleanup(store, False, None, now).dead if r.path != req.path]
+        planned = {r.key for r in plan.deletes}
+        dead = [r for r in plan_cleanup(store, False, None, now).dead if r.key not in planned]
         if not dead:
             raise
         plan.deletes += dead                                    # a dead holder's ports come back, then once more
@@ -5222,6 +5262,17 @@ def locate_group_config(cwd, config_path=None):
     return os.path.join(directory, names[-1]), real_key(directory)
 
 
+def group_session(options, cwd, config_path=None):
+    """(Session, config file, group directory) for a group file, or the trop.yaml found from cwd.
+
+    The file is located first: a missing one is exit 4 before any configuration is read.
+    """
+    config_file, group_dir = locate_group_config(cwd, config_path)
+    if config_path is None:
+        return Session(options), config_file, group_dir
+    return Session(options, scope="file", config_file=config_file), config_file, group_dir
+
+
 def run_group(session, config_file, group_dir, task=None, force=False, dry_run=False, holder=None):
     """Reserve the session's group for group_dir; returns the GroupPlan.  holder (a pid): the rows are leased
     to that process, which must be the only live holder of the group."""
@@ -5247,14 +5298,17 @@ def _lease_group(store, plan, req, now=None):
     now = int(time.time()) if now is None else now
     current = {lease.key: lease for lease in store.leases(req.path)}
     rows = {r.key: r for r in plan.inserts + plan.updates + plan.touches}
+    created = {r.key for r in plan.inserts}
     for key, row in sorted(rows.items(), key=lambda item: item[0].db_tag):
         lease = current.get(key)
-        if lease is not None and lease.holds(store.get(key)) and lease.holder != req.holder:
+        held = lease is not None and lease.holds(store.get(key))
+        if held and lease.holder != req.holder:
             state = lease.holder.state()
             if state != "dead":
                 raise LibraryError("the group at %s is leased to pid %d (%s): one `trop run --lease` at a time "
                                    "holds a group" % (req.path, lease.holder.pid, state))
-        plan.leases.append(Lease(key.path, key.tag, key.tag, 1, row.port, row.created_at, req.holder, now))
+        adopted = lease.adopted if held else key not in created
+        plan.leases.append(Lease(key.path, key.tag, key.tag, 1, row.port, row.created_at, req.holder, now, adopted))
 
 
 # --- Operations: cleanup commands and migrate ----------------------------------
@@ -5404,7 +5458,7 @@ def sharing_report(directory):
             continue
         need = 0o070 | stat.S_ISGID if not name else 0o060
         right_group, right_mode = info.st_gid == top.st_gid, info.st_mode & need == need
-        report["files"].append({"path": path, "owner": _user_name(info.st_uid), "group": _group_name(info.st_gid),
+        report["files"].append({"path": path, "owner": user_name(info.st_uid), "group": _group_name(info.st_gid),
                                 "mode": "%04o" % (info.st_mode & 0o7777),
                                 "group_can_write": right_group and right_mode})
         if shared and not (right_group and right_mode):
@@ -5412,13 +5466,6 @@ def sharing_report(directory):
                 ([] if right_mode else ["chmod %s %s" % ("g+rwxs" if not name else "g+rw", path)])
             report["fixes"].append({"path": path, "command": " && ".join(fix)})
     return report
-
-
-def _user_name(uid):
-    try:
-        return _pwd().getpwuid(uid).pw_name
-    except (AttributeError, KeyError):
-        return str(uid)
 
 
 def _group_name(gid):
@@ -5586,7 +5633,7 @@ def run_url(session, service=None, path=None, scheme="http", host="localhost", r
     """The URL of a service: a service (tag) of the group whose trop.yaml is found from here, else the
     reservation of path (default: the cwd) with that tag (none: the untagged one).  Reads, never reserves."""
     group = session.config.group if session.config else None
-    if service is not None and group is not None and session.project_dir and \
+    if path is None and service is not None and group is not None and session.project_dir and \
             service in {svc.tag for svc in group.services}:
         key = ReservationKey(real_key(session.project_dir), check_tag(service))
     else:
@@ -5859,12 +5906,23 @@ def run_write_env(path, environment, allow_tracked=False):
         except (OSError, UnicodeDecodeError) as exc:
             raise IoFailure("%s: %s" % (path, getattr(exc, "strerror", None) or exc))
         block = [ENV_BEGIN + "\n"] + ["%s=%s\n" % item for item in environment.items()] + [ENV_END + "\n"]
-        lines = old.splitlines(True)
-        marks = [i for i, line in enumerate(lines) if line.rstrip("\r\n") in (ENV_BEGIN, ENV_END)]
-        if len(marks) >= 2 and lines[marks[0]].startswith(ENV_BEGIN) and lines[marks[1]].startswith(ENV_END):
-            lines[marks[0]:marks[1] + 1] = block
-        else:
-            lines += (["\n"] if lines and not lines[-1].endswith("\n") else []) + block
+        lines, kept, inside, at = old.splitlines(True), [], False, None
+        for line in lines:                      # drop every managed block; the first one's place is kept
+            mark = line.rstrip("\r\n")
+            if mark == (ENV_END if inside else ENV_BEGIN):
+                inside = not inside
+                at = len(kept) if at is None else at
+            elif not inside:
+                kept.append(line)
+        if inside or any(line.rstrip("\r\n") == ENV_END for line in kept):
+            raise InvalidArguments("Invalid arguments: %s has a trop marker line without its pair; remove it, or "
+                                   "the whole section, and run again" % path)
+        if at is None:
+            at = len(kept)
+            if kept and not kept[-1].endswith("\n"):
+                kept[-1] += "\n"
+        kept[at:at] = block
+        lines = kept
         new = "".join(lines)
         if new == old:
             return False
@@ -6357,10 +6415,6 @@ class Trop:
     def __exit__(self, *exc):
         self.close()
 
-    def _scoped(self, scope, config_file=None):
-        """A session for a group file, sharing this handle's options."""
-        return Session(self._options, scope, config_file=config_file)
-
     @_passes_to(run_reserve)
     def reserve(self, path=None, tag=None, **params):
         """Reserve (or refresh) the port of (path, tag) and return it."""
@@ -6374,27 +6428,19 @@ class Trop:
     @_passes_to(run_group)
     def reserve_group(self, config_path, **params):
         """Reserve the group of a YAML file; returns {tag: port}."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
-            return run_group(self._scoped("file", config_file), config_file, group_dir, **params).ports
-        return _guard(op)
+        return _guard(lambda: run_group(*group_session(self._options, self.session.cwd, config_path),
+                                        **params).ports)
 
     @_passes_to(run_group)
     def autoreserve(self, **params):
         """Reserve the group of the trop.yaml found from the working directory; returns {tag: port}."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd)
-            return run_group(self._scoped("discover"), config_file, group_dir, **params).ports
-        return _guard(op)
+        return _guard(lambda: run_group(*group_session(self._options, self.session.cwd), **params).ports)
 
     @_passes_to(run_group)
     def group_environment(self, config_path=None, **params):
         """{VARIABLE: "port"} for a group (autoreserve when config_path is None), as `trop run` sets them."""
-        def op():
-            config_file, group_dir = locate_group_config(self.session.cwd, config_path)
-            session = self._scoped("discover") if config_path is None else self._scoped("file", config_file)
-            return run_group(session, config_file, group_dir, **params).environment()
-        return _guard(op)
+        return _guard(lambda: run_group(*group_session(self._options, self.session.cwd, config_path),
+                                        **params).environment())
 
     @_passes_to(run_list)
     def list(self, **params):
@@ -6579,6 +6625,11 @@ class reservation:
         self.port = None
 
     def __enter__(self):
+        if self.lease:
+            try:
+                Holder.of(os.getpid())
+            except LibraryError:                # no way to read start times here: an ordinary reservation
+                self.lease = False
         holder = {"holder": os.getpid()} if self.lease else {}
         self.port = ReservedPort(reserve(self.path, self.tag, **dict(self.options, **holder)))
         return self.port
@@ -7296,8 +7347,7 @@ def _mcp_list(session, **params):
 
 
 def _mcp_reserve_group(session, config=None, task=None, force=False, dry_run=False, holder=None):
-    config_file, group_dir = locate_group_config(session.cwd, config)
-    scoped = Session(session.options, "discover" if config is None else "file", config_file=config_file)
+    scoped, config_file, group_dir = group_session(session.options, session.cwd, config)
     plan = run_group(scoped, config_file, group_dir, task, force, dry_run, holder)
     return ({"ports": plan.ports, "environment": plan.environment(), "path": group_dir, "warnings": plan.warnings},
             ", ".join("%s=%s" % item for item in plan.environment().items()))
@@ -7309,7 +7359,8 @@ def _mcp_who(session, **params):
 
 
 def _mcp_wait(session, timeout, path=None, tag=None, port=None, group=False, config=None, interval=0.25, http=None):
-    ready = run_wait(session, path, tag, port, group, config, min(float(timeout), MCP_WAIT_LIMIT), interval, http)
+    ready = run_wait(session, path, tag, port, group, config, min(max(0.0, timeout), MCP_WAIT_LIMIT),
+                     min(max(0.01, interval), 10.0), http)
     return ({"ready": {str(p): {"family": f, "address": a, "seconds": round(t, 3)} for p, (f, a, t) in ready.items()}},
             "ready: %s" % ", ".join(str(p) for p in sorted(ready)))
 
@@ -7373,6 +7424,9 @@ def mcp_tools():
                              "openWorldHint": False}} for name in MCP_TOOLS]
 
 
+_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+
+
 def mcp_call(name, arguments, base_options=None):
     """Run one tool: (structuredContent, text, is_error).  A trop error is a result, not an exception."""
     schema = mcp_tool_schema(name)
@@ -7385,6 +7439,11 @@ def mcp_call(name, arguments, base_options=None):
         missing = [param for param in schema.get("required", ()) if param not in arguments]
         if missing:
             raise InvalidArguments("Invalid arguments: %s needs %s" % (name, ", ".join(missing)))
+        for key, value in arguments.items():
+            wanted = schema["properties"][key]["type"]
+            if not isinstance(value, _JSON_TYPES[wanted]) or (isinstance(value, bool) and wanted != "boolean"):
+                raise InvalidArguments("Invalid arguments: %s must be %s %s, got %s" % (
+                    key, "an" if wanted[0] in "aeiou" else "a", wanted, _json().dumps(value)))
         declared = _mcp_parameters(name)
         params = {k: v for k, v in arguments.items() if k in declared}
         options = dict(base_options or {}, **{k: v for k, v in arguments.items() if k not in declared})
@@ -7426,12 +7485,16 @@ class McpServer:
         if "id" not in message:
             return None                 # notifications/initialized, notifications/cancelled, ...
         msg_id, method, params = message["id"], message["method"], message.get("params") or {}
+        if isinstance(msg_id, bool) or not isinstance(msg_id, (str, int)):
+            return _rpc_error(None, -32600, "Invalid Request: an id is a string or an integer")
         if not isinstance(params, dict):
             return _rpc_error(msg_id, -32602, "Invalid params: params must be an object")
         try:
             return {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
         except _RpcError as exc:
             return _rpc_error(msg_id, exc.code, exc.message, exc.data)
+        except Exception as exc:        # a bug: the client still gets its answer, and the server serves on
+            raise _Unanswered(msg_id, exc)
 
     def dispatch(self, method, params):
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
@@ -7443,8 +7506,8 @@ class McpServer:
         if _MCP_VERSION_KEY in meta:
             version = meta[_MCP_VERSION_KEY]
             if version != MCP_MODERN:
-                raise _RpcError(-32022, "Unsupported protocol version", {
-                    "supported": [MCP_MODERN] + list(reversed(MCP_LEGACY)), "requested": version})
+                raise _RpcError(-32022, "Unsupported protocol version", {"supported": [MCP_MODERN],
+                                                                         "requested": version})
             if not isinstance(meta.get(_MCP_CAPABILITIES_KEY), dict):
                 raise _RpcError(-32602, "Invalid params: _meta needs %s" % _MCP_CAPABILITIES_KEY)
             result = self.serve(method, params, modern=True)
@@ -7477,6 +7540,14 @@ class McpServer:
             return {"content": [{"type": "text", "text": text}], "structuredContent": structured,
                     "isError": is_error}
         raise _RpcError(-32601, "Method not found: %s" % method)
+
+
+class _Unanswered(Exception):
+    """A request that broke the server: serve_mcp reports it, answers its id with an internal error."""
+
+    def __init__(self, msg_id, error):
+        Exception.__init__(self, "%s: %s" % (type(error).__name__, error))
+        self.msg_id = msg_id
 
 
 class _RpcError(Exception):
@@ -7519,12 +7590,12 @@ def serve_mcp(stdin, stdout, stderr, options=None):
             response = server.handle(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
             response = _rpc_error(None, -32700, "Parse error: not UTF-8 (%s)" % exc)
-        except Exception as exc:        # a bug: say so on stderr, answer the client, serve on
-            stderr.write(("trop mcp: internal error: %s: %s\n" % (type(exc).__name__, exc)).encode("utf-8"))
+        except _Unanswered as exc:      # a bug: say so on stderr, answer the client, serve on
+            stderr.write(("trop mcp: internal error: %s\n" % exc).encode("utf-8", "backslashreplace"))
             stderr.flush()
-            response = _rpc_error(None, -32603, "Internal error: %s" % type(exc).__name__)
-        if response is not None:
-            stdout.write(json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n")
+            response = _rpc_error(exc.msg_id, -32603, "Internal error: %s" % exc)
+        if response is not None:        # ASCII: a lone surrogate from the client cannot break the line
+            stdout.write(json.dumps(response, separators=(",", ":")).encode("ascii") + b"\n")
             stdout.flush()
 
 
@@ -7621,6 +7692,7 @@ def _args_release(p):
     p.add_argument("--untagged-only", action="store_true", help="release only the untagged reservation")
     p.add_argument("--recursive", action="store_true", help="also release every path beneath")
     p.add_argument("--force", action="store_true", help="ignore the path guard")
+    p.add_argument("--holder", metavar="PID", help="release only the lease this process holds of --tag")
     _add_option(p, "allow_unrelated_path")
     _add_dry_run(p, "show what would be released")
 
@@ -7644,6 +7716,8 @@ def cmd_release(args):
         return 0
     if args.recursive:
         _err("Released %d reservation(s)" % len(plan.deletes))
+    elif args.holder is not None and plan.freed and not plan.deletes:
+        _err("Released the lease; the reservation it took over stays")
     else:
         _err("Released reservation successfully" if plan.deletes else "No reservation found (already released)")
     for warning in plan.warnings:
@@ -7751,19 +7825,8 @@ def _args_autoreserve(p):
     _args_group(p, with_file=False)
 
 
-def _group_session(args, config_path):
-    """(session, config file, group directory) for reserve-group FILE, autoreserve and run.
-
-    The file is located first: a missing one is exit 4 before any configuration is read.
-    """
-    config_file, group_dir = locate_group_config(current_dir(), config_path)
-    if config_path is None:
-        return Session(vars(args)), config_file, group_dir
-    return Session(vars(args), scope="file", config_file=config_file), config_file, group_dir
-
-
 def _group_command(args, config_path):
-    session, config_file, group_dir = _group_session(args, config_path)
+    session, config_file, group_dir = group_session(vars(args), current_dir(), config_path)
     discovered = config_path is None
     shell = detect_shell(args.shell) if args.format == "export" and not args.dry_run else None
     plan = _call(run_group, session, args, config_file=config_file, group_dir=group_dir)
@@ -7813,7 +7876,7 @@ def cmd_run(args):
         argv = argv[1:]
     if not argv:
         raise UsageError("trop run needs a command: trop run [OPTIONS] -- COMMAND [ARGS...]")
-    session, config_file, group_dir = _group_session(args, args.config)
+    session, config_file, group_dir = group_session(vars(args), current_dir(), args.config)
     plan, env = _call(run_prepare, session, args, config_file=config_file, group_dir=group_dir)
     variables = sorted(plan.environment().items())
     if args.dry_run:
