@@ -2156,7 +2156,7 @@ class TestInitConfigTemplate(TropTestCase):
     def test_template_names_every_file_key_of_the_option_table(self):
         """Generated from OPTIONS: each key a user file may hold is an example under its section, with its
         value; each project-only key is named; the uncommented examples read back as those values."""
-        text = trop.CONFIG_TEMPLATE
+        text = trop.config_template()
         for key, option in trop.FILE_OPTIONS.items():
             top, _, leaf = key.partition(".")
             if option.files == "project":
@@ -2187,7 +2187,7 @@ class TestInitConfigTemplate(TropTestCase):
         self.assertIn("Created default configuration file", out)
         cfg = os.path.join(self.data, "config.yaml")
         text = self.read(cfg).decode("utf-8")
-        self.assertEqual(text, trop.CONFIG_TEMPLATE)
+        self.assertEqual(text, trop.config_template())
         # the examples, uncommented, are a valid user configuration too
         examples = "".join(m.group(1) + "\n" for m in re.finditer(r"(?m)^# ( *(?:[a-z0-9_]+:|- ).*)$", text))
         self.assertIn("ports:", examples)

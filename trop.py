@@ -2444,9 +2444,6 @@ def config_template():
     return "\n".join(lines) + "\n"
 
 
-CONFIG_TEMPLATE = config_template()
-
-
 class Layer:
     """The settings one source sets: flat dotted keys, plus where each came from."""
 
@@ -3496,9 +3493,12 @@ class Store:
 
     def with_leases(self, rows):
         """rows, each held by a lease given .lease = (Lease, 'alive' | 'dead' | 'unknown')."""
+        leases = self.leases()
+        if not leases:
+            return rows                 # the common case costs one query, not a key per row
         by_key = {r.key: r for r in rows}
         memo = {}
-        for lease in self.leases():
+        for lease in leases:
             res = by_key.get(lease.key)
             if lease.holds(res):
                 ident = (lease.holder.pid, lease.holder.start, lease.holder.host)
@@ -5846,7 +5846,7 @@ def run_init(session, overwrite=False, with_config=False, dry_run=False):
         raise IoFailure("%s: %s" % (exc.filename or plan.directory, exc.strerror or exc))
     Store.open(plan.directory, session.timeout, autoinit=True, network_ok=network_ok, share=share).close()
     if with_config and not plan.config_exists:
-        write_file_atomic(plan.config_file, CONFIG_TEMPLATE)
+        write_file_atomic(plan.config_file, config_template())
         if group_sharing(plan.directory, share):
             share_with_group(plan.config_file)
     return plan
