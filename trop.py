@@ -699,6 +699,27 @@ def user_name(uid):
         return str(uid)
 
 
+class GroupUmask(object):
+    """While opening a shared database: a umask that keeps the group's read and write bits.
+
+    SQLite creates -wal and -shm with open(mode of trop.db) and then widens them with fchmod; between the two,
+    under a umask of 022 or 077, another member of the group would open the -shm read-only and fail to write.
+    """
+
+    def __init__(self, shared):
+        self.shared, self.previous = shared, None
+
+    def __enter__(self):
+        if self.shared:
+            self.previous = os.umask(0o022)
+            os.umask(self.previous & ~0o060)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            os.umask(self.previous)
+
+
 def _read_proc_file(name, proc_root=None):
     """A file under /proc (PROC_ROOT, or proc_root) as text, or None."""
     try:
@@ -3247,19 +3268,20 @@ class Store:
         elif not can_write(path):
             raise _not_writable(path, "read-only for this user")
         sqlite3 = _sqlite()
-        try:
-            conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
-        store = cls(conn, path, timeout)
-        try:
-            store._check_schema()
-        except sqlite3.Error as exc:
-            conn.close()
-            raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
-        except BaseException:
-            conn.close()
-            raise
+        with GroupUmask(group_sharing(directory, share)):           # -wal and -shm are made by the open
+            try:
+                conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
+            store = cls(conn, path, timeout)
+            try:
+                store._check_schema()
+            except sqlite3.Error as exc:
+                conn.close()
+                raise _database_error(exc, path, "opening, configuring, or migrating the database", timeout)
+            except BaseException:
+                conn.close()
+                raise
         return store
 
     @classmethod
@@ -3277,13 +3299,14 @@ class Store:
         """
         path = os.path.join(directory, DB_FILE)
         check_local_filesystem(directory, network_ok)
-        conn, snapshot = _connect_readonly(path)
-        store = cls(conn, path, 0, read_only=True, snapshot=snapshot)
-        try:
-            version = store.schema_version()
-        except _sqlite().Error as exc:
-            conn.close()
-            raise _database_error(exc, path, "opening the database to read it", 0)
+        with GroupUmask(group_sharing(directory)):                  # a reader may make the -shm too
+            conn, snapshot = _connect_readonly(path)
+            store = cls(conn, path, 0, read_only=True, snapshot=snapshot)
+            try:
+                version = store.schema_version()
+            except _sqlite().Error as exc:
+                conn.close()
+                raise _database_error(exc, path, "opening the database to read it", 0)
         if version == str(SCHEMA_VERSION):
             return store
         conn.close()
