@@ -637,8 +637,11 @@ class WindowsPlatform(PosixPlatform):
     def process(self, pid, kernel32=None):
         """OpenProcess + GetProcessTimes (creation time is absolute: no boot id is needed); a pid that exited
         but is still open somewhere reports STILL_ACTIVE no more."""
-        import ctypes
-        from ctypes import wintypes
+        try:
+            import ctypes
+            from ctypes import wintypes
+        except (ImportError, ValueError):
+            raise OSError(errno.ENOSYS, "no ctypes to ask Windows for process times")
         kernel32 = kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
         handle = kernel32.OpenProcess(0x1000, False, pid)          # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
@@ -720,6 +723,15 @@ class GroupUmask(object):
             os.umask(self.previous)
 
 
+def _group_name(gid):
+    """The name of a gid, or the number where there is no group entry (or no grp module)."""
+    try:
+        import grp
+        return grp.getgrgid(gid).gr_name
+    except (ImportError, KeyError):
+        return str(gid)
+
+
 def _read_proc_file(name, proc_root=None):
     """A file under /proc (PROC_ROOT, or proc_root) as text, or None."""
     try:
@@ -742,8 +754,11 @@ def _linux_process(pid):
 
 def _darwin_process(pid, libc=None):
     """sysctl KERN_PROC_PID: struct kinfo_proc (648 bytes) starts with p_starttime; p_stat is at 36."""
-    import ctypes
-    import struct
+    try:
+        import ctypes
+        import struct
+    except ImportError:                         # a Python built without ctypes cannot ask
+        raise OSError(errno.ENOSYS, "no ctypes to ask the kernel for process start times")
     libc = libc or ctypes.CDLL(None, use_errno=True)
     mib = (ctypes.c_int * 4)(1, 14, 1, pid)                       # CTL_KERN, KERN_PROC, KERN_PROC_PID
     buf, size = ctypes.create_string_buffer(648), ctypes.c_size_t(648)
@@ -5489,14 +5504,6 @@ def sharing_report(directory):
                 ([] if right_mode else ["chmod %s %s" % ("g+rwxs" if not name else "g+rw", path)])
             report["fixes"].append({"path": path, "command": " && ".join(fix)})
     return report
-
-
-def _group_name(gid):
-    try:
-        import grp
-        return grp.getgrgid(gid).gr_name
-    except (ImportError, KeyError):
-        return str(gid)
 
 
 def _data_dir_health(session):
